@@ -1,0 +1,72 @@
+"""Session-wide test infrastructure: a real NATS (JetStream) and a real PostgreSQL.
+
+By default both are embedded servers started once per session on free ports (no Docker, no running
+servers needed). ``NATS_URL`` / ``DATABASE_URL`` point the tests at existing servers instead, and
+``FLOWMESH_TEST_INFRA=docker`` starts them with testcontainers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+@dataclass(frozen=True)
+class Infra:
+    """Where the test servers listen."""
+
+    nats_url: str
+    database_url: str
+
+
+def _docker_infra(stack: list[object]) -> Infra:
+    try:
+        import docker
+
+        docker.from_env().ping()
+    except Exception as exc:
+        pytest.exit(
+            f"FLOWMESH_TEST_INFRA=docker needs a running Docker engine, and none answered ({exc}). "
+            "Unset FLOWMESH_TEST_INFRA to use the embedded servers instead.",
+            returncode=2,
+        )
+    from testcontainers.nats import NatsContainer
+    from testcontainers.postgres import PostgresContainer
+
+    nats = NatsContainer("nats:2.11").with_command("-js")
+    pg = PostgresContainer("postgres:17", driver="asyncpg")
+    for container in (nats, pg):
+        container.start()
+        stack.append(container)
+    return Infra(nats_url=nats.nats_uri(), database_url=pg.get_connection_url())
+
+
+@pytest.fixture(scope="session")
+def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Infra]:
+    """A real NATS with JetStream and a real PostgreSQL for the whole session."""
+    started: list[object] = []
+    try:
+        if os.environ.get("FLOWMESH_TEST_INFRA") == "docker":
+            yield _docker_infra(started)
+            return
+        from flowmesh.cli.embedded import start_nats, start_postgres
+
+        root: Path = tmp_path_factory.mktemp("infra")
+        nats_url = os.environ.get("NATS_URL")
+        if not nats_url:
+            nats = start_nats(root / "nats")
+            started.append(nats)
+            nats_url = nats.url
+        database_url = os.environ.get("DATABASE_URL")
+        if not database_url:
+            pg = start_postgres(root / "postgres")
+            started.append(pg)
+            database_url = pg.url
+        yield Infra(nats_url=nats_url, database_url=database_url)
+    finally:
+        for server in reversed(started):
+            server.stop()  # type: ignore[attr-defined]

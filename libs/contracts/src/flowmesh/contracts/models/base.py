@@ -1,0 +1,41 @@
+"""Base models: camelCase on the wire, snake_case accepted on input (DESIGN §3)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, PlainSerializer
+from pydantic.alias_generators import to_camel
+
+from flowmesh.contracts.ids import format_time
+
+Timestamp = Annotated[datetime, PlainSerializer(format_time, return_type=str, when_used="json")]
+"""A time, written as RFC 3339 UTC with milliseconds."""
+
+
+class WireModel(BaseModel):
+    """Every contract model: camelCase aliases, read tolerantly (unknown fields ignored).
+
+    HTTP bodies are checked strictly at the gateway with :func:`flowmesh.contracts.strict.parse_strict`,
+    which refuses unknown top-level fields; NATS messages are read with plain validation, so a newer
+    sender never breaks an older reader.
+    """
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+        extra="ignore",
+    )
+
+    def wire(self, **kwargs: Any) -> dict[str, Any]:
+        """This model as a JSON-ready dict with camelCase keys."""
+        return self.model_dump(mode="json", by_alias=True, **kwargs)
+
+
+class OpenModel(WireModel):
+    """A model that keeps whatever extra keys it was given (canvas node/edge objects)."""
+
+    model_config = ConfigDict(extra="allow")

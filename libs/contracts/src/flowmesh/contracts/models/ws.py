@@ -1,0 +1,37 @@
+"""WebSocket messages (DESIGN §7)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from flowmesh.contracts.models.base import Timestamp, WireModel
+from flowmesh.contracts.models.runs import Run, RunEvent
+
+SUBPROTOCOL = "flowmesh.v1"
+"""The subprotocol the server selects."""
+BEARER_PREFIX = "bearer."
+"""Prefix of the subprotocol that carries a token."""
+
+
+class WsSnapshot(WireModel):
+    """First message of ``/ws/runs/{id}`` without ``after``."""
+
+    type: Literal["snapshot"] = "snapshot"
+    run: Run
+    steps: dict[str, dict[str, Any]]
+    seq: int
+
+
+class WsEvent(WireModel):
+    """One run event."""
+
+    type: Literal["event"] = "event"
+    seq: int
+    event: RunEvent
+
+
+class WsTicket(WireModel):
+    """``POST /ws-tickets``: a single-use, short-lived WebSocket credential."""
+
+    ticket: str
+    expires_at: Timestamp

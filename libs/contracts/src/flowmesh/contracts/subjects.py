@@ -1,0 +1,133 @@
+"""Every NATS subject Flowmesh uses (DESIGN §3), as constants and small builders.
+
+No other module writes a subject literal: services import these names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Final
+
+PREFIX: Final = "fm"
+"""Root of every Flowmesh subject."""
+
+_SAFE_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_SAFE_DOTTED = re.compile(r"[A-Za-z0-9_-]{1,64}(\.[A-Za-z0-9_-]{1,64})*")
+_HASHED_PREFIX: Final = "_h"
+
+
+def is_safe_token(value: str) -> bool:
+    """Whether ``value`` can stand as one subject token (``[A-Za-z0-9_-]{1,64}``)."""
+    return _SAFE_TOKEN.fullmatch(value) is not None
+
+
+def is_safe_subject_part(value: str) -> bool:
+    """Whether a user-given subject part (``eventType``, ``publish`` name) is safe: tokens joined by dots."""
+    return _SAFE_DOTTED.fullmatch(value) is not None and len(value) <= 255
+
+
+def tenant_token(tenant_id: str) -> str:
+    """The subject token of a tenant: the id itself when safe, else a stable hash of it.
+
+    Ids that already start with the hash marker are hashed too, so no tenant can pick an id equal
+    to another tenant's hashed token and share its subjects.
+    """
+    if is_safe_token(tenant_id) and not tenant_id.startswith(_HASHED_PREFIX):
+        return tenant_id
+    return _HASHED_PREFIX + hashlib.sha256(tenant_id.encode()).hexdigest()[:32]
+
+
+# --- request/reply (core NATS, queue group = service name) -------------------------------------
+
+RPC_FLOWS: Final = f"{PREFIX}.rpc.flows"
+"""Prefix of the flows service's request/reply subjects."""
+RPC_RUNS: Final = f"{PREFIX}.rpc.runs"
+"""Prefix of the runner's request/reply subjects."""
+RPC_USAGE: Final = f"{PREFIX}.rpc.usage"
+"""Prefix of the usage service's request/reply subjects."""
+RPC_SCHEDULER: Final = f"{PREFIX}.rpc.scheduler"
+"""Prefix of the scheduler's request/reply subjects."""
+
+RPC_PREFIXES: Final = {
+    "flows": RPC_FLOWS,
+    "runner": RPC_RUNS,
+    "usage": RPC_USAGE,
+    "scheduler": RPC_SCHEDULER,
+}
+"""Request/reply prefix of each NATS-only service, keyed by service (= queue group) name."""
+
+
+def rpc(prefix: str, op: str) -> str:
+    """The request/reply subject of one operation, e.g. ``rpc(RPC_FLOWS, "create")``."""
+    return f"{prefix}.{op}"
+
+
+def ping(service: str) -> str:
+    """The readiness ping subject every NATS-only service answers."""
+    return rpc(RPC_PREFIXES[service], "ping")
+
+
+class FlowsOp:
+    """Operations of ``fm.rpc.flows.<op>``."""
+
+    CREATE: Final = rpc(RPC_FLOWS, "create")
+    LIST: Final = rpc(RPC_FLOWS, "list")
+    GET: Final = rpc(RPC_FLOWS, "get")
+    UPDATE: Final = rpc(RPC_FLOWS, "update")
+    REPLACE: Final = rpc(RPC_FLOWS, "replace")
+    DELETE: Final = rpc(RPC_FLOWS, "delete")
+    PING: Final = rpc(RPC_FLOWS, "ping")
+
+
+# --- JetStream subjects -------------------------------------------------------------------------
+
+FLOWS_EVENTS_ALL: Final = f"{PREFIX}.flows.>"
+"""Every flow lifecycle announcement (stream ``FLOWS``)."""
+RUN_START_CMD: Final = f"{PREFIX}.cmd.runs.start"
+"""Start a run that must not be lost (stream ``RUN_CMDS``)."""
+STEP_WORK: Final = f"{PREFIX}.work.steps"
+"""A step ready to execute (stream ``STEP_WORK``)."""
+RUN_EVENTS_ALL: Final = f"{PREFIX}.runs.>"
+"""Every run event (stream ``RUN_EVENTS``)."""
+TIMERS_FIRED_ALL: Final = f"{PREFIX}.timers.fired.>"
+"""Every fired timer (stream ``TIMERS``)."""
+EVENTS_ALL: Final = f"{PREFIX}.events.>"
+"""Every external event (stream ``EVENTS``)."""
+OUT_ALL: Final = f"{PREFIX}.out.>"
+"""Every message published by a ``publish`` step (stream ``OUT``)."""
+
+
+def flow_event(tenant_id: str, event: str) -> str:
+    """``fm.flows.{t}.<event>``: a flow lifecycle announcement."""
+    return f"{PREFIX}.flows.{tenant_token(tenant_id)}.{event}"
+
+
+def run_event(tenant_id: str, flow_id: str, run_id: str, event_type: str) -> str:
+    """``fm.runs.{t}.{flowId}.{runId}.<event>``: one run event."""
+    return f"{PREFIX}.runs.{tenant_token(tenant_id)}.{flow_id}.{run_id}.{event_type}"
+
+
+def run_events_of_run(tenant_id: str, flow_id: str, run_id: str) -> str:
+    """Filter subject for every event of one run."""
+    return f"{PREFIX}.runs.{tenant_token(tenant_id)}.{flow_id}.{run_id}.>"
+
+
+def run_events_of_flow(tenant_id: str, flow_id: str) -> str:
+    """Filter subject for every event of every run of one flow."""
+    return f"{PREFIX}.runs.{tenant_token(tenant_id)}.{flow_id}.>"
+
+
+def timer_fired(owner: str) -> str:
+    """``fm.timers.fired.<owner>``: a durable timer of ``owner`` came due."""
+    return f"{PREFIX}.timers.fired.{owner}"
+
+
+def external_event(tenant_id: str, event_type: str) -> str:
+    """``fm.events.{t}.<eventType>``: an event from an integrator."""
+    return f"{PREFIX}.events.{tenant_token(tenant_id)}.{event_type}"
+
+
+def out_message(tenant_id: str, name: str) -> str:
+    """``fm.out.{t}.<name>``: a message a flow publishes."""
+    return f"{PREFIX}.out.{tenant_token(tenant_id)}.{name}"

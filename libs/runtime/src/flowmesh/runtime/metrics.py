@@ -1,0 +1,23 @@
+"""Prometheus metrics shared by every service."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+
+RPC_SERVED: Final = Counter(
+    "flowmesh_rpc_served_total", "Request/reply operations served", ["service", "op", "outcome"]
+)
+RPC_SECONDS: Final = Histogram(
+    "flowmesh_rpc_seconds",
+    "Time to serve a request/reply operation",
+    ["service", "op"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+RPC_CALLS: Final = Counter("flowmesh_rpc_calls_total", "Request/reply operations called", ["subject", "outcome"])
+
+
+def render() -> tuple[bytes, str]:
+    """The current metrics in the Prometheus text format, and its content type."""
+    return generate_latest(), CONTENT_TYPE_LATEST

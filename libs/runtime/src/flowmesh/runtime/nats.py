@@ -1,0 +1,66 @@
+"""NATS and JetStream: the broker every service uses, and idempotent provisioning of streams."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from faststream.nats import NatsBroker
+from nats.js import JetStreamContext
+from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import BadRequestError, NotFoundError
+
+from flowmesh.contracts.streams import ALL_STREAMS, StreamSpec
+
+log = logging.getLogger(__name__)
+
+
+def create_broker(nats_url: str, *, name: str, graceful_timeout: float = 10.0) -> NatsBroker:
+    """A FastStream NATS broker that reconnects for ever (a restarted NATS must not kill a service)."""
+    return NatsBroker(
+        servers=[u.strip() for u in nats_url.split(",") if u.strip()],
+        name=f"flowmesh-{name}",
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=1,
+        connect_timeout=2,
+        graceful_timeout=graceful_timeout,
+        # per-message "Received/Processed" lines are debug detail, not operations logs
+        log_level=logging.DEBUG,
+    )
+
+
+def stream_config(spec: StreamSpec, *, replicas: int = 1) -> StreamConfig:
+    """The nats-py config of a contract stream spec."""
+    return StreamConfig(
+        name=spec.name,
+        description=spec.description or None,
+        subjects=list(spec.subjects),
+        retention=RetentionPolicy(spec.retention),
+        storage=StorageType.FILE,
+        max_age=spec.max_age_s or None,
+        duplicate_window=spec.duplicate_window_s,
+        num_replicas=replicas,
+    )
+
+
+async def provision_streams(
+    js: JetStreamContext, specs: Iterable[StreamSpec] = ALL_STREAMS, *, replicas: int = 1
+) -> None:
+    """Create each stream, or bring an existing one to its spec. Safe to run from every replica at once."""
+    for spec in specs:
+        config = stream_config(spec, replicas=replicas)
+        try:
+            await js.add_stream(config)
+        except BadRequestError:
+            # exists with another configuration (an older spec): update it in place
+            await js.update_stream(config)
+        log.debug("stream %s ready", spec.name)
+
+
+async def stream_exists(js: JetStreamContext, name: str) -> bool:
+    """Whether a stream exists."""
+    try:
+        await js.stream_info(name)
+    except NotFoundError:
+        return False
+    return True

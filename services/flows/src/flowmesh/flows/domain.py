@@ -1,0 +1,62 @@
+"""Pure rules of flows: status, ETags and what a PATCH changes. No I/O."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flowmesh.contracts.errors import PreconditionFailed
+from flowmesh.contracts.models import FlowCreate, FlowStatus, FlowUpdate
+
+
+def status_of(latest_version: int | None) -> FlowStatus:
+    """A flow is ``published`` once it has a version, else a ``draft``."""
+    return "draft" if latest_version is None else "published"
+
+
+def etag(revision: int) -> str:
+    """The strong ETag of a flow revision."""
+    return f'"{revision}"'
+
+
+def check_if_match(if_match: str | None, revision: int) -> None:
+    """Honour ``If-Match`` (RFC 9110): ``*`` or a list of strong ETags, compared exactly.
+
+    Raises:
+        PreconditionFailed: the flow changed since the client read it.
+    """
+    if if_match is None:
+        return
+    tags = [t.strip() for t in if_match.split(",")]
+    if "*" in tags or etag(revision) in tags:
+        return
+    raise PreconditionFailed(
+        f"the flow changed since you read it (current ETag {etag(revision)}); read it again and retry"
+    )
+
+
+def draft_values(flow: FlowCreate) -> dict[str, Any]:
+    """Column values of a whole draft (create or PUT)."""
+    return {
+        "name": flow.name,
+        "description": flow.description,
+        "definition": flow.definition.dump(),
+        "input_schema": flow.input_schema,
+        "settings": flow.settings.wire(exclude_unset=True),
+    }
+
+
+def patch_values(update: FlowUpdate) -> dict[str, Any]:
+    """Column values of the fields a PATCH gave (others stay as they are)."""
+    given = update.model_fields_set
+    values: dict[str, Any] = {}
+    if "name" in given:
+        values["name"] = update.name
+    if "description" in given:
+        values["description"] = update.description
+    if "definition" in given and update.definition is not None:
+        values["definition"] = update.definition.dump()
+    if "input_schema" in given:
+        values["input_schema"] = update.input_schema
+    if "settings" in given and update.settings is not None:
+        values["settings"] = update.settings.wire(exclude_unset=True)
+    return values

@@ -1,0 +1,106 @@
+"""JWT verification (DESIGN §8): HS256 with a secret, RS256/ES256 from a JWKS with ``kid`` rotation.
+
+The key is chosen by the token's algorithm family, and each family only ever uses its own key
+source, so a token signed with HS256 using the public RSA key (algorithm confusion) and ``alg=none``
+are refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any, Final
+
+import jwt
+
+from flowmesh.contracts.errors import Unauthorized
+from flowmesh.gateway.settings import GatewaySettings
+
+HMAC_ALGORITHMS: Final = ("HS256",)
+JWKS_ALGORITHMS: Final = ("RS256", "ES256")
+REQUIRED_CLAIMS: Final = ["exp", "iss", "aud", "sub"]
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who a verified token speaks for."""
+
+    sub: str
+    tenant: str
+    role: str
+
+    @property
+    def is_admin(self) -> bool:
+        """Platform operator."""
+        return self.role == "admin"
+
+
+class JwtVerifier:
+    """Verifies bearer tokens against the configured keys."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self._secret = settings.jwt_secret
+        self._issuer = settings.jwt_issuer
+        self._audience = settings.jwt_audience
+        self._leeway = settings.jwt_leeway_s
+        self._jwks = (
+            jwt.PyJWKClient(settings.jwks_url, cache_keys=True, lifespan=settings.jwks_cache_s, timeout=5)
+            if settings.jwks_url
+            else None
+        )
+
+    async def verify(self, token: str) -> Principal:
+        """The principal of a valid token.
+
+        Raises:
+            Unauthorized: the token is malformed, expired, for another audience or issuer, signed by
+                an unknown key or with an algorithm not allowed.
+        """
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise Unauthorized(f"malformed token: {exc}") from exc
+        alg = header.get("alg")
+        key: Any
+        if alg in HMAC_ALGORITHMS and self._secret is not None:
+            key = self._secret
+        elif alg in JWKS_ALGORITHMS and self._jwks is not None:
+            try:
+                # the JWKS client does blocking I/O when its cache misses (a new kid): keep it off the loop
+                key = (await asyncio.to_thread(self._jwks.get_signing_key_from_jwt, token)).key
+            except jwt.PyJWKClientError as exc:
+                raise Unauthorized(f"no key for this token: {exc}") from exc
+        else:
+            raise Unauthorized(f"tokens signed with {alg!r} are not accepted")
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[alg],
+                audience=self._audience,
+                issuer=self._issuer,
+                leeway=self._leeway,
+                options={"require": REQUIRED_CLAIMS},
+            )
+        except jwt.PyJWTError as exc:
+            raise Unauthorized(f"invalid token: {exc}") from exc
+        sub = claims["sub"]
+        tenant = claims.get("tenant") or sub
+        role = claims.get("role") or "member"
+        if not all(isinstance(v, str) and v for v in (sub, tenant, role)):
+            raise Unauthorized("sub, tenant and role must be non-empty strings")
+        return Principal(sub=sub, tenant=tenant, role=role)
+
+
+def bearer_token(authorization: str | None) -> str:
+    """The token of an ``Authorization: Bearer <token>`` header.
+
+    Raises:
+        Unauthorized: no such header, or another scheme.
+    """
+    if not authorization:
+        raise Unauthorized("missing Authorization header; send `Authorization: Bearer <token>`")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("the Authorization header must be `Bearer <token>`")
+    return token.strip()

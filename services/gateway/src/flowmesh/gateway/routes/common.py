@@ -1,0 +1,31 @@
+"""Helpers every route module shares: calling a service as the request's principal."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel
+
+from flowmesh.gateway import keys
+
+
+async def call(request: web.Request, subject: str, body: BaseModel | dict[str, Any] | None = None) -> Any:
+    """Call a service operation on behalf of the request's verified principal."""
+    principal = request[keys.PRINCIPAL]
+    return await request.app[keys.RPC].call(
+        subject,
+        body,
+        tenant=principal.tenant,
+        role=principal.role,
+        sub=principal.sub,
+        traceparent=request[keys.TRACEPARENT],
+    )
+
+
+def json_response(data: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    """A JSON response of already-serialised contract data."""
+    return web.Response(
+        status=status, text=json.dumps(data, separators=(",", ":")), content_type="application/json", headers=headers
+    )

@@ -1,0 +1,48 @@
+"""Operational endpoints at the root: liveness, readiness, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from flowmesh.contracts import subjects
+from flowmesh.contracts.errors import FlowmeshError
+from flowmesh.gateway import keys
+from flowmesh.runtime.health import metrics_response
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/healthz")
+async def healthz(_: web.Request) -> web.Response:
+    """Liveness: the process serves requests."""
+    return web.json_response({"status": "ok"})
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: NATS is connected and every service answers its ping."""
+    broker = request.app[keys.BROKER]
+    rpc = request.app[keys.RPC]
+    timeout = request.app[keys.SETTINGS].ready_timeout_s
+    connected = broker.connection is not None and broker.connection.is_connected
+
+    async def ping(service: str) -> bool:
+        try:
+            await rpc.call(subjects.ping(service), tenant="", timeout=timeout)
+        except FlowmeshError:
+            return False
+        return True
+
+    names = list(subjects.RPC_PREFIXES)
+    results = await asyncio.gather(*(ping(n) for n in names)) if connected else [False] * len(names)
+    checks = {"nats": connected, **dict(zip(names, results, strict=True))}
+    ok = all(checks.values())
+    return web.json_response({"status": "ok" if ok else "unavailable", "checks": checks}, status=200 if ok else 503)
+
+
+@routes.get("/metrics")
+async def metrics(_: web.Request) -> web.Response:
+    """Prometheus metrics."""
+    return metrics_response()

@@ -1,0 +1,60 @@
+"""Settings of the gateway (DESIGN §8, §10)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import AliasChoices, Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from flowmesh.runtime.settings import PLACEHOLDER_SECRETS, BaseServiceSettings, load_or_create_dev_secret
+
+MIN_SECRET_LENGTH = 32
+
+
+def _env(name: str, field: str) -> AliasChoices:
+    return AliasChoices(name, field)
+
+
+class GatewaySettings(BaseServiceSettings):
+    """The public door's configuration; ``FLOWMESH_ENV=production`` refuses weak or missing secrets."""
+
+    model_config = SettingsConfigDict(env_prefix="FLOWMESH_GATEWAY_")
+    service_name: ClassVar[str] = "gateway"
+
+    http_host: str = Field(default="0.0.0.0", validation_alias=_env("FLOWMESH_HTTP_HOST", "http_host"))
+    http_port: int = Field(default=8080, ge=0, le=65535, validation_alias=_env("FLOWMESH_HTTP_PORT", "http_port"))
+    jwt_secret: str | None = Field(default=None, validation_alias=_env("FLOWMESH_JWT_SECRET", "jwt_secret"))
+    jwks_url: str | None = Field(default=None, validation_alias=_env("FLOWMESH_JWKS_URL", "jwks_url"))
+    jwt_issuer: str = Field(default="flowmesh", validation_alias=_env("FLOWMESH_JWT_ISSUER", "jwt_issuer"))
+    jwt_audience: str = Field(default="flowmesh", validation_alias=_env("FLOWMESH_JWT_AUDIENCE", "jwt_audience"))
+    jwt_leeway_s: float = Field(default=30.0, ge=0, le=300)
+    jwks_cache_s: float = Field(default=300.0, ge=1)
+    cors_origins: str = Field(
+        default="http://localhost:5173", validation_alias=_env("FLOWMESH_CORS_ORIGINS", "cors_origins")
+    )
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    ready_timeout_s: float = Field(default=1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _secrets(self) -> GatewaySettings:
+        if self.jwt_secret is not None and self.jwt_secret.strip() == "":
+            self.jwt_secret = None
+        if self.env == "production":
+            if self.jwt_secret is None and self.jwks_url is None:
+                raise ValueError("set FLOWMESH_JWT_SECRET (HS256) or FLOWMESH_JWKS_URL (RS256/ES256) in production")
+            if self.jwt_secret is not None and (
+                self.jwt_secret.lower() in PLACEHOLDER_SECRETS or len(self.jwt_secret) < MIN_SECRET_LENGTH
+            ):
+                raise ValueError(
+                    f"FLOWMESH_JWT_SECRET is a placeholder or shorter than {MIN_SECRET_LENGTH} characters; "
+                    "generate one with `openssl rand -base64 48`"
+                )
+        elif self.jwt_secret is None and self.jwks_url is None:
+            self.jwt_secret = load_or_create_dev_secret(self.data_dir)
+        return self
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        """Allowed CORS origins."""
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]

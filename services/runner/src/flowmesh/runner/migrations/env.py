@@ -1,0 +1,3 @@
+from flowmesh.runtime.migrate import run_env
+
+run_env()

