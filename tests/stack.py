@@ -18,21 +18,46 @@ SERVICES = ("gateway", "flows", "runner", "scheduler", "usage")
 SECRET = "e2e-secret-" + "0123456789abcdef" * 4
 
 
-def token(sub: str = "alice", *, tenant: str | None = None, role: str = "member", secret: str = SECRET,
-          exp_in: int = 3600, iss: str = "flowmesh", aud: str = "flowmesh", alg: str = "HS256",
-          headers: dict[str, str] | None = None, **extra: object) -> str:
+def token(
+    sub: str = "alice",
+    *,
+    tenant: str | None = None,
+    role: str = "member",
+    secret: str = SECRET,
+    exp_in: int = 3600,
+    iss: str = "flowmesh",
+    aud: str = "flowmesh",
+    alg: str = "HS256",
+    headers: dict[str, str] | None = None,
+    **extra: object,
+) -> str:
     """A signed JWT as an identity provider would issue it."""
     now = int(time.time())
-    claims = {"sub": sub, "tenant": tenant or sub, "role": role, "iss": iss, "aud": aud, "iat": now,
-              "exp": now + exp_in, **extra}
+    claims = {
+        "sub": sub,
+        "tenant": tenant or sub,
+        "role": role,
+        "iss": iss,
+        "aud": aud,
+        "iat": now,
+        "exp": now + exp_in,
+        **extra,
+    }
     return jwt.encode(claims, secret, algorithm=alg, headers=headers)
 
 
 class ProcessStack:
     """Starts, kills and restarts service processes; stops only its own, by PID."""
 
-    def __init__(self, nats_url: str, database_url: str, workdir: Path, *, env: dict[str, str] | None = None,
-                 services: tuple[str, ...] = SERVICES) -> None:
+    def __init__(
+        self,
+        nats_url: str,
+        database_url: str,
+        workdir: Path,
+        *,
+        env: dict[str, str] | None = None,
+        services: tuple[str, ...] = SERVICES,
+    ) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
@@ -56,7 +81,10 @@ class ProcessStack:
         log = (self.workdir / f"{name}.log").open("ab")
         try:
             self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", f"flowmesh.{name}"], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                [sys.executable, "-m", f"flowmesh.{name}"],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )
         finally:
@@ -106,5 +134,6 @@ class ProcessStack:
         raise TimeoutError(f"stack not ready after {timeout}s: {last}")
 
     def client(self, sub: str = "alice", **kw: object) -> httpx.Client:
-        return httpx.Client(base_url=self.base + "/api/v1", timeout=15,
-                            headers={"Authorization": "Bearer " + token(sub, **kw)})  # type: ignore[arg-type]
+        return httpx.Client(
+            base_url=self.base + "/api/v1", timeout=15, headers={"Authorization": "Bearer " + token(sub, **kw)}
+        )  # type: ignore[arg-type]

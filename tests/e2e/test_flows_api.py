@@ -29,8 +29,11 @@ def new_flow(c: httpx.Client, **body: object) -> dict:  # type: ignore[type-arg]
 
 
 def test_crud_round_trip_with_etags(alice: httpx.Client) -> None:
-    definition = {"nodes": [{"id": "start", "type": "trigger", "data": {}, "width": 10, "selected": True}],
-                  "edges": [], "viewport": {"zoom": 2}}
+    definition = {
+        "nodes": [{"id": "start", "type": "trigger", "data": {}, "width": 10, "selected": True}],
+        "edges": [],
+        "viewport": {"zoom": 2},
+    }
     r = alice.post("/flows", json={"name": "orders", "description": "d", "definition": definition})
     assert r.status_code == 201 and r.headers["ETag"] == '"1"'
     flow = r.json()
@@ -101,8 +104,12 @@ def _bad_tokens() -> list[tuple[str, str | None]]:
         ("wrong audience", token(aud="other")),
         ("wrong issuer", token(iss="other")),
         ("wrong key", token(secret="another-secret-another-secret-another-secret-another-secret-1234")),
-        ("alg none", jwt.encode({"sub": "a", "iss": "flowmesh", "aud": "flowmesh", "exp": now + 600}, key=None,
-                                algorithm="none")),
+        (
+            "alg none",
+            jwt.encode(
+                {"sub": "a", "iss": "flowmesh", "aud": "flowmesh", "exp": now + 600}, key=None, algorithm="none"
+            ),
+        ),
         ("no exp", jwt.encode({"sub": "a", "iss": "flowmesh", "aud": "flowmesh"}, SECRET, algorithm="HS256")),
         ("no sub", jwt.encode({"iss": "flowmesh", "aud": "flowmesh", "exp": now + 600}, SECRET, algorithm="HS256")),
         ("HS512", token(alg="HS512")),

@@ -119,26 +119,49 @@ def test_patch_knows_which_fields_were_given_and_refuses_null_for_required_ones(
 def test_flow_times_are_rfc3339_utc_with_milliseconds() -> None:
     t = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
     flow = Flow(
-        id="i", tenant_id="t", name="n", status="draft", active=True, revision=3, created_at=t, updated_at=t,
+        id="i",
+        tenant_id="t",
+        name="n",
+        status="draft",
+        active=True,
+        revision=3,
+        created_at=t,
+        updated_at=t,
         definition={},
     )
     wire = flow.wire()
     assert wire["createdAt"] == "2026-01-02T03:04:05.678Z"
     assert wire["tenantId"] == "t" and wire["activeVersion"] is None
     assert flow.etag == '"3"'
-    assert Flow.model_validate(wire) == flow.model_copy(update={"created_at": t.replace(microsecond=678000),
-                                                                "updated_at": t.replace(microsecond=678000)})
+    assert Flow.model_validate(wire) == flow.model_copy(
+        update={"created_at": t.replace(microsecond=678000), "updated_at": t.replace(microsecond=678000)}
+    )
 
 
 def test_run_event_and_run_round_trip() -> None:
     event = {
-        "id": "e", "seq": 1, "type": "run.queued", "ts": "2026-01-02T03:04:05.678Z", "tenantId": "t", "runId": "r",
-        "flowId": "f", "version": 1, "data": {"status": "queued"},
+        "id": "e",
+        "seq": 1,
+        "type": "run.queued",
+        "ts": "2026-01-02T03:04:05.678Z",
+        "tenantId": "t",
+        "runId": "r",
+        "flowId": "f",
+        "version": 1,
+        "data": {"status": "queued"},
     }
     assert RunEvent.model_validate(event).wire(exclude_none=True) == event
     run = Run.model_validate(
-        {"id": "r", "flowId": "f", "version": 2, "tenantId": "t", "status": "succeeded", "triggerType": "manual",
-         "createdAt": "2026-01-02T03:04:05.678Z", "output": {"v": 1}}
+        {
+            "id": "r",
+            "flowId": "f",
+            "version": 2,
+            "tenantId": "t",
+            "status": "succeeded",
+            "triggerType": "manual",
+            "createdAt": "2026-01-02T03:04:05.678Z",
+            "output": {"v": 1},
+        }
     )
     assert run.wire()["triggerType"] == "manual" and run.wire()["output"] == {"v": 1}
     with pytest.raises(ValidationError):
@@ -147,8 +170,14 @@ def test_run_event_and_run_round_trip() -> None:
 
 def test_trigger_never_requires_url_or_secret() -> None:
     t = Trigger(id="t", flow_id="f", type="webhook", name="hook")
-    assert t.wire(exclude_none=True) == {"id": "t", "flowId": "f", "type": "webhook", "name": "hook", "config": {},
-                                         "enabled": True}
+    assert t.wire(exclude_none=True) == {
+        "id": "t",
+        "flowId": "f",
+        "type": "webhook",
+        "name": "hook",
+        "config": {},
+        "enabled": True,
+    }
 
 
 def test_page_has_the_list_shape() -> None:
@@ -160,8 +189,19 @@ def test_page_has_the_list_shape() -> None:
 
 def test_step_catalog_covers_every_type_and_validates_data() -> None:
     assert set(STEP_TYPES) == {
-        "trigger", "transform", "condition", "switch", "http", "delay", "approval", "waitEvent", "foreach",
-        "subflow", "publish", "llm", "fail",
+        "trigger",
+        "transform",
+        "condition",
+        "switch",
+        "http",
+        "delay",
+        "approval",
+        "waitEvent",
+        "foreach",
+        "subflow",
+        "publish",
+        "llm",
+        "fail",
     }
     assert STEP_TYPES["condition"].handles == ["true", "false"]
     assert "model" not in STEP_TYPES["http"].wire()
@@ -177,7 +217,10 @@ def test_step_catalog_covers_every_type_and_validates_data() -> None:
 def test_problems_map_back_to_the_same_errors() -> None:
     problem = QuotaExceeded("flow limit 1 reached").to_problem("/api/v1/flows")
     assert problem.wire(exclude_none=True) == {
-        "type": "quota-exceeded", "title": "Quota exceeded", "status": 403, "detail": "flow limit 1 reached",
+        "type": "quota-exceeded",
+        "title": "Quota exceeded",
+        "status": 403,
+        "detail": "flow limit 1 reached",
         "instance": "/api/v1/flows",
     }
     again = from_problem(Problem.model_validate(problem.wire()))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from flowmesh.contracts import headers, streams, subjects
-from flowmesh.contracts.ids import format_time, is_uuid, new_id
+from flowmesh.contracts.ids import is_uuid, new_id
 
 
 def test_builders_follow_the_design_table() -> None:
@@ -38,8 +38,10 @@ def test_a_tenant_cannot_pick_another_tenants_hashed_token() -> None:
     assert subjects.tenant_token(hashed) != hashed
 
 
-@pytest.mark.parametrize(("part", "ok"), [("order.paid", True), ("a", True), ("a..b", False), ("a.*", False),
-                                           (">", False), ("a b", False), ("", False)])
+@pytest.mark.parametrize(
+    ("part", "ok"),
+    [("order.paid", True), ("a", True), ("a..b", False), ("a.*", False), (">", False), ("a b", False), ("", False)],
+)
 def test_user_given_subject_parts_are_checked(part: str, ok: bool) -> None:
     assert subjects.is_safe_subject_part(part) is ok
 

@@ -24,8 +24,14 @@ FLOWS_MIGRATIONS = Path(__file__).parents[3] / "services/flows/src/flowmesh/flow
 
 
 def settings(infra: Any, **kw: Any) -> BaseServiceSettings:
-    return BaseServiceSettings(env="test", nats_url=infra.nats_url, shared_database_url=infra.database_url,
-                               health_port=0, health_host="127.0.0.1", **kw)
+    return BaseServiceSettings(
+        env="test",
+        nats_url=infra.nats_url,
+        shared_database_url=infra.database_url,
+        health_port=0,
+        health_host="127.0.0.1",
+        **kw,
+    )
 
 
 async def test_streams_are_provisioned_idempotently_and_brought_to_spec(infra: Any) -> None:

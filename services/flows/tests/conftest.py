@@ -17,7 +17,10 @@ from flowmesh.runtime.service import ServiceRuntime
 @pytest.fixture(scope="module")
 async def flows_service(infra) -> AsyncIterator[ServiceRuntime]:  # type: ignore[no-untyped-def]
     settings = FlowsSettings(
-        env="test", nats_url=infra.nats_url, shared_database_url=infra.database_url, health_port=0,
+        env="test",
+        nats_url=infra.nats_url,
+        shared_database_url=infra.database_url,
+        health_port=0,
         health_host="127.0.0.1",
     )
     service = create_app(settings)

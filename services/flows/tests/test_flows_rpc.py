@@ -15,8 +15,15 @@ from flowmesh.runtime.service import ServiceRuntime
 
 CANVAS = {
     "nodes": [
-        {"id": "start", "type": "trigger", "position": {"x": 0, "y": 0}, "data": {}, "width": 120,
-         "selected": False, "measured": {"width": 120, "height": 40}},
+        {
+            "id": "start",
+            "type": "trigger",
+            "position": {"x": 0, "y": 0},
+            "data": {},
+            "width": 120,
+            "selected": False,
+            "measured": {"width": 120, "height": 40},
+        },
         {"id": "t", "type": "transform", "data": {"output": {"v": "{{ input.v }}"}}, "style": {"color": "red"}},
     ],
     "edges": [{"id": "e", "source": "start", "target": "t", "markerEnd": {"type": "arrowclosed"}}],
@@ -29,8 +36,7 @@ async def create(rpc: RpcClient, tenant: str, **body: object) -> dict:  # type: 
 
 
 async def test_create_then_get_returns_the_draft_with_canvas_keys_unchanged(rpc: RpcClient, tenant: str) -> None:
-    flow = await create(rpc, tenant, name="orders", description="d", definition=CANVAS,
-                        inputSchema={"type": "object"})
+    flow = await create(rpc, tenant, name="orders", description="d", definition=CANVAS, inputSchema={"type": "object"})
     assert flow["status"] == "draft" and flow["active"] is True and flow["revision"] == 1
     assert flow["activeVersion"] is None and flow["latestVersion"] is None
     got = await rpc.call(FlowsOp.GET, {"flowId": flow["id"]}, tenant=tenant)
@@ -143,16 +149,19 @@ async def test_delete_hides_a_draft_and_refuses_a_published_flow_unless_forced(
 
     published = await create(rpc, tenant)
     async with flows_service.sessions.begin() as s:  # publishing arrives with P2; stand in for it in the table
-        await s.execute(text("UPDATE flows.flows SET latest_version = 1, active_version = 1 WHERE id = :id"),
-                        {"id": published["id"]})
+        await s.execute(
+            text("UPDATE flows.flows SET latest_version = 1, active_version = 1 WHERE id = :id"),
+            {"id": published["id"]},
+        )
     with pytest.raises(Conflict, match="force=true"):
         await rpc.call(FlowsOp.DELETE, {"flowId": published["id"]}, tenant=tenant)
     await rpc.call(FlowsOp.DELETE, {"flowId": published["id"], "force": True}, tenant=tenant)
     with pytest.raises(NotFound):
         await rpc.call(FlowsOp.GET, {"flowId": published["id"]}, tenant=tenant)
     async with flows_service.sessions() as s:
-        active = (await s.execute(text("SELECT active FROM flows.flows WHERE id = :id"),
-                                  {"id": published["id"]})).scalar_one()
+        active = (
+            await s.execute(text("SELECT active FROM flows.flows WHERE id = :id"), {"id": published["id"]})
+        ).scalar_one()
     assert active is False
 
 
@@ -162,11 +171,14 @@ async def test_flow_versions_are_immutable_in_the_database(
     flow = await create(rpc, tenant)
     async with flows_service.sessions.begin() as s:
         await s.execute(
-            text("INSERT INTO flows.flow_versions (flow_id, version, tenant_id, definition, settings, created_at) "
-                 "VALUES (:id, 1, :t, '{}', '{}', now())"),
+            text(
+                "INSERT INTO flows.flow_versions (flow_id, version, tenant_id, definition, settings, created_at) "
+                "VALUES (:id, 1, :t, '{}', '{}', now())"
+            ),
             {"id": flow["id"], "t": tenant},
         )
     with pytest.raises(DBAPIError, match="immutable"):
         async with flows_service.sessions.begin() as s:
-            await s.execute(text("UPDATE flows.flow_versions SET definition = '{\"x\": 1}' WHERE flow_id = :id"),
-                            {"id": flow["id"]})
+            await s.execute(
+                text("UPDATE flows.flow_versions SET definition = '{\"x\": 1}' WHERE flow_id = :id"), {"id": flow["id"]}
+            )

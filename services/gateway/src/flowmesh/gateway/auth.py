@@ -44,7 +44,13 @@ class JwtVerifier:
         self._audience = settings.jwt_audience
         self._leeway = settings.jwt_leeway_s
         self._jwks = (
-            jwt.PyJWKClient(settings.jwks_url, cache_keys=True, lifespan=settings.jwks_cache_s, timeout=5)
+            jwt.PyJWKClient(
+                settings.jwks_url,
+                cache_keys=True,
+                lifespan=settings.jwks_cache_s,
+                timeout=5,
+                cooldown_duration=settings.jwks_cooldown_s,
+            )
             if settings.jwks_url
             else None
         )

@@ -30,6 +30,8 @@ class GatewaySettings(BaseServiceSettings):
     jwt_audience: str = Field(default="flowmesh", validation_alias=_env("FLOWMESH_JWT_AUDIENCE", "jwt_audience"))
     jwt_leeway_s: float = Field(default=30.0, ge=0, le=300)
     jwks_cache_s: float = Field(default=300.0, ge=1)
+    # a token with an unknown kid refetches the JWKS at most this often (spares the identity provider)
+    jwks_cooldown_s: float = Field(default=30.0, ge=0)
     cors_origins: str = Field(
         default="http://localhost:5173", validation_alias=_env("FLOWMESH_CORS_ORIGINS", "cors_origins")
     )

@@ -1,0 +1,53 @@
+# Flowmesh — the two commands that matter: `make run` and `make test`.
+# Only python3 (>= 3.11) and make are assumed; everything else is installed here, from PyPI.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+UV_VERSION := 0.13.8
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+VENV := .venv
+BIN := $(VENV)/bin
+MEMBERS := $(wildcard libs/*/pyproject.toml services/*/pyproject.toml tools/*/pyproject.toml)
+export UV_PYTHON_DOWNLOADS := never
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test lint typecheck fmt token clean
+
+help: ## Show this help
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(UV):
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Flowmesh needs Python >= 3.11 (found " + sys.version.split()[0] + "); set PYTHON=python3.11")'
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+$(VENV)/.installed: $(UV) pyproject.toml $(MEMBERS)
+	$(UV) sync --python $(PYTHON) --all-packages
+	@touch $@
+
+install: $(VENV)/.installed ## Create the virtualenv and install the workspace
+
+run: install ## Start the whole mesh (embedded NATS + PostgreSQL, five services); Ctrl-C stops it
+	$(BIN)/flowmesh dev
+
+test: install ## Run the whole test suite (starts its own NATS and PostgreSQL)
+	$(BIN)/pytest
+
+lint: install ## ruff: lint and formatting
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install ## mypy --strict over libs, services and tools
+	$(BIN)/mypy
+
+fmt: install ## Format and auto-fix
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+token: install ## Print a dev JWT (see `flowmesh token --help`)
+	@$(BIN)/flowmesh token
+
+clean: ## Remove the virtualenvs (keeps .flowmesh data)
+	rm -rf $(VENV) $(TOOLS)
