@@ -263,13 +263,19 @@ def test_dev_restarts_a_killed_service_and_stops_on_sigterm(
     dev_stack: _Dev, wait_until: Callable[..., None], assert_gone: Callable[..., None]
 ) -> None:
     def runner_pids() -> list[int]:
-        return [
-            proc.pid for proc in psutil.Process(dev_stack.process.pid).children() if proc.cmdline()[-1:] == ["runner"]
-        ]
+        pids = []
+        for proc in psutil.Process(dev_stack.process.pid).children():
+            try:
+                if proc.cmdline()[-1:] == ["runner"]:
+                    pids.append(proc.pid)
+            except psutil.Error:
+                pass  # a process that just exited
+        return pids
 
     (first,) = runner_pids()
     os.kill(first, signal.SIGKILL)
-    wait_until(lambda: len(runner_pids()) == 1 and runner_pids()[0] != first, what="a new runner")
+    wait_until(lambda: runner_pids() not in ([], [first]), what="a new runner")
+    assert len(runner_pids()) == 1
     assert "runner    | exited with signal SIGKILL" in dev_stack.text()
 
     tree = dev_stack.tree()

@@ -74,6 +74,13 @@ def test_nats_sync_always_is_applied(tmp_path: Path) -> None:
     assert varz["jetstream"]["config"]["sync_always"] is True
 
 
+def test_nats_refuses_a_second_server_on_the_same_store_dir(tmp_path: Path) -> None:
+    with start_nats(tmp_path / "nats") as server:
+        with pytest.raises(EmbeddedServerError, match=f"pid {server.process.pid}"):
+            start_nats(tmp_path / "nats")
+        assert server.running
+
+
 def test_nats_startup_failure_reports_the_log_tail(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -133,7 +140,7 @@ async def test_postgres_serves_queries_and_restarts_on_its_data_dir_after_stop_a
         family = _postgres_family(pg)
         await asyncio.to_thread(pg.stop)
     assert_gone(family)
-    assert (data_dir.parent / "postgres.log").exists()
+    assert (data_dir.parent / "data.log").read_text().strip(), "the server logs beside its data dir"
 
 
 async def test_postgres_starts_when_the_stale_pid_file_names_an_unrelated_live_process(

@@ -77,7 +77,37 @@ class FlowsOp:
     UPDATE: Final = rpc(RPC_FLOWS, "update")
     REPLACE: Final = rpc(RPC_FLOWS, "replace")
     DELETE: Final = rpc(RPC_FLOWS, "delete")
+    VALIDATE: Final = rpc(RPC_FLOWS, "validate")
+    PUBLISH: Final = rpc(RPC_FLOWS, "publish")
+    VERSIONS: Final = rpc(RPC_FLOWS, "versions")
+    VERSION: Final = rpc(RPC_FLOWS, "version")
+    ROLLBACK: Final = rpc(RPC_FLOWS, "rollback")
+    ACTIVATE: Final = rpc(RPC_FLOWS, "activate")
+    DEACTIVATE: Final = rpc(RPC_FLOWS, "deactivate")
+    DUPLICATE: Final = rpc(RPC_FLOWS, "duplicate")
+    EXPORT: Final = rpc(RPC_FLOWS, "export")
+    IMPORT: Final = rpc(RPC_FLOWS, "import")
+    CATALOG: Final = rpc(RPC_FLOWS, "catalog")
+    TRIGGERS: Final = rpc(RPC_FLOWS, "triggers")
+    TRIGGER_CREATE: Final = rpc(RPC_FLOWS, "triggerCreate")
+    TRIGGER_UPDATE: Final = rpc(RPC_FLOWS, "triggerUpdate")
+    TRIGGER_DELETE: Final = rpc(RPC_FLOWS, "triggerDelete")
+    RUNNABLE: Final = rpc(RPC_FLOWS, "runnable")
+    """For the runner: a flow's active (or a given) frozen version, and whether it may start."""
+    WEBHOOK: Final = rpc(RPC_FLOWS, "webhook")
+    """For the gateway: the trigger a webhook token belongs to (no tenant: the token decides)."""
     PING: Final = rpc(RPC_FLOWS, "ping")
+
+
+class FlowEventType:
+    """The ``<event>`` of ``fm.flows.{t}.<event>``."""
+
+    PUBLISHED: Final = "published"
+    ROLLED_BACK: Final = "rolledBack"
+    DELETED: Final = "deleted"
+    ACTIVATED: Final = "activated"
+    DEACTIVATED: Final = "deactivated"
+    TRIGGER_CHANGED: Final = "triggerChanged"
 
 
 # --- JetStream subjects -------------------------------------------------------------------------

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from flowmesh.flows import handlers
 from flowmesh.flows.settings import FlowsSettings
+from flowmesh.flows.tables import outbox
+from flowmesh.runtime.outbox import OutboxRelay
 from flowmesh.runtime.service import ServiceRuntime
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -14,5 +16,12 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 def create_app(settings: FlowsSettings) -> ServiceRuntime:
     """The flows service, ready to run (``async with service.running(): ...``)."""
     service = ServiceRuntime("flows", settings, migrations=MIGRATIONS)
-    handlers.register(service.rpc, service.sessions)
+    relay = OutboxRelay(service.sessions, outbox)
+    handlers.register(service.rpc, service.sessions, relay)
+
+    @service.on_start
+    async def start_relay() -> None:
+        relay.start(service.broker.connection.jetstream())
+
+    service.on_stop(relay.stop)
     return service

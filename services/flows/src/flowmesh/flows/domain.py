@@ -5,7 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 from flowmesh.contracts.errors import PreconditionFailed
-from flowmesh.contracts.models import FlowCreate, FlowStatus, FlowUpdate
+from flowmesh.contracts.models import (
+    Flow,
+    FlowCreate,
+    FlowDefinition,
+    FlowSettings,
+    FlowStatus,
+    FlowUpdate,
+    FlowVersion,
+    Trigger,
+)
+from flowmesh.contracts.models.flows import ExportedFlow, ExportedTrigger, FlowExport
 
 
 def status_of(latest_version: int | None) -> FlowStatus:
@@ -60,3 +70,34 @@ def patch_values(update: FlowUpdate) -> dict[str, Any]:
     if "settings" in given and update.settings is not None:
         values["settings"] = update.settings.wire(exclude_unset=True)
     return values
+
+
+def same_content(flow: Flow, version: FlowVersion | None) -> bool:
+    """Whether the draft is exactly what a version froze (publishing it again would add nothing)."""
+    return (
+        version is not None
+        and flow.definition == version.definition
+        and flow.input_schema == version.input_schema
+        and flow.settings == version.settings
+    )
+
+
+def copy_name(name: str) -> str:
+    """The name of a duplicate, within the 100-character limit."""
+    suffix = " (copy)"
+    return name[: 100 - len(suffix)] + suffix
+
+
+def export_document(flow: Flow, triggers: list[Trigger]) -> FlowExport:
+    """A portable document of a flow: never webhook tokens or secrets."""
+    return FlowExport(
+        format_version=1,
+        flow=ExportedFlow(
+            name=flow.name,
+            description=flow.description,
+            definition=FlowDefinition.model_validate(flow.definition),
+            input_schema=flow.input_schema,
+            settings=FlowSettings.model_validate(flow.settings),
+            triggers=[ExportedTrigger(type=t.type, name=t.name, config=t.config, enabled=t.enabled) for t in triggers],
+        ),
+    )

@@ -1,4 +1,8 @@
-"""Request/reply handlers of ``fm.rpc.flows.*``: parse the contract model, call domain and repo."""
+"""Request/reply handlers of ``fm.rpc.flows.*``: parse the contract model, call domain and repo.
+
+Every change that other services must learn about queues a ``fm.flows.{t}.<event>`` announcement
+in the outbox within the same transaction; the relay publishes it once the transaction committed.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,10 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from flowmesh.contracts.errors import Conflict, NotFound
+from flowmesh.contracts.errors import Conflict, InvalidInput, NotFound
 from flowmesh.contracts.ids import is_uuid, new_id, utcnow
 from flowmesh.contracts.models import (
+    FieldError,
     Flow,
     FlowCreate,
     FlowDeleteRequest,
@@ -17,24 +22,97 @@ from flowmesh.contracts.models import (
     FlowRef,
     FlowReplaceRequest,
     FlowUpdate,
+    FlowVersion,
     Page,
+    PageQuery,
+    Trigger,
+    TriggerUpdate,
 )
-from flowmesh.contracts.subjects import FlowsOp
-from flowmesh.flows import domain, repo
+from flowmesh.contracts.models.definition import STEP_TYPES
+from flowmesh.contracts.models.flows import CatalogStep, FlowEvent, FlowExport, Rollback, ValidationReport
+from flowmesh.contracts.models.rpc import (
+    PublishResult,
+    RunnableFlow,
+    TriggerCreateRequest,
+    TriggerPatchRequest,
+    TriggerRef,
+    VersionRef,
+    WebhookLookup,
+    WebhookTarget,
+)
+from flowmesh.contracts.subjects import FlowEventType, FlowsOp, flow_event
+from flowmesh.flows import domain, repo, triggers
+from flowmesh.flows.validation import referenced_flows, validate_flow
+from flowmesh.runtime.outbox import OutboxRelay
 from flowmesh.runtime.rpc import RpcContext, RpcServer
 
+CATALOG = [
+    CatalogStep(
+        type=s.type,
+        title=s.title,
+        description=s.description,
+        handles=s.handles,
+        data_schema=s.model.model_json_schema(by_alias=True),
+    )
+    for s in STEP_TYPES.values()
+]
 
-async def _locked(session: AsyncSession, ctx: RpcContext, flow_id: str) -> Flow:
-    flow = None
-    if is_uuid(flow_id):
-        flow = await repo.get_flow(session, tenant=ctx.tenant, flow_id=flow_id, for_update=True)
+
+def _not_found(flow_id: str) -> NotFound:
+    return NotFound(f"flow {flow_id} not found")
+
+
+async def _flow(session: AsyncSession, ctx: RpcContext, flow_id: str, *, lock: bool = False) -> Flow:
+    flow = (
+        await repo.get_flow(session, tenant=ctx.tenant, flow_id=flow_id, for_update=lock) if is_uuid(flow_id) else None
+    )
     if flow is None:
-        raise NotFound(f"flow {flow_id} not found")
+        raise _not_found(flow_id)
     return flow
 
 
-def register(rpc: RpcServer, sessions: async_sessionmaker[AsyncSession]) -> None:
+async def _trigger(session: AsyncSession, ctx: RpcContext, trigger_id: str) -> Trigger:
+    found = (
+        await repo.get_trigger(session, tenant=ctx.tenant, trigger_id=trigger_id, for_update=True)
+        if is_uuid(trigger_id)
+        else None
+    )
+    if found is None:
+        raise NotFound(f"trigger {trigger_id} not found")
+    return found
+
+
+async def _announce(
+    session: AsyncSession, flow: Flow, event: str, *, trigger: Trigger | None = None, trigger_deleted: bool = False
+) -> None:
+    msg_id = new_id()
+    payload = FlowEvent(
+        id=msg_id,
+        type=event,
+        ts=utcnow(),
+        tenant_id=flow.tenant_id,
+        flow_id=flow.id,
+        active=flow.active,
+        active_version=flow.active_version,
+        trigger=trigger,
+        trigger_deleted=trigger_deleted,
+    )
+    await repo.announce(
+        session, tenant=flow.tenant_id, subject=flow_event(flow.tenant_id, event), payload=payload.wire(), msg_id=msg_id
+    )
+
+
+async def _validate(session: AsyncSession, ctx: RpcContext, flow: Flow) -> list[FieldError]:
+    targets = await repo.published_flow_ids(
+        session, tenant=ctx.tenant, ids={i for i in referenced_flows(flow.definition) if is_uuid(i)}
+    )
+    return validate_flow(flow.definition, flow.input_schema, flow_id=flow.id, published_flows=targets)
+
+
+def register(rpc: RpcServer, sessions: async_sessionmaker[AsyncSession], relay: OutboxRelay) -> None:
     """Serve every flows operation on ``rpc``, with sessions from ``sessions``."""
+
+    # --- drafts ----------------------------------------------------------------------------------
 
     @rpc.handler(FlowsOp.CREATE)
     async def create(ctx: RpcContext, body: Any) -> Flow:
@@ -57,19 +135,15 @@ def register(rpc: RpcServer, sessions: async_sessionmaker[AsyncSession]) -> None
 
     @rpc.handler(FlowsOp.GET)
     async def get(ctx: RpcContext, body: Any) -> Flow:
-        ref = FlowRef.model_validate(body)
         async with sessions() as s:
-            flow = await repo.get_flow(s, tenant=ctx.tenant, flow_id=ref.flow_id) if is_uuid(ref.flow_id) else None
-        if flow is None:
-            raise NotFound(f"flow {ref.flow_id} not found")
-        return flow
+            return await _flow(s, ctx, FlowRef.model_validate(body).flow_id)
 
     @rpc.handler(FlowsOp.UPDATE)
     async def update(ctx: RpcContext, body: Any) -> Flow:
         req = FlowPatchRequest.model_validate(body)
         values = domain.patch_values(FlowUpdate.model_validate(req.patch))
         async with sessions.begin() as s:
-            flow = await _locked(s, ctx, req.flow_id)
+            flow = await _flow(s, ctx, req.flow_id, lock=True)
             domain.check_if_match(req.if_match, flow.revision)
             if not values:
                 return flow
@@ -79,7 +153,7 @@ def register(rpc: RpcServer, sessions: async_sessionmaker[AsyncSession]) -> None
     async def replace(ctx: RpcContext, body: Any) -> Flow:
         req = FlowReplaceRequest.model_validate(body)
         async with sessions.begin() as s:
-            flow = await _locked(s, ctx, req.flow_id)
+            flow = await _flow(s, ctx, req.flow_id, lock=True)
             domain.check_if_match(req.if_match, flow.revision)
             return await repo.update_flow(
                 s, tenant=ctx.tenant, flow_id=flow.id, values=domain.draft_values(req.flow), now=utcnow()
@@ -89,7 +163,7 @@ def register(rpc: RpcServer, sessions: async_sessionmaker[AsyncSession]) -> None
     async def delete(ctx: RpcContext, body: Any) -> None:
         req = FlowDeleteRequest.model_validate(body)
         async with sessions.begin() as s:
-            flow = await _locked(s, ctx, req.flow_id)
+            flow = await _flow(s, ctx, req.flow_id, lock=True)
             domain.check_if_match(req.if_match, flow.revision)
             if flow.latest_version is not None and not req.force:
                 raise Conflict(
@@ -97,3 +171,264 @@ def register(rpc: RpcServer, sessions: async_sessionmaker[AsyncSession]) -> None
                     "(keeps its run history)"
                 )
             await repo.delete_flow(s, tenant=ctx.tenant, flow_id=flow.id, now=utcnow())
+            await _announce(s, flow.model_copy(update={"active": False}), FlowEventType.DELETED)
+        relay.notify()
+
+    @rpc.handler(FlowsOp.DUPLICATE)
+    async def duplicate(ctx: RpcContext, body: Any) -> Flow:
+        async with sessions.begin() as s:
+            flow = await _flow(s, ctx, FlowRef.model_validate(body).flow_id)
+            values = {
+                "name": domain.copy_name(flow.name),
+                "description": flow.description,
+                "definition": flow.definition,
+                "input_schema": flow.input_schema,
+                "settings": flow.settings,
+            }
+            return await repo.insert_flow(s, flow_id=new_id(), tenant=ctx.tenant, values=values, now=utcnow())
+
+    # --- validation, versions ----------------------------------------------------------------------
+
+    @rpc.handler(FlowsOp.VALIDATE)
+    async def validate(ctx: RpcContext, body: Any) -> ValidationReport:
+        async with sessions() as s:
+            flow = await _flow(s, ctx, FlowRef.model_validate(body).flow_id)
+            errors = await _validate(s, ctx, flow)
+        return ValidationReport(valid=not errors, errors=errors)
+
+    @rpc.handler(FlowsOp.PUBLISH)
+    async def publish(ctx: RpcContext, body: Any) -> PublishResult:
+        async with sessions.begin() as s:
+            flow = await _flow(s, ctx, FlowRef.model_validate(body).flow_id, lock=True)
+            errors = await _validate(s, ctx, flow)
+            if errors:
+                raise InvalidInput(f"the flow has {len(errors)} problem(s); fix them and publish again", errors=errors)
+            if flow.active_version is not None:
+                active = await repo.get_version(s, tenant=ctx.tenant, flow_id=flow.id, version=flow.active_version)
+                if active is not None and domain.same_content(flow, active):
+                    return PublishResult(version=active, created=False)
+            number = (flow.latest_version or 0) + 1
+            version = await repo.insert_version(s, flow=flow, version=number, now=utcnow())
+            flow = await repo.update_flow(
+                s,
+                tenant=ctx.tenant,
+                flow_id=flow.id,
+                values={"latest_version": number, "active_version": number},
+                now=utcnow(),
+            )
+            await _announce(s, flow, FlowEventType.PUBLISHED)
+        relay.notify()
+        return PublishResult(version=version, created=True)
+
+    @rpc.handler(FlowsOp.VERSIONS)
+    async def versions(ctx: RpcContext, body: Any) -> Page[FlowVersion]:
+        ref = FlowRef.model_validate(body)
+        page = PageQuery.model_validate(body)
+        async with sessions() as s:
+            await _flow(s, ctx, ref.flow_id)
+            items, total = await repo.list_versions(
+                s, tenant=ctx.tenant, flow_id=ref.flow_id, offset=page.offset, limit=page.page_size
+            )
+        return Page(
+            items=items,
+            total=total,
+            page=page.page,
+            page_size=page.page_size,
+            has_more=page.offset + len(items) < total,
+        )
+
+    @rpc.handler(FlowsOp.VERSION)
+    async def version(ctx: RpcContext, body: Any) -> FlowVersion:
+        ref = VersionRef.model_validate(body)
+        async with sessions() as s:
+            flow = await _flow(s, ctx, ref.flow_id)
+            number = ref.version or flow.active_version
+            found = await repo.get_version(s, tenant=ctx.tenant, flow_id=flow.id, version=number) if number else None
+        if found is None:
+            raise NotFound(f"flow {flow.id} has no version {ref.version or '(none published)'}")
+        return found
+
+    @rpc.handler(FlowsOp.ROLLBACK)
+    async def rollback(ctx: RpcContext, body: Any) -> Flow:
+        ref = FlowRef.model_validate(body)
+        target = Rollback.model_validate(body).version
+        async with sessions.begin() as s:
+            flow = await _flow(s, ctx, ref.flow_id, lock=True)
+            if await repo.get_version(s, tenant=ctx.tenant, flow_id=flow.id, version=target) is None:
+                raise NotFound(f"flow {flow.id} has no version {target}")
+            if flow.active_version == target:
+                return flow
+            flow = await repo.update_flow(
+                s, tenant=ctx.tenant, flow_id=flow.id, values={"active_version": target}, now=utcnow()
+            )
+            await _announce(s, flow, FlowEventType.ROLLED_BACK)
+        relay.notify()
+        return flow
+
+    async def set_active(ctx: RpcContext, body: Any, active: bool) -> Flow:
+        async with sessions.begin() as s:
+            flow = await _flow(s, ctx, FlowRef.model_validate(body).flow_id, lock=True)
+            if flow.active == active:
+                return flow
+            flow = await repo.update_flow(
+                s, tenant=ctx.tenant, flow_id=flow.id, values={"active": active}, now=utcnow()
+            )
+            await _announce(s, flow, FlowEventType.ACTIVATED if active else FlowEventType.DEACTIVATED)
+        relay.notify()
+        return flow
+
+    @rpc.handler(FlowsOp.ACTIVATE)
+    async def activate(ctx: RpcContext, body: Any) -> Flow:
+        return await set_active(ctx, body, True)
+
+    @rpc.handler(FlowsOp.DEACTIVATE)
+    async def deactivate(ctx: RpcContext, body: Any) -> Flow:
+        return await set_active(ctx, body, False)
+
+    # --- export, import, catalog -------------------------------------------------------------------
+
+    @rpc.handler(FlowsOp.EXPORT)
+    async def export(ctx: RpcContext, body: Any) -> FlowExport:
+        async with sessions() as s:
+            flow = await _flow(s, ctx, FlowRef.model_validate(body).flow_id)
+            return domain.export_document(flow, await repo.list_triggers(s, tenant=ctx.tenant, flow_id=flow.id))
+
+    @rpc.handler(FlowsOp.IMPORT)
+    async def import_(ctx: RpcContext, body: Any) -> dict[str, Any]:
+        doc = FlowExport.model_validate(body)
+        configs = []
+        errors: list[FieldError] = []
+        for i, t in enumerate(doc.flow.triggers):
+            try:
+                configs.append(triggers.check_config(t.type, t.config))
+            except InvalidInput as exc:
+                errors += [FieldError(path=f"/flow/triggers/{i}{e.path}", message=e.message) for e in exc.errors or []]
+        if errors:
+            raise InvalidInput("the document has invalid triggers", errors=errors)
+        draft = FlowCreate(
+            name=doc.flow.name,
+            description=doc.flow.description,
+            definition=doc.flow.definition,
+            input_schema=doc.flow.input_schema,
+            settings=doc.flow.settings,
+        )
+        async with sessions.begin() as s:
+            now = utcnow()
+            flow = await repo.insert_flow(
+                s, flow_id=new_id(), tenant=ctx.tenant, values=domain.draft_values(draft), now=now
+            )
+            created = [
+                await _insert_trigger(s, ctx, flow, t.type, t.name, config, t.enabled)
+                for t, config in zip(doc.flow.triggers, configs, strict=True)
+            ]
+        return {**flow.wire(), "triggers": [t.wire(exclude_none=True) for t in created]}
+
+    @rpc.handler(FlowsOp.CATALOG, tenant_required=False)
+    async def catalog(_: RpcContext, __: Any) -> dict[str, Any]:
+        return {"items": [c.wire() for c in CATALOG]}
+
+    # --- triggers ----------------------------------------------------------------------------------
+
+    async def _insert_trigger(
+        s: AsyncSession, ctx: RpcContext, flow: Flow, type_: str, name: str, config: dict[str, Any], enabled: bool
+    ) -> Trigger:
+        values: dict[str, Any] = {"type": type_, "name": name, "config": config, "enabled": enabled}
+        token = secret = None
+        if type_ == "webhook":
+            token = triggers.new_webhook_token()
+            values["token_hash"] = triggers.hash_token(token)
+            if config.get("signed"):
+                secret = values["signing_secret"] = triggers.new_signing_secret()
+        trigger = await repo.insert_trigger(
+            s, trigger_id=new_id(), tenant=ctx.tenant, flow_id=flow.id, values=values, now=utcnow()
+        )
+        await _announce(s, flow, FlowEventType.TRIGGER_CHANGED, trigger=trigger)
+        relay.notify()
+        return trigger.model_copy(update={"url": triggers.WEBHOOK_PATH + token if token else None, "secret": secret})
+
+    @rpc.handler(FlowsOp.TRIGGERS)
+    async def list_triggers(ctx: RpcContext, body: Any) -> dict[str, Any]:
+        async with sessions() as s:
+            flow = await _flow(s, ctx, FlowRef.model_validate(body).flow_id)
+            items = await repo.list_triggers(s, tenant=ctx.tenant, flow_id=flow.id)
+        return {"items": [t.wire(exclude_none=True) for t in items]}
+
+    @rpc.handler(FlowsOp.TRIGGER_CREATE)
+    async def create_trigger(ctx: RpcContext, body: Any) -> Trigger:
+        req = TriggerCreateRequest.model_validate(body)
+        config = triggers.check_config(req.trigger.type, req.trigger.config)
+        async with sessions.begin() as s:
+            flow = await _flow(s, ctx, req.flow_id, lock=True)
+            return await _insert_trigger(s, ctx, flow, req.trigger.type, req.trigger.name, config, req.trigger.enabled)
+
+    @rpc.handler(FlowsOp.TRIGGER_UPDATE)
+    async def update_trigger(ctx: RpcContext, body: Any) -> Trigger:
+        req = TriggerPatchRequest.model_validate(body)
+        patch = TriggerUpdate.model_validate(req.patch)
+        async with sessions.begin() as s:
+            trigger = await _trigger(s, ctx, req.trigger_id)
+            values: dict[str, Any] = {}
+            if patch.name is not None:
+                values["name"] = patch.name
+            if patch.enabled is not None:
+                values["enabled"] = patch.enabled
+            if patch.config is not None:
+                values["config"] = triggers.check_config(trigger.type, patch.config)
+                if trigger.type == "webhook" and values["config"].get("signed") != trigger.config.get("signed"):
+                    raise InvalidInput(
+                        "a webhook cannot change between signed and unsigned; create a new trigger",
+                        errors=[FieldError(path="/config/signed", message="cannot be changed")],
+                    )
+            if not values:
+                return trigger
+            trigger = await repo.update_trigger(
+                s, tenant=ctx.tenant, trigger_id=trigger.id, values=values, now=utcnow()
+            )
+            await _announce(s, await _flow(s, ctx, trigger.flow_id), FlowEventType.TRIGGER_CHANGED, trigger=trigger)
+        relay.notify()
+        return trigger
+
+    @rpc.handler(FlowsOp.TRIGGER_DELETE)
+    async def delete_trigger(ctx: RpcContext, body: Any) -> None:
+        async with sessions.begin() as s:
+            trigger = await _trigger(s, ctx, TriggerRef.model_validate(body).trigger_id)
+            await repo.delete_trigger(s, tenant=ctx.tenant, trigger_id=trigger.id)
+            await _announce(
+                s,
+                await _flow(s, ctx, trigger.flow_id),
+                FlowEventType.TRIGGER_CHANGED,
+                trigger=trigger,
+                trigger_deleted=True,
+            )
+        relay.notify()
+
+    # --- lookups for other services ----------------------------------------------------------------
+
+    @rpc.handler(FlowsOp.RUNNABLE)
+    async def runnable(ctx: RpcContext, body: Any) -> RunnableFlow:
+        ref = VersionRef.model_validate(body)
+        async with sessions() as s:
+            flow = await _flow(s, ctx, ref.flow_id)
+            if flow.active_version is None:
+                raise Conflict(f"flow {flow.id} has no published version; publish it first")
+            number = ref.version or flow.active_version
+            found = await repo.get_version(s, tenant=ctx.tenant, flow_id=flow.id, version=number)
+        if found is None:
+            raise NotFound(f"flow {flow.id} has no version {number}")
+        return RunnableFlow(flow_id=flow.id, tenant_id=flow.tenant_id, active=flow.active, version=found)
+
+    @rpc.handler(FlowsOp.WEBHOOK, tenant_required=False)
+    async def webhook(_: RpcContext, body: Any) -> WebhookTarget:
+        lookup = WebhookLookup.model_validate(body)
+        async with sessions() as s:
+            found = await repo.webhook_by_token_hash(s, token_hash=triggers.hash_token(lookup.token))
+        if found is None or found[1]["deleted_at"] is not None:
+            raise NotFound("no webhook has this URL")
+        trigger, row = found
+        return WebhookTarget(
+            trigger=trigger,
+            tenant_id=row["tenant_id"],
+            flow_active=row["active"],
+            published=row["latest_version"] is not None,
+            signing_secrets=[row["signing_secret"]] if row["signing_secret"] else [],
+        )

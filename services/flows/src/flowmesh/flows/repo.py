@@ -5,13 +5,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from flowmesh.contracts.models import Flow, FlowSummary
+from flowmesh.contracts.models import Flow, FlowSummary, FlowVersion, Trigger
 from flowmesh.flows.domain import status_of
-from flowmesh.flows.tables import flows
+from flowmesh.flows.tables import flow_versions, flows, outbox, triggers
+from flowmesh.runtime.outbox import enqueue
 
 _SUMMARY_COLUMNS = [c for c in flows.c if c.name not in ("definition", "input_schema", "settings", "deleted_at")]
 
@@ -106,3 +107,156 @@ async def delete_flow(session: AsyncSession, *, tenant: str, flow_id: str, now: 
         .where(flows.c.id == flow_id, flows.c.tenant_id == tenant)
         .values(deleted_at=now, active=False, revision=flows.c.revision + 1, updated_at=now)
     )
+
+
+def _version(row: RowMapping) -> FlowVersion:
+    return FlowVersion(
+        flow_id=row["flow_id"],
+        version=row["version"],
+        definition=row["definition"],
+        input_schema=row["input_schema"],
+        settings=row["settings"],
+        created_at=row["created_at"],
+    )
+
+
+async def insert_version(session: AsyncSession, *, flow: Flow, version: int, now: datetime) -> FlowVersion:
+    """Freeze the flow's draft as ``version``."""
+    stmt = (
+        flow_versions.insert()
+        .values(
+            flow_id=flow.id,
+            version=version,
+            tenant_id=flow.tenant_id,
+            definition=flow.definition,
+            input_schema=flow.input_schema,
+            settings=flow.settings,
+            created_at=now,
+        )
+        .returning(*flow_versions.c)
+    )
+    return _version((await session.execute(stmt)).mappings().one())
+
+
+async def get_version(session: AsyncSession, *, tenant: str, flow_id: str, version: int) -> FlowVersion | None:
+    """One version of a flow of the tenant."""
+    stmt = select(flow_versions).where(
+        flow_versions.c.flow_id == flow_id, flow_versions.c.tenant_id == tenant, flow_versions.c.version == version
+    )
+    row = (await session.execute(stmt)).mappings().one_or_none()
+    return None if row is None else _version(row)
+
+
+async def list_versions(
+    session: AsyncSession, *, tenant: str, flow_id: str, offset: int, limit: int
+) -> tuple[list[FlowVersion], int]:
+    """A page of a flow's versions, newest first, and how many there are."""
+    where = (flow_versions.c.flow_id == flow_id, flow_versions.c.tenant_id == tenant)
+    rows = (
+        (
+            await session.execute(
+                select(flow_versions).where(*where).order_by(flow_versions.c.version.desc()).offset(offset).limit(limit)
+            )
+        )
+        .mappings()
+        .all()
+    )
+    total = (await session.execute(select(func.count()).select_from(flow_versions).where(*where))).scalar_one()
+    return [_version(r) for r in rows], total
+
+
+async def published_flow_ids(session: AsyncSession, *, tenant: str, ids: set[str]) -> set[str]:
+    """Which of ``ids`` are live flows of the tenant with a published version."""
+    if not ids:
+        return set()
+    stmt = select(flows.c.id).where(
+        flows.c.id.in_(ids),
+        flows.c.tenant_id == tenant,
+        flows.c.deleted_at.is_(None),
+        flows.c.latest_version.is_not(None),
+    )
+    return set((await session.execute(stmt)).scalars())
+
+
+def _trigger(row: RowMapping) -> Trigger:
+    return Trigger(
+        id=row["id"],
+        flow_id=row["flow_id"],
+        type=row["type"],
+        name=row["name"],
+        config=row["config"],
+        enabled=row["enabled"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+async def insert_trigger(
+    session: AsyncSession, *, trigger_id: str, tenant: str, flow_id: str, values: dict[str, Any], now: datetime
+) -> Trigger:
+    """Add a trigger to a flow."""
+    stmt = (
+        triggers.insert()
+        .values(id=trigger_id, tenant_id=tenant, flow_id=flow_id, created_at=now, updated_at=now, **values)
+        .returning(*triggers.c)
+    )
+    return _trigger((await session.execute(stmt)).mappings().one())
+
+
+async def list_triggers(session: AsyncSession, *, tenant: str, flow_id: str) -> list[Trigger]:
+    """A flow's triggers, oldest first."""
+    stmt = (
+        select(triggers)
+        .where(triggers.c.tenant_id == tenant, triggers.c.flow_id == flow_id)
+        .order_by(triggers.c.created_at, triggers.c.id)
+    )
+    return [_trigger(r) for r in (await session.execute(stmt)).mappings()]
+
+
+async def get_trigger(
+    session: AsyncSession, *, tenant: str, trigger_id: str, for_update: bool = False
+) -> Trigger | None:
+    """A trigger of a live flow of the tenant."""
+    stmt = (
+        select(triggers)
+        .join(flows, flows.c.id == triggers.c.flow_id)
+        .where(triggers.c.id == trigger_id, triggers.c.tenant_id == tenant, flows.c.deleted_at.is_(None))
+    )
+    if for_update:
+        stmt = stmt.with_for_update(of=triggers)
+    row = (await session.execute(stmt)).mappings().one_or_none()
+    return None if row is None else _trigger(row)
+
+
+async def update_trigger(
+    session: AsyncSession, *, tenant: str, trigger_id: str, values: dict[str, Any], now: datetime
+) -> Trigger:
+    """Change a trigger."""
+    stmt = (
+        update(triggers)
+        .where(triggers.c.id == trigger_id, triggers.c.tenant_id == tenant)
+        .values(updated_at=now, **values)
+        .returning(*triggers.c)
+    )
+    return _trigger((await session.execute(stmt)).mappings().one())
+
+
+async def delete_trigger(session: AsyncSession, *, tenant: str, trigger_id: str) -> None:
+    """Remove a trigger (its token stops working at once)."""
+    await session.execute(delete(triggers).where(triggers.c.id == trigger_id, triggers.c.tenant_id == tenant))
+
+
+async def webhook_by_token_hash(session: AsyncSession, *, token_hash: str) -> tuple[Trigger, RowMapping] | None:
+    """The webhook trigger of a token, with its flow's tenant, state and signing secret."""
+    stmt = (
+        select(triggers, flows.c.active, flows.c.latest_version, flows.c.deleted_at)
+        .join(flows, flows.c.id == triggers.c.flow_id)
+        .where(triggers.c.token_hash == token_hash, triggers.c.type == "webhook")
+    )
+    row = (await session.execute(stmt)).mappings().one_or_none()
+    return None if row is None else (_trigger(row), row)
+
+
+async def announce(session: AsyncSession, *, tenant: str, subject: str, payload: dict[str, Any], msg_id: str) -> None:
+    """Queue a flow announcement in the outbox, inside the caller's transaction."""
+    await enqueue(session, outbox, subject=subject, payload=payload, tenant=tenant, msg_id=msg_id)

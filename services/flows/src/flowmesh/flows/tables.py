@@ -13,6 +13,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 
+from flowmesh.runtime.outbox import outbox_table
+
 SCHEMA = "flows"
 metadata = MetaData(schema=SCHEMA)
 
@@ -48,3 +50,22 @@ flow_versions = Table(
     PrimaryKeyConstraint("flow_id", "version"),
     ForeignKeyConstraint(["flow_id"], [f"{SCHEMA}.flows.id"]),
 )
+
+triggers = Table(
+    "triggers",
+    metadata,
+    Column("id", UUID(as_uuid=False), primary_key=True),
+    Column("tenant_id", Text, nullable=False),
+    Column("flow_id", UUID(as_uuid=False), nullable=False),
+    Column("type", Text, nullable=False),
+    Column("name", Text, nullable=False),
+    Column("config", JSONB, nullable=False),
+    Column("enabled", Boolean, nullable=False),
+    Column("token_hash", Text, unique=True),
+    Column("signing_secret", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    ForeignKeyConstraint(["flow_id"], [f"{SCHEMA}.flows.id"]),
+)
+
+outbox = outbox_table(metadata)

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from flowmesh.gateway import keys, middleware
 from flowmesh.gateway.auth import JwtVerifier
-from flowmesh.gateway.routes import flows, ops
+from flowmesh.gateway.routes import catalog, flows, ops, triggers
 from flowmesh.gateway.settings import GatewaySettings
 from flowmesh.runtime.nats import create_broker
 from flowmesh.runtime.rpc import RpcClient
@@ -38,4 +38,6 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app.cleanup_ctx.append(_nats)
     app.add_routes(ops.routes)
     app.add_routes(flows.routes)
+    app.add_routes(triggers.routes)
+    app.add_routes(catalog.routes)
     return app

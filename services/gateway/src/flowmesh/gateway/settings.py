@@ -35,6 +35,11 @@ class GatewaySettings(BaseServiceSettings):
     cors_origins: str = Field(
         default="http://localhost:5173", validation_alias=_env("FLOWMESH_CORS_ORIGINS", "cors_origins")
     )
+    public_url: str | None = Field(
+        default=None,
+        validation_alias=_env("FLOWMESH_PUBLIC_URL", "public_url"),
+        description="base of webhook URLs handed out (default: the origin of the request)",
+    )
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     ready_timeout_s: float = Field(default=1.0, gt=0)
 

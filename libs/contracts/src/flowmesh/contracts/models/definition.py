@@ -7,6 +7,7 @@ may be any string; only validation judges a definition, using the step models be
 from __future__ import annotations
 
 import builtins
+import json
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import ConfigDict, Field, JsonValue, model_validator
@@ -227,3 +228,20 @@ STEP_TYPES: Final[dict[str, StepType]] = {
     )
 }
 """Every step type, keyed by its ``type``. A switch's handles also include each case's string form."""
+
+
+def case_handle(case: JsonValue) -> str:
+    """The handle name of a switch case: strings as they are, other JSON values in JSON form."""
+    return case if isinstance(case, str) else json.dumps(case, separators=(",", ":"))
+
+
+def handles_of(step_type: str, data: StepData | None) -> list[str]:
+    """The handles a step offers; the first is the one edges without ``sourceHandle`` follow."""
+    if isinstance(data, SwitchData):
+        return [*(case_handle(c) for c in data.cases), "default"]
+    spec = STEP_TYPES.get(step_type)
+    return list(spec.handles) if spec is not None else []
+
+
+ERROR_HANDLE: Final = "error"
+"""The handle a step with ``onError: continue`` takes when it failed for good."""

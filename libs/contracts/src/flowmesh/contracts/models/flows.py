@@ -8,6 +8,7 @@ from pydantic import ConfigDict, Field, JsonValue, model_validator
 
 from flowmesh.contracts.models.base import OpenModel, Timestamp, WireModel
 from flowmesh.contracts.models.definition import FlowDefinition
+from flowmesh.contracts.models.problem import FieldError
 
 FlowName = Annotated[str, Field(min_length=1, max_length=100)]
 Description = Annotated[str, Field(max_length=500)]
@@ -147,3 +148,67 @@ class EventConfig(WireModel):
 
     event_type: str = Field(min_length=1)
     filter: str | None = None
+
+
+class ValidationReport(WireModel):
+    """``POST /flows/{id}/validate``: every problem at once."""
+
+    valid: bool
+    errors: list[FieldError] = Field(default_factory=list)
+
+
+class Rollback(WireModel):
+    """Body of ``POST /flows/{id}/rollback``."""
+
+    version: int = Field(ge=1)
+
+
+class ExportedTrigger(WireModel):
+    """A trigger in an export document: its definition, never its token or secret."""
+
+    type: TriggerType
+    name: Annotated[str, Field(min_length=1, max_length=100)]
+    config: dict[str, JsonValue] = Field(default_factory=dict)
+    enabled: bool = True
+
+
+class ExportedFlow(WireModel):
+    """The flow part of an export document."""
+
+    name: FlowName
+    description: Description | None = None
+    definition: FlowDefinition = Field(default_factory=lambda: FlowDefinition(nodes=[], edges=[]))
+    input_schema: dict[str, JsonValue] | None = None
+    settings: FlowSettings = Field(default_factory=FlowSettings)
+    triggers: list[ExportedTrigger] = Field(default_factory=list, max_length=100)
+
+
+class FlowExport(WireModel):
+    """``GET /flows/{id}/export`` and the body of ``POST /flows/import``."""
+
+    format_version: Literal[1]
+    flow: ExportedFlow
+
+
+class CatalogStep(WireModel):
+    """One entry of ``GET /catalog/steps``."""
+
+    type: str
+    title: str
+    description: str
+    handles: list[str]
+    data_schema: dict[str, Any]
+
+
+class FlowEvent(WireModel):
+    """An announcement on ``fm.flows.{t}.<event>`` for the scheduler and the runner."""
+
+    id: str
+    type: str
+    ts: Timestamp
+    tenant_id: str
+    flow_id: str
+    active: bool
+    active_version: int | None = None
+    trigger: Trigger | None = None
+    trigger_deleted: bool = False

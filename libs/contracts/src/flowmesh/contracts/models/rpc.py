@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import Field
 
 from flowmesh.contracts.models.base import WireModel
-from flowmesh.contracts.models.flows import FlowCreate
+from flowmesh.contracts.models.flows import FlowCreate, FlowVersion, Trigger, TriggerCreate
 from flowmesh.contracts.models.problem import PageQuery, Problem
 
 
@@ -54,3 +54,59 @@ class FlowDeleteRequest(FlowRef):
 
     if_match: str | None = None
     force: bool = False
+
+
+class VersionRef(FlowRef):
+    """One version of a flow; ``None`` means the active one."""
+
+    version: int | None = None
+
+
+class PublishResult(WireModel):
+    """``publish``: the version now active, and whether it was created by this call."""
+
+    version: FlowVersion
+    created: bool
+
+
+class TriggerRef(WireModel):
+    """Names one trigger of the caller's tenant."""
+
+    trigger_id: str
+
+
+class TriggerCreateRequest(FlowRef):
+    """``POST /flows/{id}/triggers``."""
+
+    trigger: TriggerCreate
+
+
+class TriggerPatchRequest(TriggerRef):
+    """``PATCH /triggers/{id}``: the fields given."""
+
+    patch: dict[str, Any]
+
+
+class RunnableFlow(WireModel):
+    """What the runner needs to start a run: the frozen version and whether starts are allowed."""
+
+    flow_id: str
+    tenant_id: str
+    active: bool
+    version: FlowVersion
+
+
+class WebhookLookup(WireModel):
+    """``webhook``: which trigger a URL token belongs to."""
+
+    token: str
+
+
+class WebhookTarget(WireModel):
+    """The trigger behind a webhook token, with what the gateway needs to accept a delivery."""
+
+    trigger: Trigger
+    tenant_id: str
+    flow_active: bool
+    published: bool
+    signing_secrets: list[str] = Field(default_factory=list)

@@ -29,3 +29,12 @@ def json_response(data: Any, *, status: int = 200, headers: dict[str, str] | Non
     return web.Response(
         status=status, text=json.dumps(data, separators=(",", ":")), content_type="application/json", headers=headers
     )
+
+
+def absolute_url(request: web.Request, trigger: dict[str, Any]) -> dict[str, Any]:
+    """Make a trigger's webhook path a full URL: the configured public URL, else this request's origin."""
+    path = trigger.get("url")
+    if path:
+        base = request.app[keys.SETTINGS].public_url or f"{request.scheme}://{request.host}"
+        trigger["url"] = base.rstrip("/") + path
+    return trigger

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from flowmesh.contracts.errors import InvalidInput, NotFound
 from flowmesh.contracts.models import (
+    FieldError,
     FlowCreate,
     FlowDeleteRequest,
     FlowListQuery,
@@ -12,10 +14,14 @@ from flowmesh.contracts.models import (
     FlowRef,
     FlowReplaceRequest,
     FlowUpdate,
+    PageQuery,
 )
+from flowmesh.contracts.models.flows import FlowExport, Rollback
+from flowmesh.contracts.models.rpc import VersionRef
+from flowmesh.contracts.strict import parse_strict
 from flowmesh.contracts.subjects import FlowsOp
-from flowmesh.gateway.body import read_body, read_query
-from flowmesh.gateway.routes.common import call, json_response
+from flowmesh.gateway.body import read_body, read_json, read_query
+from flowmesh.gateway.routes.common import absolute_url, call, json_response
 
 routes = web.RouteTableDef()
 
@@ -75,3 +81,86 @@ async def delete_flow(request: web.Request) -> web.Response:
     )
     await call(request, FlowsOp.DELETE, req)
     return web.Response(status=204)
+
+
+def _flow_ref(request: web.Request) -> FlowRef:
+    return FlowRef(flow_id=request.match_info["flow_id"])
+
+
+@routes.post("/api/v1/flows/{flow_id}/validate")
+async def validate_flow(request: web.Request) -> web.Response:
+    """Every problem of the draft at once (200 either way)."""
+    return json_response(await call(request, FlowsOp.VALIDATE, _flow_ref(request)))
+
+
+@routes.post("/api/v1/flows/{flow_id}/publish")
+async def publish_flow(request: web.Request) -> web.Response:
+    """Freeze the draft as a new active version (201), or return the identical active one (200)."""
+    result = await call(request, FlowsOp.PUBLISH, _flow_ref(request))
+    return json_response(result["version"], status=201 if result["created"] else 200)
+
+
+@routes.get("/api/v1/flows/{flow_id}/versions")
+async def list_versions(request: web.Request) -> web.Response:
+    """The flow's versions, newest first."""
+    page = read_query(request, PageQuery)
+    body = {**_flow_ref(request).wire(), **page.wire()}
+    return json_response(await call(request, FlowsOp.VERSIONS, body))
+
+
+@routes.get("/api/v1/flows/{flow_id}/versions/{version}")
+async def get_version(request: web.Request) -> web.Response:
+    """One immutable version."""
+    raw = request.match_info["version"]
+    if not raw.isdigit() or int(raw) < 1:
+        raise NotFound(f"no version {raw}")
+    ref = VersionRef(flow_id=request.match_info["flow_id"], version=int(raw))
+    return json_response(await call(request, FlowsOp.VERSION, ref))
+
+
+@routes.post("/api/v1/flows/{flow_id}/rollback")
+async def rollback_flow(request: web.Request) -> web.Response:
+    """Make an earlier version the active one."""
+    target = await read_body(request, Rollback)
+    return _with_etag(await call(request, FlowsOp.ROLLBACK, {**_flow_ref(request).wire(), **target.wire()}))
+
+
+@routes.post("/api/v1/flows/{flow_id}/activate")
+async def activate_flow(request: web.Request) -> web.Response:
+    """Let the flow's triggers fire and its runs start."""
+    return _with_etag(await call(request, FlowsOp.ACTIVATE, _flow_ref(request)))
+
+
+@routes.post("/api/v1/flows/{flow_id}/deactivate")
+async def deactivate_flow(request: web.Request) -> web.Response:
+    """Stop the flow's triggers; starts answer 409 until it is activated again."""
+    return _with_etag(await call(request, FlowsOp.DEACTIVATE, _flow_ref(request)))
+
+
+@routes.post("/api/v1/flows/{flow_id}/duplicate")
+async def duplicate_flow(request: web.Request) -> web.Response:
+    """A new draft with the same content, named "<name> (copy)"."""
+    flow = await call(request, FlowsOp.DUPLICATE, _flow_ref(request))
+    return _with_etag(flow, status=201)
+
+
+@routes.get("/api/v1/flows/{flow_id}/export")
+async def export_flow(request: web.Request) -> web.Response:
+    """A portable document of the flow and its triggers (no tokens, no secrets)."""
+    return json_response(await call(request, FlowsOp.EXPORT, _flow_ref(request)))
+
+
+@routes.post("/api/v1/flows/import")
+async def import_flow(request: web.Request) -> web.Response:
+    """A new draft from an export document; webhook triggers get new URLs (shown once, here)."""
+    raw = await read_json(request)
+    if isinstance(raw, dict) and "formatVersion" in raw and raw["formatVersion"] != 1:
+        raise InvalidInput(
+            f"unsupported formatVersion {raw['formatVersion']!r}; this server reads formatVersion 1",
+            errors=[FieldError(path="/formatVersion", message="must be 1")],
+        )
+    doc = parse_strict(FlowExport, raw)
+    flow = await call(request, FlowsOp.IMPORT, doc)
+    for trigger in flow.get("triggers", []):
+        absolute_url(request, trigger)
+    return _with_etag(flow, status=201)

@@ -1,0 +1,147 @@
+"""CEL expressions in flow definitions (DESIGN §4): where they are, how they compile and render.
+
+Fields that *are* expressions hold bare CEL or one whole ``{{ expr }}``; inside any other string,
+``{{ expr }}`` interpolates, and a string that is exactly one ``{{ expr }}`` yields the value itself.
+Programs are compiled once (cached by source) and never ``eval``-ed as Python.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from collections.abc import Iterator, Mapping
+from datetime import datetime, timedelta
+from functools import lru_cache
+from typing import Any, Final
+
+import cel
+
+_TEMPLATE: Final = re.compile(r"\{\{(.*?)\}\}", re.S)
+_WHOLE: Final = re.compile(r"^\s*\{\{(.*?)\}\}\s*$", re.S)
+
+CONTEXT_NAMES: Final = frozenset({"input", "steps", "run"})
+"""Names every expression of a step may use."""
+FOREACH_NAMES: Final = frozenset({"item", "index"})
+"""Extra names inside a ``foreach`` step's ``input``."""
+EVENT_NAMES: Final = frozenset({"event"})
+"""Extra names of a ``waitEvent`` ``match`` and of an event trigger's ``filter``."""
+
+
+class ExpressionError(ValueError):
+    """An expression that does not compile, or failed to evaluate."""
+
+    def __init__(self, source: str, message: str) -> None:
+        super().__init__(f"expression {source!r}: {message}")
+        self.source = source
+        self.message = message
+
+
+def expression_source(value: str) -> str:
+    """The CEL source of an expression field: bare CEL, or one whole ``{{ expr }}``."""
+    whole = _WHOLE.match(value)
+    return whole.group(1).strip() if whole else value.strip()
+
+
+def template_expressions(value: str) -> list[str]:
+    """The CEL sources of every ``{{ expr }}`` inside a template string."""
+    return [m.group(1).strip() for m in _TEMPLATE.finditer(value)]
+
+
+def iter_templates(value: Any, path: tuple[str | int, ...] = ()) -> Iterator[tuple[tuple[str | int, ...], str]]:
+    """Every ``{{ expr }}`` in a JSON value (nested objects, lists, strings), with its location."""
+    if isinstance(value, str):
+        for source in template_expressions(value):
+            yield path, source
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from iter_templates(item, (*path, str(key)))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from iter_templates(item, (*path, i))
+
+
+@lru_cache(maxsize=4096)
+def compile_expression(source: str) -> cel.Program:
+    """A compiled CEL program, cached by its source.
+
+    Raises:
+        ExpressionError: empty, or does not parse.
+    """
+    if not source:
+        raise ExpressionError(source, "is empty")
+    try:
+        return cel.compile(source)
+    except ValueError as exc:
+        # the parser's message spans lines (source and caret); its first line says it all
+        first = str(exc).replace(f"Failed to parse expression '{source}': ", "").splitlines()[0]
+        raise ExpressionError(source, first.replace("ERROR: <input>:", "at ")) from None
+
+
+def unknown_names(program: cel.Program, allowed: frozenset[str]) -> list[str]:
+    """Top-level names an expression reads that its context will not have."""
+    return sorted(set(program.variables()) - allowed)
+
+
+def check_expression(source: str, allowed: frozenset[str] = CONTEXT_NAMES) -> str | None:
+    """Why an expression would fail at compile time (syntax, unknown names), or ``None``."""
+    try:
+        program = compile_expression(source)
+    except ExpressionError as exc:
+        return exc.message
+    unknown = unknown_names(program, allowed)
+    if unknown:
+        return f"unknown name {', '.join(map(repr, unknown))} (available: {', '.join(sorted(allowed))})"
+    return None
+
+
+def to_json(value: Any) -> Any:
+    """A CEL result as JSON: timestamps as RFC 3339, durations as seconds, bytes as base64."""
+    if isinstance(value, dict):
+        return {str(k): to_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_json(v) for v in value]
+    if isinstance(value, datetime):
+        return value.isoformat().replace("+00:00", "Z")
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    return value
+
+
+def evaluate(source: str, context: Mapping[str, Any]) -> Any:
+    """Evaluate one expression against a context, as JSON.
+
+    Raises:
+        ExpressionError: it does not compile, reads a missing field, or fails (type mismatch, …).
+    """
+    program = compile_expression(source)
+    try:
+        return to_json(program.execute(dict(context)))
+    except KeyError as exc:
+        raise ExpressionError(source, f"no such field {exc.args[0]!r} (use has() to test presence)") from None
+    except Exception as exc:
+        raise ExpressionError(source, str(exc)) from None
+
+
+def render(value: Any, context: Mapping[str, Any]) -> Any:
+    """A JSON value with every ``{{ expr }}`` evaluated: a whole-string template yields the value."""
+    if isinstance(value, str):
+        whole = _WHOLE.match(value)
+        if whole and "{{" not in whole.group(1):
+            return evaluate(whole.group(1).strip(), context)
+        if "{{" not in value:
+            return value
+        return _TEMPLATE.sub(lambda m: _as_text(evaluate(m.group(1).strip(), context)), value)
+    if isinstance(value, Mapping):
+        return {k: render(v, context) for k, v in value.items()}
+    if isinstance(value, list):
+        return [render(v, context) for v in value]
+    return value
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, separators=(",", ":"))

@@ -1,0 +1,269 @@
+"""Judging a flow definition (DESIGN §4): every problem at once, each with a JSON pointer.
+
+Pure: the only outside fact it needs, which flows of the tenant are published, is passed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container, Iterable
+from typing import Any, Final
+
+from jsonschema.exceptions import SchemaError
+from jsonschema.validators import validator_for
+from pydantic import ValidationError
+
+from flowmesh.contracts.expressions import (
+    CONTEXT_NAMES,
+    EVENT_NAMES,
+    FOREACH_NAMES,
+    check_expression,
+    expression_source,
+    iter_templates,
+)
+from flowmesh.contracts.models import FieldError, FlowDefinition, Node
+from flowmesh.contracts.models.definition import (
+    ERROR_HANDLE,
+    STEP_TYPES,
+    ApprovalData,
+    ForeachData,
+    PublishData,
+    StepData,
+    SubflowData,
+    WaitEventData,
+    handles_of,
+)
+from flowmesh.contracts.strict import json_pointer
+from flowmesh.contracts.subjects import is_safe_subject_part
+
+MAX_NODE_ID: Final = 64
+# fields whose whole value is one CEL expression, and the names it may use beyond input/steps/run
+EXPRESSION_FIELDS: Final = {
+    "condition": {"expression": CONTEXT_NAMES},
+    "switch": {"expression": CONTEXT_NAMES},
+    "foreach": {"items": CONTEXT_NAMES},
+    "waitEvent": {"match": CONTEXT_NAMES | EVENT_NAMES},
+}
+TEMPLATE_NAMES: Final = {("foreach", "input"): CONTEXT_NAMES | FOREACH_NAMES}
+Path = tuple[str | int, ...]
+
+
+class _Report:
+    def __init__(self) -> None:
+        self.errors: list[FieldError] = []
+
+    def add(self, path: Path, message: str) -> None:
+        self.errors.append(FieldError(path=json_pointer(path), message=message))
+
+
+def referenced_flows(definition: Any) -> set[str]:
+    """Flow ids that ``subflow``/``foreach`` steps of a definition run (to look up before validating)."""
+    nodes = definition.get("nodes") if isinstance(definition, dict) else None
+    found: set[str] = set()
+    for node in nodes if isinstance(nodes, list) else []:
+        if isinstance(node, dict) and node.get("type") in ("subflow", "foreach"):
+            data = node.get("data")
+            if isinstance(data, dict) and isinstance(data.get("flowId"), str):
+                found.add(data["flowId"])
+    return found
+
+
+def validate_flow(
+    definition: Any, input_schema: Any, *, flow_id: str | None = None, published_flows: Container[str] = ()
+) -> list[FieldError]:
+    """Every problem of a flow's definition and input schema; empty when it may be published."""
+    report = _Report()
+    if input_schema is not None:
+        _check_input_schema(report, input_schema)
+    try:
+        parsed = FlowDefinition.model_validate(definition)
+    except ValidationError as exc:
+        for e in exc.errors():
+            report.add(tuple(e["loc"]), e["msg"])
+        return report.errors
+    _check_graph(report, parsed, flow_id=flow_id, published_flows=published_flows)
+    return report.errors
+
+
+def _check_input_schema(report: _Report, schema: Any) -> None:
+    if not isinstance(schema, dict):
+        report.add(("inputSchema",), "inputSchema must be a JSON Schema object")
+        return
+    try:
+        validator_for(schema).check_schema(schema)
+    except SchemaError as exc:
+        where = json_pointer(tuple(exc.absolute_path)) or "/"
+        report.add(
+            ("inputSchema", *exc.absolute_path), f"inputSchema is not a valid JSON Schema at {where}: {exc.message}"
+        )
+
+
+def _check_graph(report: _Report, d: FlowDefinition, *, flow_id: str | None, published_flows: Container[str]) -> None:
+    index: dict[str, int] = {}
+    data: dict[str, StepData] = {}
+    for i, node in enumerate(d.nodes):
+        if len(node.id) > MAX_NODE_ID:
+            report.add(("nodes", i, "id"), f"node id {node.id[:16]!r}... is longer than {MAX_NODE_ID} characters")
+        if node.id in index:
+            report.add(("nodes", i, "id"), f"duplicate node id {node.id!r} (first at /nodes/{index[node.id]})")
+            continue
+        index[node.id] = i
+        parsed = _check_node(report, i, node, flow_id=flow_id, published_flows=published_flows)
+        if parsed is not None:
+            data[node.id] = parsed
+
+    triggers = [n for n in d.nodes if n.type == "trigger"]
+    if not triggers:
+        report.add(("nodes",), "a flow needs exactly one trigger node; there is none")
+    for extra in triggers[1:]:
+        report.add(
+            ("nodes", index[extra.id], "type"),
+            f"a flow has exactly one trigger node; {extra.id!r} is a second one besides {triggers[0].id!r}",
+        )
+
+    successors: dict[str, list[tuple[str, int]]] = {node_id: [] for node_id in index}
+    types = {n.id: n.type for n in d.nodes}
+    edge_ids: set[str] = set()
+    for j, edge in enumerate(d.edges):
+        if edge.id in edge_ids:
+            report.add(("edges", j, "id"), f"duplicate edge id {edge.id!r}")
+        edge_ids.add(edge.id)
+        ok = True
+        for end, node_id in (("source", edge.source), ("target", edge.target)):
+            if node_id not in index:
+                verb = "starts at" if end == "source" else "ends at"
+                report.add(("edges", j, end), f"edge {edge.id!r} {verb} missing node {node_id!r}")
+                ok = False
+        if not ok:
+            continue
+        if types[edge.target] == "trigger":
+            report.add(
+                ("edges", j, "target"),
+                f"edge {edge.id!r} leads into the trigger {edge.target!r}; a trigger has no incoming edges",
+            )
+        _check_handle(report, j, edge.id, edge.source, types[edge.source], edge.source_handle, data.get(edge.source))
+        successors[edge.source].append((edge.target, j))
+
+    _check_cycles(report, successors, order=list(index))
+    if len(triggers) == 1:
+        reached = _reachable(triggers[0].id, successors)
+        for node_id, i in index.items():
+            if node_id not in reached:
+                report.add(("nodes", i), f"node {node_id!r} is unreachable from the trigger {triggers[0].id!r}")
+
+
+def _check_node(
+    report: _Report, i: int, node: Node, *, flow_id: str | None, published_flows: Container[str]
+) -> StepData | None:
+    spec = STEP_TYPES.get(node.type)
+    if spec is None:
+        report.add(
+            ("nodes", i, "type"),
+            f"node {node.id!r} has unknown type {node.type!r}; known types: {', '.join(STEP_TYPES)}",
+        )
+        return None
+    try:
+        data = spec.model.model_validate(node.data)
+    except ValidationError as exc:
+        for e in exc.errors():
+            field = json_pointer(tuple(e["loc"])) or "/"
+            report.add(("nodes", i, "data", *e["loc"]), f"node {node.id!r} ({node.type}) data {field}: {e['msg']}")
+        return None
+    expression_fields = EXPRESSION_FIELDS.get(node.type, {})
+    for field, names in expression_fields.items():
+        value = node.data.get(field)
+        if isinstance(value, str):
+            _check_source(report, ("nodes", i, "data", field), node.id, expression_source(value), names)
+    for key, value in node.data.items():
+        if key in expression_fields:
+            continue
+        names = TEMPLATE_NAMES.get((node.type, key), CONTEXT_NAMES)
+        for path, source in iter_templates(value, ("nodes", i, "data", key)):
+            _check_source(report, path, node.id, source, names)
+    if isinstance(data, WaitEventData | PublishData):
+        field, value = ("eventType", data.event_type) if isinstance(data, WaitEventData) else ("name", data.name)
+        if not is_safe_subject_part(value):
+            report.add(
+                ("nodes", i, "data", field),
+                f"node {node.id!r}: {field} {value!r} must be tokens of "
+                "letters, digits, '_' or '-' (at most 64 each), joined by dots",
+            )
+    if isinstance(data, SubflowData | ForeachData):
+        if flow_id is not None and data.flow_id == flow_id:
+            report.add(("nodes", i, "data", "flowId"), f"node {node.id!r}: a flow cannot run itself")
+        elif data.flow_id not in published_flows:
+            report.add(
+                ("nodes", i, "data", "flowId"),
+                f"node {node.id!r}: flow {data.flow_id!r} is not a published flow of this tenant",
+            )
+    return data
+
+
+def _check_source(report: _Report, path: Path, node_id: str, source: str, names: frozenset[str]) -> None:
+    problem = check_expression(source, names)
+    if problem is not None:
+        report.add(path, f"node {node_id!r}: expression {source!r} does not compile: {problem}")
+
+
+def _check_handle(
+    report: _Report, j: int, edge_id: str, source: str, step_type: str, handle: str | None, data: StepData | None
+) -> None:
+    if handle is None or data is None:
+        return
+    if handle == ERROR_HANDLE:
+        if data.on_error != "continue":
+            report.add(
+                ("edges", j, "sourceHandle"),
+                f"edge {edge_id!r}: handle 'error' of {source!r} is only taken when the step has onError: continue",
+            )
+        return
+    handles = handles_of(step_type, data)
+    if handle not in handles:
+        offered = f"its handles are {', '.join(map(repr, handles))}" if handles else "it has no handles"
+        report.add(
+            ("edges", j, "sourceHandle"),
+            f"edge {edge_id!r}: {step_type} step {source!r} has no handle {handle!r}; {offered}",
+        )
+    elif handle == "timeout" and isinstance(data, ApprovalData | WaitEventData) and data.timeout_ms is None:
+        report.add(
+            ("edges", j, "sourceHandle"),
+            f"edge {edge_id!r}: handle 'timeout' of {source!r} is never taken because the step sets no timeoutMs",
+        )
+
+
+def _check_cycles(report: _Report, successors: dict[str, list[tuple[str, int]]], order: Iterable[str]) -> None:
+    """Report each cycle found by a depth-first search, naming its nodes in order."""
+    WHITE, GREY, BLACK = 0, 1, 2
+    color = dict.fromkeys(successors, WHITE)
+    for root in order:
+        if color[root] != WHITE:
+            continue
+        stack: list[tuple[str, int]] = [(root, 0)]
+        path: list[str] = [root]
+        color[root] = GREY
+        while stack:
+            node, k = stack[-1]
+            if k < len(successors[node]):
+                stack[-1] = (node, k + 1)
+                nxt, j = successors[node][k]
+                if color[nxt] == GREY:
+                    cycle = [*path[path.index(nxt) :], nxt]
+                    report.add(("edges", j), f"cycle: {' -> '.join(cycle)}")
+                elif color[nxt] == WHITE:
+                    color[nxt] = GREY
+                    stack.append((nxt, 0))
+                    path.append(nxt)
+            else:
+                color[node] = BLACK
+                stack.pop()
+                path.pop()
+
+
+def _reachable(start: str, successors: dict[str, list[tuple[str, int]]]) -> set[str]:
+    seen = {start}
+    todo = [start]
+    while todo:
+        for nxt, _ in successors[todo.pop()]:
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen

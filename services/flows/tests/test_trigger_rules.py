@@ -1,0 +1,76 @@
+"""Trigger configs: schedules, events, webhooks; tokens and secrets."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from flowmesh.contracts.errors import InvalidInput
+from flowmesh.flows import triggers
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ({"cron": "*/5 * * * *"}, {"cron": "*/5 * * * *", "timezone": "UTC", "misfire": "skip"}),
+        (
+            {"cron": "30 0 9 * * MON-FRI", "timezone": "Europe/Paris", "misfire": "fireAll"},
+            {"cron": "30 0 9 * * MON-FRI", "timezone": "Europe/Paris", "misfire": "fireAll"},
+        ),
+    ],
+)
+def test_valid_schedules_get_defaults(config: dict[str, str], expected: dict[str, str]) -> None:
+    assert triggers.check_config("schedule", config) == expected
+
+
+@pytest.mark.parametrize(
+    ("config", "path"),
+    [
+        ({"cron": "* * * *"}, "/config/cron"),
+        ({"cron": "* * * * * * *"}, "/config/cron"),
+        ({"cron": "61 * * * *"}, "/config/cron"),
+        ({"cron": "0 0 25 * * *"}, "/config/cron"),
+        ({"cron": "* * * * *", "timezone": "Mars/Olympus"}, "/config/timezone"),
+        ({"cron": "* * * * *", "misfire": "sometimes"}, "/config/misfire"),
+        ({"timezone": "UTC"}, "/config/cron"),
+        ({"cron": "* * * * *", "extra": 1}, "/config/extra"),
+    ],
+)
+def test_invalid_schedules_name_the_field(config: dict[str, str], path: str) -> None:
+    with pytest.raises(InvalidInput) as err:
+        triggers.check_config("schedule", config)
+    assert path in [e.path for e in err.value.errors or []]
+
+
+def test_event_triggers_need_a_safe_type_and_a_compiling_filter() -> None:
+    assert triggers.check_config("event", {"eventType": "order.paid", "filter": "event.total > 10"}) == {
+        "eventType": "order.paid",
+        "filter": "event.total > 10",
+    }
+    for config, path in (
+        ({"eventType": "order.*"}, "/config/eventType"),
+        ({"eventType": "ok", "filter": "event.total >"}, "/config/filter"),
+        ({"eventType": "ok", "filter": "input.x"}, "/config/filter"),
+    ):
+        with pytest.raises(InvalidInput) as err:
+            triggers.check_config("event", config)
+        assert [e.path for e in err.value.errors or []] == [path]
+
+
+def test_webhook_config_is_only_signed() -> None:
+    assert triggers.check_config("webhook", {}) == {"signed": False}
+    with pytest.raises(InvalidInput):
+        triggers.check_config("webhook", {"signed": "perhaps"})
+
+
+def test_tokens_are_long_random_and_stored_hashed() -> None:
+    a, b = triggers.new_webhook_token(), triggers.new_webhook_token()
+    assert a != b and len(a) >= 32
+    assert triggers.hash_token(a) != a and len(triggers.hash_token(a)) == 64
+
+
+def test_signing_secrets_follow_standard_webhooks() -> None:
+    secret = triggers.new_signing_secret()
+    assert secret.startswith("whsec_")
+    assert len(base64.b64decode(secret.removeprefix("whsec_"))) >= 24

@@ -1,0 +1,16 @@
+"""``/api/v1/catalog/steps``: the step types a canvas can offer."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from flowmesh.contracts.subjects import FlowsOp
+from flowmesh.gateway.routes.common import call, json_response
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/api/v1/catalog/steps")
+async def catalog(request: web.Request) -> web.Response:
+    """Every step type with its handles and the JSON Schema of its ``data``."""
+    return json_response(await call(request, FlowsOp.CATALOG))
