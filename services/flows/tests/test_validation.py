@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import Any
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -255,7 +255,7 @@ def test_random_dags_validate(case: tuple[dict[str, Any], list[str]]) -> None:
 def test_a_back_edge_is_always_reported_as_a_cycle_naming_its_nodes(
     case: tuple[dict[str, Any], list[str]], data: st.DataObject
 ) -> None:
-    d, names = case
+    d, _ = case
     # pick a path start -> ... -> v by walking forward edges, then close it from its end back to an earlier node
     path = ["start"]
     successors: dict[str, list[str]] = {}
@@ -273,7 +273,7 @@ def test_a_back_edge_is_always_reported_as_a_cycle_naming_its_nodes(
     assert cycles
     edges = {(e["source"], e["target"]) for e in d["edges"]}
     for c in cycles:
-        steps = set(zip(c, c[1:], strict=False))
+        steps = set(pairwise(c))
         assert c[0] == c[-1] and steps <= edges  # a real cycle of this graph, named node by node
         # the graph was acyclic before, so every cycle goes through the added edge
         assert (path[j], path[i]) in steps, (c, path[j], path[i])
