@@ -232,3 +232,13 @@ def test_problems_map_back_to_the_same_errors() -> None:
 
 def test_json_pointer_escapes_slash_and_tilde() -> None:
     assert json_pointer(("a/b", "c~d", 0)) == "/a~1b/c~0d/0"
+
+
+def test_full_dumps_of_a_definition_add_no_null_keys_and_keep_integer_positions() -> None:
+    given = {
+        "nodes": [{"id": "a", "type": "trigger", "data": {}, "position": {"x": 0, "y": 12}}],
+        "edges": [{"id": "e", "source": "a", "target": "a"}],
+    }
+    wire = FlowDefinition.model_validate(given).wire()
+    assert wire == given
+    assert json.dumps(wire) == json.dumps(given)

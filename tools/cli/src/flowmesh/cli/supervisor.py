@@ -198,8 +198,13 @@ class Supervisor:
 
     def _write(self, name: str, line: str) -> None:
         stream = self._stream if self._stream is not None else sys.stdout
-        stream.write(f"{self._prefixes[name]}{line}\n")
-        stream.flush()
+        try:
+            stream.write(f"{self._prefixes[name]}{line}\n")
+            stream.flush()
+        except (BrokenPipeError, ValueError):
+            # Nobody reads our output any more (`flowmesh dev | head`, a closed terminal): keep
+            # supervising, which matters more than the lost lines.
+            pass
 
     async def _keep_running(self, child: _Child, spawned: asyncio.Event) -> None:
         """Run one service until ``stop()``, restarting it with backoff whenever it exits."""

@@ -15,11 +15,15 @@ from pydantic import ConfigDict, Field, JsonValue, model_validator
 from flowmesh.contracts.models.base import OpenModel, WireModel
 
 
-class Position(OpenModel):
-    """Where a node sits on the canvas."""
+def _absent(value: object) -> bool:
+    return value is None
 
-    x: float = 0
-    y: float = 0
+
+class Position(OpenModel):
+    """Where a node sits on the canvas (numbers kept as given: ``0`` stays ``0``)."""
+
+    x: int | float = 0
+    y: int | float = 0
 
 
 class Node(OpenModel):
@@ -27,7 +31,7 @@ class Node(OpenModel):
 
     id: Annotated[str, Field(min_length=1)]
     type: Annotated[str, Field(min_length=1)]
-    position: Position | None = None
+    position: Position | None = Field(default=None, exclude_if=_absent)
     data: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -37,8 +41,8 @@ class Edge(OpenModel):
     id: Annotated[str, Field(min_length=1)]
     source: Annotated[str, Field(min_length=1)]
     target: Annotated[str, Field(min_length=1)]
-    source_handle: str | None = None
-    target_handle: str | None = None
+    source_handle: str | None = Field(default=None, exclude_if=_absent)
+    target_handle: str | None = Field(default=None, exclude_if=_absent)
 
 
 class FlowDefinition(OpenModel):
