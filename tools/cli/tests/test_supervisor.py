@@ -36,14 +36,20 @@ async def test_each_line_is_prefixed_with_the_padded_service_name() -> None:
         [
             _python("print('one'); print('two', flush=True)\n" + _FOREVER, "gateway"),
             _python("import sys; sys.stderr.write('oops\\n'); sys.stderr.flush()\n" + _FOREVER, "usage"),
-            _python("print('no newline', end='', flush=True)\n" + _FOREVER, "flows"),
+            _python("print('no newline', end='', flush=True)\nraise SystemExit(0)", "flows"),
         ],
         colour=False,
         stream=out,
     )
     await supervisor.start()
     try:
-        await _until(lambda: out.getvalue().count("\n") >= 3, what="three lines")
+        await _until(
+            lambda: all(
+                expected in out.getvalue()
+                for expected in ("gateway  | two", "usage    | oops", "flows    | no newline")
+            ),
+            what="every line",
+        )
     finally:
         await supervisor.stop()
     lines = out.getvalue().splitlines()
@@ -127,8 +133,8 @@ async def test_stop_leaves_no_child_alive_even_one_ignoring_sigterm() -> None:
     )
     await supervisor.start()
     await _until(lambda: "stubborn | up" in out.getvalue(), what="the SIGTERM handler to be installed")
-    procs = [psutil.Process(pid) for pid in supervisor.pids().values() if pid is not None]
-    assert len(procs) >= 2
+    pids = supervisor.pids()
+    procs = [psutil.Process(pids[name]) for name in ("stubborn", "polite")]
     await supervisor.stop()
     assert all(not proc.is_running() for proc in procs)
     assert supervisor.pids() == {"stubborn": None, "polite": None, "crashy": None}

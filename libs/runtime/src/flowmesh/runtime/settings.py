@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from pathlib import Path
@@ -20,13 +21,23 @@ JWT_SECRET_FILE = "jwt-secret"
 
 
 def load_or_create_dev_secret(data_dir: Path, name: str = JWT_SECRET_FILE) -> str:
-    """The dev secret kept in ``data_dir/name``, created once (0600) if missing."""
+    """The dev secret kept in ``data_dir/name``, created once (0600) if missing or empty.
+
+    Created exclusively, so processes racing to create it agree on one secret.
+    """
     path = data_dir / name
-    if path.exists():
-        return path.read_text().strip()
+    with contextlib.suppress(FileNotFoundError):
+        if existing := path.read_text().strip():
+            return existing
     data_dir.mkdir(parents=True, exist_ok=True)
     value = secrets.token_urlsafe(48)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if existing := path.read_text().strip():
+            return existing  # another process won the race
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+        os.fchmod(fd, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(value + "\n")
     return value

@@ -1,24 +1,40 @@
 """``python -m flowmesh.gateway``."""
 
+import asyncio
+import logging
+import signal
+
 from aiohttp import web
 
 from flowmesh.gateway.app import create_app
 from flowmesh.gateway.settings import GatewaySettings
 from flowmesh.runtime.logs import configure_logging
 
+log = logging.getLogger("flowmesh.gateway")
+
+
+async def serve(settings: GatewaySettings) -> None:
+    """Serve HTTP until SIGTERM or SIGINT (any number of them); in-flight requests get time to finish."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runner = web.AppRunner(create_app(settings), access_log=None, shutdown_timeout=10)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, settings.http_host, settings.http_port).start()
+        log.info("gateway listening on http://%s:%s", settings.http_host, settings.http_port)
+        await stop.wait()
+        log.info("gateway stopping")
+    finally:
+        await runner.cleanup()
+
 
 def main() -> None:
-    """Serve HTTP until SIGTERM/SIGINT; in-flight requests get a few seconds to finish."""
+    """Configure logs and serve."""
     settings = GatewaySettings()
     configure_logging("gateway", level=settings.log_level, fmt=settings.log_format)
-    web.run_app(
-        create_app(settings),
-        host=settings.http_host,
-        port=settings.http_port,
-        access_log=None,
-        print=None,
-        shutdown_timeout=10,
-    )
+    asyncio.run(serve(settings))
 
 
 if __name__ == "__main__":

