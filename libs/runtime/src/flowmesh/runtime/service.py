@@ -99,6 +99,8 @@ class ServiceRuntime:
             for hook in self._on_start:
                 await hook()
             await self.broker.start()
+            # a PING round trip: the server has every subscription before we call ourselves ready
+            await self.broker.connection.flush()
             if health:
                 self.health = HealthServer(self._ready, host=s.health_host, port=s.health_port)
                 await self.health.start()
