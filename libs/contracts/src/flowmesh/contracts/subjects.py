@@ -99,6 +99,20 @@ class FlowsOp:
     PING: Final = rpc(RPC_FLOWS, "ping")
 
 
+class RunsOp:
+    """Operations of ``fm.rpc.runs.<op>``."""
+
+    START: Final = rpc(RPC_RUNS, "start")
+    GET: Final = rpc(RPC_RUNS, "get")
+    LIST: Final = rpc(RPC_RUNS, "list")
+    STEPS: Final = rpc(RPC_RUNS, "steps")
+    EVENTS: Final = rpc(RPC_RUNS, "events")
+    CANCEL: Final = rpc(RPC_RUNS, "cancel")
+    RESUME: Final = rpc(RPC_RUNS, "resume")
+    RETRY: Final = rpc(RPC_RUNS, "retry")
+    PING: Final = rpc(RPC_RUNS, "ping")
+
+
 class FlowEventType:
     """The ``<event>`` of ``fm.flows.{t}.<event>``."""
 

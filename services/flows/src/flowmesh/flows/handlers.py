@@ -129,9 +129,7 @@ def register(rpc: RpcServer, sessions: async_sessionmaker[AsyncSession], relay: 
             items, total = await repo.list_flows(
                 s, tenant=ctx.tenant, status=q.status, q=q.q, offset=q.offset, limit=q.page_size
             )
-        return Page(
-            items=items, total=total, page=q.page, page_size=q.page_size, has_more=q.offset + len(items) < total
-        )
+        return q.page_of(items, total)
 
     @rpc.handler(FlowsOp.GET)
     async def get(ctx: RpcContext, body: Any) -> Flow:
@@ -229,13 +227,7 @@ def register(rpc: RpcServer, sessions: async_sessionmaker[AsyncSession], relay: 
             items, total = await repo.list_versions(
                 s, tenant=ctx.tenant, flow_id=ref.flow_id, offset=page.offset, limit=page.page_size
             )
-        return Page(
-            items=items,
-            total=total,
-            page=page.page,
-            page_size=page.page_size,
-            has_more=page.offset + len(items) < total,
-        )
+        return page.page_of(items, total)
 
     @rpc.handler(FlowsOp.VERSION)
     async def version(ctx: RpcContext, body: Any) -> FlowVersion:

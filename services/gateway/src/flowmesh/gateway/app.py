@@ -9,7 +9,7 @@ from aiohttp import web
 
 from flowmesh.gateway import keys, middleware
 from flowmesh.gateway.auth import JwtVerifier
-from flowmesh.gateway.routes import catalog, flows, ops, triggers
+from flowmesh.gateway.routes import catalog, flows, ops, runs, triggers
 from flowmesh.gateway.settings import GatewaySettings
 from flowmesh.runtime.nats import create_broker
 from flowmesh.runtime.rpc import RpcClient
@@ -40,4 +40,5 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app.add_routes(flows.routes)
     app.add_routes(triggers.routes)
     app.add_routes(catalog.routes)
+    app.add_routes(runs.routes)
     return app

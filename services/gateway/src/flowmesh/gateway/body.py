@@ -48,10 +48,10 @@ async def read_body(request: web.Request, model: type[M]) -> M:
     return parse_strict(model, await read_json(request))
 
 
-def read_query(request: web.Request, model: type[M]) -> M:
-    """Query parameters as ``model`` (unknown parameters are ignored, as browsers add their own)."""
+def read_query(request: web.Request, model: type[M], **path: str) -> M:
+    """Query parameters (plus path parameters) as ``model``; unknown parameters are ignored."""
     try:
-        return model.model_validate(dict(request.query))
+        return model.model_validate({**request.query, **path})
     except ValidationError as exc:
         errors = field_errors(exc)
         for e in errors:

@@ -1,15 +1,60 @@
-"""The runner service (DESIGN §1)."""
+"""The runner: creates runs and executes their steps durably (DESIGN §1, §5, §9)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+from datetime import timedelta
 from pathlib import Path
 
+from flowmesh.runner import handlers
+from flowmesh.runner.executor import Executor
+from flowmesh.runner.io_steps import HttpStep
 from flowmesh.runner.settings import RunnerSettings
+from flowmesh.runtime.rpc import RpcClient
 from flowmesh.runtime.service import ServiceRuntime
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+log = logging.getLogger(__name__)
 
 
 def create_app(settings: RunnerSettings) -> ServiceRuntime:
-    """The runner service, ready to run (``async with service.running(): ...``)."""
-    return ServiceRuntime("runner", settings, migrations=MIGRATIONS)
+    """The runner, ready to run (``async with service.running(): ...``)."""
+    service = ServiceRuntime("runner", settings, migrations=MIGRATIONS)
+    http = HttpStep(
+        allow_private=settings.allow_private,
+        max_bytes=settings.http_step_max_bytes,
+        default_timeout_ms=settings.http_step_timeout_ms,
+    )
+    executor = Executor(service.sessions, RpcClient(service.broker, timeout=settings.rpc_timeout_s), http)
+    handlers.register(service.rpc, service.sessions, executor, workers=settings.workers)
+    sweeper: list[asyncio.Task[None]] = []
+
+    async def sweep_forever() -> None:
+        while True:
+            await asyncio.sleep(settings.sweep_interval_s)
+            try:
+                await executor.sweep(
+                    stalled_run=timedelta(seconds=settings.stalled_run_s),
+                    stalled_step=timedelta(seconds=settings.stalled_step_s),
+                )
+            except Exception as exc:
+                log.warning("sweep failed: %s", exc)
+
+    @service.on_start
+    async def start() -> None:
+        await http.start()
+        executor.start(service.broker.connection.jetstream())
+        sweeper.append(asyncio.create_task(sweep_forever(), name="sweep"))
+
+    @service.on_stop
+    async def stop() -> None:
+        for task in sweeper:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await executor.stop()
+        await http.close()
+
+    return service

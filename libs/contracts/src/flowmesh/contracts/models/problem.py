@@ -49,3 +49,13 @@ class PageQuery(WireModel):
     def offset(self) -> int:
         """Rows to skip."""
         return (self.page - 1) * self.page_size
+
+    def page_of(self, items: list[T], total: int) -> Page[T]:
+        """The page these items make, out of ``total``."""
+        return Page(
+            items=items,
+            total=total,
+            page=self.page,
+            page_size=self.page_size,
+            has_more=self.offset + len(items) < total,
+        )

@@ -10,9 +10,10 @@ from typing import Any
 
 from pydantic import Field
 
-from flowmesh.contracts.models.base import WireModel
+from flowmesh.contracts.models.base import Timestamp, WireModel
 from flowmesh.contracts.models.flows import FlowCreate, FlowVersion, Trigger, TriggerCreate
 from flowmesh.contracts.models.problem import PageQuery, Problem
+from flowmesh.contracts.models.runs import Run, RunResume, RunRetry, RunTriggerType
 
 
 class RpcReply(WireModel):
@@ -110,3 +111,60 @@ class WebhookTarget(WireModel):
     flow_active: bool
     published: bool
     signing_secrets: list[str] = Field(default_factory=list)
+
+
+class StartRun(WireModel):
+    """``fm.rpc.runs.start`` and ``fm.cmd.runs.start``: start a run of a published flow."""
+
+    flow_id: str
+    input: Any = Field(default_factory=dict)
+    version: int | None = None
+    idempotency_key: str | None = Field(default=None, max_length=255)
+    trigger_type: RunTriggerType = "manual"
+    trigger_id: str | None = None
+    parent_run_id: str | None = None
+    parent_step_id: str | None = None
+    retry_of: str | None = None
+
+
+class StartRunResult(WireModel):
+    """The run, and whether this call created it (else an idempotent repeat)."""
+
+    run: Run
+    created: bool
+
+
+class RunRef(WireModel):
+    """Names one run of the caller's tenant."""
+
+    run_id: str
+
+
+class RunListQuery(PageQuery):
+    """``GET /runs`` filters."""
+
+    flow_id: str | None = None
+    status: str | None = None
+    since: Timestamp | None = None
+    until: Timestamp | None = None
+
+
+class RunStepsQuery(RunRef, PageQuery):
+    """``GET /runs/{id}/steps``."""
+
+    page_size: int = Field(default=100, ge=1, le=100)
+
+
+class RunEventsQuery(RunRef):
+    """``GET /runs/{id}/events?after=seq``: events in ``seq`` order after a cursor."""
+
+    after: int = Field(default=0, ge=0)
+    page_size: int = Field(default=100, ge=1, le=1000)
+
+
+class RunResumeRequest(RunRef, RunResume):
+    """``POST /runs/{id}/resume``."""
+
+
+class RunRetryRequest(RunRef, RunRetry):
+    """``POST /runs/{id}/retry``."""

@@ -1,0 +1,90 @@
+"""``/api/v1/flows/{id}/runs`` and ``/api/v1/runs``: start, read and control runs (DESIGN §5, §6)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from flowmesh.contracts.models import RunStart
+from flowmesh.contracts.models.rpc import (
+    RunEventsQuery,
+    RunListQuery,
+    RunRef,
+    RunResumeRequest,
+    RunRetryRequest,
+    RunStepsQuery,
+    StartRun,
+)
+from flowmesh.contracts.models.runs import RunResume, RunRetry
+from flowmesh.contracts.subjects import RunsOp
+from flowmesh.gateway.body import read_body, read_query
+from flowmesh.gateway.routes.common import call, json_response
+
+routes = web.RouteTableDef()
+
+
+@routes.post("/api/v1/flows/{flow_id}/runs")
+async def start_run(request: web.Request) -> web.Response:
+    """Start a run of the flow's active (or a given) version; ``Idempotency-Key`` makes repeats safe."""
+    body = await read_body(request, RunStart)
+    req = StartRun(
+        flow_id=request.match_info["flow_id"],
+        input=body.input,
+        version=body.version,
+        idempotency_key=request.headers.get("Idempotency-Key") or None,
+    )
+    result = await call(request, RunsOp.START, req)
+    run = result["run"]
+    return json_response(
+        run, status=201 if result["created"] else 200, headers={"Location": f"/api/v1/runs/{run['id']}"}
+    )
+
+
+@routes.get("/api/v1/runs")
+async def list_runs(request: web.Request) -> web.Response:
+    """The tenant's runs, newest first (filters: flowId, status, since, until)."""
+    return json_response(await call(request, RunsOp.LIST, read_query(request, RunListQuery)))
+
+
+@routes.get("/api/v1/runs/{run_id}")
+async def get_run(request: web.Request) -> web.Response:
+    """One run."""
+    return json_response(await call(request, RunsOp.GET, RunRef(run_id=request.match_info["run_id"])))
+
+
+@routes.get("/api/v1/runs/{run_id}/steps")
+async def list_steps(request: web.Request) -> web.Response:
+    """The run's steps, in the order they started."""
+    q = read_query(request, RunStepsQuery, runId=request.match_info["run_id"])
+    return json_response(await call(request, RunsOp.STEPS, q))
+
+
+@routes.get("/api/v1/runs/{run_id}/events")
+async def list_events(request: web.Request) -> web.Response:
+    """The run's events after ``?after=seq``, in ``seq`` order."""
+    q = read_query(request, RunEventsQuery, runId=request.match_info["run_id"])
+    return json_response(await call(request, RunsOp.EVENTS, q))
+
+
+@routes.post("/api/v1/runs/{run_id}/cancel")
+async def cancel_run(request: web.Request) -> web.Response:
+    """Cancel a run that has not finished (409 if it has)."""
+    return json_response(await call(request, RunsOp.CANCEL, RunRef(run_id=request.match_info["run_id"])))
+
+
+@routes.post("/api/v1/runs/{run_id}/resume")
+async def resume_run(request: web.Request) -> web.Response:
+    """Approve or reject a waiting approval step."""
+    body = await read_body(request, RunResume)
+    req = RunResumeRequest(
+        run_id=request.match_info["run_id"], step_id=body.step_id, decision=body.decision, data=body.data
+    )
+    return json_response(await call(request, RunsOp.RESUME, req))
+
+
+@routes.post("/api/v1/runs/{run_id}/retry")
+async def retry_run(request: web.Request) -> web.Response:
+    """Retry a failed run: in place from the failed steps (200), or as a new run from the start (201)."""
+    body = await read_body(request, RunRetry)
+    req = RunRetryRequest(run_id=request.match_info["run_id"], mode=body.mode, version=body.version)
+    result = await call(request, RunsOp.RETRY, req)
+    return json_response(result["run"], status=201 if result["created"] else 200)

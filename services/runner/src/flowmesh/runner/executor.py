@@ -1,0 +1,381 @@
+"""The runner's I/O around the pure engine: transactions, JetStream, step execution, recovery.
+
+Every change to a run happens in a transaction that holds the run's row lock (``SELECT … FOR
+UPDATE``): concurrent workers finishing parallel branches therefore see each other's results, and a
+join runs exactly once. Events are written with the change and published right after the commit;
+``published_seq`` records what reached JetStream, and the sweep re-publishes the rest after a crash
+(JetStream drops duplicates by ``Nats-Msg-Id`` = event id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import timedelta
+from typing import Any, Final
+
+from jsonschema.protocols import Validator
+from jsonschema.validators import validator_for
+from nats.js import JetStreamContext
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from flowmesh.contracts import headers as h
+from flowmesh.contracts.errors import Conflict, InvalidInput, NotFound
+from flowmesh.contracts.ids import is_uuid, new_id, utcnow
+from flowmesh.contracts.models import FieldError
+from flowmesh.contracts.models.definition import HttpData, PublishData
+from flowmesh.contracts.models.rpc import RunnableFlow, StartRun, StartRunResult
+from flowmesh.contracts.strict import json_pointer
+from flowmesh.contracts.subjects import STEP_WORK, FlowsOp, run_event
+from flowmesh.runner import repo
+from flowmesh.runner.engine import Execution, Outcome, RunRecord
+from flowmesh.runner.graph import Graph, Step
+from flowmesh.runner.io_steps import HttpStep, run_publish
+from flowmesh.runtime.rpc import RpcClient
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S: Final = 10.0
+Work = tuple[str, str | None, str]  # run id, step id (None: advance the run), message id
+
+
+def canonical_hash(value: Any) -> str:
+    """A stable hash of a JSON value (key order does not matter)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+class Executor:
+    """Starts, advances and executes runs."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], flows: RpcClient, http: HttpStep) -> None:
+        self.sessions = sessions
+        self.flows = flows
+        self.http = http
+        self.js: JetStreamContext | None = None
+        self._graphs: dict[tuple[str, int], Graph] = {}
+        self._validators: dict[tuple[str, int], Validator | None] = {}
+        self._published: dict[str, int] = {}
+        self._flush_task: asyncio.Task[None] | None = None
+
+    def start(self, js: JetStreamContext) -> None:
+        """Begin publishing (called once connected)."""
+        self.js = js
+        self._flush_task = asyncio.create_task(self._flush_published(), name="published-seq")
+
+    async def stop(self) -> None:
+        """Stop background work; unpublished progress is recovered by the sweep."""
+        if self._flush_task is not None:
+            self._flush_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flush_task
+        await self._write_published()
+
+    # --- versions ---------------------------------------------------------------------------------
+
+    async def _graph(self, s: AsyncSession, flow_id: str, version: int) -> Graph:
+        key = (flow_id, version)
+        graph = self._graphs.get(key)
+        if graph is None:
+            row = await repo.get_version(s, flow_id=flow_id, version=version)
+            if row is None:
+                raise NotFound(f"version {version} of flow {flow_id} is unknown to the runner")
+            graph = self._graphs[key] = Graph(row["definition"])
+        return graph
+
+    def _check_input(self, runnable: RunnableFlow, value: Any) -> None:
+        key = (runnable.flow_id, runnable.version.version)
+        if key not in self._validators:
+            schema = runnable.version.input_schema
+            self._validators[key] = validator_for(schema)(schema) if schema else None
+        validator = self._validators[key]
+        if validator is None:
+            return
+        errors = [
+            FieldError(path=json_pointer(("input", *e.absolute_path)), message=e.message)
+            for e in validator.iter_errors(value)
+        ]
+        if errors:
+            raise InvalidInput("the input does not match the flow's inputSchema", errors=errors)
+
+    # --- start ------------------------------------------------------------------------------------
+
+    async def start_run(self, tenant: str, req: StartRun) -> StartRunResult:
+        """Create a run of a published, active flow (idempotent by key), queued for execution."""
+        if not is_uuid(req.flow_id):
+            raise NotFound(f"flow {req.flow_id} not found")
+        runnable = RunnableFlow.model_validate(
+            await self.flows.call(FlowsOp.RUNNABLE, {"flowId": req.flow_id, "version": req.version}, tenant=tenant)
+        )
+        if not runnable.active:
+            raise Conflict(f"flow {req.flow_id} is deactivated; activate it to start runs")
+        self._check_input(runnable, req.input)
+        input_hash = canonical_hash(req.input)
+        version = runnable.version
+        now = utcnow()
+        async with self.sessions.begin() as s:
+            await repo.save_version(
+                s,
+                flow_id=version.flow_id,
+                version=version.version,
+                tenant=tenant,
+                definition=version.definition,
+                input_schema=version.input_schema,
+                settings=version.settings,
+            )
+            run = await repo.insert_run(
+                s,
+                values={
+                    "id": new_id(),
+                    "tenant_id": tenant,
+                    "flow_id": req.flow_id,
+                    "version": version.version,
+                    "status": "queued",
+                    "trigger_type": req.trigger_type,
+                    "trigger_id": req.trigger_id,
+                    "input": req.input,
+                    "idempotency_key": req.idempotency_key,
+                    "input_hash": input_hash,
+                    "parent_run_id": req.parent_run_id,
+                    "parent_step_id": req.parent_step_id,
+                    "retry_of": req.retry_of,
+                    "created_at": now,
+                    "updated_at": now,
+                },
+            )
+            if run is None:
+                assert req.idempotency_key is not None
+                found = await repo.run_by_key(s, tenant=tenant, flow_id=req.flow_id, key=req.idempotency_key)
+                assert found is not None
+                existing, existing_hash = found
+                if existing_hash != input_hash:
+                    raise InvalidInput(
+                        f"Idempotency-Key {req.idempotency_key!r} was used for another input of this flow",
+                        errors=[FieldError(path="/input", message="differs from the first request with this key")],
+                    )
+                return StartRunResult(run=existing, created=False)
+            record = RunRecord(
+                id=run.id,
+                tenant_id=tenant,
+                flow_id=run.flow_id,
+                version=run.version,
+                status="queued",
+                trigger_type=run.trigger_type,
+                input=run.input,
+                created_at=now,
+                parent_run_id=run.parent_run_id,
+            )
+            ex = Execution(record, _EMPTY_GRAPH, {}, now)
+            ex.queue()
+            events = await repo.save(s, ex)
+        await self._after_commit(record, events, [(run.id, None, f"{run.id}:0:start")])
+        return StartRunResult(run=run, created=True)
+
+    # --- changing a run under its lock ----------------------------------------------------------
+
+    async def change(
+        self, run_id: str, apply: Callable[[Execution], Awaitable[Any] | Any], *, tenant: str | None = None
+    ) -> Any:
+        """Lock a run, load its state, apply a change, write it, then publish events and work."""
+        async with self.sessions.begin() as s:
+            record = await repo.lock_run(s, run_id=run_id, tenant=tenant)
+            if record is None:
+                raise NotFound(f"run {run_id} not found")
+            graph = await self._graph(s, record.flow_id, record.version)
+            ex = Execution(record, graph, await repo.load_steps(s, run_id=run_id), utcnow())
+            result = apply(ex)
+            if asyncio.iscoroutine(result):
+                result = await result
+            events = await repo.save(s, ex)
+        work = [(run_id, step_id, self._msg_id(ex, step_id)) for step_id in ex.dispatch]
+        await self._after_commit(ex.run, events, work)
+        return result
+
+    @staticmethod
+    def _msg_id(ex: Execution, step_id: str) -> str:
+        state = ex.steps[step_id]
+        attempt = state.attempt + (1 if state.status == "pending" else 0)
+        return f"{ex.run.id}:{ex.run.retry_count}:{step_id}:{attempt}"
+
+    async def reopen(self, run_id: str, *, tenant: str) -> None:
+        """Retry a failed run in place: failed and downstream steps reset, succeeded outputs kept."""
+        now = utcnow()
+        async with self.sessions.begin() as s:
+            record = await repo.lock_run(s, run_id=run_id, tenant=tenant)
+            if record is None:
+                raise NotFound(f"run {run_id} not found")
+            if record.status != "failed":
+                raise Conflict(f"only a failed run can be retried; run {run_id} is {record.status}")
+            graph = await self._graph(s, record.flow_id, record.version)
+            kept = {k: v for k, v in (await repo.load_steps(s, run_id=run_id)).items() if v.status == "succeeded"}
+            record.retry_count = await repo.reset_for_retry(s, run_id=run_id, keep=set(kept), now=now)
+            record.status, record.error, record.output, record.completed_at = "queued", None, None, None
+            ex = Execution(record, graph, kept, now)
+            ex.emit("run.queued", status="queued", triggerType=record.trigger_type, retryCount=record.retry_count)
+            events = await repo.save(s, ex)
+        await self._after_commit(record, events, [(run_id, None, f"{run_id}:{record.retry_count}:start")])
+
+    async def advance(self, run_id: str) -> None:
+        """Advance a run as far as it goes (the work message of a new or reopened run)."""
+        with contextlib.suppress(NotFound):
+            await self.change(run_id, lambda ex: ex.advance())
+
+    # --- executing a dispatched step ------------------------------------------------------------
+
+    async def _snapshot(self, run_id: str) -> Execution | None:
+        """A read-only view of a run (no lock): enough to build a step's expression context."""
+        async with self.sessions() as s:
+            record = await repo.read_run(s, run_id=run_id)
+            if record is None:
+                return None
+            graph = await self._graph(s, record.flow_id, record.version)
+            return Execution(record, graph, await repo.load_steps(s, run_id=run_id), utcnow())
+
+    async def execute(self, run_id: str, step_id: str, heartbeat: Callable[[], Awaitable[None]]) -> float | None:
+        """Run one attempt of a dispatched step and record it; returns a delay when it is not due yet.
+
+        Runs after the worker died mid-attempt execute again (at least once); the recording is
+        guarded by the attempt number, so a result is recorded exactly once.
+        """
+        snap = await self._snapshot(run_id)
+        state = snap.steps.get(step_id) if snap is not None else None
+        if snap is None or state is None or snap.run.final:
+            return None
+        if state.status == "pending":
+            if await self.change(run_id, lambda ex: ex.claim_retry(step_id)) is None:
+                due = state.next_attempt_at
+                wait = (due - utcnow()).total_seconds() if due is not None else 0
+                return wait if wait > 0 else None
+            snap = await self._snapshot(run_id)
+            if snap is None:
+                return None
+        current = snap.steps.get(step_id)
+        if current is None or current.status != "running" or snap.run.final:
+            return None
+        attempt = current.attempt
+        step = snap.graph.steps[step_id]
+        outcome = await _with_heartbeat(self._run_step(snap, step), heartbeat)
+        await self.change(run_id, lambda ex: ex.complete(step_id, attempt, outcome))
+        return None
+
+    async def _run_step(self, ex: Execution, step: Step) -> Outcome:
+        run = ex.run
+        if isinstance(step.data, HttpData):
+            return await self.http.run(step.data, ex.context(), f"{run.id}:{step.id}")
+        if isinstance(step.data, PublishData):
+            assert self.js is not None
+            return await run_publish(
+                self.js, step.data, ex.context(), tenant=run.tenant_id, msg_id=f"{run.id}:{run.retry_count}:{step.id}"
+            )
+        return Outcome.failure(f"step type {step.type!r} is not available in this runner yet", "unsupported")
+
+    # --- publishing -------------------------------------------------------------------------------
+
+    async def _after_commit(self, run: RunRecord, events: list[dict[str, Any]], work: Sequence[Work]) -> None:
+        """Publish a committed change's events (in order) and work; the sweep covers a failure here."""
+        if self.js is None:
+            return
+        js = self.js
+        base = {h.TENANT: run.tenant_id, h.SCHEMA: h.SCHEMA_VERSION}
+        try:
+            await asyncio.gather(
+                *(
+                    js.publish(
+                        run_event(run.tenant_id, run.flow_id, run.id, e["type"]),
+                        json.dumps(e, separators=(",", ":")).encode(),
+                        headers={**base, h.MSG_ID: e["id"]},
+                    )
+                    for e in events
+                )
+            )
+            if events:
+                self._published[run.id] = max(self._published.get(run.id, 0), events[-1]["seq"])
+            await asyncio.gather(
+                *(
+                    js.publish(
+                        STEP_WORK,
+                        json.dumps({"runId": run_id, "stepId": step_id}).encode(),
+                        headers={**base, h.MSG_ID: msg_id},
+                    )
+                    for run_id, step_id, msg_id in work
+                )
+            )
+        except Exception as exc:
+            log.warning("publishing after commit failed (the sweep will retry): %s", exc)
+
+    async def _flush_published(self) -> None:
+        while True:
+            await asyncio.sleep(0.2)
+            try:
+                await self._write_published()
+            except Exception as exc:
+                log.warning("recording published events failed: %s", exc)
+
+    async def _write_published(self) -> None:
+        if not self._published:
+            return
+        upto, self._published = self._published, {}
+        async with self.sessions.begin() as s:
+            await repo.mark_published(s, upto=upto)
+
+    # --- recovery ---------------------------------------------------------------------------------
+
+    async def sweep(self, *, stalled_run: timedelta, stalled_step: timedelta) -> int:
+        """Re-publish what a crash kept from JetStream: events, and work of runs that stopped moving."""
+        now = utcnow()
+        async with self.sessions() as s:
+            events = await repo.unpublished_events(s, older_than=now - timedelta(seconds=2), limit=1000)
+            stalled = await repo.stalled_work(
+                s, run_older_than=now - stalled_run, step_older_than=now - stalled_step, limit=500
+            )
+        by_run: dict[str, list[dict[str, Any]]] = {}
+        for e in events:
+            by_run.setdefault(e.run_id, []).append(e.wire(exclude_none=True))
+        for run_id, evs in by_run.items():
+            first = events[[e.run_id for e in events].index(run_id)]
+            record = RunRecord(
+                id=run_id,
+                tenant_id=first.tenant_id,
+                flow_id=first.flow_id,
+                version=first.version,
+                status="",
+                trigger_type="",
+                input=None,
+                created_at=now,
+            )
+            await self._after_commit(record, evs, [])
+        work: list[Work] = [
+            (run_id, step_id, f"{run_id}:{rc}:{step_id or 'start'}:sweep") for run_id, step_id, rc in stalled
+        ]
+        if work and self.js is not None:
+            for run_id, step_id, msg_id in work:
+                await self.js.publish(
+                    STEP_WORK, json.dumps({"runId": run_id, "stepId": step_id}).encode(), headers={h.MSG_ID: msg_id}
+                )
+        return len(events) + len(work)
+
+
+async def _with_heartbeat(work: Awaitable[Outcome], heartbeat: Callable[[], Awaitable[None]]) -> Outcome:
+    """Await ``work`` while telling JetStream every few seconds that the message is still in progress."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=HEARTBEAT_S)
+        if done:
+            return task.result()
+        with contextlib.suppress(Exception):
+            await heartbeat()
+
+
+class _NoGraph(Graph):
+    """Stands for a run's graph where a change needs none (queuing a new run)."""
+
+    def __init__(self) -> None:
+        self.steps = {}
+        self.order = []
+        self.trigger = ""
+
+
+_EMPTY_GRAPH: Final = _NoGraph()

@@ -1,0 +1,165 @@
+"""Request/reply handlers of ``fm.rpc.runs.*`` and the consumer of ``fm.work.steps``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from faststream import AckPolicy
+from faststream.nats import NatsMessage, PullSub
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from flowmesh.contracts.errors import Conflict, NotFound
+from flowmesh.contracts.ids import is_uuid
+from flowmesh.contracts.models import Page, Run, RunEvent, StepRun
+from flowmesh.contracts.models.rpc import (
+    RunEventsQuery,
+    RunListQuery,
+    RunRef,
+    RunResumeRequest,
+    RunRetryRequest,
+    RunStepsQuery,
+    StartRun,
+    StartRunResult,
+)
+from flowmesh.contracts.streams import RUNNER_STEPS, STEP_WORK
+from flowmesh.contracts.subjects import STEP_WORK as STEP_WORK_SUBJECT
+from flowmesh.contracts.subjects import RunsOp
+from flowmesh.runner import repo
+from flowmesh.runner.engine import Execution, Outcome
+from flowmesh.runner.executor import Executor
+from flowmesh.runtime.rpc import RpcContext, RpcServer
+
+log = logging.getLogger(__name__)
+
+
+async def _own_run(sessions: async_sessionmaker[AsyncSession], ctx: RpcContext, run_id: str) -> Run:
+    run = None
+    if is_uuid(run_id):
+        async with sessions() as s:
+            run = await repo.get_run(s, tenant=ctx.tenant, run_id=run_id)
+    if run is None:
+        raise NotFound(f"run {run_id} not found")
+    return run
+
+
+def register(rpc: RpcServer, sessions: async_sessionmaker[AsyncSession], executor: Executor, *, workers: int) -> None:
+    """Serve every runs operation, and execute step work from the shared durable consumer."""
+
+    @rpc.handler(RunsOp.START)
+    async def start(ctx: RpcContext, body: Any) -> StartRunResult:
+        return await executor.start_run(ctx.tenant, StartRun.model_validate(body))
+
+    @rpc.handler(RunsOp.GET)
+    async def get(ctx: RpcContext, body: Any) -> Run:
+        return await _own_run(sessions, ctx, RunRef.model_validate(body).run_id)
+
+    @rpc.handler(RunsOp.LIST)
+    async def list_(ctx: RpcContext, body: Any) -> Page[Run]:
+        q = RunListQuery.model_validate(body)
+        if q.flow_id is not None and not is_uuid(q.flow_id):
+            return q.page_of([], 0)
+        async with sessions() as s:
+            items, total = await repo.list_runs(s, tenant=ctx.tenant, q=q)
+        return q.page_of(items, total)
+
+    @rpc.handler(RunsOp.STEPS)
+    async def steps(ctx: RpcContext, body: Any) -> Page[StepRun]:
+        q = RunStepsQuery.model_validate(body)
+        await _own_run(sessions, ctx, q.run_id)
+        async with sessions() as s:
+            items, total = await repo.list_steps(s, run_id=q.run_id, offset=q.offset, limit=q.page_size)
+        return q.page_of(items, total)
+
+    @rpc.handler(RunsOp.EVENTS)
+    async def events(ctx: RpcContext, body: Any) -> dict[str, Any]:
+        q = RunEventsQuery.model_validate(body)
+        run = await _own_run(sessions, ctx, q.run_id)
+        async with sessions() as s:
+            items: list[RunEvent] = await repo.list_events(s, run_id=run.id, after=q.after, limit=q.page_size + 1)
+        more = len(items) > q.page_size
+        items = items[: q.page_size]
+        return {
+            "items": [e.wire(exclude_none=True) for e in items],
+            "hasMore": more,
+            "pageSize": q.page_size,
+            "after": q.after,
+            "next": items[-1].seq if items else q.after,
+        }
+
+    @rpc.handler(RunsOp.CANCEL)
+    async def cancel(ctx: RpcContext, body: Any) -> Run:
+        ref = RunRef.model_validate(body)
+        await _own_run(sessions, ctx, ref.run_id)
+
+        def apply(ex: Execution) -> None:
+            if ex.run.final:
+                raise Conflict(f"run {ex.run.id} is already {ex.run.status}")
+            ex.cancel()
+
+        await executor.change(ref.run_id, apply, tenant=ctx.tenant)
+        return await _own_run(sessions, ctx, ref.run_id)
+
+    @rpc.handler(RunsOp.RESUME)
+    async def resume(ctx: RpcContext, body: Any) -> Run:
+        req = RunResumeRequest.model_validate(body)
+        await _own_run(sessions, ctx, req.run_id)
+
+        def apply(ex: Execution) -> None:
+            state = ex.steps.get(req.step_id)
+            step = ex.graph.steps.get(req.step_id)
+            if ex.run.final or state is None or step is None or step.type != "approval" or state.status != "waiting":
+                raise Conflict(f"step {req.step_id!r} of run {ex.run.id} is not waiting for an approval")
+            output = {**req.data, "decision": req.decision, "by": ctx.subject or ctx.tenant}
+            ex.complete(req.step_id, state.attempt, Outcome(ok=True, output=output, handle=req.decision))
+
+        await executor.change(req.run_id, apply, tenant=ctx.tenant)
+        return await _own_run(sessions, ctx, req.run_id)
+
+    @rpc.handler(RunsOp.RETRY)
+    async def retry(ctx: RpcContext, body: Any) -> StartRunResult:
+        req = RunRetryRequest.model_validate(body)
+        run = await _own_run(sessions, ctx, req.run_id)
+        if run.status != "failed":
+            raise Conflict(f"only a failed run can be retried; run {run.id} is {run.status}")
+        if req.mode == "fromStart":
+            start_req = StartRun(
+                flow_id=run.flow_id,
+                input=run.input,
+                trigger_type="retry",
+                retry_of=run.id,
+                version=run.version if req.version == "same" else None,
+            )
+            return await executor.start_run(ctx.tenant, start_req)
+        await executor.reopen(run.id, tenant=ctx.tenant)
+        return StartRunResult(run=await _own_run(sessions, ctx, run.id), created=False)
+
+    # --- work --------------------------------------------------------------------------------------
+
+    @rpc.broker.subscriber(
+        STEP_WORK_SUBJECT,
+        stream=STEP_WORK.name,
+        durable=RUNNER_STEPS.durable,
+        pull_sub=PullSub(batch_size=16, timeout=1.0),
+        max_workers=workers,
+        ack_policy=AckPolicy.MANUAL,
+    )
+    async def work(body: dict[str, Any], msg: NatsMessage) -> None:
+        run_id, step_id = body.get("runId"), body.get("stepId")
+        try:
+            if not isinstance(run_id, str):
+                await msg.ack()
+                return
+            if step_id is None:
+                await executor.advance(run_id)
+                await msg.ack()
+                return
+            delay = await executor.execute(run_id, str(step_id), msg.in_progress)
+        except Exception:
+            log.exception("work on run %s step %s failed; it will be redelivered", run_id, step_id)
+            await msg.nack(delay=1.0)
+            return
+        if delay is None:
+            await msg.ack()
+        else:
+            await msg.nack(delay=delay)

@@ -1,0 +1,362 @@
+"""Every SQL statement of the runner. Reads for clients filter by tenant."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from flowmesh.contracts.ids import new_id
+from flowmesh.contracts.models import Run, RunEvent, StepRun
+from flowmesh.contracts.models.rpc import RunListQuery
+from flowmesh.runner.engine import Execution, RunRecord
+from flowmesh.runner.graph import StepState
+from flowmesh.runner.tables import run_events, runs, step_runs, versions
+
+_STEP_FIELDS = (
+    "status",
+    "attempt",
+    "handle",
+    "handled",
+    "output",
+    "error",
+    "input",
+    "started_at",
+    "completed_at",
+    "next_attempt_at",
+)
+
+
+# --- versions ------------------------------------------------------------------------------------
+
+
+async def save_version(
+    session: AsyncSession, *, flow_id: str, version: int, tenant: str, definition: Any, input_schema: Any, settings: Any
+) -> None:
+    """Keep the runner's copy of a frozen version (once)."""
+    await session.execute(
+        insert(versions)
+        .values(
+            flow_id=flow_id,
+            version=version,
+            tenant_id=tenant,
+            definition=definition,
+            input_schema=input_schema,
+            settings=settings,
+        )
+        .on_conflict_do_nothing()
+    )
+
+
+async def get_version(session: AsyncSession, *, flow_id: str, version: int) -> RowMapping | None:
+    """The runner's copy of a frozen version."""
+    stmt = select(versions).where(versions.c.flow_id == flow_id, versions.c.version == version)
+    return (await session.execute(stmt)).mappings().one_or_none()
+
+
+# --- runs ----------------------------------------------------------------------------------------
+
+
+def _record(row: RowMapping) -> RunRecord:
+    return RunRecord(
+        id=row["id"],
+        tenant_id=row["tenant_id"],
+        flow_id=row["flow_id"],
+        version=row["version"],
+        status=row["status"],
+        trigger_type=row["trigger_type"],
+        input=row["input"],
+        created_at=row["created_at"],
+        retry_count=row["retry_count"],
+        parent_run_id=row["parent_run_id"],
+        output=row["output"],
+        error=row["error"],
+        started_at=row["started_at"],
+        completed_at=row["completed_at"],
+        last_seq=row["last_seq"],
+    )
+
+
+def _run(row: RowMapping) -> Run:
+    started, completed = row["started_at"], row["completed_at"]
+    duration = int((completed - started).total_seconds() * 1000) if started and completed else None
+    return Run(
+        id=row["id"],
+        flow_id=row["flow_id"],
+        version=row["version"],
+        tenant_id=row["tenant_id"],
+        status=row["status"],
+        trigger_type=row["trigger_type"],
+        trigger_id=row["trigger_id"],
+        input=row["input"],
+        output=row["output"],
+        error=row["error"],
+        idempotency_key=row["idempotency_key"],
+        parent_run_id=row["parent_run_id"],
+        retry_of=row["retry_of"],
+        retry_count=row["retry_count"],
+        created_at=row["created_at"],
+        started_at=started,
+        completed_at=completed,
+        duration_ms=duration,
+    )
+
+
+async def insert_run(session: AsyncSession, *, values: dict[str, Any]) -> Run | None:
+    """Insert a new run; None when its idempotency key is taken (the caller reads that run)."""
+    stmt = (
+        insert(runs)
+        .values(retry_count=0, last_seq=0, published_seq=0, **values)
+        .on_conflict_do_nothing(
+            index_elements=[runs.c.tenant_id, runs.c.flow_id, runs.c.idempotency_key],
+            index_where=runs.c.idempotency_key.is_not(None),
+        )
+        .returning(*runs.c)
+    )
+    row = (await session.execute(stmt)).mappings().one_or_none()
+    return None if row is None else _run(row)
+
+
+async def run_by_key(session: AsyncSession, *, tenant: str, flow_id: str, key: str) -> tuple[Run, str | None] | None:
+    """The run an idempotency key made, and the hash of its input."""
+    stmt = select(runs).where(runs.c.tenant_id == tenant, runs.c.flow_id == flow_id, runs.c.idempotency_key == key)
+    row = (await session.execute(stmt)).mappings().one_or_none()
+    return None if row is None else (_run(row), row["input_hash"])
+
+
+async def lock_run(session: AsyncSession, *, run_id: str, tenant: str | None = None) -> RunRecord | None:
+    """A run for changing, its row locked until the transaction ends (one writer per run at a time)."""
+    stmt = select(runs).where(runs.c.id == run_id).with_for_update()
+    if tenant is not None:
+        stmt = stmt.where(runs.c.tenant_id == tenant)
+    row = (await session.execute(stmt)).mappings().one_or_none()
+    return None if row is None else _record(row)
+
+
+async def read_run(session: AsyncSession, *, run_id: str) -> RunRecord | None:
+    """A run as it is now, without locking it."""
+    row = (await session.execute(select(runs).where(runs.c.id == run_id))).mappings().one_or_none()
+    return None if row is None else _record(row)
+
+
+async def load_steps(session: AsyncSession, *, run_id: str) -> dict[str, StepState]:
+    """Every recorded step of a run."""
+    stmt = select(step_runs.c.step_id, *(step_runs.c[f] for f in _STEP_FIELDS)).where(step_runs.c.run_id == run_id)
+    return {
+        row["step_id"]: StepState(**{f: row[f] for f in _STEP_FIELDS})
+        for row in (await session.execute(stmt)).mappings()
+    }
+
+
+async def save(session: AsyncSession, ex: Execution) -> list[dict[str, Any]]:
+    """Write an execution's changes; returns its new events as published payloads, in ``seq`` order."""
+    r = ex.run
+    now = ex.now
+    if ex.run_changed:
+        await session.execute(
+            update(runs)
+            .where(runs.c.id == r.id)
+            .values(
+                status=r.status,
+                output=r.output,
+                error=r.error,
+                started_at=r.started_at,
+                completed_at=r.completed_at,
+                last_seq=r.last_seq,
+                updated_at=now,
+            )
+        )
+    if ex.changed:
+        rows = [
+            {
+                "run_id": r.id,
+                "step_id": step_id,
+                "type": ex.graph.steps[step_id].type,
+                "updated_at": now,
+                "duration_ms": _duration(ex.steps[step_id]),
+                **{f: getattr(ex.steps[step_id], f) for f in _STEP_FIELDS},
+            }
+            for step_id in sorted(ex.changed)
+        ]
+        stmt = insert(step_runs).values(rows)
+        await session.execute(
+            stmt.on_conflict_do_update(
+                index_elements=[step_runs.c.run_id, step_runs.c.step_id],
+                set_={c: stmt.excluded[c] for c in (*_STEP_FIELDS, "duration_ms", "updated_at")},
+            )
+        )
+    if not ex.events:
+        return []
+    published = [
+        RunEvent(
+            id=new_id(),
+            seq=e.seq,
+            type=e.type,
+            ts=e.ts,
+            tenant_id=r.tenant_id,
+            run_id=r.id,
+            flow_id=r.flow_id,
+            version=r.version,
+            step_id=e.step_id,
+            attempt=e.attempt,
+            data=e.data,
+        )
+        for e in ex.events
+    ]
+    await session.execute(
+        insert(run_events).values(
+            [
+                {
+                    "run_id": r.id,
+                    "seq": e.seq,
+                    "id": e.id,
+                    "type": e.type,
+                    "ts": e.ts,
+                    "step_id": e.step_id,
+                    "attempt": e.attempt,
+                    "data": e.data,
+                }
+                for e in published
+            ]
+        )
+    )
+    return [e.wire(exclude_none=True) for e in published]
+
+
+def _duration(state: StepState) -> int | None:
+    if state.started_at and state.completed_at:
+        return int((state.completed_at - state.started_at).total_seconds() * 1000)
+    return None
+
+
+async def mark_published(session: AsyncSession, *, upto: dict[str, int]) -> None:
+    """Record that each run's events up to a ``seq`` reached JetStream."""
+    for run_id, seq in upto.items():
+        await session.execute(
+            update(runs).where(runs.c.id == run_id, runs.c.published_seq < seq).values(published_seq=seq)
+        )
+
+
+async def reset_for_retry(session: AsyncSession, *, run_id: str, keep: set[str], now: datetime) -> int:
+    """Forget every step of a run but the succeeded ones; returns the new retry count."""
+    forget = step_runs.delete().where(step_runs.c.run_id == run_id)
+    if keep:
+        forget = forget.where(step_runs.c.step_id.not_in(keep))
+    await session.execute(forget)
+    stmt = (
+        update(runs)
+        .where(runs.c.id == run_id)
+        .values(
+            status="queued",
+            output=None,
+            error=None,
+            completed_at=None,
+            retry_count=runs.c.retry_count + 1,
+            updated_at=now,
+        )
+        .returning(runs.c.retry_count)
+    )
+    return int((await session.execute(stmt)).scalar_one())
+
+
+# --- reads ---------------------------------------------------------------------------------------
+
+
+async def get_run(session: AsyncSession, *, tenant: str, run_id: str) -> Run | None:
+    """One run of the tenant."""
+    row = (await session.execute(select(runs).where(runs.c.id == run_id, runs.c.tenant_id == tenant))).mappings()
+    found = row.one_or_none()
+    return None if found is None else _run(found)
+
+
+async def list_runs(session: AsyncSession, *, tenant: str, q: RunListQuery) -> tuple[list[Run], int]:
+    """A page of the tenant's runs, newest first, and how many match."""
+    where = [runs.c.tenant_id == tenant]
+    if q.flow_id:
+        where.append(runs.c.flow_id == q.flow_id)
+    if q.status:
+        where.append(runs.c.status == q.status)
+    if q.since:
+        where.append(runs.c.created_at >= q.since)
+    if q.until:
+        where.append(runs.c.created_at < q.until)
+    page = select(runs).where(*where).order_by(runs.c.created_at.desc(), runs.c.id.desc())
+    rows = (await session.execute(page.offset(q.offset).limit(q.page_size))).mappings().all()
+    total = (await session.execute(select(func.count()).select_from(runs).where(*where))).scalar_one()
+    return [_run(r) for r in rows], total
+
+
+async def list_steps(session: AsyncSession, *, run_id: str, offset: int, limit: int) -> tuple[list[StepRun], int]:
+    """A page of a run's steps in the order they started."""
+    where = step_runs.c.run_id == run_id
+    stmt = (
+        select(step_runs)
+        .where(where)
+        .order_by(step_runs.c.started_at.asc().nulls_last(), step_runs.c.updated_at, step_runs.c.step_id)
+    )
+    rows = (await session.execute(stmt.offset(offset).limit(limit))).mappings().all()
+    total = (await session.execute(select(func.count()).select_from(step_runs).where(where))).scalar_one()
+    return [StepRun(**{k: v for k, v in r.items() if k not in ("handle", "updated_at")}) for r in rows], total
+
+
+async def list_events(session: AsyncSession, *, run_id: str, after: int, limit: int) -> list[RunEvent]:
+    """A run's events after ``seq``, in order."""
+    stmt = (
+        select(run_events, runs.c.tenant_id, runs.c.flow_id, runs.c.version)
+        .join(runs, runs.c.id == run_events.c.run_id)
+        .where(run_events.c.run_id == run_id, run_events.c.seq > after)
+        .order_by(run_events.c.seq)
+        .limit(limit)
+    )
+    return [RunEvent(**r) for r in (await session.execute(stmt)).mappings()]
+
+
+async def count_events(session: AsyncSession, *, run_id: str, after: int) -> int:
+    """How many events a run has after ``seq``."""
+    stmt = select(func.count()).select_from(run_events).where(run_events.c.run_id == run_id, run_events.c.seq > after)
+    return int((await session.execute(stmt)).scalar_one())
+
+
+async def unpublished_events(session: AsyncSession, *, older_than: datetime, limit: int) -> list[RunEvent]:
+    """Events a crash kept from JetStream (the runs' ``published_seq`` lags), oldest first."""
+    stmt = (
+        select(run_events, runs.c.tenant_id, runs.c.flow_id, runs.c.version)
+        .join(runs, runs.c.id == run_events.c.run_id)
+        .where(
+            runs.c.published_seq < runs.c.last_seq,
+            runs.c.updated_at < older_than,
+            run_events.c.seq > runs.c.published_seq,
+        )
+        .order_by(run_events.c.run_id, run_events.c.seq)
+        .limit(limit)
+    )
+    return [RunEvent(**r) for r in (await session.execute(stmt)).mappings()]
+
+
+async def stalled_work(
+    session: AsyncSession, *, run_older_than: datetime, step_older_than: datetime, limit: int
+) -> list[tuple[str, str | None, int]]:
+    """Work whose message may be lost: queued runs, and dispatched steps nobody finished.
+
+    Returns ``(run_id, step_id or None, retry_count)``; re-sending is safe (recording is guarded).
+    """
+    queued = select(runs.c.id, runs.c.retry_count).where(runs.c.status == "queued", runs.c.updated_at < run_older_than)
+    found: list[tuple[str, str | None, int]] = [
+        (r.id, None, r.retry_count) for r in (await session.execute(queued.limit(limit))).all()
+    ]
+    steps = (
+        select(step_runs.c.run_id, step_runs.c.step_id, runs.c.retry_count)
+        .join(runs, runs.c.id == step_runs.c.run_id)
+        .where(
+            step_runs.c.status.in_(("running", "pending")),
+            step_runs.c.updated_at < step_older_than,
+            runs.c.status.in_(("running", "waiting")),
+        )
+        .limit(limit)
+    )
+    found += [(r.run_id, r.step_id, r.retry_count) for r in (await session.execute(steps)).all()]
+    return found
