@@ -24,7 +24,9 @@ def create_broker(nats_url: str, *, name: str, graceful_timeout: float = 10.0) -
         reconnect_time_wait=1,
         connect_timeout=2,
         graceful_timeout=graceful_timeout,
+        # our logging setup (JSON lines) instead of FastStream's own coloured handler;
         # per-message "Received/Processed" lines are debug detail, not operations logs
+        logger=logging.getLogger("flowmesh.broker"),
         log_level=logging.DEBUG,
     )
 

@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from faststream import AckPolicy
-from faststream.nats import NatsMessage, PullSub
+from faststream.nats import JStream, NatsMessage, PullSub
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from flowmesh.contracts.errors import Conflict, NotFound
@@ -138,7 +138,7 @@ def register(rpc: RpcServer, sessions: async_sessionmaker[AsyncSession], executo
 
     @rpc.broker.subscriber(
         STEP_WORK_SUBJECT,
-        stream=STEP_WORK.name,
+        stream=JStream(STEP_WORK.name, declare=False),  # provisioned by the runtime from the contracts
         durable=RUNNER_STEPS.durable,
         pull_sub=PullSub(batch_size=16, timeout=1.0),
         max_workers=workers,
