@@ -137,3 +137,46 @@ class ProcessStack:
         return httpx.Client(
             base_url=self.base + "/api/v1", timeout=15, headers={"Authorization": "Bearer " + token(sub, **kw)}
         )  # type: ignore[arg-type]
+
+
+FINAL = ("succeeded", "failed", "cancelled", "timedOut")
+
+
+def wait_run(c: httpx.Client, run_id: str, *, timeout: float = 30, until: tuple[str, ...] = FINAL) -> dict:  # type: ignore[type-arg]
+    """Poll a run until its status is one of ``until`` (bounded)."""
+    deadline = time.monotonic() + timeout
+    run: dict = {}  # type: ignore[type-arg]
+    while time.monotonic() < deadline:
+        r = c.get(f"/runs/{run_id}")
+        if r.status_code in (502, 503, 504):
+            time.sleep(0.1)
+            continue
+        assert r.status_code == 200, r.text
+        run = r.json()
+        if run["status"] in until:
+            return run
+        time.sleep(0.05)
+    raise TimeoutError(f"run {run_id} still {run.get('status')} after {timeout}s: {run}")
+
+
+def publish_flow(c: httpx.Client, definition: dict, **body: object) -> str:  # type: ignore[type-arg]
+    """Create and publish a flow; its id."""
+    r = c.post("/flows", json={"name": "f", "definition": definition, **body})
+    assert r.status_code == 201, r.text
+    flow_id: str = r.json()["id"]
+    r = c.post(f"/flows/{flow_id}/publish")
+    assert r.status_code == 201, r.text
+    return flow_id
+
+
+def chain(n: int) -> dict:  # type: ignore[type-arg]
+    """trigger -> n transforms, each adding 1."""
+    nodes: list[dict] = [{"id": "start", "type": "trigger", "data": {}}]  # type: ignore[type-arg]
+    edges = []
+    prev = "start"
+    for i in range(n):
+        expr = "{{ input.v + 1 }}" if i == 0 else "{{ steps." + prev + ".output.v + 1 }}"
+        nodes.append({"id": f"s{i}", "type": "transform", "data": {"output": {"v": expr}}})
+        edges.append({"id": f"e{i}", "source": prev, "target": f"s{i}"})
+        prev = f"s{i}"
+    return {"nodes": nodes, "edges": edges}

@@ -76,15 +76,15 @@ def register(rpc: RpcServer, sessions: async_sessionmaker[AsyncSession], executo
         q = RunEventsQuery.model_validate(body)
         run = await _own_run(sessions, ctx, q.run_id)
         async with sessions() as s:
-            items: list[RunEvent] = await repo.list_events(s, run_id=run.id, after=q.after, limit=q.page_size + 1)
-        more = len(items) > q.page_size
-        items = items[: q.page_size]
+            items: list[RunEvent] = await repo.list_events(s, run_id=run.id, after=q.after, limit=q.page_size)
+            total = await repo.count_events(s, run_id=run.id, after=q.after)
+        # a cursor page: ``after`` is the cursor, so ``page`` is always 1
         return {
             "items": [e.wire(exclude_none=True) for e in items],
-            "hasMore": more,
+            "total": total,
+            "page": 1,
             "pageSize": q.page_size,
-            "after": q.after,
-            "next": items[-1].seq if items else q.after,
+            "hasMore": len(items) < total,
         }
 
     @rpc.handler(RunsOp.CANCEL)

@@ -136,7 +136,7 @@ class HttpStep:
                         method, body = "GET", None
                     query = {}
                     continue
-                raw = await resp.content.read(self.max_bytes + 1)
+                raw = await _read_capped(resp, self.max_bytes + 1)
                 kept = {k.lower(): v for k, v in resp.headers.items() if k.lower() in SAFE_RESPONSE_HEADERS}
                 if len(raw) > self.max_bytes:
                     return resp.status, kept, _TooLarge()
@@ -158,6 +158,17 @@ class HttpStep:
             return  # a name: the resolver checks what it resolves to
         if literal:
             raise PrivateAddressError(f"{host} is a private address; http steps may not reach it")
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """At most ``limit`` bytes of the body (reads stop there: a huge body never fills memory)."""
+    data = bytearray()
+    while len(data) < limit:
+        chunk = await resp.content.read(limit - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
 
 
 class _TooLarge:

@@ -1,0 +1,417 @@
+"""Runs through the gateway, end to end: every step type the runner has, control, events, isolation."""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+import pytest
+
+from stack import chain, publish_flow, wait_run
+
+T = {"id": "start", "type": "trigger", "data": {}}
+
+
+def edge(source: str, target: str, handle: str | None = None) -> dict[str, Any]:
+    e: dict[str, Any] = {"id": f"{source}-{target}-{handle}", "source": source, "target": target}
+    if handle:
+        e["sourceHandle"] = handle
+    return e
+
+
+def start(c: httpx.Client, flow_id: str, inp: Any = None, **headers: str) -> httpx.Response:
+    return c.post(f"/flows/{flow_id}/runs", json={"input": inp if inp is not None else {}}, headers=headers)
+
+
+def run_of(c: httpx.Client, flow_id: str, inp: Any = None) -> dict[str, Any]:
+    r = start(c, flow_id, inp)
+    assert r.status_code == 201, r.text
+    assert r.json()["status"] == "queued"
+    return wait_run(c, r.json()["id"])
+
+
+def steps_of(c: httpx.Client, run_id: str) -> dict[str, dict[str, Any]]:
+    return {s["stepId"]: s for s in c.get(f"/runs/{run_id}/steps").json()["items"]}
+
+
+class Upstream:
+    """A local HTTP server that fails a given number of times per path, recording every request."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.failures: dict[str, int] = {}
+        upstream = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                upstream.requests.append(
+                    {
+                        "path": self.path,
+                        "method": self.command,
+                        "key": self.headers.get("Idempotency-Key"),
+                        "body": body.decode(),
+                    }
+                )
+                path = self.path.split("?")[0]
+                if path == "/big":
+                    self._send(200, {"blob": "x" * (2 * 1024 * 1024)})
+                elif path.startswith("/status/"):
+                    self._send(int(path.rsplit("/", 1)[1]), {"status": "as asked"})
+                elif upstream.failures.get(path, 0) > 0:
+                    upstream.failures[path] -= 1
+                    self._send(503, {"error": "try again"})
+                else:
+                    self._send(200, {"id": 7, "path": self.path, "echo": body.decode() or None})
+
+            def _send(self, status: int, payload: Any) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[Upstream]:
+    u = Upstream()
+    yield u
+    u.close()
+
+
+def test_a_chain_computes_and_its_events_are_gap_free(alice: httpx.Client) -> None:
+    flow_id = publish_flow(alice, chain(5))
+    run = run_of(alice, flow_id, {"v": 10})
+    assert run["status"] == "succeeded" and run["output"] == {"v": 15}
+    assert run["durationMs"] is not None and run["version"] == 1 and run["triggerType"] == "manual"
+    events = alice.get(f"/runs/{run['id']}/events").json()
+    seqs = [e["seq"] for e in events["items"]]
+    assert seqs == list(range(1, len(seqs) + 1)) and events["total"] == len(seqs)
+    assert events["items"][0]["type"] == "run.queued" and events["items"][-1]["type"] == "run.succeeded"
+    later = alice.get(f"/runs/{run['id']}/events", params={"after": 3, "pageSize": 2}).json()
+    assert [e["seq"] for e in later["items"]] == [4, 5] and later["hasMore"] is True
+    steps = steps_of(alice, run["id"])
+    assert steps["start"]["output"] == {"v": 10} and steps["s4"]["output"] == {"v": 15}
+
+
+def test_branches_join_and_skips_propagate(alice: httpx.Client) -> None:
+    d = {
+        "nodes": [
+            T,
+            {"id": "big", "type": "condition", "data": {"expression": "input.v > 10"}},
+            {"id": "yes", "type": "transform", "data": {"output": "big"}},
+            {"id": "yes2", "type": "transform", "data": {"output": "{{ steps.yes.output }}"}},
+            {"id": "no", "type": "transform", "data": {"output": "small"}},
+            {"id": "p", "type": "transform", "data": {"output": 1}},
+            {
+                "id": "join",
+                "type": "transform",
+                "data": {"output": {"branch": "{{ steps.no.status }}", "p": "{{ steps.p.output }}"}},
+            },
+        ],
+        "edges": [
+            edge("start", "big"),
+            edge("big", "yes", "true"),
+            edge("yes", "yes2"),
+            edge("big", "no", "false"),
+            edge("start", "p"),
+            edge("yes2", "join"),
+            edge("no", "join"),
+            edge("p", "join"),
+        ],
+    }
+    flow_id = publish_flow(alice, d)
+    run = run_of(alice, flow_id, {"v": 3})
+    assert run["output"] == {"branch": "succeeded", "p": 1}
+    steps = steps_of(alice, run["id"])
+    assert steps["yes"]["status"] == "skipped" and steps["yes2"]["status"] == "skipped"
+
+
+def test_http_step_retries_with_the_same_idempotency_key(alice: httpx.Client, upstream: Upstream) -> None:
+    path = f"/flaky-{uuid.uuid4().hex[:6]}"
+    upstream.failures[path] = 2
+    d = {
+        "nodes": [
+            T,
+            {
+                "id": "call",
+                "type": "http",
+                "data": {
+                    "method": "POST",
+                    "url": upstream.base + path,
+                    "body": {"n": "{{ input.n }}"},
+                    "query": {"q": "1"},
+                    "retry": {"maxAttempts": 3, "backoff": "fixed", "initialDelayMs": 50},
+                },
+            },
+        ],
+        "edges": [edge("start", "call")],
+    }
+    run = run_of(alice, publish_flow(alice, d), {"n": 5})
+    assert run["status"] == "succeeded", run
+    assert run["output"]["status"] == 200 and run["output"]["body"]["id"] == 7
+    keys = [r["key"] for r in upstream.requests if r["path"].startswith(path)]
+    assert keys == [f"{run['id']}:call"] * 3
+    assert json.loads(upstream.requests[-1]["body"]) == {"n": 5}
+    types = [e["type"] for e in alice.get(f"/runs/{run['id']}/events").json()["items"]]
+    assert types.count("step.retrying") == 2
+    assert steps_of(alice, run["id"])["call"]["attempt"] == 3
+
+
+def test_http_step_failures(alice: httpx.Client, upstream: Upstream) -> None:
+    nodes = [
+        T,
+        {
+            "id": "c404",
+            "type": "http",
+            "data": {"url": upstream.base + "/status/404", "retry": {"maxAttempts": 3, "initialDelayMs": 10}},
+        },
+    ]
+    run = run_of(alice, publish_flow(alice, {"nodes": nodes, "edges": [edge("start", "c404")]}))
+    assert run["status"] == "failed" and run["error"]["type"] == "http-status" and run["error"]["stepId"] == "c404"
+    assert steps_of(alice, run["id"])["c404"]["attempt"] == 1  # a 404 is not retried
+    big = [T, {"id": "big", "type": "http", "data": {"url": upstream.base + "/big"}}]
+    run = run_of(alice, publish_flow(alice, {"nodes": big, "edges": [edge("start", "big")]}))
+    assert run["status"] == "failed" and run["error"]["type"] == "response-too-large"
+    accepted = [T, {"id": "ok", "type": "http", "data": {"url": upstream.base + "/status/404", "acceptStatus": [404]}}]
+    run = run_of(alice, publish_flow(alice, {"nodes": accepted, "edges": [edge("start", "ok")]}))
+    assert run["status"] == "succeeded" and run["output"]["status"] == 404
+
+
+def test_a_failed_step_with_on_error_continue_takes_its_error_edge(alice: httpx.Client, upstream: Upstream) -> None:
+    d = {
+        "nodes": [
+            T,
+            {"id": "call", "type": "http", "data": {"url": upstream.base + "/status/400", "onError": "continue"}},
+            {"id": "recover", "type": "transform", "data": {"output": "{{ steps.call.output.error.type }}"}},
+            {"id": "normal", "type": "transform", "data": {"output": "normal"}},
+        ],
+        "edges": [edge("start", "call"), edge("call", "recover", "error"), edge("call", "normal")],
+    }
+    run = run_of(alice, publish_flow(alice, d))
+    assert run["status"] == "succeeded" and run["output"] == "http-status"
+    steps = steps_of(alice, run["id"])
+    assert steps["call"]["status"] == "failed" and steps["call"]["handled"] is True
+    assert steps["normal"]["status"] == "skipped"
+
+
+def test_switch_fail_and_expression_errors(alice: httpx.Client) -> None:
+    d = {
+        "nodes": [
+            T,
+            {"id": "s", "type": "switch", "data": {"expression": "input.kind", "cases": ["a", "b"]}},
+            {"id": "A", "type": "transform", "data": {"output": "A"}},
+            {"id": "stop", "type": "fail", "data": {"message": "no kind {{ input.kind }}"}},
+        ],
+        "edges": [edge("start", "s"), edge("s", "A", "a"), edge("s", "stop", "default")],
+    }
+    flow_id = publish_flow(alice, d)
+    assert run_of(alice, flow_id, {"kind": "a"})["output"] == "A"
+    failed = run_of(alice, flow_id, {"kind": "zz"})
+    assert failed["status"] == "failed" and failed["output"] is None
+    assert failed["error"] == {"message": "no kind zz", "stepId": "stop", "type": "fail"}
+    broken = run_of(alice, flow_id, {})
+    assert broken["status"] == "failed" and broken["error"]["type"] == "expression"
+    assert "input.kind" in broken["error"]["message"]
+
+
+def test_publish_step_puts_the_payload_on_the_out_stream(alice: httpx.Client, infra: Any) -> None:
+    import asyncio
+
+    import nats
+
+    d = {
+        "nodes": [
+            T,
+            {"id": "pub", "type": "publish", "data": {"name": "orders.done", "payload": {"v": "{{ input.v }}"}}},
+        ],
+        "edges": [edge("start", "pub")],
+    }
+    run = run_of(alice, publish_flow(alice, d), {"v": 42})
+    assert run["status"] == "succeeded" and run["output"]["seq"] >= 1
+
+    async def read() -> dict[str, Any]:
+        nc = await nats.connect(infra.nats_url)
+        try:
+            msg = await nc.jetstream().get_msg("OUT", run["output"]["seq"])
+            return {"subject": msg.subject, "data": json.loads(msg.data or b"{}")}
+        finally:
+            await nc.close()
+
+    got = asyncio.run(read())
+    assert got["data"] == {"v": 42} and got["subject"].endswith(".orders.done")
+
+
+def test_starts_check_the_flow_state_and_input(alice: httpx.Client) -> None:
+    draft = alice.post("/flows", json={"name": "draft", "definition": chain(1)}).json()["id"]
+    assert start(alice, draft).status_code == 409
+    schema = {"type": "object", "required": ["v"], "properties": {"v": {"type": "integer"}}}
+    flow_id = publish_flow(alice, chain(1), inputSchema=schema)
+    r = start(alice, flow_id, {"v": "one"})
+    assert r.status_code == 422 and r.json()["errors"][0]["path"] == "/input/v"
+    assert start(alice, flow_id, {}).status_code == 422
+    assert alice.post(f"/flows/{flow_id}/runs", json={"input": {"v": 1}, "extra": 1}).status_code == 422
+    assert alice.post(f"/flows/{flow_id}/runs", json={"input": {"v": 1}, "version": 9}).status_code == 404
+    alice.post(f"/flows/{flow_id}/deactivate")
+    assert start(alice, flow_id, {"v": 1}).status_code == 409
+    alice.post(f"/flows/{flow_id}/activate")
+    assert start(alice, flow_id, {"v": 1}).status_code == 201
+    assert start(alice, str(uuid.uuid4()), {}).status_code == 404
+
+
+def test_idempotent_starts(alice: httpx.Client) -> None:
+    flow_id = publish_flow(alice, chain(1))
+    key = uuid.uuid4().hex
+    first = start(alice, flow_id, {"v": 1}, **{"Idempotency-Key": key})
+    again = start(alice, flow_id, {"v": 1}, **{"Idempotency-Key": key})
+    assert first.status_code == 201 and again.status_code == 200
+    assert again.json()["id"] == first.json()["id"] and again.json()["idempotencyKey"] == key
+    other = start(alice, flow_id, {"v": 2}, **{"Idempotency-Key": key})
+    assert other.status_code == 422
+    assert alice.get("/runs", params={"flowId": flow_id}).json()["total"] == 1
+
+
+def test_approval_resume_and_reject(alice: httpx.Client) -> None:
+    d = {
+        "nodes": [
+            T,
+            {"id": "ok", "type": "approval", "data": {}},
+            {"id": "yes", "type": "transform", "data": {"output": "{{ steps.ok.output }}"}},
+            {"id": "no", "type": "transform", "data": {"output": "rejected"}},
+        ],
+        "edges": [edge("start", "ok"), edge("ok", "yes", "approved"), edge("ok", "no", "rejected")],
+    }
+    flow_id = publish_flow(alice, d)
+    rid = start(alice, flow_id).json()["id"]
+    wait_run(alice, rid, until=("waiting",))
+    bad = alice.post(f"/runs/{rid}/resume", json={"stepId": "start", "decision": "approved"})
+    assert bad.status_code == 409
+    assert alice.post(f"/runs/{rid}/resume", json={"stepId": "ok", "decision": "maybe"}).status_code == 422
+    r = alice.post(f"/runs/{rid}/resume", json={"stepId": "ok", "decision": "approved", "data": {"note": "fine"}})
+    assert r.status_code == 200
+    run = wait_run(alice, rid)
+    assert run["output"]["decision"] == "approved" and run["output"]["note"] == "fine"
+    assert alice.post(f"/runs/{rid}/resume", json={"stepId": "ok", "decision": "approved"}).status_code == 409
+    rid = start(alice, flow_id).json()["id"]
+    wait_run(alice, rid, until=("waiting",))
+    alice.post(f"/runs/{rid}/resume", json={"stepId": "ok", "decision": "rejected"})
+    assert wait_run(alice, rid)["output"] == "rejected"
+
+
+def test_cancel_waiting_and_running_runs(alice: httpx.Client, upstream: Upstream) -> None:
+    waiting = publish_flow(
+        alice, {"nodes": [T, {"id": "ok", "type": "approval", "data": {}}], "edges": [edge("start", "ok")]}
+    )
+    rid = start(alice, waiting).json()["id"]
+    wait_run(alice, rid, until=("waiting",))
+    r = alice.post(f"/runs/{rid}/cancel")
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    assert steps_of(alice, rid)["ok"]["status"] == "cancelled"
+    assert alice.post(f"/runs/{rid}/cancel").status_code == 409
+    path = f"/down-{uuid.uuid4().hex[:6]}"
+    upstream.failures[path] = 1000
+    running = publish_flow(
+        alice,
+        {
+            "nodes": [
+                T,
+                {
+                    "id": "h",
+                    "type": "http",
+                    "data": {
+                        "url": upstream.base + path,
+                        "retry": {"maxAttempts": 50, "backoff": "fixed", "initialDelayMs": 200},
+                    },
+                },
+            ],
+            "edges": [edge("start", "h")],
+        },
+    )
+    rid = start(alice, running).json()["id"]
+    wait_run(alice, rid, until=("running",))
+    assert alice.post(f"/runs/{rid}/cancel").json()["status"] == "cancelled"
+    assert wait_run(alice, rid)["status"] == "cancelled"
+
+
+def test_retry_from_failed_keeps_succeeded_outputs_and_from_start_makes_a_new_run(
+    alice: httpx.Client, upstream: Upstream
+) -> None:
+    path = f"/later-{uuid.uuid4().hex[:6]}"
+    upstream.failures[path] = 1
+    d = {
+        "nodes": [
+            T,
+            {"id": "first", "type": "transform", "data": {"output": "{{ run.id }}"}},
+            {"id": "call", "type": "http", "data": {"url": upstream.base + path}},
+        ],
+        "edges": [edge("start", "first"), edge("first", "call")],
+    }
+    flow_id = publish_flow(alice, d)
+    failed = run_of(alice, flow_id)
+    assert failed["status"] == "failed"
+    assert alice.post(f"/runs/{failed['id']}/retry", json={"mode": "sideways"}).status_code == 422
+    r = alice.post(f"/runs/{failed['id']}/retry", json={})
+    assert r.status_code == 200 and r.json()["status"] == "queued" and r.json()["retryCount"] == 1
+    run = wait_run(alice, failed["id"])
+    assert run["status"] == "succeeded" and run["retryCount"] == 1
+    assert steps_of(alice, run["id"])["first"]["output"] == failed["id"]
+    assert alice.post(f"/runs/{run['id']}/retry", json={}).status_code == 409
+
+    # version 2 replaces the call; a run of version 1 fails, and is retried on version 1 or on the active 2
+    alice.put(f"/flows/{flow_id}", json={"name": "f", "definition": chain(1)})
+    assert alice.post(f"/flows/{flow_id}/publish").json()["version"] == 2
+    alice.post(f"/flows/{flow_id}/rollback", json={"version": 1})
+    upstream.failures[path] = 1
+    failed = run_of(alice, flow_id)
+    assert failed["status"] == "failed" and failed["version"] == 1
+    alice.post(f"/flows/{flow_id}/rollback", json={"version": 2})
+    same = alice.post(f"/runs/{failed['id']}/retry", json={"mode": "fromStart"})
+    assert same.status_code == 201 and same.json()["retryOf"] == failed["id"]
+    assert same.json()["triggerType"] == "retry" and same.json()["version"] == 1
+    assert wait_run(alice, same.json()["id"])["status"] == "succeeded"
+    active = alice.post(f"/runs/{failed['id']}/retry", json={"mode": "fromStart", "version": "active"})
+    assert active.status_code == 201 and active.json()["version"] == 2
+
+
+def test_runs_are_listed_filtered_and_hidden_from_other_tenants(alice: httpx.Client, mallory: httpx.Client) -> None:
+    flow_id = publish_flow(alice, chain(1))
+    ids = [run_of(alice, flow_id, {"v": i})["id"] for i in range(3)]
+    page = alice.get("/runs", params={"flowId": flow_id, "pageSize": 2}).json()
+    assert page["total"] == 3 and page["hasMore"] is True and [r["id"] for r in page["items"]] == ids[::-1][:2]
+    assert alice.get("/runs", params={"flowId": flow_id, "status": "failed"}).json()["total"] == 0
+    assert alice.get("/runs", params={"since": "2999-01-01T00:00:00Z"}).json()["total"] == 0
+    assert alice.get("/runs", params={"since": "yesterday"}).status_code == 422
+    rid = ids[0]
+    for method, path, body in (
+        ("GET", f"/runs/{rid}", None),
+        ("GET", f"/runs/{rid}/steps", None),
+        ("GET", f"/runs/{rid}/events", None),
+        ("POST", f"/runs/{rid}/cancel", None),
+        ("POST", f"/runs/{rid}/retry", {}),
+        ("POST", f"/runs/{rid}/resume", {"stepId": "s0", "decision": "approved"}),
+        ("POST", f"/flows/{flow_id}/runs", {"input": {}}),
+    ):
+        r = mallory.request(method, path, json=body)
+        assert r.status_code == 404, (method, path, r.text)
+    assert mallory.get("/runs", params={"flowId": flow_id}).json()["total"] == 0
+    assert alice.get("/runs/not-a-uuid").status_code == 404
