@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from stack import ProcessStack
+from upstream import Upstream
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +33,10 @@ def alice(stack: ProcessStack) -> Iterator[httpx.Client]:
 def mallory(stack: ProcessStack) -> Iterator[httpx.Client]:
     with stack.client(f"mallory-{uuid.uuid4().hex[:8]}") as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def upstream() -> Iterator[Upstream]:
+    u = Upstream()
+    yield u
+    u.close()

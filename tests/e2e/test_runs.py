@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import threading
 import uuid
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
-import pytest
 
 from stack import chain, publish_flow, wait_run
+from upstream import Upstream
 
 T = {"id": "start", "type": "trigger", "data": {}}
 
@@ -37,66 +34,6 @@ def run_of(c: httpx.Client, flow_id: str, inp: Any = None) -> dict[str, Any]:
 
 def steps_of(c: httpx.Client, run_id: str) -> dict[str, dict[str, Any]]:
     return {s["stepId"]: s for s in c.get(f"/runs/{run_id}/steps").json()["items"]}
-
-
-class Upstream:
-    """A local HTTP server that fails a given number of times per path, recording every request."""
-
-    def __init__(self) -> None:
-        self.requests: list[dict[str, Any]] = []
-        self.failures: dict[str, int] = {}
-        upstream = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _answer(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                upstream.requests.append(
-                    {
-                        "path": self.path,
-                        "method": self.command,
-                        "key": self.headers.get("Idempotency-Key"),
-                        "body": body.decode(),
-                    }
-                )
-                path = self.path.split("?")[0]
-                if path == "/big":
-                    self._send(200, {"blob": "x" * (2 * 1024 * 1024)})
-                elif path.startswith("/status/"):
-                    self._send(int(path.rsplit("/", 1)[1]), {"status": "as asked"})
-                elif upstream.failures.get(path, 0) > 0:
-                    upstream.failures[path] -= 1
-                    self._send(503, {"error": "try again"})
-                else:
-                    self._send(200, {"id": 7, "path": self.path, "echo": body.decode() or None})
-
-            def _send(self, status: int, payload: Any) -> None:
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = _answer
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[Upstream]:
-    u = Upstream()
-    yield u
-    u.close()
 
 
 def test_a_chain_computes_and_its_events_are_gap_free(alice: httpx.Client) -> None:

@@ -27,8 +27,13 @@ def create_app(settings: RunnerSettings) -> ServiceRuntime:
         max_bytes=settings.http_step_max_bytes,
         default_timeout_ms=settings.http_step_timeout_ms,
     )
-    executor = Executor(service.sessions, RpcClient(service.broker, timeout=settings.rpc_timeout_s), http)
-    handlers.register(service.rpc, service.sessions, executor, workers=settings.workers)
+    executor = Executor(
+        service.sessions,
+        RpcClient(service.broker, timeout=settings.rpc_timeout_s),
+        http,
+        heartbeat_s=settings.ack_wait_s / 3,
+    )
+    handlers.register(service.rpc, service.sessions, executor, workers=settings.workers, ack_wait_s=settings.ack_wait_s)
     sweeper: list[asyncio.Task[None]] = []
 
     async def sweep_forever() -> None:

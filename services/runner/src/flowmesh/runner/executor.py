@@ -39,7 +39,6 @@ from flowmesh.runtime.rpc import RpcClient
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_S: Final = 10.0
 Work = tuple[str, str | None, str]  # run id, step id (None: advance the run), message id
 
 
@@ -51,7 +50,10 @@ def canonical_hash(value: Any) -> str:
 class Executor:
     """Starts, advances and executes runs."""
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], flows: RpcClient, http: HttpStep) -> None:
+    def __init__(
+        self, sessions: async_sessionmaker[AsyncSession], flows: RpcClient, http: HttpStep, *, heartbeat_s: float = 10.0
+    ) -> None:
+        self.heartbeat_s = heartbeat_s
         self.sessions = sessions
         self.flows = flows
         self.http = http
@@ -257,7 +259,7 @@ class Executor:
             return None
         attempt = current.attempt
         step = snap.graph.steps[step_id]
-        outcome = await _with_heartbeat(self._run_step(snap, step), heartbeat)
+        outcome = await _with_heartbeat(self._run_step(snap, step), heartbeat, self.heartbeat_s)
         await self.change(run_id, lambda ex: ex.complete(step_id, attempt, outcome))
         return None
 
@@ -358,11 +360,13 @@ class Executor:
         return len(events) + len(work)
 
 
-async def _with_heartbeat(work: Awaitable[Outcome], heartbeat: Callable[[], Awaitable[None]]) -> Outcome:
+async def _with_heartbeat(
+    work: Awaitable[Outcome], heartbeat: Callable[[], Awaitable[None]], every_s: float
+) -> Outcome:
     """Await ``work`` while telling JetStream every few seconds that the message is still in progress."""
     task = asyncio.ensure_future(work)
     while True:
-        done, _ = await asyncio.wait({task}, timeout=HEARTBEAT_S)
+        done, _ = await asyncio.wait({task}, timeout=every_s)
         if done:
             return task.result()
         with contextlib.suppress(Exception):

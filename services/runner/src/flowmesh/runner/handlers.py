@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from faststream import AckPolicy
-from faststream.nats import JStream, NatsMessage, PullSub
+from faststream.nats import ConsumerConfig, JStream, NatsMessage, PullSub
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from flowmesh.contracts.errors import Conflict, NotFound
@@ -43,7 +43,9 @@ async def _own_run(sessions: async_sessionmaker[AsyncSession], ctx: RpcContext, 
     return run
 
 
-def register(rpc: RpcServer, sessions: async_sessionmaker[AsyncSession], executor: Executor, *, workers: int) -> None:
+def register(
+    rpc: RpcServer, sessions: async_sessionmaker[AsyncSession], executor: Executor, *, workers: int, ack_wait_s: float
+) -> None:
     """Serve every runs operation, and execute step work from the shared durable consumer."""
 
     @rpc.handler(RunsOp.START)
@@ -143,6 +145,7 @@ def register(rpc: RpcServer, sessions: async_sessionmaker[AsyncSession], executo
         pull_sub=PullSub(batch_size=16, timeout=1.0),
         max_workers=workers,
         ack_policy=AckPolicy.MANUAL,
+        config=ConsumerConfig(ack_wait=ack_wait_s, max_ack_pending=RUNNER_STEPS.max_ack_pending),
     )
     async def work(body: dict[str, Any], msg: NatsMessage) -> None:
         run_id, step_id = body.get("runId"), body.get("stepId")

@@ -22,6 +22,9 @@ class RunnerSettings(BaseServiceSettings):
     http_step_max_bytes: int = Field(default=1024 * 1024, ge=1024, description="response body cap of http steps")
     http_step_timeout_ms: int = Field(default=30_000, ge=1, description="per-attempt timeout when a step sets none")
     workers: int = Field(default=64, ge=1, le=1024, description="step messages handled at once")
+    ack_wait_s: float = Field(
+        default=30.0, ge=1, description="a step message unacknowledged this long is redelivered (crashed worker)"
+    )
     sweep_interval_s: float = Field(default=5.0, gt=0)
     stalled_step_s: float = Field(default=120.0, gt=0, description="a dispatched step unfinished this long is re-sent")
     stalled_run_s: float = Field(default=10.0, gt=0, description="a queued run not started this long is re-sent")

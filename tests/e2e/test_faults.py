@@ -1,0 +1,122 @@
+"""Guarantees 1 and 2 (DESIGN §9): SIGKILL the runner, or restart NATS, with 60 runs in flight.
+
+Every accepted run still reaches the right final state, and no step's result is recorded twice.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from flowmesh.cli.embedded import EmbeddedNats, start_nats
+from stack import ProcessStack, publish_flow, wait_run
+from upstream import Upstream
+
+RUNS = 60
+FAST_RECOVERY = {"FLOWMESH_RUNNER_ACK_WAIT_S": "3", "FLOWMESH_RUNNER_SWEEP_INTERVAL_S": "1",
+                 "FLOWMESH_RUNNER_STALLED_STEP_S": "4", "FLOWMESH_RUNNER_STALLED_RUN_S": "2"}
+
+
+def definition(upstream: Upstream) -> dict[str, Any]:
+    """trigger → transform → slow http → transform → slow http → transform: runs stay in flight a while."""
+    slow = {"url": upstream.base + "/sleep/150", "retry": {"maxAttempts": 5, "backoff": "fixed",
+                                                           "initialDelayMs": 200}}
+    nodes = [{"id": "start", "type": "trigger", "data": {}},
+             {"id": "a", "type": "transform", "data": {"output": {"v": "{{ input.v * 2 }}"}}},
+             {"id": "h1", "type": "http", "data": slow},
+             {"id": "b", "type": "transform", "data": {"output": {"v": "{{ steps.a.output.v + 1 }}"}}},
+             {"id": "h2", "type": "http", "data": slow},
+             {"id": "c", "type": "transform", "data": {"output": {"v": "{{ steps.b.output.v }}",
+                                                                  "ok": "{{ steps.h2.output.body.slept }}"}}}]
+    order = ["start", "a", "h1", "b", "h2", "c"]
+    return {"nodes": nodes, "edges": [{"id": f"e{i}", "source": s, "target": t}
+                                      for i, (s, t) in enumerate(zip(order, order[1:], strict=False))]}
+
+
+@pytest.fixture
+def own_nats(tmp_path: Path) -> Iterator[EmbeddedNats]:
+    nats = start_nats(tmp_path / "nats")
+    yield nats
+    nats.stop()
+
+
+@pytest.fixture
+def fault_stack(infra: Any, own_nats: EmbeddedNats, tmp_path: Path) -> Iterator[ProcessStack]:
+    s = ProcessStack(own_nats.url, infra.database_url, tmp_path, env=FAST_RECOVERY)
+    s.start_all()
+    try:
+        s.wait_ready()
+        yield s
+    finally:
+        s.stop_all()
+
+
+def start_many(c: httpx.Client, flow_id: str) -> list[tuple[str, int]]:
+    started = []
+    for v in range(RUNS):
+        r = c.post(f"/flows/{flow_id}/runs", json={"input": {"v": v}})
+        assert r.status_code == 201, r.text
+        started.append((r.json()["id"], v))
+    return started
+
+
+def in_flight(c: httpx.Client, flow_id: str, timeout: float = 30) -> None:
+    """Wait until some runs are mid-way (running) and none has finished yet, if possible."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if c.get("/runs", params={"flowId": flow_id, "status": "running", "pageSize": 1}).json()["total"] >= 5:
+            return
+        time.sleep(0.02)
+    raise TimeoutError("runs never got going")
+
+
+def check_all(c: httpx.Client, started: list[tuple[str, int]], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    for run_id, v in started:
+        run = wait_run(c, run_id, timeout=max(1.0, deadline - time.monotonic()))
+        assert run["status"] == "succeeded", run
+        assert run["output"] == {"v": v * 2 + 1, "ok": True}
+        events = c.get(f"/runs/{run_id}/events", params={"pageSize": 1000}).json()["items"]
+        assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+        finished = Counter(e["stepId"] for e in events if e["type"] in ("step.succeeded", "step.failed"))
+        assert finished == dict.fromkeys(["start", "a", "h1", "b", "h2", "c"], 1), finished
+        steps = c.get(f"/runs/{run_id}/steps").json()
+        assert steps["total"] == 6 and {s["status"] for s in steps["items"]} == {"succeeded"}
+
+
+@pytest.mark.timeout(300)
+def test_sigkill_of_the_runner_loses_no_run_and_records_no_step_twice(
+    fault_stack: ProcessStack, upstream: Upstream
+) -> None:
+    with fault_stack.client(f"fault-{uuid.uuid4().hex[:6]}") as c:
+        flow_id = publish_flow(c, definition(upstream))
+        started = start_many(c, flow_id)
+        in_flight(c, flow_id)  # the kill must land while runs are moving
+        fault_stack.kill("runner", signal.SIGKILL)
+        fault_stack.start("runner")
+        check_all(c, started)
+
+
+@pytest.mark.timeout(300)
+def test_a_nats_restart_loses_no_run(
+    fault_stack: ProcessStack, own_nats: EmbeddedNats, upstream: Upstream, tmp_path: Path
+) -> None:
+    with fault_stack.client(f"fault-{uuid.uuid4().hex[:6]}") as c:
+        flow_id = publish_flow(c, definition(upstream))
+        started = start_many(c, flow_id)
+        in_flight(c, flow_id)
+        own_nats.process.send_signal(signal.SIGKILL)
+        own_nats.process.wait(10)
+        restarted = start_nats(own_nats.store_dir, port=own_nats.port)
+        try:
+            check_all(c, started)
+        finally:
+            restarted.stop()
