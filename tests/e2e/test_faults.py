@@ -5,6 +5,7 @@ Every accepted run still reaches the right final state, and no step's result is 
 
 from __future__ import annotations
 
+import itertools
 import signal
 import time
 import uuid
@@ -21,24 +22,34 @@ from stack import ProcessStack, publish_flow, wait_run
 from upstream import Upstream
 
 RUNS = 60
-FAST_RECOVERY = {"FLOWMESH_RUNNER_ACK_WAIT_S": "3", "FLOWMESH_RUNNER_SWEEP_INTERVAL_S": "1",
-                 "FLOWMESH_RUNNER_STALLED_STEP_S": "4", "FLOWMESH_RUNNER_STALLED_RUN_S": "2"}
+FAST_RECOVERY = {
+    "FLOWMESH_RUNNER_ACK_WAIT_S": "3",
+    "FLOWMESH_RUNNER_SWEEP_INTERVAL_S": "1",
+    "FLOWMESH_RUNNER_STALLED_STEP_S": "4",
+    "FLOWMESH_RUNNER_STALLED_RUN_S": "2",
+}
 
 
 def definition(upstream: Upstream) -> dict[str, Any]:
     """trigger → transform → slow http → transform → slow http → transform: runs stay in flight a while."""
-    slow = {"url": upstream.base + "/sleep/150", "retry": {"maxAttempts": 5, "backoff": "fixed",
-                                                           "initialDelayMs": 200}}
-    nodes = [{"id": "start", "type": "trigger", "data": {}},
-             {"id": "a", "type": "transform", "data": {"output": {"v": "{{ input.v * 2 }}"}}},
-             {"id": "h1", "type": "http", "data": slow},
-             {"id": "b", "type": "transform", "data": {"output": {"v": "{{ steps.a.output.v + 1 }}"}}},
-             {"id": "h2", "type": "http", "data": slow},
-             {"id": "c", "type": "transform", "data": {"output": {"v": "{{ steps.b.output.v }}",
-                                                                  "ok": "{{ steps.h2.output.body.slept }}"}}}]
+    slow = {"url": upstream.base + "/sleep/150", "retry": {"maxAttempts": 5, "backoff": "fixed", "initialDelayMs": 200}}
+    nodes = [
+        {"id": "start", "type": "trigger", "data": {}},
+        {"id": "a", "type": "transform", "data": {"output": {"v": "{{ input.v * 2 }}"}}},
+        {"id": "h1", "type": "http", "data": slow},
+        {"id": "b", "type": "transform", "data": {"output": {"v": "{{ steps.a.output.v + 1 }}"}}},
+        {"id": "h2", "type": "http", "data": slow},
+        {
+            "id": "c",
+            "type": "transform",
+            "data": {"output": {"v": "{{ steps.b.output.v }}", "ok": "{{ steps.h2.output.body.slept }}"}},
+        },
+    ]
     order = ["start", "a", "h1", "b", "h2", "c"]
-    return {"nodes": nodes, "edges": [{"id": f"e{i}", "source": s, "target": t}
-                                      for i, (s, t) in enumerate(zip(order, order[1:], strict=False))]}
+    return {
+        "nodes": nodes,
+        "edges": [{"id": f"e{i}", "source": s, "target": t} for i, (s, t) in enumerate(itertools.pairwise(order))],
+    }
 
 
 @pytest.fixture
