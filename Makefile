@@ -13,7 +13,7 @@ export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint typecheck fmt token clean
+.PHONY: help install run test bench lint typecheck fmt token clean
 
 help: ## Show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ run: install ## Start the whole mesh (embedded NATS + PostgreSQL, five services)
 
 test: install ## Run the whole test suite (starts its own NATS and PostgreSQL)
 	$(BIN)/pytest
+
+bench: install ## Benchmarks of DESIGN §12 (prints figures, writes bench/results/*.json)
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 lint: install ## ruff: lint and formatting
 	$(BIN)/ruff check .

@@ -1,0 +1,218 @@
+"""``make bench``: Flowmesh's speed on this machine, against DESIGN §12's targets.
+
+Starts the whole stack on embedded NATS and PostgreSQL (or uses ``--base``/``--nats`` for a running
+one), then runs each scenario, prints its figures and writes ``bench/results/<scenario>.json``.
+Completion is observed from the run events on NATS (one subscription), not by polling every run:
+the load generator shares the machine's cores with the stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import nats
+from nats.aio.msg import Msg
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from stack import ProcessStack, chain, token  # noqa: E402
+
+from flowmesh.cli.embedded import start_nats, start_postgres  # noqa: E402
+from flowmesh.contracts.subjects import tenant_token  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+TARGETS = {"chain": {"p50_ms": 50.0}, "throughput": {"steps_per_s": 1500.0}}
+REFERENCE = {
+    "chain": {"temporal_dev_p50_ms": 2056, "dbos_p50_ms": 219},
+    "throughput": {"temporal_dev_steps_per_s": 39, "dbos_steps_per_s": 161},
+}
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", flush=True)
+
+
+class Finished:
+    """Final run events of one tenant, seen on NATS as they are published."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+        self.status: dict[str, str] = {}
+        self.waiters: dict[str, asyncio.Future[float]] = {}
+        self.on_finish: Callable[[str], None] | None = None
+
+    async def handler(self, msg: Msg) -> None:
+        event = json.loads(msg.data)
+        if event["type"] not in ("run.succeeded", "run.failed", "run.cancelled", "run.timedOut"):
+            return
+        run_id = event["runId"]
+        if run_id in self.times:
+            return
+        self.times[run_id] = time.perf_counter()
+        self.status[run_id] = event["type"].removeprefix("run.")
+        waiter = self.waiters.pop(run_id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(self.times[run_id])
+        if self.on_finish is not None:
+            self.on_finish(run_id)
+
+    async def wait(self, run_id: str, timeout: float = 60) -> float:
+        if run_id in self.times:
+            return self.times[run_id]
+        fut = self.waiters[run_id] = asyncio.get_running_loop().create_future()
+        return await asyncio.wait_for(fut, timeout)
+
+
+async def publish(c: httpx.AsyncClient, definition: dict[str, Any]) -> str:
+    r = await c.post("/flows", json={"name": f"bench-{uuid.uuid4().hex[:6]}", "definition": definition})
+    r.raise_for_status()
+    flow_id: str = r.json()["id"]
+    (await c.post(f"/flows/{flow_id}/publish")).raise_for_status()
+    return flow_id
+
+
+async def scenario_chain(c: httpx.AsyncClient, nc: nats.NATS, tenant: str, runs: int) -> dict[str, Any]:
+    """One run at a time of 40 sequential transforms: HTTP start to final state."""
+    flow_id = await publish(c, chain(40))
+    finished = Finished()
+    sub = await nc.subscribe(f"fm.runs.{tenant_token(tenant)}.{flow_id}.*.run.*", cb=finished.handler)
+    latencies = []
+    try:
+        for i in range(runs + 5):
+            t0 = time.perf_counter()
+            r = await c.post(f"/flows/{flow_id}/runs", json={"input": {"v": i}})
+            r.raise_for_status()
+            done = await finished.wait(r.json()["id"])
+            if i >= 5:  # warm-up: caches, connections
+                latencies.append((done - t0) * 1000)
+            if finished.status[r.json()["id"]] != "succeeded":
+                raise RuntimeError(f"run {r.json()['id']} {finished.status[r.json()['id']]}")
+    finally:
+        await sub.unsubscribe()
+    latencies.sort()
+    return {
+        "scenario": "chain", "runs": runs, "steps_per_run": 40,
+        "p50_ms": round(statistics.median(latencies), 2),
+        "p99_ms": round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 2),
+        "mean_ms": round(statistics.fmean(latencies), 2),
+        "max_ms": round(latencies[-1], 2),
+    }
+
+
+async def scenario_throughput(c: httpx.AsyncClient, nc: nats.NATS, tenant: str, runs: int,
+                              in_flight: int, steps: int) -> dict[str, Any]:
+    """``runs`` runs of ``steps`` transforms, ``in_flight`` at once."""
+    flow_id = await publish(c, chain(steps))
+    finished = Finished()
+    sub = await nc.subscribe(f"fm.runs.{tenant_token(tenant)}.{flow_id}.*.run.*", cb=finished.handler)
+    slots = asyncio.Semaphore(in_flight)
+    done_all = asyncio.Event()
+    finished.on_finish = lambda _: (slots.release(), done_all.set() if len(finished.times) >= runs else None)
+    started = 0
+    t0 = time.perf_counter()
+    try:
+        async def one(i: int) -> None:
+            r = await c.post(f"/flows/{flow_id}/runs", json={"input": {"v": i}})
+            r.raise_for_status()
+
+        tasks = []
+        for i in range(runs):
+            await slots.acquire()
+            tasks.append(asyncio.create_task(one(i)))
+            started += 1
+        await asyncio.gather(*tasks)
+        await asyncio.wait_for(done_all.wait(), 300)
+    finally:
+        await sub.unsubscribe()
+    elapsed = time.perf_counter() - t0
+    ok = sum(1 for s in finished.status.values() if s == "succeeded")
+    return {
+        "scenario": "throughput", "runs": runs, "steps_per_run": steps, "in_flight": in_flight,
+        "elapsed_s": round(elapsed, 3), "succeeded": ok,
+        "steps_per_s": round(runs * steps / elapsed, 1), "runs_per_s": round(runs / elapsed, 1),
+    }
+
+
+def report(result: dict[str, Any]) -> None:
+    name = result["scenario"]
+    result["targets"] = TARGETS.get(name, {})
+    result["reference"] = REFERENCE.get(name, {})
+    result["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version()}
+    result["when"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    figures = ", ".join(f"{k}={v}" for k, v in result.items() if k.endswith(("_ms", "_s")) or k == "succeeded")
+    log(f"{name}: {figures}  (target {result['targets']})")
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    tenant = f"bench-{uuid.uuid4().hex[:6]}"
+    headers = {"Authorization": "Bearer " + token(tenant, secret=args.secret, role="admin")}
+    limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
+    async with httpx.AsyncClient(base_url=args.base + "/api/v1", headers=headers, timeout=60, limits=limits) as c:
+        nc = await nats.connect(args.nats)
+        try:
+            if "chain" in args.scenarios:
+                log("chain: 40 sequential transforms, one run at a time")
+                report(await scenario_chain(c, nc, tenant, args.chain_runs))
+            if "throughput" in args.scenarios:
+                log(f"throughput: {args.runs} runs x {args.steps} steps, {args.in_flight} in flight")
+                report(await scenario_throughput(c, nc, tenant, args.runs, args.in_flight, args.steps))
+        finally:
+            await nc.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("scenarios", nargs="*", metavar="SCENARIO",
+                        help="chain and/or throughput (default: all)")
+    parser.add_argument("--base", help="gateway URL of a running stack (default: start one)")
+    parser.add_argument("--nats", help="NATS URL of that stack (needed with --base)")
+    parser.add_argument("--secret", default=os.environ.get("FLOWMESH_JWT_SECRET", "bench-secret-" + "x" * 40),
+                        help="HS256 secret of that stack's gateway")
+    parser.add_argument("--chain-runs", type=int, default=100, help="measured runs of the chain scenario")
+    parser.add_argument("--runs", type=int, default=200, help="runs of the throughput scenario")
+    parser.add_argument("--steps", type=int, default=10, help="steps per run of the throughput scenario")
+    parser.add_argument("--in-flight", type=int, default=50, help="runs in flight in the throughput scenario")
+    args = parser.parse_args()
+    args.scenarios = args.scenarios or list(TARGETS)
+    if unknown := set(args.scenarios) - set(TARGETS):
+        parser.error(f"unknown scenario(s) {', '.join(sorted(unknown))}; choose from {', '.join(TARGETS)}")
+    if args.base:
+        if not args.nats:
+            parser.error("--nats is needed with --base (completion is observed on NATS)")
+        asyncio.run(main_async(args))
+        return
+    with tempfile.TemporaryDirectory(prefix="flowmesh-bench-") as tmp:
+        work = Path(tmp)
+        log("starting embedded NATS and PostgreSQL")
+        nats_server = start_nats(work / "nats")
+        pg = start_postgres(work / "postgres")
+        stack = ProcessStack(nats_server.url, pg.url, work,
+                             env={"FLOWMESH_JWT_SECRET": args.secret, "FLOWMESH_LOG_LEVEL": "WARNING"})
+        try:
+            log("starting the five services")
+            stack.start_all()
+            stack.wait_ready()
+            args.base, args.nats = stack.base, nats_server.url
+            asyncio.run(main_async(args))
+        finally:
+            stack.stop_all()
+            pg.stop()
+            nats_server.stop()
+
+
+if __name__ == "__main__":
+    main()
