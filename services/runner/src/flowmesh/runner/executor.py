@@ -61,6 +61,7 @@ class Executor:
         self._graphs: dict[tuple[str, int], Graph] = {}
         self._validators: dict[tuple[str, int], Validator | None] = {}
         self._published: dict[str, int] = {}
+        self._saved_versions: set[tuple[str, int]] = set()
         self._flush_task: asyncio.Task[None] | None = None
 
     def start(self, js: JetStreamContext) -> None:
@@ -119,15 +120,16 @@ class Executor:
         version = runnable.version
         now = utcnow()
         async with self.sessions.begin() as s:
-            await repo.save_version(
-                s,
-                flow_id=version.flow_id,
-                version=version.version,
-                tenant=tenant,
-                definition=version.definition,
-                input_schema=version.input_schema,
-                settings=version.settings,
-            )
+            if (version.flow_id, version.version) not in self._saved_versions:
+                await repo.save_version(
+                    s,
+                    flow_id=version.flow_id,
+                    version=version.version,
+                    tenant=tenant,
+                    definition=version.definition,
+                    input_schema=version.input_schema,
+                    settings=version.settings,
+                )
             run = await repo.insert_run(
                 s,
                 values={
@@ -173,6 +175,7 @@ class Executor:
             ex = Execution(record, _EMPTY_GRAPH, {}, now)
             ex.queue()
             events = await repo.save(s, ex)
+        self._saved_versions.add((version.flow_id, version.version))
         await self._after_commit(record, events, [(run.id, None, f"{run.id}:0:start")])
         return StartRunResult(run=run, created=True)
 

@@ -10,14 +10,14 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from flowmesh.contracts.ids import new_id
+from flowmesh.contracts.ids import format_time, new_id
 from flowmesh.contracts.models import Run, RunEvent, StepRun
 from flowmesh.contracts.models.rpc import RunListQuery
 from flowmesh.runner.engine import Execution, RunRecord
 from flowmesh.runner.graph import StepState
 from flowmesh.runner.tables import run_events, runs, step_runs, versions
 
-_STEP_FIELDS = (
+_STEP_FIELDS: tuple[str, ...] = (
     "status",
     "attempt",
     "handle",
@@ -29,6 +29,15 @@ _STEP_FIELDS = (
     "completed_at",
     "next_attempt_at",
 )
+
+
+# statements compiled once and run with many rows (executemany): no per-call SQL compilation
+_upsert = insert(step_runs)
+_UPSERT_STEPS = _upsert.on_conflict_do_update(
+    index_elements=[step_runs.c.run_id, step_runs.c.step_id],
+    set_={c: _upsert.excluded[c] for c in (*_STEP_FIELDS, "duration_ms", "updated_at")},
+)
+_INSERT_EVENTS = insert(run_events)
 
 
 # --- versions ------------------------------------------------------------------------------------
@@ -182,49 +191,44 @@ async def save(session: AsyncSession, ex: Execution) -> list[dict[str, Any]]:
             }
             for step_id in sorted(ex.changed)
         ]
-        stmt = insert(step_runs).values(rows)
-        await session.execute(
-            stmt.on_conflict_do_update(
-                index_elements=[step_runs.c.run_id, step_runs.c.step_id],
-                set_={c: stmt.excluded[c] for c in (*_STEP_FIELDS, "duration_ms", "updated_at")},
-            )
-        )
+        await session.execute(_UPSERT_STEPS, rows)
     if not ex.events:
         return []
-    published = [
-        RunEvent(
-            id=new_id(),
-            seq=e.seq,
-            type=e.type,
-            ts=e.ts,
-            tenant_id=r.tenant_id,
-            run_id=r.id,
-            flow_id=r.flow_id,
-            version=r.version,
-            step_id=e.step_id,
-            attempt=e.attempt,
-            data=e.data,
-        )
+    rows = [
+        {
+            "run_id": r.id,
+            "seq": e.seq,
+            "id": new_id(),
+            "type": e.type,
+            "ts": e.ts,
+            "step_id": e.step_id,
+            "attempt": e.attempt,
+            "data": e.data,
+        }
         for e in ex.events
     ]
-    await session.execute(
-        insert(run_events).values(
-            [
-                {
-                    "run_id": r.id,
-                    "seq": e.seq,
-                    "id": e.id,
-                    "type": e.type,
-                    "ts": e.ts,
-                    "step_id": e.step_id,
-                    "attempt": e.attempt,
-                    "data": e.data,
-                }
-                for e in published
-            ]
-        )
-    )
-    return [e.wire(exclude_none=True) for e in published]
+    await session.execute(_INSERT_EVENTS, rows)
+    return [_event_payload(r, row) for row in rows]
+
+
+def _event_payload(run: RunRecord, row: dict[str, Any]) -> dict[str, Any]:
+    """The published form of a run event (what ``RunEvent.wire(exclude_none=True)`` gives, built directly)."""
+    payload = {
+        "id": row["id"],
+        "seq": row["seq"],
+        "type": row["type"],
+        "ts": format_time(row["ts"]),
+        "tenantId": run.tenant_id,
+        "runId": run.id,
+        "flowId": run.flow_id,
+        "version": run.version,
+    }
+    if row["step_id"] is not None:
+        payload["stepId"] = row["step_id"]
+    if row["attempt"] is not None:
+        payload["attempt"] = row["attempt"]
+    payload["data"] = row["data"]
+    return payload
 
 
 def _duration(state: StepState) -> int | None:
