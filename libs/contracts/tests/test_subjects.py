@@ -58,3 +58,27 @@ def test_ids_are_time_ordered_uuids() -> None:
     a, b = new_id(), new_id()
     assert is_uuid(a) and a < b
     assert not is_uuid("not-a-uuid")
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("steps.a.output.v + steps['b-c'].output.w", frozenset({"a", "b-c"})),
+        ('steps["x y"].status == "succeeded"', frozenset({"x y"})),
+        ("input.v > 1", frozenset()),
+        ("size(steps) > 2", None),
+        ("steps[input.key].output", None),
+    ],
+)
+def test_expressions_name_the_steps_they_read(source: str, expected: frozenset[str] | None) -> None:
+    from flowmesh.contracts.expressions import referenced_steps
+
+    assert referenced_steps(source) == expected
+
+
+def test_evaluation_hands_cel_only_what_it_reads_and_still_sees_everything_it_needs() -> None:
+    from flowmesh.contracts.expressions import evaluate
+
+    ctx = {"input": {"v": 1}, "steps": {f"s{i}": {"output": i} for i in range(50)}, "run": {"id": "r"}}
+    assert evaluate("steps.s3.output + steps.s49.output + input.v", ctx) == 53
+    assert evaluate("size(steps)", ctx) == 50

@@ -95,6 +95,23 @@ def check_expression(source: str, allowed: frozenset[str] = CONTEXT_NAMES) -> st
     return None
 
 
+_STEP_REF = re.compile(r"""\bsteps\s*(?:\.\s*([A-Za-z_][A-Za-z0-9_]*)|\[\s*(?:"([^"]*)"|'([^']*)')\s*\])""")
+_STEPS_WORD = re.compile(r"\bsteps\b")
+
+
+@lru_cache(maxsize=4096)
+def referenced_steps(source: str) -> frozenset[str] | None:
+    """The step ids an expression reads through ``steps.<id>`` or ``steps["<id>"]``.
+
+    ``None`` when it uses ``steps`` any other way (a computed key, ``size(steps)``): it then needs
+    them all. Lets the caller hand CEL only what it reads, whatever the size of the run.
+    """
+    found = {a or b or c for a, b, c in _STEP_REF.findall(source)}
+    if len(_STEPS_WORD.findall(source)) != len(_STEP_REF.findall(source)):
+        return None
+    return frozenset(found)
+
+
 def to_json(value: Any) -> Any:
     """A CEL result as JSON: timestamps as RFC 3339, durations as seconds, bytes as base64."""
     if isinstance(value, dict):
@@ -117,8 +134,15 @@ def evaluate(source: str, context: Mapping[str, Any]) -> Any:
         ExpressionError: it does not compile, reads a missing field, or fails (type mismatch, …).
     """
     program = compile_expression(source)
+    names = program.variables()
+    scope = {name: context[name] for name in names if name in context}
+    steps = scope.get("steps")
+    if steps is not None:
+        wanted = referenced_steps(source)
+        if wanted is not None:
+            scope["steps"] = {k: steps[k] for k in wanted if k in steps}
     try:
-        return to_json(program.execute(dict(context)))
+        return to_json(program.execute(scope))
     except KeyError as exc:
         raise ExpressionError(source, f"no such field {exc.args[0]!r} (use has() to test presence)") from None
     except Exception as exc:

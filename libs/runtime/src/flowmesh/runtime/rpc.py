@@ -56,9 +56,11 @@ def _dump(data: Any, *, exclude_unset: bool = False) -> Any:
 class RpcServer:
     """Registers request/reply handlers of one service in its queue group."""
 
-    def __init__(self, broker: NatsBroker, service: str) -> None:
+    def __init__(self, broker: NatsBroker, service: str, *, concurrency: int = 64) -> None:
         self.broker = broker
         self.service = service
+        # requests are served concurrently: one slow request (a transaction) never queues the others
+        self.concurrency = concurrency
 
     def handler(self, subject: str, *, tenant_required: bool = True) -> Callable[[Handler], Handler]:
         """Decorator: serve ``subject`` with the decorated coroutine."""

@@ -178,10 +178,12 @@ class Execution:
             self.run.status = "running"
             self.run.started_at = self.run.started_at or self.now
             self.emit("run.started", status="running")
+        candidates: set[str] | None = None  # first look: every step; then only those after what finished
         while not self.run.final:
-            ready, skip = self.graph.frontier(self.steps)
+            ready, skip = self.graph.frontier(self.steps, candidates)
             if not ready and not skip:
                 break
+            candidates = {e.target for step_id in (*ready, *skip) for e in self.graph.steps[step_id].outgoing}
             for step_id in skip:
                 step = self.graph.steps[step_id]
                 self._set(step_id, StepState(status="skipped", completed_at=self.now))

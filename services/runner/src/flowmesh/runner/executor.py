@@ -16,7 +16,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
-from typing import Any, Final
+from typing import Any
 
 from jsonschema.protocols import Validator
 from jsonschema.validators import validator_for
@@ -62,7 +62,13 @@ class Executor:
         self._validators: dict[tuple[str, int], Validator | None] = {}
         self._published: dict[str, int] = {}
         self._saved_versions: set[tuple[str, int]] = set()
+        self._tasks: set[asyncio.Future[None]] = set()
         self._flush_task: asyncio.Task[None] | None = None
+
+    def _background(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def start(self, js: JetStreamContext) -> None:
         """Begin publishing (called once connected)."""
@@ -70,7 +76,9 @@ class Executor:
         self._flush_task = asyncio.create_task(self._flush_published(), name="published-seq")
 
     async def stop(self) -> None:
-        """Stop background work; unpublished progress is recovered by the sweep."""
+        """Finish publishing, stop background work; anything left is recovered by the sweep."""
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
         if self._flush_task is not None:
             self._flush_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -172,11 +180,17 @@ class Executor:
                 created_at=now,
                 parent_run_id=run.parent_run_id,
             )
-            ex = Execution(record, _EMPTY_GRAPH, {}, now)
+            # the run goes as far as it can in the transaction that accepts it: a flow of pure steps
+            # is done at commit, with no message to another worker and no second transaction
+            ex = Execution(record, await self._graph(s, run.flow_id, run.version), {}, now)
             ex.queue()
+            ex.advance()
             events = await repo.save(s, ex)
         self._saved_versions.add((version.flow_id, version.version))
-        await self._after_commit(record, events, [(run.id, None, f"{run.id}:0:start")])
+        work = [(run.id, step_id, self._msg_id(ex, step_id)) for step_id in ex.dispatch]
+        # answer as soon as the run is committed; its events follow (a crash here is the sweep's job)
+        self._background(self._after_commit(record, events, work))
+        # the answer is the run as accepted (queued); its progress is in its events
         return StartRunResult(run=run, created=True)
 
     # --- changing a run under its lock ----------------------------------------------------------
@@ -374,15 +388,3 @@ async def _with_heartbeat(
             return task.result()
         with contextlib.suppress(Exception):
             await heartbeat()
-
-
-class _NoGraph(Graph):
-    """Stands for a run's graph where a change needs none (queuing a new run)."""
-
-    def __init__(self) -> None:
-        self.steps = {}
-        self.order = []
-        self.trigger = ""
-
-
-_EMPTY_GRAPH: Final = _NoGraph()

@@ -8,7 +8,7 @@ the source chose (plain edges follow the default path). A node waits until every
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Final
@@ -96,6 +96,7 @@ class Graph:
             self.steps[e.target].incoming.append(edge)
         self.trigger = next(s.id for s in self.steps.values() if s.type == "trigger")
         self.order = list(self.steps)
+        self.position = {step_id: i for i, step_id in enumerate(self.order)}
 
     def taken(self, edge: Edge, source: StepState) -> bool:
         """Whether an edge carries the run on, given its source's state."""
@@ -108,11 +109,18 @@ class Graph:
             return edge.handle == ERROR_HANDLE if step.has_error_edges else edge.handle is None
         return False
 
-    def frontier(self, states: Mapping[str, StepState]) -> tuple[list[str], list[str]]:
-        """Steps with no state yet that can now run, and those that must be skipped."""
+    def frontier(
+        self, states: Mapping[str, StepState], candidates: Iterable[str] | None = None
+    ) -> tuple[list[str], list[str]]:
+        """Steps with no state yet that can now run, and those that must be skipped.
+
+        ``candidates`` limits the look to some steps (those after steps that just finished), so a
+        long chain is walked in linear time.
+        """
         ready: list[str] = []
         skip: list[str] = []
-        for step_id in self.order:
+        look = self.order if candidates is None else sorted(set(candidates), key=self.position.__getitem__)
+        for step_id in look:
             if step_id in states:
                 continue
             step = self.steps[step_id]
