@@ -62,6 +62,7 @@ class OutboxRelay:
         self._poll_s = poll_s
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._js: JetStreamContext | None = None
 
     def notify(self) -> None:
         """A transaction with outbox rows committed: publish them now."""
@@ -69,7 +70,18 @@ class OutboxRelay:
 
     def start(self, js: JetStreamContext) -> None:
         """Run in the background until :meth:`stop`."""
+        self._js = js
         self._task = asyncio.create_task(self._run(js), name="outbox-relay")
+
+    async def publish_now(self) -> None:
+        """Publish what is pending before going on (so a reply follows its announcement); never raises."""
+        if self._js is None:
+            return
+        try:
+            await self.drain(self._js)
+        except Exception as exc:
+            log.warning("outbox publish failed, the relay will retry: %s", exc)
+            self.notify()
 
     async def stop(self) -> None:
         """Stop after the current batch; unpublished rows wait for the next start."""

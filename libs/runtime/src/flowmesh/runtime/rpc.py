@@ -99,7 +99,7 @@ class RpcServer:
                 return reply
 
             serve.__name__ = f"{self.service}_{op}"
-            self.broker.subscriber(subject, queue=self.service)(serve)
+            self.broker.subscriber(subject, queue=self.service, max_workers=self.concurrency)(serve)
             return fn
 
         return register

@@ -170,7 +170,7 @@ def register(rpc: RpcServer, sessions: async_sessionmaker[AsyncSession], relay: 
                 )
             await repo.delete_flow(s, tenant=ctx.tenant, flow_id=flow.id, now=utcnow())
             await _announce(s, flow.model_copy(update={"active": False}), FlowEventType.DELETED)
-        relay.notify()
+        await relay.publish_now()
 
     @rpc.handler(FlowsOp.DUPLICATE)
     async def duplicate(ctx: RpcContext, body: Any) -> Flow:
@@ -215,7 +215,7 @@ def register(rpc: RpcServer, sessions: async_sessionmaker[AsyncSession], relay: 
                 now=utcnow(),
             )
             await _announce(s, flow, FlowEventType.PUBLISHED)
-        relay.notify()
+        await relay.publish_now()
         return PublishResult(version=version, created=True)
 
     @rpc.handler(FlowsOp.VERSIONS)
@@ -254,7 +254,7 @@ def register(rpc: RpcServer, sessions: async_sessionmaker[AsyncSession], relay: 
                 s, tenant=ctx.tenant, flow_id=flow.id, values={"active_version": target}, now=utcnow()
             )
             await _announce(s, flow, FlowEventType.ROLLED_BACK)
-        relay.notify()
+        await relay.publish_now()
         return flow
 
     async def set_active(ctx: RpcContext, body: Any, active: bool) -> Flow:
@@ -266,7 +266,7 @@ def register(rpc: RpcServer, sessions: async_sessionmaker[AsyncSession], relay: 
                 s, tenant=ctx.tenant, flow_id=flow.id, values={"active": active}, now=utcnow()
             )
             await _announce(s, flow, FlowEventType.ACTIVATED if active else FlowEventType.DEACTIVATED)
-        relay.notify()
+        await relay.publish_now()
         return flow
 
     @rpc.handler(FlowsOp.ACTIVATE)
@@ -313,6 +313,8 @@ def register(rpc: RpcServer, sessions: async_sessionmaker[AsyncSession], relay: 
                 await _insert_trigger(s, ctx, flow, t.type, t.name, config, t.enabled)
                 for t, config in zip(doc.flow.triggers, configs, strict=True)
             ]
+        if created:
+            await relay.publish_now()
         return {**flow.wire(), "triggers": [t.wire(exclude_none=True) for t in created]}
 
     @rpc.handler(FlowsOp.CATALOG, tenant_required=False)
@@ -335,7 +337,6 @@ def register(rpc: RpcServer, sessions: async_sessionmaker[AsyncSession], relay: 
             s, trigger_id=new_id(), tenant=ctx.tenant, flow_id=flow.id, values=values, now=utcnow()
         )
         await _announce(s, flow, FlowEventType.TRIGGER_CHANGED, trigger=trigger)
-        relay.notify()
         return trigger.model_copy(update={"url": triggers.WEBHOOK_PATH + token if token else None, "secret": secret})
 
     @rpc.handler(FlowsOp.TRIGGERS)
@@ -351,7 +352,11 @@ def register(rpc: RpcServer, sessions: async_sessionmaker[AsyncSession], relay: 
         config = triggers.check_config(req.trigger.type, req.trigger.config)
         async with sessions.begin() as s:
             flow = await _flow(s, ctx, req.flow_id, lock=True)
-            return await _insert_trigger(s, ctx, flow, req.trigger.type, req.trigger.name, config, req.trigger.enabled)
+            created = await _insert_trigger(
+                s, ctx, flow, req.trigger.type, req.trigger.name, config, req.trigger.enabled
+            )
+        await relay.publish_now()
+        return created
 
     @rpc.handler(FlowsOp.TRIGGER_UPDATE)
     async def update_trigger(ctx: RpcContext, body: Any) -> Trigger:
@@ -377,7 +382,7 @@ def register(rpc: RpcServer, sessions: async_sessionmaker[AsyncSession], relay: 
                 s, tenant=ctx.tenant, trigger_id=trigger.id, values=values, now=utcnow()
             )
             await _announce(s, await _flow(s, ctx, trigger.flow_id), FlowEventType.TRIGGER_CHANGED, trigger=trigger)
-        relay.notify()
+        await relay.publish_now()
         return trigger
 
     @rpc.handler(FlowsOp.TRIGGER_DELETE)
@@ -392,7 +397,7 @@ def register(rpc: RpcServer, sessions: async_sessionmaker[AsyncSession], relay: 
                 trigger=trigger,
                 trigger_deleted=True,
             )
-        relay.notify()
+        await relay.publish_now()
 
     # --- lookups for other services ----------------------------------------------------------------
 

@@ -14,9 +14,10 @@ import contextlib
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, Final
 
 from jsonschema.protocols import Validator
 from jsonschema.validators import validator_for
@@ -38,6 +39,9 @@ from flowmesh.runner.io_steps import HttpStep, run_publish
 from flowmesh.runtime.rpc import RpcClient
 
 log = logging.getLogger(__name__)
+
+RUNNABLE_TTL_S: Final = 5.0
+RUNNABLE_CACHE_SIZE: Final = 10_000
 
 Work = tuple[str, str | None, str]  # run id, step id (None: advance the run), message id
 
@@ -63,6 +67,7 @@ class Executor:
         self._published: dict[str, int] = {}
         self._saved_versions: set[tuple[str, int]] = set()
         self._tasks: set[asyncio.Future[None]] = set()
+        self._runnable: dict[tuple[str, str, int | None], tuple[float, RunnableFlow]] = {}
         self._flush_task: asyncio.Task[None] | None = None
 
     def _background(self, work: Awaitable[None]) -> None:
@@ -114,13 +119,35 @@ class Executor:
 
     # --- start ------------------------------------------------------------------------------------
 
+    async def runnable(self, tenant: str, flow_id: str, version: int | None) -> RunnableFlow:
+        """What the flows service says about starting a flow, cached until it announces a change.
+
+        Entries are dropped by ``fm.flows.{t}.*`` announcements (the flows service publishes them
+        before it answers the change), and expire after a few seconds in case one was missed.
+        """
+        key = (tenant, flow_id, version)
+        hit = self._runnable.get(key)
+        now = time.monotonic()
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        found = RunnableFlow.model_validate(
+            await self.flows.call(FlowsOp.RUNNABLE, {"flowId": flow_id, "version": version}, tenant=tenant)
+        )
+        if len(self._runnable) > RUNNABLE_CACHE_SIZE:
+            self._runnable.clear()
+        self._runnable[key] = (now + RUNNABLE_TTL_S, found)
+        return found
+
+    def forget_flow(self, tenant: str, flow_id: str) -> None:
+        """A flow changed (published, rolled back, (de)activated, deleted): ask the flows service again."""
+        for key in [k for k in self._runnable if k[0] == tenant and k[1] == flow_id]:
+            self._runnable.pop(key, None)
+
     async def start_run(self, tenant: str, req: StartRun) -> StartRunResult:
         """Create a run of a published, active flow (idempotent by key), queued for execution."""
         if not is_uuid(req.flow_id):
             raise NotFound(f"flow {req.flow_id} not found")
-        runnable = RunnableFlow.model_validate(
-            await self.flows.call(FlowsOp.RUNNABLE, {"flowId": req.flow_id, "version": req.version}, tenant=tenant)
-        )
+        runnable = await self.runnable(tenant, req.flow_id, req.version)
         if not runnable.active:
             raise Conflict(f"flow {req.flow_id} is deactivated; activate it to start runs")
         self._check_input(runnable, req.input)

@@ -9,6 +9,7 @@ from faststream import AckPolicy
 from faststream.nats import ConsumerConfig, JStream, NatsMessage, PullSub
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from flowmesh.contracts import headers
 from flowmesh.contracts.errors import Conflict, NotFound
 from flowmesh.contracts.ids import is_uuid
 from flowmesh.contracts.models import Page, Run, RunEvent, StepRun
@@ -23,8 +24,8 @@ from flowmesh.contracts.models.rpc import (
     StartRunResult,
 )
 from flowmesh.contracts.streams import RUNNER_STEPS, STEP_WORK
+from flowmesh.contracts.subjects import FLOWS_EVENTS_ALL, RunsOp
 from flowmesh.contracts.subjects import STEP_WORK as STEP_WORK_SUBJECT
-from flowmesh.contracts.subjects import RunsOp
 from flowmesh.runner import repo
 from flowmesh.runner.engine import Execution, Outcome
 from flowmesh.runner.executor import Executor
@@ -135,6 +136,13 @@ def register(
             return await executor.start_run(ctx.tenant, start_req)
         await executor.reopen(run.id, tenant=ctx.tenant)
         return StartRunResult(run=await _own_run(sessions, ctx, run.id), created=False)
+
+    @rpc.broker.subscriber(FLOWS_EVENTS_ALL)  # no queue group: every replica keeps its own cache
+    async def flow_changed(body: dict[str, Any], msg: NatsMessage) -> None:
+        tenant = (msg.headers or {}).get(headers.TENANT)
+        flow_id = body.get("flowId")
+        if isinstance(tenant, str) and isinstance(flow_id, str):
+            executor.forget_flow(tenant, flow_id)
 
     # --- work --------------------------------------------------------------------------------------
 
