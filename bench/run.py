@@ -32,6 +32,7 @@ from flowmesh.contracts.subjects import tenant_token
 from stack import ProcessStack, chain, token
 
 RESULTS = Path(__file__).parent / "results"
+SETUP: dict[str, Any] = {}
 TARGETS = {"chain": {"p50_ms": 50.0}, "throughput": {"steps_per_s": 1500.0}}
 REFERENCE = {
     "chain": {"temporal_dev_p50_ms": 2056, "dbos_p50_ms": 219},
@@ -177,6 +178,7 @@ def report(result: dict[str, Any]) -> None:
     result["targets"] = TARGETS.get(name, {})
     result["reference"] = REFERENCE.get(name, {})
     result["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version()}
+    result["setup"] = SETUP
     result["when"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -217,8 +219,15 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=200, help="runs of the throughput scenario")
     parser.add_argument("--steps", type=int, default=10, help="steps per run of the throughput scenario")
     parser.add_argument("--in-flight", type=int, default=50, help="runs in flight in the throughput scenario")
+    parser.add_argument(
+        "--runners",
+        type=int,
+        default=2,
+        help="runner replicas of the started stack (the runner scales out; default 2 for 2 cores)",
+    )
     args = parser.parse_args()
     args.scenarios = args.scenarios or list(TARGETS)
+    SETUP.update({"runner_replicas": args.runners if not args.base else "external", "client": "aiohttp"})
     if unknown := set(args.scenarios) - set(TARGETS):
         parser.error(f"unknown scenario(s) {', '.join(sorted(unknown))}; choose from {', '.join(TARGETS)}")
     if args.base:
@@ -235,7 +244,7 @@ def main() -> None:
             nats_server.url, pg.url, work, env={"FLOWMESH_JWT_SECRET": args.secret, "FLOWMESH_LOG_LEVEL": "WARNING"}
         )
         try:
-            log("starting the five services")
+            log(f"starting the five services ({args.runners} runner replicas)")
             stack.start_all()
             stack.wait_ready()
             args.base, args.nats = stack.base, nats_server.url

@@ -57,11 +57,15 @@ class ProcessStack:
         *,
         env: dict[str, str] | None = None,
         services: tuple[str, ...] = SERVICES,
+        replicas: dict[str, int] | None = None,
     ) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.services = services
+        # replicas beyond the first are named "<service>#<n>"
+        self.services = tuple(
+            name if i == 0 else f"{name}#{i + 1}" for name in services for i in range((replicas or {}).get(name, 1))
+        )
         self.env = {
             **os.environ,
             "FLOWMESH_ENV": "dev",

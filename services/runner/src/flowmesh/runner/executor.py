@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from flowmesh.contracts import headers as h
 from flowmesh.contracts.errors import Conflict, InvalidInput, NotFound
 from flowmesh.contracts.ids import is_uuid, new_id, utcnow
-from flowmesh.contracts.models import FieldError
+from flowmesh.contracts.models import FieldError, Run
 from flowmesh.contracts.models.definition import HttpData, PublishData
 from flowmesh.contracts.models.rpc import RunnableFlow, StartRun, StartRunResult
 from flowmesh.contracts.strict import json_pointer
@@ -154,6 +154,24 @@ class Executor:
         input_hash = canonical_hash(req.input)
         version = runnable.version
         now = utcnow()
+        record = RunRecord(
+            id=new_id(),
+            tenant_id=tenant,
+            flow_id=req.flow_id,
+            version=version.version,
+            status="queued",
+            trigger_type=req.trigger_type,
+            input=req.input,
+            created_at=now,
+            parent_run_id=req.parent_run_id,
+        )
+        extra = {
+            "trigger_id": req.trigger_id,
+            "idempotency_key": req.idempotency_key,
+            "input_hash": input_hash,
+            "parent_step_id": req.parent_step_id,
+            "retry_of": req.retry_of,
+        }
         async with self.sessions.begin() as s:
             if (version.flow_id, version.version) not in self._saved_versions:
                 await repo.save_version(
@@ -165,27 +183,12 @@ class Executor:
                     input_schema=version.input_schema,
                     settings=version.settings,
                 )
-            run = await repo.insert_run(
-                s,
-                values={
-                    "id": new_id(),
-                    "tenant_id": tenant,
-                    "flow_id": req.flow_id,
-                    "version": version.version,
-                    "status": "queued",
-                    "trigger_type": req.trigger_type,
-                    "trigger_id": req.trigger_id,
-                    "input": req.input,
-                    "idempotency_key": req.idempotency_key,
-                    "input_hash": input_hash,
-                    "parent_run_id": req.parent_run_id,
-                    "parent_step_id": req.parent_step_id,
-                    "retry_of": req.retry_of,
-                    "created_at": now,
-                    "updated_at": now,
-                },
-            )
-            if run is None:
+            # the run goes as far as it can in the transaction that accepts it: a flow of pure steps
+            # is done at commit, with no message to another worker and no second transaction
+            ex = Execution(record, await self._graph(s, req.flow_id, version.version), {}, now)
+            ex.queue()
+            ex.advance()
+            if not await repo.insert_run(s, record=record, values=extra):
                 assert req.idempotency_key is not None
                 found = await repo.run_by_key(s, tenant=tenant, flow_id=req.flow_id, key=req.idempotency_key)
                 assert found is not None
@@ -196,29 +199,27 @@ class Executor:
                         errors=[FieldError(path="/input", message="differs from the first request with this key")],
                     )
                 return StartRunResult(run=existing, created=False)
-            record = RunRecord(
-                id=run.id,
-                tenant_id=tenant,
-                flow_id=run.flow_id,
-                version=run.version,
-                status="queued",
-                trigger_type=run.trigger_type,
-                input=run.input,
-                created_at=now,
-                parent_run_id=run.parent_run_id,
-            )
-            # the run goes as far as it can in the transaction that accepts it: a flow of pure steps
-            # is done at commit, with no message to another worker and no second transaction
-            ex = Execution(record, await self._graph(s, run.flow_id, run.version), {}, now)
-            ex.queue()
-            ex.advance()
-            events = await repo.save(s, ex)
+            events = await repo.save(s, ex, run_written=True)
         self._saved_versions.add((version.flow_id, version.version))
-        work = [(run.id, step_id, self._msg_id(ex, step_id)) for step_id in ex.dispatch]
+        work = [(record.id, step_id, self._msg_id(ex, step_id)) for step_id in ex.dispatch]
         # answer as soon as the run is committed; its events follow (a crash here is the sweep's job)
         self._background(self._after_commit(record, events, work))
         # the answer is the run as accepted (queued); its progress is in its events
-        return StartRunResult(run=run, created=True)
+        accepted = Run(
+            id=record.id,
+            flow_id=record.flow_id,
+            version=record.version,
+            tenant_id=tenant,
+            status="queued",
+            trigger_type=req.trigger_type,
+            trigger_id=req.trigger_id,
+            input=req.input,
+            idempotency_key=req.idempotency_key,
+            parent_run_id=req.parent_run_id,
+            retry_of=req.retry_of,
+            created_at=now,
+        )
+        return StartRunResult(run=accepted, created=True)
 
     # --- changing a run under its lock ----------------------------------------------------------
 
@@ -236,7 +237,7 @@ class Executor:
             if asyncio.iscoroutine(result):
                 result = await result
             events = await repo.save(s, ex)
-        work = [(run_id, step_id, self._msg_id(ex, step_id)) for step_id in ex.dispatch]
+        work = [(record.id, step_id, self._msg_id(ex, step_id)) for step_id in ex.dispatch]
         await self._after_commit(ex.run, events, work)
         return result
 

@@ -115,19 +115,39 @@ def _run(row: RowMapping) -> Run:
     )
 
 
-async def insert_run(session: AsyncSession, *, values: dict[str, Any]) -> Run | None:
-    """Insert a new run; None when its idempotency key is taken (the caller reads that run)."""
-    stmt = (
-        insert(runs)
-        .values(retry_count=0, last_seq=0, published_seq=0, **values)
-        .on_conflict_do_nothing(
-            index_elements=[runs.c.tenant_id, runs.c.flow_id, runs.c.idempotency_key],
-            index_where=runs.c.idempotency_key.is_not(None),
-        )
-        .returning(*runs.c)
+_INSERT_RUN = (
+    insert(runs)
+    .on_conflict_do_nothing(
+        index_elements=[runs.c.tenant_id, runs.c.flow_id, runs.c.idempotency_key],
+        index_where=runs.c.idempotency_key.is_not(None),
     )
-    row = (await session.execute(stmt)).mappings().one_or_none()
-    return None if row is None else _run(row)
+    .returning(runs.c.id)
+)
+
+
+async def insert_run(session: AsyncSession, *, record: RunRecord, values: dict[str, Any]) -> bool:
+    """Insert a new run in the state its first execution left it; False when its idempotency key is taken."""
+    row = {
+        **values,
+        "id": record.id,
+        "tenant_id": record.tenant_id,
+        "flow_id": record.flow_id,
+        "version": record.version,
+        "status": record.status,
+        "trigger_type": record.trigger_type,
+        "input": record.input,
+        "output": record.output,
+        "error": record.error,
+        "parent_run_id": record.parent_run_id,
+        "started_at": record.started_at,
+        "completed_at": record.completed_at,
+        "last_seq": record.last_seq,
+        "created_at": record.created_at,
+        "updated_at": record.created_at,
+        "retry_count": 0,
+        "published_seq": 0,
+    }
+    return (await session.execute(_INSERT_RUN, row)).first() is not None
 
 
 async def run_by_key(session: AsyncSession, *, tenant: str, flow_id: str, key: str) -> tuple[Run, str | None] | None:
@@ -161,11 +181,14 @@ async def load_steps(session: AsyncSession, *, run_id: str) -> dict[str, StepSta
     }
 
 
-async def save(session: AsyncSession, ex: Execution) -> list[dict[str, Any]]:
-    """Write an execution's changes; returns its new events as published payloads, in ``seq`` order."""
+async def save(session: AsyncSession, ex: Execution, *, run_written: bool = False) -> list[dict[str, Any]]:
+    """Write an execution's changes; returns its new events as published payloads, in ``seq`` order.
+
+    ``run_written``: the run row was just inserted in its new state, only steps and events remain.
+    """
     r = ex.run
     now = ex.now
-    if ex.run_changed:
+    if ex.run_changed and not run_written:
         await session.execute(
             update(runs)
             .where(runs.c.id == r.id)
