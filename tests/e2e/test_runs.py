@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from typing import Any
 
@@ -352,3 +353,39 @@ def test_runs_are_listed_filtered_and_hidden_from_other_tenants(alice: httpx.Cli
         assert r.status_code == 404, (method, path, r.text)
     assert mallory.get("/runs", params={"flowId": flow_id}).json()["total"] == 0
     assert alice.get("/runs/not-a-uuid").status_code == 404
+
+
+def test_durable_start_commands_make_exactly_one_run(alice: httpx.Client, infra: Any) -> None:
+    import asyncio
+
+    import nats
+
+    from flowmesh.contracts import headers
+    from flowmesh.contracts.subjects import RUN_START_CMD
+
+    flow_id = publish_flow(alice, chain(2))
+    tenant = alice.get("/flows", params={"pageSize": 1}).json()["items"][0]["tenantId"]
+    key = f"sched:test:{uuid.uuid4().hex}"
+    command = json.dumps({"flowId": flow_id, "input": {"v": 1}, "idempotencyKey": key,
+                          "triggerType": "schedule"}).encode()
+
+    async def send() -> None:
+        nc = await nats.connect(infra.nats_url)
+        try:
+            js = nc.jetstream()
+            hdrs = {headers.TENANT: tenant, headers.SCHEMA: "1"}
+            await js.publish(RUN_START_CMD, command, headers={**hdrs, headers.MSG_ID: key})
+            # a second scheduler replica, or a retry after the dedupe window, sends it again
+            await js.publish(RUN_START_CMD, command, headers={**hdrs, headers.MSG_ID: key + ":again"})
+        finally:
+            await nc.close()
+
+    asyncio.run(send())
+    deadline = time.monotonic() + 20
+    while alice.get("/runs", params={"flowId": flow_id, "status": "succeeded"}).json()["total"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    runs = alice.get("/runs", params={"flowId": flow_id}).json()
+    assert runs["total"] == 1
+    run = runs["items"][0]
+    assert run["triggerType"] == "schedule" and run["idempotencyKey"] == key and run["output"] == {"v": 3}

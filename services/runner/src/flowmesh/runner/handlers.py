@@ -7,10 +7,11 @@ from typing import Any
 
 from faststream import AckPolicy
 from faststream.nats import ConsumerConfig, JStream, NatsMessage, PullSub
+from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from flowmesh.contracts import headers
-from flowmesh.contracts.errors import Conflict, NotFound
+from flowmesh.contracts.errors import Conflict, InvalidInput, NotFound
 from flowmesh.contracts.ids import is_uuid
 from flowmesh.contracts.models import Page, Run, RunEvent, StepRun
 from flowmesh.contracts.models.rpc import (
@@ -23,8 +24,8 @@ from flowmesh.contracts.models.rpc import (
     StartRun,
     StartRunResult,
 )
-from flowmesh.contracts.streams import RUNNER_STEPS, STEP_WORK
-from flowmesh.contracts.subjects import FLOWS_EVENTS_ALL, RunsOp
+from flowmesh.contracts.streams import RUN_CMDS, RUNNER_STARTS, RUNNER_STEPS, STEP_WORK
+from flowmesh.contracts.subjects import FLOWS_EVENTS_ALL, RUN_START_CMD, RunsOp
 from flowmesh.contracts.subjects import STEP_WORK as STEP_WORK_SUBJECT
 from flowmesh.runner import repo
 from flowmesh.runner.engine import Execution, Outcome
@@ -143,6 +144,31 @@ def register(
         flow_id = body.get("flowId")
         if isinstance(tenant, str) and isinstance(flow_id, str):
             executor.forget_flow(tenant, flow_id)
+
+    @rpc.broker.subscriber(
+        RUN_START_CMD,
+        stream=JStream(RUN_CMDS.name, declare=False),
+        durable=RUNNER_STARTS.durable,
+        pull_sub=PullSub(batch_size=16, timeout=1.0),
+        max_workers=16,
+        ack_policy=AckPolicy.MANUAL,
+    )
+    async def start_command(body: dict[str, Any], msg: NatsMessage) -> None:
+        """Durable starts (schedules, events): de-duplicated by their idempotency key."""
+        tenant = (msg.headers or {}).get(headers.TENANT, "")
+        try:
+            req = StartRun.model_validate(body)
+            if not tenant or not req.idempotency_key:
+                raise InvalidInput("a start command needs a Flowmesh-Tenant header and an idempotencyKey")
+            await executor.start_run(tenant, req)
+        except (NotFound, Conflict, InvalidInput, ValidationError) as exc:
+            # it can never succeed (flow gone or deactivated, bad input): drop it, loudly
+            log.warning("start command for tenant %r refused: %s", tenant, exc)
+        except Exception as exc:
+            log.warning("start command for tenant %r failed, will retry: %s", tenant, exc)
+            await msg.nack(delay=1.0)
+            return
+        await msg.ack()
 
     # --- work --------------------------------------------------------------------------------------
 
