@@ -366,8 +366,9 @@ def test_durable_start_commands_make_exactly_one_run(alice: httpx.Client, infra:
     flow_id = publish_flow(alice, chain(2))
     tenant = alice.get("/flows", params={"pageSize": 1}).json()["items"][0]["tenantId"]
     key = f"sched:test:{uuid.uuid4().hex}"
-    command = json.dumps({"flowId": flow_id, "input": {"v": 1}, "idempotencyKey": key,
-                          "triggerType": "schedule"}).encode()
+    command = json.dumps(
+        {"flowId": flow_id, "input": {"v": 1}, "idempotencyKey": key, "triggerType": "schedule"}
+    ).encode()
 
     async def send() -> None:
         nc = await nats.connect(infra.nats_url)
@@ -389,3 +390,35 @@ def test_durable_start_commands_make_exactly_one_run(alice: httpx.Client, infra:
     assert runs["total"] == 1
     run = runs["items"][0]
     assert run["triggerType"] == "schedule" and run["idempotencyKey"] == key and run["output"] == {"v": 3}
+
+
+def test_wait_event_resumes_on_a_matching_event_of_its_tenant_only(alice: httpx.Client, infra: Any) -> None:
+    import asyncio
+
+    import nats
+
+    from flowmesh.contracts.subjects import external_event
+
+    d = {"nodes": [T, {"id": "paid", "type": "waitEvent",
+                       "data": {"eventType": "order.paid", "match": "event.orderId == input.orderId"}},
+                   {"id": "done", "type": "transform", "data": {"output": {"total": "{{ steps.paid.output.total }}"}}}],
+         "edges": [edge("start", "paid"), edge("paid", "done")]}
+    flow_id = publish_flow(alice, d)
+    rid = start(alice, flow_id, {"orderId": "A-1"}).json()["id"]
+    wait_run(alice, rid, until=("waiting",))
+    alice_tenant = alice.get(f"/runs/{rid}").json()["tenantId"]
+
+    async def send(tenant: str, payload: dict[str, Any]) -> None:
+        nc = await nats.connect(infra.nats_url)
+        try:
+            await nc.jetstream().publish(external_event(tenant, "order.paid"), json.dumps(payload).encode())
+        finally:
+            await nc.close()
+
+    asyncio.run(send(alice_tenant, {"orderId": "B-2", "total": 1}))  # another order
+    asyncio.run(send("someone-else", {"orderId": "A-1", "total": 2}))  # another tenant
+    asyncio.run(send(alice_tenant, {"orderId": "A-1", "total": 42}))
+    # a wrong event taken first would have finished the step with its own total
+    run = wait_run(alice, rid)
+    assert run["status"] == "succeeded" and run["output"] == {"total": 42}
+    assert steps_of(alice, rid)["paid"]["output"] == {"orderId": "A-1", "total": 42}

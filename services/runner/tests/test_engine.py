@@ -227,3 +227,21 @@ def test_jitter_stays_within_its_bound() -> None:
     rng = random.Random(7)
     delays = [retry_delay(policy, 1, rng).total_seconds() for _ in range(200)]
     assert min(delays) >= 0.8 and max(delays) <= 1.2 and len(set(delays)) > 1
+
+
+def test_wait_event_takes_only_a_matching_event() -> None:
+    nodes = [n("w", "waitEvent", eventType="order.paid", match="event.id == input.id"), n("after")]
+    ex = execution(nodes, [e("start", "w"), e("w", "after")], {"id": 7})
+    ex.advance()
+    assert ex.steps["w"].status == "waiting" and ex.steps["w"].wait_for == "t.order.paid"
+    assert not ex.deliver_event("w", 1, {"id": 8})
+    assert ex.steps["w"].status == "waiting"
+    assert ex.deliver_event("w", 1, {"id": 7, "x": 1})
+    assert ex.steps["w"].output == {"id": 7, "x": 1} and ex.run.status == "succeeded"
+
+
+def test_a_wait_event_match_that_cannot_be_evaluated_fails_the_step() -> None:
+    ex = execution([n("w", "waitEvent", eventType="x", match="event.missing > 1")], [e("start", "w")])
+    ex.advance()
+    ex.deliver_event("w", 1, {})
+    assert ex.run.status == "failed" and (ex.run.error or {})["type"] == "expression"

@@ -19,9 +19,11 @@ from flowmesh.contracts.models.definition import (
     FailData,
     SwitchData,
     TransformData,
+    WaitEventData,
     case_handle,
 )
 from flowmesh.contracts.models.runs import FINAL_RUN_STATUSES
+from flowmesh.contracts.subjects import tenant_token
 from flowmesh.runner.graph import Graph, Step, StepState, retry_delay
 
 WAITING_TYPES: Final = frozenset({"approval", "waitEvent"})
@@ -197,7 +199,10 @@ class Execution:
                 if step.pure:
                     self._record(step, 1, run_pure(step, self.context()))
                 elif step.type in WAITING_TYPES:
-                    self._set(step_id, _replace(self.steps[step_id], status="waiting"))
+                    wait_for = None
+                    if isinstance(step.data, WaitEventData):
+                        wait_for = f"{tenant_token(self.run.tenant_id)}.{step.data.event_type}"
+                    self._set(step_id, _replace(self.steps[step_id], status="waiting", wait_for=wait_for))
                     self.emit("step.waiting", step_id, 1, stepType=step.type)
                 else:
                     self.dispatch.append(step_id)
@@ -234,6 +239,24 @@ class Execution:
         self.emit("step.started", step_id, attempt, stepType=self.graph.steps[step_id].type)
         self._settle()
         return attempt
+
+    def deliver_event(self, step_id: str, attempt: int, payload: Any) -> bool:
+        """Offer an external event to a waiting ``waitEvent`` step; True when its ``match`` took it."""
+        state = self.steps.get(step_id)
+        step = self.graph.steps.get(step_id)
+        if state is None or step is None or state.status != "waiting" or state.attempt != attempt:
+            return False
+        data = step.data
+        if not isinstance(data, WaitEventData):
+            return False
+        if data.match:
+            try:
+                matched = evaluate(expression_source(data.match), {**self.context(), "event": payload})
+            except ExpressionError as exc:
+                return self.complete(step_id, attempt, Outcome.failure(f"step {step_id!r}: {exc}", "expression"))
+            if matched is not True:
+                return False
+        return self.complete(step_id, attempt, Outcome(ok=True, output=payload, handle="event"))
 
     def complete(self, step_id: str, attempt: int, outcome: Outcome) -> bool:
         """Record how an attempt of a dispatched or waiting step ended, then advance.

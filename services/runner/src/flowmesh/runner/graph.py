@@ -73,6 +73,7 @@ class StepState:
     started_at: datetime | None = None
     completed_at: datetime | None = None
     next_attempt_at: datetime | None = None
+    wait_for: str | None = None
 
     @property
     def final(self) -> bool:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Any
 
 from faststream import AckPolicy
-from faststream.nats import ConsumerConfig, JStream, NatsMessage, PullSub
+from faststream.nats import ConsumerConfig, DeliverPolicy, JStream, NatsMessage, PullSub
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -24,8 +25,8 @@ from flowmesh.contracts.models.rpc import (
     StartRun,
     StartRunResult,
 )
-from flowmesh.contracts.streams import RUN_CMDS, RUNNER_STARTS, RUNNER_STEPS, STEP_WORK
-from flowmesh.contracts.subjects import FLOWS_EVENTS_ALL, RUN_START_CMD, RunsOp
+from flowmesh.contracts.streams import EVENTS, RUN_CMDS, RUNNER_EVENTS, RUNNER_STARTS, RUNNER_STEPS, STEP_WORK
+from flowmesh.contracts.subjects import EVENTS_ALL, FLOWS_EVENTS_ALL, RUN_START_CMD, RunsOp
 from flowmesh.contracts.subjects import STEP_WORK as STEP_WORK_SUBJECT
 from flowmesh.runner import repo
 from flowmesh.runner.engine import Execution, Outcome
@@ -33,6 +34,11 @@ from flowmesh.runner.executor import Executor
 from flowmesh.runtime.rpc import RpcContext, RpcServer
 
 log = logging.getLogger(__name__)
+EVENTS_PREFIX = EVENTS_ALL.removesuffix(">")
+
+
+def _deliver(ex: Execution, *, step_id: str, attempt: int, payload: Any) -> None:
+    ex.deliver_event(step_id, attempt, payload)
 
 
 async def _own_run(sessions: async_sessionmaker[AsyncSession], ctx: RpcContext, run_id: str) -> Run:
@@ -166,6 +172,29 @@ def register(
             log.warning("start command for tenant %r refused: %s", tenant, exc)
         except Exception as exc:
             log.warning("start command for tenant %r failed, will retry: %s", tenant, exc)
+            await msg.nack(delay=1.0)
+            return
+        await msg.ack()
+
+    @rpc.broker.subscriber(
+        EVENTS_ALL,
+        stream=JStream(EVENTS.name, declare=False),
+        durable=RUNNER_EVENTS.durable,
+        pull_sub=PullSub(batch_size=16, timeout=1.0),
+        max_workers=16,
+        ack_policy=AckPolicy.MANUAL,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW, ack_wait=ack_wait_s),
+    )
+    async def external_event(body: Any, msg: NatsMessage) -> None:
+        """An event on ``fm.events.{t}.<type>``: resume every ``waitEvent`` step waiting for it that matches."""
+        key = msg.raw_message.subject.removeprefix(EVENTS_PREFIX)
+        try:
+            async with sessions() as s:
+                waiting = await repo.waiting_for(s, key=key)
+            for run_id, step_id, attempt in waiting:
+                await executor.change(run_id, partial(_deliver, step_id=step_id, attempt=attempt, payload=body))
+        except Exception:
+            log.exception("delivering event %s failed; it will be redelivered", key)
             await msg.nack(delay=1.0)
             return
         await msg.ack()

@@ -28,6 +28,7 @@ _STEP_FIELDS: tuple[str, ...] = (
     "started_at",
     "completed_at",
     "next_attempt_at",
+    "wait_for",
 )
 
 
@@ -340,6 +341,14 @@ async def list_events(session: AsyncSession, *, run_id: str, after: int, limit: 
         .limit(limit)
     )
     return [RunEvent(**r) for r in (await session.execute(stmt)).mappings()]
+
+
+async def waiting_for(session: AsyncSession, *, key: str) -> list[tuple[str, str, int]]:
+    """Steps waiting for an event with this subject key: ``(run_id, step_id, attempt)``."""
+    stmt = select(step_runs.c.run_id, step_runs.c.step_id, step_runs.c.attempt).where(
+        step_runs.c.wait_for == key, step_runs.c.status == "waiting"
+    )
+    return [(r.run_id, r.step_id, r.attempt) for r in (await session.execute(stmt)).all()]
 
 
 async def count_events(session: AsyncSession, *, run_id: str, after: int) -> int:

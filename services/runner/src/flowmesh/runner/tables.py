@@ -64,6 +64,7 @@ step_runs = Table(
     Column("duration_ms", Integer),
     Column("next_attempt_at", DateTime(timezone=True)),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("wait_for", Text),
     PrimaryKeyConstraint("run_id", "step_id"),
 )
 
