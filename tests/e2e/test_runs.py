@@ -399,10 +399,18 @@ def test_wait_event_resumes_on_a_matching_event_of_its_tenant_only(alice: httpx.
 
     from flowmesh.contracts.subjects import external_event
 
-    d = {"nodes": [T, {"id": "paid", "type": "waitEvent",
-                       "data": {"eventType": "order.paid", "match": "event.orderId == input.orderId"}},
-                   {"id": "done", "type": "transform", "data": {"output": {"total": "{{ steps.paid.output.total }}"}}}],
-         "edges": [edge("start", "paid"), edge("paid", "done")]}
+    d = {
+        "nodes": [
+            T,
+            {
+                "id": "paid",
+                "type": "waitEvent",
+                "data": {"eventType": "order.paid", "match": "event.orderId == input.orderId"},
+            },
+            {"id": "done", "type": "transform", "data": {"output": {"total": "{{ steps.paid.output.total }}"}}},
+        ],
+        "edges": [edge("start", "paid"), edge("paid", "done")],
+    }
     flow_id = publish_flow(alice, d)
     rid = start(alice, flow_id, {"orderId": "A-1"}).json()["id"]
     wait_run(alice, rid, until=("waiting",))
