@@ -430,3 +430,58 @@ def test_wait_event_resumes_on_a_matching_event_of_its_tenant_only(alice: httpx.
     run = wait_run(alice, rid)
     assert run["status"] == "succeeded" and run["output"] == {"total": 42}
     assert steps_of(alice, rid)["paid"]["output"] == {"orderId": "A-1", "total": 42}
+
+
+def child_flow(c: httpx.Client) -> str:
+    """A published flow doubling input.n (or failing on n == 13)."""
+    d = {"nodes": [T, {"id": "bad", "type": "condition", "data": {"expression": "input.n == 13"}},
+                   {"id": "boom", "type": "fail", "data": {"message": "unlucky {{ input.n }}"}},
+                   {"id": "double", "type": "transform", "data": {"output": {"n": "{{ input.n * 2 }}"}}}],
+         "edges": [edge("start", "bad"), edge("bad", "boom", "true"), edge("bad", "double", "false")]}
+    return publish_flow(c, d)
+
+
+def test_subflow_runs_the_child_and_takes_its_output(alice: httpx.Client) -> None:
+    child = child_flow(alice)
+    d = {"nodes": [T, {"id": "sub", "type": "subflow", "data": {"flowId": child, "input": {"n": "{{ input.n }}"}}},
+                   {"id": "after", "type": "transform", "data": {"output": "{{ steps.sub.output.n + 1 }}"}}],
+         "edges": [edge("start", "sub"), edge("sub", "after")]}
+    parent = publish_flow(alice, d)
+    run = run_of(alice, parent, {"n": 20})
+    assert run["status"] == "succeeded" and run["output"] == 41
+    kids = alice.get("/runs", params={"flowId": child}).json()["items"]
+    assert len(kids) == 1 and kids[0]["parentRunId"] == run["id"] and kids[0]["triggerType"] == "subflow"
+    failed = run_of(alice, parent, {"n": 13})
+    assert failed["status"] == "failed" and failed["error"]["type"] == "child-failed"
+    assert "unlucky 13" in failed["error"]["message"]
+
+
+def test_foreach_runs_a_child_per_item_in_order_within_its_concurrency(alice: httpx.Client) -> None:
+    child = child_flow(alice)
+    d = {"nodes": [T, {"id": "each", "type": "foreach", "data": {
+        "flowId": child, "items": "input.xs", "input": {"n": "{{ item + index }}"}, "concurrency": 2}}],
+        "edges": [edge("start", "each")]}
+    parent = publish_flow(alice, d)
+    run = run_of(alice, parent, {"xs": [1, 2, 3, 4, 5]})
+    assert run["status"] == "succeeded", run
+    assert run["output"] == [{"n": 2}, {"n": 6}, {"n": 10}, {"n": 14}, {"n": 18}]
+    assert alice.get("/runs", params={"flowId": child, "pageSize": 100}).json()["total"] == 5
+    assert run_of(alice, parent, {"xs": []})["output"] == []
+    bad = run_of(alice, parent, {"xs": [13, 0]})  # 13 + 0 fails
+    assert bad["status"] == "failed" and bad["error"]["type"] == "child-failed"
+    assert run_of(alice, parent, {"xs": "nope"})["error"]["type"] == "expression"
+
+
+def test_cancelling_a_parent_cancels_its_children(alice: httpx.Client) -> None:
+    waiting = publish_flow(alice, {"nodes": [T, {"id": "ok", "type": "approval", "data": {}}],
+                                   "edges": [edge("start", "ok")]})
+    d = {"nodes": [T, {"id": "sub", "type": "subflow", "data": {"flowId": waiting}}], "edges": [edge("start", "sub")]}
+    rid = start(alice, publish_flow(alice, d)).json()["id"]
+    wait_run(alice, rid, until=("waiting",))
+    deadline = time.monotonic() + 20
+    while not (kids := alice.get("/runs", params={"flowId": waiting}).json()["items"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    wait_run(alice, kids[0]["id"], until=("waiting",))
+    assert alice.post(f"/runs/{rid}/cancel").json()["status"] == "cancelled"
+    assert wait_run(alice, kids[0]["id"])["status"] == "cancelled"

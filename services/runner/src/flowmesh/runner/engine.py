@@ -17,6 +17,7 @@ from flowmesh.contracts.ids import format_time
 from flowmesh.contracts.models.definition import (
     ConditionData,
     FailData,
+    ForeachData,
     SwitchData,
     TransformData,
     WaitEventData,
@@ -44,6 +45,7 @@ class RunRecord:
     created_at: datetime
     retry_count: int = 0
     parent_run_id: str | None = None
+    parent_step_id: str | None = None
     output: Any = None
     error: dict[str, Any] | None = None
     started_at: datetime | None = None
@@ -67,11 +69,24 @@ class Outcome:
     error_type: str = "error"
     retryable: bool = False
     input: Any = None
+    wait: bool = False
+    """The attempt started something to wait for (child runs): the step waits, it has not ended."""
 
     @classmethod
     def failure(cls, message: str, error_type: str = "error", *, retryable: bool = False) -> Outcome:
         """A failed attempt."""
         return cls(ok=False, message=message, error_type=error_type, retryable=retryable)
+
+
+@dataclass(frozen=True, slots=True)
+class Child:
+    """A child run of a subflow or foreach step, as its parent sees it."""
+
+    id: str
+    index: int
+    status: str
+    output: Any = None
+    error: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,9 +282,47 @@ class Execution:
         state = self.steps.get(step_id)
         if self.run.final or state is None or state.attempt != attempt or state.status not in ("running", "waiting"):
             return False
+        if outcome.wait:
+            self._set(step_id, _replace(state, status="waiting", input=outcome.input))
+            self.emit("step.waiting", step_id, attempt, stepType=self.graph.steps[step_id].type)
+            self._settle()
+            return True
         self._record(self.graph.steps[step_id], attempt, outcome)
         self.advance()
         return True
+
+    def children_done(self, step_id: str, children: list[Child]) -> int:
+        """A child run of a subflow or foreach step ended: finish the step, or say how many to start.
+
+        Returns how many more children (foreach elements) may start now; 0 when the step is done
+        or still waits for running children.
+        """
+        state = self.steps.get(step_id)
+        step = self.graph.steps.get(step_id)
+        if self.run.final or state is None or step is None or state.status != "waiting":
+            return 0
+        for child in children:
+            if child.status in FINAL_RUN_STATUSES and child.status != "succeeded":
+                message = (child.error or {}).get("message", child.status)
+                self.complete(
+                    step_id,
+                    state.attempt,
+                    Outcome.failure(
+                        f"child run {child.id} of step {step_id!r} {child.status}: {message}", "child-failed"
+                    ),
+                )
+                return 0
+        done = sorted((c for c in children if c.status == "succeeded"), key=lambda c: c.index)
+        if not isinstance(step.data, ForeachData):
+            if done:
+                self.complete(step_id, state.attempt, Outcome(ok=True, output=done[0].output, input=state.input))
+            return 0
+        total = len((state.input or {}).get("items", []))
+        if len(done) == total:
+            self.complete(step_id, state.attempt, Outcome(ok=True, output=[c.output for c in done], input=state.input))
+            return 0
+        running = sum(1 for c in children if c.status not in FINAL_RUN_STATUSES)
+        return max(0, min(step.data.concurrency - running, total - len(children)))
 
     def _record(self, step: Step, attempt: int, outcome: Outcome) -> None:
         state = self.steps[step.id]

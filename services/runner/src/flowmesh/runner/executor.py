@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
+from functools import partial
 from typing import Any, Final
 
 from jsonschema.protocols import Validator
@@ -26,9 +27,10 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from flowmesh.contracts import headers as h
 from flowmesh.contracts.errors import Conflict, InvalidInput, NotFound
+from flowmesh.contracts.expressions import ExpressionError, evaluate, expression_source, render
 from flowmesh.contracts.ids import is_uuid, new_id, utcnow
 from flowmesh.contracts.models import FieldError, Run
-from flowmesh.contracts.models.definition import HttpData, PublishData
+from flowmesh.contracts.models.definition import ForeachData, HttpData, PublishData, SubflowData
 from flowmesh.contracts.models.rpc import RunnableFlow, StartRun, StartRunResult
 from flowmesh.contracts.strict import json_pointer
 from flowmesh.contracts.subjects import STEP_WORK, FlowsOp, run_event
@@ -44,6 +46,8 @@ RUNNABLE_TTL_S: Final = 5.0
 RUNNABLE_CACHE_SIZE: Final = 10_000
 
 Work = tuple[str, str | None, str]  # run id, step id (None: advance the run), message id
+CHILD_DONE = ":child"
+"""Message ids ending so tell a parent step that one of its child runs ended."""
 
 
 def canonical_hash(value: Any) -> str:
@@ -164,12 +168,14 @@ class Executor:
             input=req.input,
             created_at=now,
             parent_run_id=req.parent_run_id,
+            parent_step_id=req.parent_step_id,
         )
         extra = {
             "trigger_id": req.trigger_id,
             "idempotency_key": req.idempotency_key,
             "input_hash": input_hash,
             "parent_step_id": req.parent_step_id,
+            "parent_index": req.parent_index,
             "retry_of": req.retry_of,
         }
         async with self.sessions.begin() as s:
@@ -201,7 +207,8 @@ class Executor:
                 return StartRunResult(run=existing, created=False)
             events = await repo.save(s, ex, run_written=True)
         self._saved_versions.add((version.flow_id, version.version))
-        work = [(record.id, step_id, self._msg_id(ex, step_id)) for step_id in ex.dispatch]
+        work: list[Work] = [(record.id, step_id, self._msg_id(ex, step_id)) for step_id in ex.dispatch]
+        work += _parent_work(ex, was_final=False)
         # answer as soon as the run is committed; its events follow (a crash here is the sweep's job)
         self._background(self._after_commit(record, events, work))
         # the answer is the run as accepted (queued); its progress is in its events
@@ -233,11 +240,13 @@ class Executor:
                 raise NotFound(f"run {run_id} not found")
             graph = await self._graph(s, record.flow_id, record.version)
             ex = Execution(record, graph, await repo.load_steps(s, run_id=run_id), utcnow())
+            was_final = record.final
             result = apply(ex)
             if asyncio.iscoroutine(result):
                 result = await result
             events = await repo.save(s, ex)
-        work = [(record.id, step_id, self._msg_id(ex, step_id)) for step_id in ex.dispatch]
+        work: list[Work] = [(record.id, step_id, self._msg_id(ex, step_id)) for step_id in ex.dispatch]
+        work += _parent_work(ex, was_final)
         await self._after_commit(ex.run, events, work)
         return result
 
@@ -306,6 +315,9 @@ class Executor:
         step = snap.graph.steps[step_id]
         outcome = await _with_heartbeat(self._run_step(snap, step), heartbeat, self.heartbeat_s)
         await self.change(run_id, lambda ex: ex.complete(step_id, attempt, outcome))
+        if outcome.wait:
+            # children that ended before the step was recorded waiting told nobody: look now
+            await self.child_done(run_id, step_id)
         return None
 
     async def _run_step(self, ex: Execution, step: Step) -> Outcome:
@@ -317,7 +329,91 @@ class Executor:
             return await run_publish(
                 self.js, step.data, ex.context(), tenant=run.tenant_id, msg_id=f"{run.id}:{run.retry_count}:{step.id}"
             )
+        if isinstance(step.data, SubflowData | ForeachData):
+            return await self._start_children(ex, step)
         return Outcome.failure(f"step type {step.type!r} is not available in this runner yet", "unsupported")
+
+    # --- child runs (subflow, foreach) -----------------------------------------------------------
+
+    async def _start_children(self, ex: Execution, step: Step) -> Outcome:
+        """Start a subflow's child, or a foreach's first children; the step then waits for them."""
+        data = step.data
+        assert isinstance(data, SubflowData | ForeachData)
+        context = ex.context()
+        try:
+            if isinstance(data, SubflowData):
+                child_input = render(data.input, context) if data.input is not None else {}
+                failure = await self._start_child(ex.run, step, 0, child_input)
+                return failure or Outcome(ok=True, wait=True, input={"flowId": data.flow_id, "input": child_input})
+            items = evaluate(expression_source(data.items), context)
+        except ExpressionError as exc:
+            return Outcome.failure(f"step {step.id!r}: {exc}", "expression")
+        if not isinstance(items, list):
+            return Outcome.failure(f"step {step.id!r}: items gave {type(items).__name__}, not a list", "expression")
+        if not items:
+            return Outcome(ok=True, output=[], input={"items": []})
+        for index in range(min(data.concurrency, len(items))):
+            failure = await self._start_element(ex, step, items, index)
+            if failure is not None:
+                return failure
+        return Outcome(ok=True, wait=True, input={"items": items})
+
+    async def _start_element(self, ex: Execution, step: Step, items: list[Any], index: int) -> Outcome | None:
+        data = step.data
+        assert isinstance(data, ForeachData)
+        try:
+            scope = {**ex.context(), "item": items[index], "index": index}
+            child_input = render(data.input, scope) if data.input is not None else {"item": items[index]}
+        except ExpressionError as exc:
+            return Outcome.failure(f"step {step.id!r}, item {index}: {exc}", "expression")
+        return await self._start_child(ex.run, step, index, child_input)
+
+    async def _start_child(self, run: RunRecord, step: Step, index: int, child_input: Any) -> Outcome | None:
+        """Start one child run (idempotent: a re-run attempt finds the same child); a failure if it cannot."""
+        data = step.data
+        assert isinstance(data, SubflowData | ForeachData)
+        req = StartRun(
+            flow_id=data.flow_id,
+            input=child_input,
+            trigger_type="subflow",
+            parent_run_id=run.id,
+            parent_step_id=step.id,
+            parent_index=index,
+            idempotency_key=f"child:{run.id}:{run.retry_count}:{step.id}:{index}",
+        )
+        try:
+            await self.start_run(run.tenant_id, req)
+        except (NotFound, Conflict, InvalidInput) as exc:
+            return Outcome.failure(f"step {step.id!r} cannot start flow {data.flow_id}: {exc.detail}", "child-start")
+        return None
+
+    async def child_done(self, run_id: str, step_id: str) -> None:
+        """One of a step's child runs ended: finish the step, or start the next foreach elements."""
+        async with self.sessions() as s:
+            kids = await repo.children(s, parent_run_id=run_id, parent_step_id=step_id)
+        more = await self.change(run_id, lambda ex: ex.children_done(step_id, kids))
+        if not more:
+            return
+        snap = await self._snapshot(run_id)
+        state = snap.steps.get(step_id) if snap is not None else None
+        if snap is None or state is None or state.status != "waiting":
+            return
+        items = (state.input or {}).get("items", [])
+        started = {k.index for k in kids}
+        for index in [i for i in range(len(items)) if i not in started][:more]:
+            failure = await self._start_element(snap, snap.graph.steps[step_id], items, index)
+            if failure is not None:
+                await self.change(run_id, partial(_complete, step_id=step_id, attempt=state.attempt, outcome=failure))
+                return
+
+    async def cancel_children(self, run_id: str) -> None:
+        """Cancel every child run still open (and theirs), after their parent was cancelled."""
+        async with self.sessions() as s:
+            open_ids = await repo.open_children(s, parent_run_id=run_id)
+        for child_id in open_ids:
+            with contextlib.suppress(NotFound):
+                await self.change(child_id, _cancel_open)
+            await self.cancel_children(child_id)
 
     # --- publishing -------------------------------------------------------------------------------
 
@@ -344,7 +440,7 @@ class Executor:
                 *(
                     js.publish(
                         STEP_WORK,
-                        json.dumps({"runId": run_id, "stepId": step_id}).encode(),
+                        _work_body(run_id, step_id, msg_id),
                         headers={**base, h.MSG_ID: msg_id},
                     )
                     for run_id, step_id, msg_id in work
@@ -394,15 +490,38 @@ class Executor:
                 created_at=now,
             )
             await self._after_commit(record, evs, [])
-        work: list[Work] = [
-            (run_id, step_id, f"{run_id}:{rc}:{step_id or 'start'}:sweep") for run_id, step_id, rc in stalled
-        ]
+        async with self.sessions() as s:
+            parents = await repo.stalled_parents(s, older_than=now - stalled_run, limit=500)
+        work: list[Work] = [(run_id, step_id, f"{run_id}:{step_id}:sweep{CHILD_DONE}") for run_id, step_id in parents]
+        work += [(run_id, step_id, f"{run_id}:{rc}:{step_id or 'start'}:sweep") for run_id, step_id, rc in stalled]
         if work and self.js is not None:
             for run_id, step_id, msg_id in work:
-                await self.js.publish(
-                    STEP_WORK, json.dumps({"runId": run_id, "stepId": step_id}).encode(), headers={h.MSG_ID: msg_id}
-                )
+                await self.js.publish(STEP_WORK, _work_body(run_id, step_id, msg_id), headers={h.MSG_ID: msg_id})
         return len(events) + len(work)
+
+
+def _complete(ex: Execution, *, step_id: str, attempt: int, outcome: Outcome) -> None:
+    ex.complete(step_id, attempt, outcome)
+
+
+def _cancel_open(ex: Execution) -> None:
+    if not ex.run.final:
+        ex.cancel()
+
+
+def _work_body(run_id: str, step_id: str | None, msg_id: str) -> bytes:
+    body: dict[str, Any] = {"runId": run_id, "stepId": step_id}
+    if msg_id.endswith(CHILD_DONE):
+        body["child"] = True
+    return json.dumps(body).encode()
+
+
+def _parent_work(ex: Execution, was_final: bool) -> list[Work]:
+    """A child run that just ended tells its parent step."""
+    run = ex.run
+    if was_final or not run.final or not run.parent_run_id or not run.parent_step_id:
+        return []
+    return [(run.parent_run_id, run.parent_step_id, f"{run.id}{CHILD_DONE}")]
 
 
 async def _with_heartbeat(

@@ -108,6 +108,7 @@ def register(
             ex.cancel()
 
         await executor.change(ref.run_id, apply, tenant=ctx.tenant)
+        await executor.cancel_children(ref.run_id)
         return await _own_run(sessions, ctx, ref.run_id)
 
     @rpc.handler(RunsOp.RESUME)
@@ -218,6 +219,10 @@ def register(
                 return
             if step_id is None:
                 await executor.advance(run_id)
+                await msg.ack()
+                return
+            if body.get("child"):
+                await executor.child_done(run_id, str(step_id))
                 await msg.ack()
                 return
             delay = await executor.execute(run_id, str(step_id), msg.in_progress)

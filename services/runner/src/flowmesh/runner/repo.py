@@ -13,10 +13,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from flowmesh.contracts.ids import format_time, new_id
 from flowmesh.contracts.models import Run, RunEvent, StepRun
 from flowmesh.contracts.models.rpc import RunListQuery
-from flowmesh.runner.engine import Execution, RunRecord
+from flowmesh.runner.engine import Child, Execution, RunRecord
 from flowmesh.runner.graph import StepState
 from flowmesh.runner.tables import run_events, runs, step_runs, versions
 
+OPEN = ("queued", "running", "waiting")
 _STEP_FIELDS: tuple[str, ...] = (
     "status",
     "attempt",
@@ -83,6 +84,7 @@ def _record(row: RowMapping) -> RunRecord:
         created_at=row["created_at"],
         retry_count=row["retry_count"],
         parent_run_id=row["parent_run_id"],
+        parent_step_id=row["parent_step_id"],
         output=row["output"],
         error=row["error"],
         started_at=row["started_at"],
@@ -341,6 +343,41 @@ async def list_events(session: AsyncSession, *, run_id: str, after: int, limit: 
         .limit(limit)
     )
     return [RunEvent(**r) for r in (await session.execute(stmt)).mappings()]
+
+
+async def children(session: AsyncSession, *, parent_run_id: str, parent_step_id: str) -> list[Child]:
+    """The child runs a step started, by element index."""
+    stmt = select(runs.c.id, runs.c.parent_index, runs.c.status, runs.c.output, runs.c.error).where(
+        runs.c.parent_run_id == parent_run_id, runs.c.parent_step_id == parent_step_id
+    )
+    return [
+        Child(id=r.id, index=r.parent_index or 0, status=r.status, output=r.output, error=r.error)
+        for r in (await session.execute(stmt)).all()
+    ]
+
+
+async def open_children(session: AsyncSession, *, parent_run_id: str) -> list[str]:
+    """Child runs of a run that have not ended."""
+    stmt = select(runs.c.id).where(runs.c.parent_run_id == parent_run_id, runs.c.status.in_(OPEN))
+    return list((await session.execute(stmt)).scalars())
+
+
+async def stalled_parents(session: AsyncSession, *, older_than: datetime, limit: int) -> list[tuple[str, str]]:
+    """Subflow/foreach steps still waiting although a child ended a while ago (its message was lost)."""
+    child = runs.alias("child")
+    stmt = (
+        select(step_runs.c.run_id, step_runs.c.step_id)
+        .join(child, (child.c.parent_run_id == step_runs.c.run_id) & (child.c.parent_step_id == step_runs.c.step_id))
+        .where(
+            step_runs.c.status == "waiting",
+            step_runs.c.type.in_(("subflow", "foreach")),
+            child.c.status.not_in(OPEN),
+            child.c.updated_at < older_than,
+        )
+        .distinct()
+        .limit(limit)
+    )
+    return [(r.run_id, r.step_id) for r in (await session.execute(stmt)).all()]
 
 
 async def waiting_for(session: AsyncSession, *, key: str) -> list[tuple[str, str, int]]:

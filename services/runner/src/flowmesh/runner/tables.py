@@ -36,6 +36,7 @@ runs = Table(
     Column("input_hash", Text),
     Column("parent_run_id", UUID(as_uuid=False)),
     Column("parent_step_id", Text),
+    Column("parent_index", Integer),
     Column("retry_of", UUID(as_uuid=False)),
     Column("retry_count", Integer, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),

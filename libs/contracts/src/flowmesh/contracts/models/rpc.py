@@ -124,6 +124,7 @@ class StartRun(WireModel):
     trigger_id: str | None = None
     parent_run_id: str | None = None
     parent_step_id: str | None = None
+    parent_index: int | None = None
     retry_of: str | None = None
 
 
