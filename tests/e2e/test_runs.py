@@ -434,18 +434,28 @@ def test_wait_event_resumes_on_a_matching_event_of_its_tenant_only(alice: httpx.
 
 def child_flow(c: httpx.Client) -> str:
     """A published flow doubling input.n (or failing on n == 13)."""
-    d = {"nodes": [T, {"id": "bad", "type": "condition", "data": {"expression": "input.n == 13"}},
-                   {"id": "boom", "type": "fail", "data": {"message": "unlucky {{ input.n }}"}},
-                   {"id": "double", "type": "transform", "data": {"output": {"n": "{{ input.n * 2 }}"}}}],
-         "edges": [edge("start", "bad"), edge("bad", "boom", "true"), edge("bad", "double", "false")]}
+    d = {
+        "nodes": [
+            T,
+            {"id": "bad", "type": "condition", "data": {"expression": "input.n == 13"}},
+            {"id": "boom", "type": "fail", "data": {"message": "unlucky {{ input.n }}"}},
+            {"id": "double", "type": "transform", "data": {"output": {"n": "{{ input.n * 2 }}"}}},
+        ],
+        "edges": [edge("start", "bad"), edge("bad", "boom", "true"), edge("bad", "double", "false")],
+    }
     return publish_flow(c, d)
 
 
 def test_subflow_runs_the_child_and_takes_its_output(alice: httpx.Client) -> None:
     child = child_flow(alice)
-    d = {"nodes": [T, {"id": "sub", "type": "subflow", "data": {"flowId": child, "input": {"n": "{{ input.n }}"}}},
-                   {"id": "after", "type": "transform", "data": {"output": "{{ steps.sub.output.n + 1 }}"}}],
-         "edges": [edge("start", "sub"), edge("sub", "after")]}
+    d = {
+        "nodes": [
+            T,
+            {"id": "sub", "type": "subflow", "data": {"flowId": child, "input": {"n": "{{ input.n }}"}}},
+            {"id": "after", "type": "transform", "data": {"output": "{{ steps.sub.output.n + 1 }}"}},
+        ],
+        "edges": [edge("start", "sub"), edge("sub", "after")],
+    }
     parent = publish_flow(alice, d)
     run = run_of(alice, parent, {"n": 20})
     assert run["status"] == "succeeded" and run["output"] == 41
@@ -458,9 +468,17 @@ def test_subflow_runs_the_child_and_takes_its_output(alice: httpx.Client) -> Non
 
 def test_foreach_runs_a_child_per_item_in_order_within_its_concurrency(alice: httpx.Client) -> None:
     child = child_flow(alice)
-    d = {"nodes": [T, {"id": "each", "type": "foreach", "data": {
-        "flowId": child, "items": "input.xs", "input": {"n": "{{ item + index }}"}, "concurrency": 2}}],
-        "edges": [edge("start", "each")]}
+    d = {
+        "nodes": [
+            T,
+            {
+                "id": "each",
+                "type": "foreach",
+                "data": {"flowId": child, "items": "input.xs", "input": {"n": "{{ item + index }}"}, "concurrency": 2},
+            },
+        ],
+        "edges": [edge("start", "each")],
+    }
     parent = publish_flow(alice, d)
     run = run_of(alice, parent, {"xs": [1, 2, 3, 4, 5]})
     assert run["status"] == "succeeded", run
@@ -473,8 +491,9 @@ def test_foreach_runs_a_child_per_item_in_order_within_its_concurrency(alice: ht
 
 
 def test_cancelling_a_parent_cancels_its_children(alice: httpx.Client) -> None:
-    waiting = publish_flow(alice, {"nodes": [T, {"id": "ok", "type": "approval", "data": {}}],
-                                   "edges": [edge("start", "ok")]})
+    waiting = publish_flow(
+        alice, {"nodes": [T, {"id": "ok", "type": "approval", "data": {}}], "edges": [edge("start", "ok")]}
+    )
     d = {"nodes": [T, {"id": "sub", "type": "subflow", "data": {"flowId": waiting}}], "edges": [edge("start", "sub")]}
     rid = start(alice, publish_flow(alice, d)).json()["id"]
     wait_run(alice, rid, until=("waiting",))
@@ -485,3 +504,97 @@ def test_cancelling_a_parent_cancels_its_children(alice: httpx.Client) -> None:
     wait_run(alice, kids[0]["id"], until=("waiting",))
     assert alice.post(f"/runs/{rid}/cancel").json()["status"] == "cancelled"
     assert wait_run(alice, kids[0]["id"])["status"] == "cancelled"
+
+
+def _registry_has(infra: Any, trigger_id: str, enabled: bool, timeout: float = 15) -> None:
+    """Wait until the runner's event trigger registry shows the trigger in the given state."""
+    import asyncio
+
+    import asyncpg
+
+    async def check() -> bool:
+        conn = await asyncpg.connect(infra.database_url.replace("postgresql+asyncpg", "postgresql"))
+        try:
+            found = await conn.fetchval("SELECT enabled FROM runner.event_triggers WHERE trigger_id = $1", trigger_id)
+        finally:
+            await conn.close()
+        return bool(found is enabled)
+
+    deadline = time.monotonic() + timeout
+    while not asyncio.run(check()):
+        assert time.monotonic() < deadline, "the runner never learned of the trigger"
+        time.sleep(0.1)
+
+
+def _events_handled(infra: Any, timeout: float = 15) -> None:
+    """Wait until the runner's consumer of EVENTS has acknowledged everything published so far."""
+    import asyncio
+
+    import nats
+
+    async def pending() -> int:
+        nc = await nats.connect(infra.nats_url)
+        try:
+            info = await nc.jetstream().consumer_info("EVENTS", "runner-events")
+            return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+        finally:
+            await nc.close()
+
+    deadline = time.monotonic() + timeout
+    while asyncio.run(pending()):
+        assert time.monotonic() < deadline, "the runner did not get through the events"
+        time.sleep(0.05)
+
+
+def test_event_triggers_start_runs_from_matching_events(alice: httpx.Client, infra: Any) -> None:
+    import asyncio
+
+    import nats
+
+    from flowmesh.contracts.subjects import external_event
+
+    flow_id = publish_flow(
+        alice,
+        {
+            "nodes": [T, {"id": "hi", "type": "transform", "data": {"output": {"hello": "{{ input.name }}"}}}],
+            "edges": [edge("start", "hi")],
+        },
+    )
+    event_type = f"signup.{uuid.uuid4().hex[:6]}"
+    trigger = alice.post(
+        f"/flows/{flow_id}/triggers",
+        json={"type": "event", "name": "signups", "config": {"eventType": event_type, "filter": "event.plan == 'pro'"}},
+    ).json()
+    _registry_has(infra, trigger["id"], True)
+    tenant = alice.get(f"/flows/{flow_id}").json()["tenantId"]
+
+    async def send(*payloads: dict[str, Any]) -> None:
+        nc = await nats.connect(infra.nats_url)
+        try:
+            for p in payloads:
+                await nc.jetstream().publish(external_event(tenant, event_type), json.dumps(p).encode())
+        finally:
+            await nc.close()
+
+    asyncio.run(send({"name": "free-user", "plan": "free"}, {"name": "ada", "plan": "pro"}))
+    deadline = time.monotonic() + 20
+    while alice.get("/runs", params={"flowId": flow_id, "status": "succeeded"}).json()["total"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    runs = alice.get("/runs", params={"flowId": flow_id}).json()["items"]
+    assert len(runs) == 1
+    assert runs[0]["triggerType"] == "event" and runs[0]["triggerId"] == trigger["id"]
+    assert runs[0]["output"] == {"hello": "ada"}
+
+    alice.patch(f"/triggers/{trigger['id']}", json={"enabled": False})
+    _registry_has(infra, trigger["id"], False)
+    asyncio.run(send({"name": "bob", "plan": "pro"}, {"name": "eve", "plan": "pro"}))
+    _events_handled(infra)  # the runner has seen both while the trigger was off
+    alice.patch(f"/triggers/{trigger['id']}", json={"enabled": True})
+    _registry_has(infra, trigger["id"], True)
+    asyncio.run(send({"name": "zed", "plan": "pro"}))
+    while alice.get("/runs", params={"flowId": flow_id, "status": "succeeded"}).json()["total"] < 2:
+        assert time.monotonic() < deadline + 20
+        time.sleep(0.05)
+    names = sorted(r["output"]["hello"] for r in alice.get("/runs", params={"flowId": flow_id}).json()["items"])
+    assert names == ["ada", "zed"]

@@ -13,8 +13,10 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from flowmesh.contracts import headers
 from flowmesh.contracts.errors import Conflict, InvalidInput, NotFound
+from flowmesh.contracts.expressions import ExpressionError, evaluate, expression_source
 from flowmesh.contracts.ids import is_uuid
 from flowmesh.contracts.models import Page, Run, RunEvent, StepRun
+from flowmesh.contracts.models.flows import FlowEvent
 from flowmesh.contracts.models.rpc import (
     RunEventsQuery,
     RunListQuery,
@@ -25,8 +27,17 @@ from flowmesh.contracts.models.rpc import (
     StartRun,
     StartRunResult,
 )
-from flowmesh.contracts.streams import EVENTS, RUN_CMDS, RUNNER_EVENTS, RUNNER_STARTS, RUNNER_STEPS, STEP_WORK
-from flowmesh.contracts.subjects import EVENTS_ALL, FLOWS_EVENTS_ALL, RUN_START_CMD, RunsOp
+from flowmesh.contracts.streams import (
+    EVENTS,
+    FLOWS,
+    RUN_CMDS,
+    RUNNER_EVENTS,
+    RUNNER_FLOWS,
+    RUNNER_STARTS,
+    RUNNER_STEPS,
+    STEP_WORK,
+)
+from flowmesh.contracts.subjects import EVENTS_ALL, FLOWS_EVENTS_ALL, RUN_START_CMD, FlowEventType, RunsOp, tenant_token
 from flowmesh.contracts.subjects import STEP_WORK as STEP_WORK_SUBJECT
 from flowmesh.runner import repo
 from flowmesh.runner.engine import Execution, Outcome
@@ -39,6 +50,28 @@ EVENTS_PREFIX = EVENTS_ALL.removesuffix(">")
 
 def _deliver(ex: Execution, *, step_id: str, attempt: int, payload: Any) -> None:
     ex.deliver_event(step_id, attempt, payload)
+
+
+async def _start_from_event(executor: Executor, trigger: Any, payload: Any, stream_seq: int) -> None:
+    """Start the trigger's flow with the event as input, once per event (keyed by its stream sequence)."""
+    if trigger["filter"]:
+        try:
+            if evaluate(expression_source(trigger["filter"]), {"event": payload}) is not True:
+                return
+        except ExpressionError as exc:
+            log.warning("event trigger %s: filter failed, event skipped: %s", trigger["trigger_id"], exc)
+            return
+    req = StartRun(
+        flow_id=trigger["flow_id"],
+        input=payload,
+        trigger_type="event",
+        trigger_id=trigger["trigger_id"],
+        idempotency_key=f"event:{trigger['trigger_id']}:{stream_seq}",
+    )
+    try:
+        await executor.start_run(trigger["tenant_id"], req)
+    except (NotFound, Conflict, InvalidInput) as exc:
+        log.warning("event trigger %s did not start a run: %s", trigger["trigger_id"], exc.detail)
 
 
 async def _own_run(sessions: async_sessionmaker[AsyncSession], ctx: RpcContext, run_id: str) -> Run:
@@ -192,10 +225,49 @@ def register(
         try:
             async with sessions() as s:
                 waiting = await repo.waiting_for(s, key=key)
+                listeners = await repo.event_triggers_for(s, key=key)
             for run_id, step_id, attempt in waiting:
                 await executor.change(run_id, partial(_deliver, step_id=step_id, attempt=attempt, payload=body))
+            for trigger in listeners:
+                await _start_from_event(executor, trigger, body, msg.raw_message.metadata.sequence.stream)
         except Exception:
             log.exception("delivering event %s failed; it will be redelivered", key)
+            await msg.nack(delay=1.0)
+            return
+        await msg.ack()
+
+    @rpc.broker.subscriber(
+        FLOWS_EVENTS_ALL,
+        stream=JStream(FLOWS.name, declare=False),
+        durable=RUNNER_FLOWS.durable,
+        pull_sub=PullSub(batch_size=16, timeout=1.0),
+        ack_policy=AckPolicy.MANUAL,
+    )
+    async def registry(body: dict[str, Any], msg: NatsMessage) -> None:
+        """Keep the registry of event triggers from the flows service's announcements."""
+        try:
+            event = FlowEvent.model_validate(body)
+            async with sessions.begin() as s:
+                if event.type == FlowEventType.DELETED:
+                    await repo.drop_event_triggers(s, flow_id=event.flow_id)
+                elif event.type == FlowEventType.TRIGGER_CHANGED and event.trigger is not None:
+                    trigger = event.trigger
+                    if trigger.type == "event" and event.trigger_deleted:
+                        await repo.drop_event_triggers(s, trigger_id=trigger.id)
+                    elif trigger.type == "event":
+                        await repo.put_event_trigger(
+                            s,
+                            trigger_id=trigger.id,
+                            tenant=event.tenant_id,
+                            flow_id=event.flow_id,
+                            key=f"{tenant_token(event.tenant_id)}.{trigger.config.get('eventType')}",
+                            filter_=trigger.config.get("filter"),
+                            enabled=trigger.enabled,
+                        )
+        except ValidationError as exc:
+            log.warning("ignoring a malformed flow announcement: %s", exc)
+        except Exception:
+            log.exception("updating the event trigger registry failed; it will be redelivered")
             await msg.nack(delay=1.0)
             return
         await msg.ack()

@@ -15,7 +15,7 @@ from flowmesh.contracts.models import Run, RunEvent, StepRun
 from flowmesh.contracts.models.rpc import RunListQuery
 from flowmesh.runner.engine import Child, Execution, RunRecord
 from flowmesh.runner.graph import StepState
-from flowmesh.runner.tables import run_events, runs, step_runs, versions
+from flowmesh.runner.tables import event_triggers, run_events, runs, step_runs, versions
 
 OPEN = ("queued", "running", "waiting")
 _STEP_FIELDS: tuple[str, ...] = (
@@ -433,3 +433,39 @@ async def stalled_work(
     )
     found += [(r.run_id, r.step_id, r.retry_count) for r in (await session.execute(steps)).all()]
     return found
+
+
+# --- event triggers ----------------------------------------------------------------------------
+
+
+async def put_event_trigger(
+    session: AsyncSession, *, trigger_id: str, tenant: str, flow_id: str, key: str, filter_: str | None, enabled: bool
+) -> None:
+    """Record (or update) an event trigger."""
+    stmt = insert(event_triggers).values(
+        trigger_id=trigger_id, tenant_id=tenant, flow_id=flow_id, key=key, filter=filter_, enabled=enabled
+    )
+    await session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=[event_triggers.c.trigger_id],
+            set_={"key": stmt.excluded.key, "filter": stmt.excluded.filter, "enabled": stmt.excluded.enabled},
+        )
+    )
+
+
+async def drop_event_triggers(
+    session: AsyncSession, *, trigger_id: str | None = None, flow_id: str | None = None
+) -> None:
+    """Forget one event trigger, or all of a flow's."""
+    stmt = event_triggers.delete()
+    if trigger_id is not None:
+        stmt = stmt.where(event_triggers.c.trigger_id == trigger_id)
+    if flow_id is not None:
+        stmt = stmt.where(event_triggers.c.flow_id == flow_id)
+    await session.execute(stmt)
+
+
+async def event_triggers_for(session: AsyncSession, *, key: str) -> list[RowMapping]:
+    """Enabled event triggers listening to an event key."""
+    stmt = select(event_triggers).where(event_triggers.c.key == key, event_triggers.c.enabled.is_(True))
+    return list((await session.execute(stmt)).mappings())

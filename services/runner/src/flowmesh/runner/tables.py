@@ -82,3 +82,15 @@ run_events = Table(
     Column("data", JSONB, nullable=False),
     PrimaryKeyConstraint("run_id", "seq"),
 )
+
+# event triggers, kept from fm.flows.{t}.triggerChanged: key is "{tenant token}.{eventType}"
+event_triggers = Table(
+    "event_triggers",
+    metadata,
+    Column("trigger_id", UUID(as_uuid=False), primary_key=True),
+    Column("tenant_id", Text, nullable=False),
+    Column("flow_id", UUID(as_uuid=False), nullable=False),
+    Column("key", Text, nullable=False),
+    Column("filter", Text),
+    Column("enabled", Boolean, nullable=False),
+)
