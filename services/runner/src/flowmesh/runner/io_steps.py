@@ -38,6 +38,10 @@ def forbidden_address(address: str) -> bool:
     return ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved or ip.is_unspecified
 
 
+class UnsupportedUrl(ValueError):
+    """Not an http(s) URL."""
+
+
 class GuardedResolver(AbstractResolver):
     """Resolves names but refuses private targets: checked at connect time, so DNS rebinding cannot slip past."""
 
@@ -98,6 +102,8 @@ class HttpStep:
             )
         except PrivateAddressError as exc:
             return _with_input(Outcome.failure(str(exc), "forbidden-address"), request)
+        except UnsupportedUrl as exc:
+            return _with_input(Outcome.failure(str(exc), "configuration"), request)
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             return _with_input(Outcome.failure(f"request to {url} failed: {exc}", "network", retryable=True), request)
         output = {"status": status, "headers": resp_headers, "body": payload}
@@ -146,7 +152,7 @@ class HttpStep:
     def _check_literal(self, url: str) -> None:
         parsed = URL(url)
         if parsed.scheme not in ("http", "https"):
-            raise ValueError(f"only http and https URLs can be called, not {parsed.scheme!r}")
+            raise UnsupportedUrl(f"only http and https URLs can be called, not {parsed.scheme!r}")
         host = parsed.host or ""
         if self.allow_private:
             return
