@@ -43,6 +43,7 @@ from flowmesh.runtime.rpc import RpcClient
 log = logging.getLogger(__name__)
 
 RUNNABLE_TTL_S: Final = 5.0
+PUBLISH_TIMEOUT_S: Final = 5.0
 RUNNABLE_CACHE_SIZE: Final = 10_000
 
 Work = tuple[str, str | None, str]  # run id, step id (None: advance the run), message id
@@ -424,28 +425,24 @@ class Executor:
         js = self.js
         base = {h.TENANT: run.tenant_id, h.SCHEMA: h.SCHEMA_VERSION}
         try:
-            await asyncio.gather(
-                *(
-                    js.publish(
-                        run_event(run.tenant_id, run.flow_id, run.id, e["type"]),
-                        json.dumps(e, separators=(",", ":")).encode(),
-                        headers={**base, h.MSG_ID: e["id"]},
-                    )
-                    for e in events
+            # sent back to back (the stream keeps their order), acknowledgements awaited together
+            acks = [
+                await js.publish_async(
+                    run_event(run.tenant_id, run.flow_id, run.id, e["type"]),
+                    json.dumps(e, separators=(",", ":")).encode(),
+                    headers={**base, h.MSG_ID: e["id"]},
                 )
-            )
+                for e in events
+            ]
+            acks += [
+                await js.publish_async(
+                    STEP_WORK, _work_body(run_id, step_id, msg_id), headers={**base, h.MSG_ID: msg_id}
+                )
+                for run_id, step_id, msg_id in work
+            ]
+            await asyncio.wait_for(asyncio.gather(*acks), PUBLISH_TIMEOUT_S)
             if events:
                 self._published[run.id] = max(self._published.get(run.id, 0), events[-1]["seq"])
-            await asyncio.gather(
-                *(
-                    js.publish(
-                        STEP_WORK,
-                        _work_body(run_id, step_id, msg_id),
-                        headers={**base, h.MSG_ID: msg_id},
-                    )
-                    for run_id, step_id, msg_id in work
-                )
-            )
         except Exception as exc:
             log.warning("publishing after commit failed (the sweep will retry): %s", exc)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any
 
@@ -33,13 +34,18 @@ _STEP_FIELDS: tuple[str, ...] = (
 )
 
 
-# statements compiled once and run with many rows (executemany): no per-call SQL compilation
-_upsert = insert(step_runs)
-_UPSERT_STEPS = _upsert.on_conflict_do_update(
-    index_elements=[step_runs.c.run_id, step_runs.c.step_id],
-    set_={c: _upsert.excluded[c] for c in (*_STEP_FIELDS, "duration_ms", "updated_at")},
+# the two statements every change of a run makes, run on the driver connection (executemany)
+_STEP_COLUMNS = ("run_id", "step_id", "type", *_STEP_FIELDS, "duration_ms", "updated_at")
+_UPSERT_STEPS_SQL = (
+    f"INSERT INTO runner.step_runs ({', '.join(_STEP_COLUMNS)}) "
+    f"VALUES ({', '.join(f'${i}' for i in range(1, len(_STEP_COLUMNS) + 1))}) "
+    "ON CONFLICT (run_id, step_id) DO UPDATE SET "
+    + ", ".join(f"{c} = EXCLUDED.{c}" for c in (*_STEP_FIELDS, "duration_ms", "updated_at"))
 )
-_INSERT_EVENTS = insert(run_events)
+_INSERT_EVENTS_SQL = (
+    "INSERT INTO runner.run_events (run_id, seq, id, type, ts, step_id, attempt, data) "
+    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+)
 
 
 # --- versions ------------------------------------------------------------------------------------
@@ -205,19 +211,18 @@ async def save(session: AsyncSession, ex: Execution, *, run_written: bool = Fals
                 updated_at=now,
             )
         )
+    if not ex.changed and not ex.events:
+        return []
+    # the hot path of every run: two statements, prepared once per connection by asyncpg
+    conn = await _driver(session)
     if ex.changed:
-        rows = [
-            {
-                "run_id": r.id,
-                "step_id": step_id,
-                "type": ex.graph.steps[step_id].type,
-                "updated_at": now,
-                "duration_ms": _duration(ex.steps[step_id]),
-                **{f: getattr(ex.steps[step_id], f) for f in _STEP_FIELDS},
-            }
-            for step_id in sorted(ex.changed)
-        ]
-        await session.execute(_UPSERT_STEPS, rows)
+        await conn.executemany(
+            _UPSERT_STEPS_SQL,
+            [
+                (r.id, step_id, ex.graph.steps[step_id].type, *_step_values(ex.steps[step_id]), now)
+                for step_id in sorted(ex.changed)
+            ],
+        )
     if not ex.events:
         return []
     rows = [
@@ -233,8 +238,52 @@ async def save(session: AsyncSession, ex: Execution, *, run_written: bool = Fals
         }
         for e in ex.events
     ]
-    await session.execute(_INSERT_EVENTS, rows)
+    await conn.executemany(
+        _INSERT_EVENTS_SQL,
+        [
+            (
+                row["run_id"],
+                row["seq"],
+                row["id"],
+                row["type"],
+                row["ts"],
+                row["step_id"],
+                row["attempt"],
+                _json(row["data"]),
+            )
+            for row in rows
+        ],
+    )
     return [_event_payload(r, row) for row in rows]
+
+
+def _json(value: Any) -> str | None:
+    """A JSONB parameter on the driver connection (SQLAlchemy's codec takes JSON text)."""
+    return None if value is None else json.dumps(value, separators=(",", ":"))
+
+
+def _step_values(state: StepState) -> tuple[Any, ...]:
+    return (
+        state.status,
+        state.attempt,
+        state.handle,
+        state.handled,
+        _json(state.output),
+        _json(state.error),
+        _json(state.input),
+        state.started_at,
+        state.completed_at,
+        state.next_attempt_at,
+        state.wait_for,
+        _duration(state),
+    )
+
+
+async def _driver(session: AsyncSession) -> Any:
+    """The asyncpg connection under the session, inside its transaction."""
+    connection = await session.connection()
+    raw = await connection.get_raw_connection()
+    return raw.driver_connection
 
 
 def _event_payload(run: RunRecord, row: dict[str, Any]) -> dict[str, Any]:
