@@ -8,10 +8,13 @@ import logging
 from datetime import timedelta
 from pathlib import Path
 
+import asyncpg
+
 from flowmesh.runner import handlers
 from flowmesh.runner.executor import Executor
 from flowmesh.runner.io_steps import HttpStep
 from flowmesh.runner.settings import RunnerSettings
+from flowmesh.runtime.db import create_driver_pool
 from flowmesh.runtime.rpc import RpcClient
 from flowmesh.runtime.service import ServiceRuntime
 
@@ -47,10 +50,13 @@ def create_app(settings: RunnerSettings) -> ServiceRuntime:
             except Exception as exc:
                 log.warning("sweep failed: %s", exc)
 
+    pools: list[asyncpg.Pool] = []
+
     @service.on_start
     async def start() -> None:
         await http.start()
-        executor.start(service.broker.connection.jetstream())
+        pools.append(await create_driver_pool(settings.db_url, size=settings.db_pool_size, application_name="runner"))
+        executor.start(service.broker.connection.jetstream(), pools[0])
         sweeper.append(asyncio.create_task(sweep_forever(), name="sweep"))
 
     @service.on_stop
@@ -61,5 +67,7 @@ def create_app(settings: RunnerSettings) -> ServiceRuntime:
                 await task
         await executor.stop()
         await http.close()
+        for pool in pools:
+            await pool.close()
 
     return service

@@ -20,6 +20,7 @@ from datetime import timedelta
 from functools import partial
 from typing import Any, Final
 
+import asyncpg
 from jsonschema.protocols import Validator
 from jsonschema.validators import validator_for
 from nats.js import JetStreamContext
@@ -29,7 +30,7 @@ from flowmesh.contracts import headers as h
 from flowmesh.contracts.errors import Conflict, InvalidInput, NotFound
 from flowmesh.contracts.expressions import ExpressionError, evaluate, expression_source, render
 from flowmesh.contracts.ids import is_uuid, new_id, utcnow
-from flowmesh.contracts.models import FieldError, Run
+from flowmesh.contracts.models import FieldError, FlowVersion, Run
 from flowmesh.contracts.models.definition import ForeachData, HttpData, PublishData, SubflowData
 from flowmesh.contracts.models.rpc import RunnableFlow, StartRun, StartRunResult
 from flowmesh.contracts.strict import json_pointer
@@ -67,6 +68,7 @@ class Executor:
         self.flows = flows
         self.http = http
         self.js: JetStreamContext | None = None
+        self.pool: asyncpg.Pool | None = None
         self._graphs: dict[tuple[str, int], Graph] = {}
         self._validators: dict[tuple[str, int], Validator | None] = {}
         self._published: dict[str, int] = {}
@@ -80,9 +82,10 @@ class Executor:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def start(self, js: JetStreamContext) -> None:
+    def start(self, js: JetStreamContext, pool: asyncpg.Pool) -> None:
         """Begin publishing (called once connected)."""
         self.js = js
+        self.pool = pool
         self._flush_task = asyncio.create_task(self._flush_published(), name="published-seq")
 
     async def stop(self) -> None:
@@ -179,10 +182,17 @@ class Executor:
             "parent_index": req.parent_index,
             "retry_of": req.retry_of,
         }
-        async with self.sessions.begin() as s:
+        graph = await self._version_graph(version)
+        ex = Execution(record, graph, {}, now)
+        # the run goes as far as it can in the transaction that accepts it: a flow of pure steps is
+        # done at commit, with no message to another worker and no second transaction
+        ex.queue()
+        ex.advance()
+        assert self.pool is not None
+        async with self.pool.acquire() as conn, conn.transaction():
             if (version.flow_id, version.version) not in self._saved_versions:
-                await repo.save_version(
-                    s,
+                await repo.insert_version(
+                    conn,
                     flow_id=version.flow_id,
                     version=version.version,
                     tenant=tenant,
@@ -190,23 +200,10 @@ class Executor:
                     input_schema=version.input_schema,
                     settings=version.settings,
                 )
-            # the run goes as far as it can in the transaction that accepts it: a flow of pure steps
-            # is done at commit, with no message to another worker and no second transaction
-            ex = Execution(record, await self._graph(s, req.flow_id, version.version), {}, now)
-            ex.queue()
-            ex.advance()
-            if not await repo.insert_run(s, record=record, values=extra):
-                assert req.idempotency_key is not None
-                found = await repo.run_by_key(s, tenant=tenant, flow_id=req.flow_id, key=req.idempotency_key)
-                assert found is not None
-                existing, existing_hash = found
-                if existing_hash != input_hash:
-                    raise InvalidInput(
-                        f"Idempotency-Key {req.idempotency_key!r} was used for another input of this flow",
-                        errors=[FieldError(path="/input", message="differs from the first request with this key")],
-                    )
-                return StartRunResult(run=existing, created=False)
-            events = await repo.save(s, ex, run_written=True)
+            created = await repo.insert_run(conn, record=record, values=extra)
+            events = await repo.write_changes(conn, ex) if created else []
+        if not created:
+            return await self._repeat(tenant, req, input_hash)
         self._saved_versions.add((version.flow_id, version.version))
         work: list[Work] = [(record.id, step_id, self._msg_id(ex, step_id)) for step_id in ex.dispatch]
         work += _parent_work(ex, was_final=False)
@@ -228,6 +225,28 @@ class Executor:
             created_at=now,
         )
         return StartRunResult(run=accepted, created=True)
+
+    async def _version_graph(self, version: FlowVersion) -> Graph:
+        """The parsed graph of a frozen version (parsed once: versions never change)."""
+        key = (version.flow_id, version.version)
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = self._graphs[key] = Graph(version.definition)
+        return graph
+
+    async def _repeat(self, tenant: str, req: StartRun, input_hash: str) -> StartRunResult:
+        """A start whose idempotency key was used: the same run for the same input, else 422."""
+        assert req.idempotency_key is not None
+        async with self.sessions() as s:
+            found = await repo.run_by_key(s, tenant=tenant, flow_id=req.flow_id, key=req.idempotency_key)
+        assert found is not None
+        existing, existing_hash = found
+        if existing_hash != input_hash:
+            raise InvalidInput(
+                f"Idempotency-Key {req.idempotency_key!r} was used for another input of this flow",
+                errors=[FieldError(path="/input", message="differs from the first request with this key")],
+            )
+        return StartRunResult(run=existing, created=False)
 
     # --- changing a run under its lock ----------------------------------------------------------
 

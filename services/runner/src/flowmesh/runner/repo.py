@@ -51,24 +51,6 @@ _INSERT_EVENTS_SQL = (
 # --- versions ------------------------------------------------------------------------------------
 
 
-async def save_version(
-    session: AsyncSession, *, flow_id: str, version: int, tenant: str, definition: Any, input_schema: Any, settings: Any
-) -> None:
-    """Keep the runner's copy of a frozen version (once)."""
-    await session.execute(
-        insert(versions)
-        .values(
-            flow_id=flow_id,
-            version=version,
-            tenant_id=tenant,
-            definition=definition,
-            input_schema=input_schema,
-            settings=settings,
-        )
-        .on_conflict_do_nothing()
-    )
-
-
 async def get_version(session: AsyncSession, *, flow_id: str, version: int) -> RowMapping | None:
     """The runner's copy of a frozen version."""
     stmt = select(versions).where(versions.c.flow_id == flow_id, versions.c.version == version)
@@ -124,41 +106,6 @@ def _run(row: RowMapping) -> Run:
     )
 
 
-_INSERT_RUN = (
-    insert(runs)
-    .on_conflict_do_nothing(
-        index_elements=[runs.c.tenant_id, runs.c.flow_id, runs.c.idempotency_key],
-        index_where=runs.c.idempotency_key.is_not(None),
-    )
-    .returning(runs.c.id)
-)
-
-
-async def insert_run(session: AsyncSession, *, record: RunRecord, values: dict[str, Any]) -> bool:
-    """Insert a new run in the state its first execution left it; False when its idempotency key is taken."""
-    row = {
-        **values,
-        "id": record.id,
-        "tenant_id": record.tenant_id,
-        "flow_id": record.flow_id,
-        "version": record.version,
-        "status": record.status,
-        "trigger_type": record.trigger_type,
-        "input": record.input,
-        "output": record.output,
-        "error": record.error,
-        "parent_run_id": record.parent_run_id,
-        "started_at": record.started_at,
-        "completed_at": record.completed_at,
-        "last_seq": record.last_seq,
-        "created_at": record.created_at,
-        "updated_at": record.created_at,
-        "retry_count": 0,
-        "published_seq": 0,
-    }
-    return (await session.execute(_INSERT_RUN, row)).first() is not None
-
-
 async def run_by_key(session: AsyncSession, *, tenant: str, flow_id: str, key: str) -> tuple[Run, str | None] | None:
     """The run an idempotency key made, and the hash of its input."""
     stmt = select(runs).where(runs.c.tenant_id == tenant, runs.c.flow_id == flow_id, runs.c.idempotency_key == key)
@@ -190,14 +137,11 @@ async def load_steps(session: AsyncSession, *, run_id: str) -> dict[str, StepSta
     }
 
 
-async def save(session: AsyncSession, ex: Execution, *, run_written: bool = False) -> list[dict[str, Any]]:
-    """Write an execution's changes; returns its new events as published payloads, in ``seq`` order.
-
-    ``run_written``: the run row was just inserted in its new state, only steps and events remain.
-    """
+async def save(session: AsyncSession, ex: Execution) -> list[dict[str, Any]]:
+    """Write an execution's changes; returns its new events as published payloads, in ``seq`` order."""
     r = ex.run
     now = ex.now
-    if ex.run_changed and not run_written:
+    if ex.run_changed:
         await session.execute(
             update(runs)
             .where(runs.c.id == r.id)
@@ -211,15 +155,20 @@ async def save(session: AsyncSession, ex: Execution, *, run_written: bool = Fals
                 updated_at=now,
             )
         )
-    if not ex.changed and not ex.events:
-        return []
-    # the hot path of every run: two statements, prepared once per connection by asyncpg
-    conn = await _driver(session)
+    return await write_changes(await _driver(session), ex)
+
+
+async def write_changes(conn: Any, ex: Execution) -> list[dict[str, Any]]:
+    """Write an execution's step changes and events on an asyncpg connection (inside its transaction).
+
+    The hot path of every run: two statements, prepared once per connection by asyncpg.
+    """
+    r = ex.run
     if ex.changed:
         await conn.executemany(
             _UPSERT_STEPS_SQL,
             [
-                (r.id, step_id, ex.graph.steps[step_id].type, *_step_values(ex.steps[step_id]), now)
+                (r.id, step_id, ex.graph.steps[step_id].type, *_step_values(ex.steps[step_id]), ex.now)
                 for step_id in sorted(ex.changed)
             ],
         )
@@ -255,6 +204,84 @@ async def save(session: AsyncSession, ex: Execution, *, run_written: bool = Fals
         ],
     )
     return [_event_payload(r, row) for row in rows]
+
+
+_RUN_COLUMNS = (
+    "id",
+    "tenant_id",
+    "flow_id",
+    "version",
+    "status",
+    "trigger_type",
+    "trigger_id",
+    "input",
+    "output",
+    "error",
+    "idempotency_key",
+    "input_hash",
+    "parent_run_id",
+    "parent_step_id",
+    "parent_index",
+    "retry_of",
+    "retry_count",
+    "created_at",
+    "started_at",
+    "completed_at",
+    "updated_at",
+    "last_seq",
+    "published_seq",
+)
+_INSERT_RUN_SQL = (
+    f"INSERT INTO runner.runs ({', '.join(_RUN_COLUMNS)}) "
+    f"VALUES ({', '.join(f'${i}' for i in range(1, len(_RUN_COLUMNS) + 1))}) "
+    "ON CONFLICT (tenant_id, flow_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING id"
+)
+
+
+async def insert_run(conn: Any, *, record: RunRecord, values: dict[str, Any]) -> bool:
+    """Insert a run in the state its first execution left it (asyncpg); False when its key is taken."""
+    row = (
+        record.id,
+        record.tenant_id,
+        record.flow_id,
+        record.version,
+        record.status,
+        record.trigger_type,
+        values.get("trigger_id"),
+        _json(record.input),
+        _json(record.output),
+        _json(record.error),
+        values.get("idempotency_key"),
+        values.get("input_hash"),
+        record.parent_run_id,
+        record.parent_step_id,
+        values.get("parent_index"),
+        values.get("retry_of"),
+        0,
+        record.created_at,
+        record.started_at,
+        record.completed_at,
+        record.created_at,
+        record.last_seq,
+        0,
+    )
+    return await conn.fetchval(_INSERT_RUN_SQL, *row) is not None
+
+
+async def insert_version(
+    conn: Any, *, flow_id: str, version: int, tenant: str, definition: Any, input_schema: Any, settings: Any
+) -> None:
+    """Keep the runner's copy of a frozen version (once; asyncpg)."""
+    await conn.execute(
+        "INSERT INTO runner.versions (flow_id, version, tenant_id, definition, input_schema, settings) "
+        "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+        flow_id,
+        version,
+        tenant,
+        _json(definition),
+        _json(input_schema),
+        _json(settings),
+    )
 
 
 def _json(value: Any) -> str | None:
