@@ -477,8 +477,10 @@ class Executor:
         if not self._published:
             return
         upto, self._published = self._published, {}
-        async with self.sessions.begin() as s:
-            await repo.mark_published(s, upto=upto)
+        if self.pool is None:
+            return
+        async with self.pool.acquire() as conn:
+            await repo.mark_published(conn, upto=upto)
 
     # --- recovery ---------------------------------------------------------------------------------
 

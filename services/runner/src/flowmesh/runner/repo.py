@@ -339,12 +339,11 @@ def _duration(state: StepState) -> int | None:
     return None
 
 
-async def mark_published(session: AsyncSession, *, upto: dict[str, int]) -> None:
-    """Record that each run's events up to a ``seq`` reached JetStream."""
-    for run_id, seq in upto.items():
-        await session.execute(
-            update(runs).where(runs.c.id == run_id, runs.c.published_seq < seq).values(published_seq=seq)
-        )
+async def mark_published(conn: Any, *, upto: dict[str, int]) -> None:
+    """Record that each run's events up to a ``seq`` reached JetStream (asyncpg, one round trip)."""
+    await conn.executemany(
+        "UPDATE runner.runs SET published_seq = $2 WHERE id = $1 AND published_seq < $2", list(upto.items())
+    )
 
 
 async def reset_for_retry(session: AsyncSession, *, run_id: str, keep: set[str], now: datetime) -> int:
