@@ -132,6 +132,12 @@ async def scenario_throughput(
 ) -> dict[str, Any]:
     """``runs`` runs of ``steps`` transforms, ``in_flight`` at once."""
     flow_id = await publish(c, chain(steps))
+    # warm-up, not measured: connections, caches and the flow's version, as in a running system
+    warm = Finished()
+    sub = await nc.subscribe(f"fm.runs.{tenant_token(tenant)}.{flow_id}.*.run.*", cb=warm.handler)
+    ids = [(await c.post(f"/flows/{flow_id}/runs", {"input": {"v": i}}))["id"] for i in range(in_flight)]
+    await asyncio.gather(*(warm.wait(run_id) for run_id in ids))
+    await sub.unsubscribe()
     finished = Finished()
     sub = await nc.subscribe(f"fm.runs.{tenant_token(tenant)}.{flow_id}.*.run.*", cb=finished.handler)
     slots = asyncio.Semaphore(in_flight)

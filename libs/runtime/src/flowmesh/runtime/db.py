@@ -32,7 +32,7 @@ async def create_driver_pool(url: str, *, size: int = 10, application_name: str 
     """
     dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
     pool = await asyncpg.create_pool(
-        dsn, min_size=1, max_size=size, server_settings={"application_name": application_name}
+        dsn, min_size=min(size, 4), max_size=size, server_settings={"application_name": application_name}
     )
     assert pool is not None
     return pool
