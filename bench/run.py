@@ -203,8 +203,18 @@ async def main_async(args: argparse.Namespace) -> None:
                 log("chain: 40 sequential transforms, one run at a time")
                 report(await scenario_chain(c, nc, tenant, args.chain_runs))
             if "throughput" in args.scenarios:
-                log(f"throughput: {args.runs} runs x {args.steps} steps, {args.in_flight} in flight")
-                report(await scenario_throughput(c, nc, tenant, args.runs, args.in_flight, args.steps))
+                log(
+                    f"throughput: {args.runs} runs x {args.steps} steps, {args.in_flight} in flight, "
+                    f"{args.repeat} rounds"
+                )
+                rounds = []
+                for i in range(args.repeat):
+                    rounds.append(await scenario_throughput(c, nc, tenant, args.runs, args.in_flight, args.steps))
+                    log(f"  round {i + 1}: {rounds[-1]['steps_per_s']} steps/s")
+                # the median round: one noisy round on a shared machine neither makes nor breaks the figure
+                result = sorted(rounds, key=lambda r: r["steps_per_s"])[len(rounds) // 2]
+                result["rounds_steps_per_s"] = [r["steps_per_s"] for r in rounds]
+                report(result)
         finally:
             await nc.close()
     finally:
@@ -225,6 +235,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=200, help="runs of the throughput scenario")
     parser.add_argument("--steps", type=int, default=10, help="steps per run of the throughput scenario")
     parser.add_argument("--in-flight", type=int, default=50, help="runs in flight in the throughput scenario")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="rounds of the throughput scenario (the median is reported)"
+    )
     parser.add_argument(
         "--runners",
         type=int,
