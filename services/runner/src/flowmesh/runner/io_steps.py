@@ -178,7 +178,7 @@ async def _read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
 
 
 class _TooLarge:
-    pass
+    """Stands for a response body over the cap (never read further)."""
 
 
 def _decode(raw: bytes, content_type: str) -> Any:
