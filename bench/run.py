@@ -13,9 +13,12 @@ import asyncio
 import json
 import os
 import platform
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -238,6 +241,7 @@ def main() -> None:
     parser.add_argument(
         "--repeat", type=int, default=3, help="rounds of the throughput scenario (the median is reported)"
     )
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--runners",
         type=int,
@@ -254,20 +258,51 @@ def main() -> None:
             parser.error("--nats is needed with --base (completion is observed on NATS)")
         asyncio.run(main_async(args))
         return
+    if args.serve:
+        serve(args)
+        return
+    # the stack runs in a session of its own, as `make run` in one terminal and a load tool in
+    # another would: the kernel then shares the CPUs between the two, not among every process alike
+    log("starting embedded NATS and PostgreSQL, and the services")
+    server = subprocess.Popen(
+        [sys.executable, __file__, "--serve", "--runners", str(args.runners), "--secret", args.secret],
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        if not line:
+            raise SystemExit(f"the benchmark stack did not start (exit {server.wait()})")
+        urls = json.loads(line)
+        args.base, args.nats = urls["base"], urls["nats"]
+        asyncio.run(main_async(args))
+    finally:
+        server.terminate()
+        server.wait(60)
+
+
+def serve(args: argparse.Namespace) -> None:
+    """Start the stack, print its addresses as one JSON line, and keep it up until SIGTERM."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with tempfile.TemporaryDirectory(prefix="flowmesh-bench-") as tmp:
         work = Path(tmp)
-        log("starting embedded NATS and PostgreSQL")
         nats_server = start_nats(work / "nats")
         pg = start_postgres(work / "postgres")
         stack = ProcessStack(
-            nats_server.url, pg.url, work, env={"FLOWMESH_JWT_SECRET": args.secret, "FLOWMESH_LOG_LEVEL": "WARNING"}
+            nats_server.url,
+            pg.url,
+            work,
+            env={"FLOWMESH_JWT_SECRET": args.secret, "FLOWMESH_LOG_LEVEL": "WARNING"},
+            replicas={"runner": args.runners},
         )
         try:
-            log(f"starting the five services ({args.runners} runner replicas)")
+            print(f"[bench] five services, {args.runners} runner replicas", file=sys.stderr, flush=True)
             stack.start_all()
             stack.wait_ready()
-            args.base, args.nats = stack.base, nats_server.url
-            asyncio.run(main_async(args))
+            print(json.dumps({"base": stack.base, "nats": nats_server.url}), flush=True)
+            stop.wait()
         finally:
             stack.stop_all()
             pg.stop()

@@ -85,7 +85,7 @@ class ProcessStack:
         log = (self.workdir / f"{name}.log").open("ab")
         try:
             self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", f"flowmesh.{name}"],
+                [sys.executable, "-m", f"flowmesh.{name.split('#')[0]}"],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
