@@ -131,3 +131,30 @@ def test_a_nats_restart_loses_no_run(
             check_all(c, started)
         finally:
             restarted.stop()
+
+
+@pytest.mark.timeout(120)
+def test_services_stop_on_sigterm_even_when_nats_is_gone(infra: Any, own_nats: EmbeddedNats, tmp_path: Path) -> None:
+    s = ProcessStack(own_nats.url, infra.database_url, tmp_path, services=("gateway", "flows"))
+    s.start_all()
+    try:
+        deadline = time.monotonic() + 60
+        while not _up(s):
+            assert time.monotonic() < deadline, s.logs("gateway")
+            time.sleep(0.1)
+        own_nats.process.send_signal(signal.SIGKILL)
+        own_nats.process.wait(10)
+        procs = list(s.procs.values())
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            assert proc.wait(30) is not None  # bounded: no endless drain towards a dead server
+    finally:
+        s.stop_all()
+
+
+def _up(s: ProcessStack) -> bool:
+    try:
+        return httpx.get(s.base + "/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Iterable
 
@@ -29,6 +31,20 @@ def create_broker(nats_url: str, *, name: str, graceful_timeout: float = 10.0) -
         logger=logging.getLogger("flowmesh.broker"),
         log_level=logging.DEBUG,
     )
+
+
+async def stop_broker(broker: NatsBroker, *, timeout: float = 10.0) -> None:
+    """Stop taking messages, let in-flight handlers finish, close; bounded even when NATS is gone.
+
+    With NATS unreachable, draining waits for a reconnection that may never come: a process told
+    to stop must stop all the same.
+    """
+    try:
+        await asyncio.wait_for(broker.stop(), timeout)
+    except TimeoutError:
+        log.warning("NATS did not drain within %ss; closing without it", timeout)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(broker.connection.close(), 1.0)
 
 
 def stream_config(spec: StreamSpec, *, replicas: int = 1) -> StreamConfig:

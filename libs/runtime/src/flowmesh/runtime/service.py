@@ -24,7 +24,7 @@ from flowmesh.runtime.db import create_engine, create_sessionmaker
 from flowmesh.runtime.health import HealthServer
 from flowmesh.runtime.logs import configure_logging
 from flowmesh.runtime.migrate import migrate
-from flowmesh.runtime.nats import create_broker, provision_streams
+from flowmesh.runtime.nats import create_broker, provision_streams, stop_broker
 from flowmesh.runtime.rpc import RpcContext, RpcServer
 from flowmesh.runtime.settings import BaseServiceSettings
 
@@ -110,7 +110,7 @@ class ServiceRuntime:
             log.info("%s stopping", self.name)
             if self.health is not None:
                 await self.health.stop()
-            await self.broker.stop()
+            await stop_broker(self.broker)
             for hook in reversed(self._on_stop):
                 await hook()
             if self._engine is not None:

@@ -11,7 +11,7 @@ from flowmesh.gateway import keys, middleware
 from flowmesh.gateway.auth import JwtVerifier
 from flowmesh.gateway.routes import catalog, flows, ops, runs, triggers
 from flowmesh.gateway.settings import GatewaySettings
-from flowmesh.runtime.nats import create_broker
+from flowmesh.runtime.nats import create_broker, stop_broker
 from flowmesh.runtime.rpc import RpcClient
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ async def _nats(app: web.Application) -> AsyncIterator[None]:
     app[keys.RPC] = RpcClient(broker, timeout=app[keys.SETTINGS].rpc_timeout_s)
     log.info("gateway connected to %s", app[keys.SETTINGS].nats_url)
     yield
-    await broker.stop()
+    await stop_broker(broker)
 
 
 def create_app(settings: GatewaySettings) -> web.Application:
