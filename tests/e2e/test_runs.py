@@ -339,6 +339,9 @@ def test_runs_are_listed_filtered_and_hidden_from_other_tenants(alice: httpx.Cli
     assert alice.get("/runs", params={"flowId": flow_id, "status": "failed"}).json()["total"] == 0
     assert alice.get("/runs", params={"since": "2999-01-01T00:00:00Z"}).json()["total"] == 0
     assert alice.get("/runs", params={"since": "yesterday"}).status_code == 422
+    # a time without a zone is read as UTC, not refused with a 500
+    assert alice.get("/runs", params={"flowId": flow_id, "since": "2000-01-01T00:00:00"}).json()["total"] == 3
+    assert alice.get("/runs", params={"status": "no-such-status"}).json()["total"] == 0
     rid = ids[0]
     for method, path, body in (
         ("GET", f"/runs/{rid}", None),

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from faststream.nats import NatsBroker
 from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import BadRequestError
 
 from flowmesh.contracts.streams import ALL_STREAMS, StreamSpec
 
@@ -73,12 +73,3 @@ async def provision_streams(
             # exists with another configuration (an older spec): update it in place
             await js.update_stream(config)
         log.debug("stream %s ready", spec.name)
-
-
-async def stream_exists(js: JetStreamContext, name: str) -> bool:
-    """Whether a stream exists."""
-    try:
-        await js.stream_info(name)
-    except NotFoundError:
-        return False
-    return True

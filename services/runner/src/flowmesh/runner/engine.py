@@ -179,12 +179,6 @@ class Execution:
         """End the run as cancelled; unfinished steps are cancelled with it."""
         self._finish("cancelled")
 
-    def time_out(self) -> None:
-        """End the run as timed out."""
-        self._finish(
-            "timedOut", error={"message": "the run exceeded its time limit", "stepId": None, "type": "timeout"}
-        )
-
     # --- advancing -------------------------------------------------------------------------------
 
     def advance(self) -> None:
