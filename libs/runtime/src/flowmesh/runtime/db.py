@@ -32,7 +32,17 @@ async def create_driver_pool(url: str, *, size: int = 10, application_name: str 
     """
     dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
     pool = await asyncpg.create_pool(
-        dsn, min_size=min(size, 4), max_size=size, server_settings={"application_name": application_name}
+        dsn,
+        min_size=min(size, 4),
+        max_size=size,
+        server_settings={"application_name": application_name},
+        reset=_no_session_reset,
     )
     assert pool is not None
     return pool
+
+
+async def _no_session_reset(conn: asyncpg.Connection) -> None:
+    """Nothing to reset: these pools create no session state (asyncpg still rolls back an open
+    transaction before this). Its default (unlock, close cursors, unlisten, reset settings) would
+    be a round trip on every release."""

@@ -6,8 +6,11 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterable
+from typing import Annotated, Any
 
+from faststream._internal.context import Context  # the class behind faststream.Context()
 from faststream.nats import NatsBroker
+from faststream.nats.message import NatsMessage as _NatsMessage
 from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
@@ -15,6 +18,22 @@ from nats.js.errors import BadRequestError
 from flowmesh.contracts.streams import ALL_STREAMS, StreamSpec
 
 log = logging.getLogger(__name__)
+
+
+class _MessageContext(Context):
+    """FastStream's message injection, resolved on the event loop.
+
+    ``Context.use`` is synchronous, so fast-depends runs it on a worker thread for every message
+    (a thread hop and a GIL hand-over per delivery); an async ``use`` is awaited in place.
+    """
+
+    async def use(self, /, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
+        resolved: dict[str, Any] = super().use(**kwargs)
+        return resolved
+
+
+# the delivered message, for handler signatures: ``async def h(body: ..., msg: Message)``
+Message = Annotated[_NatsMessage, _MessageContext("message")]
 
 
 def create_broker(nats_url: str, *, name: str, graceful_timeout: float = 10.0) -> NatsBroker:

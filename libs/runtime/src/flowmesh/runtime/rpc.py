@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import nats.errors
-from faststream.nats import NatsBroker, NatsMessage
+from faststream.nats import NatsBroker
 from pydantic import BaseModel, ValidationError
 
 from flowmesh.contracts import headers
@@ -28,6 +28,7 @@ from flowmesh.contracts.errors import (
 from flowmesh.contracts.models.rpc import RpcReply
 from flowmesh.contracts.strict import field_errors
 from flowmesh.runtime.metrics import RPC_CALLS, RPC_SECONDS, RPC_SERVED
+from flowmesh.runtime.nats import Message
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class RpcServer:
         def register(fn: Handler) -> Handler:
             op = subject.rsplit(".", 1)[-1]
 
-            async def serve(body: Any, msg: NatsMessage) -> dict[str, Any]:
+            async def serve(body: Any, msg: Message) -> dict[str, Any]:
                 started = time.perf_counter()
                 outcome = "ok"
                 h = msg.headers or {}

@@ -21,6 +21,7 @@ from functools import partial
 from typing import Any, Final
 
 import asyncpg
+import orjson
 from jsonschema.protocols import Validator
 from jsonschema.validators import validator_for
 from nats.js import JetStreamContext
@@ -189,8 +190,9 @@ class Executor:
         ex.queue()
         ex.advance()
         assert self.pool is not None
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.pool.acquire() as conn:
             if (version.flow_id, version.version) not in self._saved_versions:
+                # the runner's copy of the version comes first (a run never points at a missing one)
                 await repo.insert_version(
                     conn,
                     flow_id=version.flow_id,
@@ -200,11 +202,11 @@ class Executor:
                     input_schema=version.input_schema,
                     settings=version.settings,
                 )
-            created = await repo.insert_run(conn, record=record, values=extra)
-            events = await repo.write_changes(conn, ex) if created else []
-        if not created:
+                self._saved_versions.add((version.flow_id, version.version))
+            # one statement, one round trip: the run, its steps and its events, or nothing
+            events = await repo.create_run(conn, record=record, values=extra, ex=ex)
+        if events is None:
             return await self._repeat(tenant, req, input_hash)
-        self._saved_versions.add((version.flow_id, version.version))
         work: list[Work] = [(record.id, step_id, self._msg_id(ex, step_id)) for step_id in ex.dispatch]
         work += _parent_work(ex, was_final=False)
         # answer as soon as the run is committed; its events follow (a crash here is the sweep's job)
@@ -448,7 +450,7 @@ class Executor:
             acks = [
                 await js.publish_async(
                     run_event(run.tenant_id, run.flow_id, run.id, e["type"]),
-                    json.dumps(e, separators=(",", ":")).encode(),
+                    orjson.dumps(e),
                     headers={**base, h.MSG_ID: e["id"]},
                 )
                 for e in events

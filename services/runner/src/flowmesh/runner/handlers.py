@@ -7,7 +7,7 @@ from functools import partial
 from typing import Any
 
 from faststream import AckPolicy
-from faststream.nats import ConsumerConfig, DeliverPolicy, JStream, NatsMessage, PullSub
+from faststream.nats import ConsumerConfig, DeliverPolicy, JStream, PullSub
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -42,6 +42,7 @@ from flowmesh.contracts.subjects import STEP_WORK as STEP_WORK_SUBJECT
 from flowmesh.runner import repo
 from flowmesh.runner.engine import Execution, Outcome
 from flowmesh.runner.executor import Executor
+from flowmesh.runtime.nats import Message
 from flowmesh.runtime.rpc import RpcContext, RpcServer
 
 log = logging.getLogger(__name__)
@@ -179,7 +180,7 @@ def register(
         return StartRunResult(run=await _own_run(sessions, ctx, run.id), created=False)
 
     @rpc.broker.subscriber(FLOWS_EVENTS_ALL)  # no queue group: every replica keeps its own cache
-    async def flow_changed(body: dict[str, Any], msg: NatsMessage) -> None:
+    async def flow_changed(body: dict[str, Any], msg: Message) -> None:
         tenant = (msg.headers or {}).get(headers.TENANT)
         flow_id = body.get("flowId")
         if isinstance(tenant, str) and isinstance(flow_id, str):
@@ -193,7 +194,7 @@ def register(
         max_workers=16,
         ack_policy=AckPolicy.MANUAL,
     )
-    async def start_command(body: dict[str, Any], msg: NatsMessage) -> None:
+    async def start_command(body: dict[str, Any], msg: Message) -> None:
         """Durable starts (schedules, events): de-duplicated by their idempotency key."""
         tenant = (msg.headers or {}).get(headers.TENANT, "")
         try:
@@ -219,7 +220,7 @@ def register(
         ack_policy=AckPolicy.MANUAL,
         config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW, ack_wait=ack_wait_s),
     )
-    async def external_event(body: Any, msg: NatsMessage) -> None:
+    async def external_event(body: Any, msg: Message) -> None:
         """An event on ``fm.events.{t}.<type>``: resume every ``waitEvent`` step waiting for it that matches."""
         key = msg.raw_message.subject.removeprefix(EVENTS_PREFIX)
         try:
@@ -243,7 +244,7 @@ def register(
         pull_sub=PullSub(batch_size=16, timeout=1.0),
         ack_policy=AckPolicy.MANUAL,
     )
-    async def registry(body: dict[str, Any], msg: NatsMessage) -> None:
+    async def registry(body: dict[str, Any], msg: Message) -> None:
         """Keep the registry of event triggers from the flows service's announcements."""
         try:
             event = FlowEvent.model_validate(body)
@@ -283,7 +284,7 @@ def register(
         ack_policy=AckPolicy.MANUAL,
         config=ConsumerConfig(ack_wait=ack_wait_s, max_ack_pending=RUNNER_STEPS.max_ack_pending),
     )
-    async def work(body: dict[str, Any], msg: NatsMessage) -> None:
+    async def work(body: dict[str, Any], msg: Message) -> None:
         run_id, step_id = body.get("runId"), body.get("stepId")
         try:
             if not isinstance(run_id, str):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from typing import Any
 
+import orjson
 from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import RowMapping
@@ -174,19 +174,7 @@ async def write_changes(conn: Any, ex: Execution) -> list[dict[str, Any]]:
         )
     if not ex.events:
         return []
-    rows = [
-        {
-            "run_id": r.id,
-            "seq": e.seq,
-            "id": new_id(),
-            "type": e.type,
-            "ts": e.ts,
-            "step_id": e.step_id,
-            "attempt": e.attempt,
-            "data": e.data,
-        }
-        for e in ex.events
-    ]
+    rows = _event_rows(r, ex)
     await conn.executemany(
         _INSERT_EVENTS_SQL,
         [
@@ -204,6 +192,22 @@ async def write_changes(conn: Any, ex: Execution) -> list[dict[str, Any]]:
         ],
     )
     return [_event_payload(r, row) for row in rows]
+
+
+def _event_rows(r: RunRecord, ex: Execution) -> list[dict[str, Any]]:
+    return [
+        {
+            "run_id": r.id,
+            "seq": e.seq,
+            "id": new_id(),
+            "type": e.type,
+            "ts": e.ts,
+            "step_id": e.step_id,
+            "attempt": e.attempt,
+            "data": e.data,
+        }
+        for e in ex.events
+    ]
 
 
 _RUN_COLUMNS = (
@@ -238,9 +242,77 @@ _INSERT_RUN_SQL = (
 )
 
 
-async def insert_run(conn: Any, *, record: RunRecord, values: dict[str, Any]) -> bool:
-    """Insert a run in the state its first execution left it (asyncpg); False when its key is taken."""
-    row = (
+# a new run, its steps and its events in one statement (one round trip, its own transaction);
+# nothing is written when the idempotency key is taken
+_N_RUN = len(_RUN_COLUMNS)
+_STEP_ARRAYS = (
+    ("step_id", "text"),
+    ("type", "text"),
+    ("status", "text"),
+    ("attempt", "int"),
+    ("handle", "text"),
+    ("handled", "bool"),
+    ("output", "jsonb"),
+    ("error", "jsonb"),
+    ("input", "jsonb"),
+    ("started_at", "timestamptz"),
+    ("completed_at", "timestamptz"),
+    ("next_attempt_at", "timestamptz"),
+    ("wait_for", "text"),
+    ("duration_ms", "int"),
+)
+_EVENT_ARRAYS = (
+    ("seq", "int"),
+    ("id", "uuid"),
+    ("type", "text"),
+    ("ts", "timestamptz"),
+    ("step_id", "text"),
+    ("attempt", "int"),
+    ("data", "jsonb"),
+)
+
+
+def _unnest(arrays: tuple[tuple[str, str], ...], first: int) -> str:
+    params = ", ".join(f"${first + i}::{t}[]" for i, (_, t) in enumerate(arrays))
+    return f"unnest({params}) AS x({', '.join(c for c, _ in arrays)})"
+
+
+_S = _N_RUN + 1  # first parameter of the step arrays; then updated_at, then the event arrays
+_E = _S + len(_STEP_ARRAYS) + 1
+_CREATE_RUN_SQL = (
+    f"WITH run AS ({_INSERT_RUN_SQL}), "
+    f"steps AS (INSERT INTO runner.step_runs (run_id, {', '.join(c for c, _ in _STEP_ARRAYS)}, updated_at) "
+    f"SELECT $1::uuid, x.*, ${_E - 1}::timestamptz FROM {_unnest(_STEP_ARRAYS, _S)} "
+    "WHERE EXISTS (SELECT 1 FROM run)), "
+    f"events AS (INSERT INTO runner.run_events (run_id, {', '.join(c for c, _ in _EVENT_ARRAYS)}) "
+    f"SELECT $1::uuid, x.* FROM {_unnest(_EVENT_ARRAYS, _E)} WHERE EXISTS (SELECT 1 FROM run)) "
+    "SELECT count(*) FROM run"
+)
+
+
+async def create_run(
+    conn: Any, *, record: RunRecord, values: dict[str, Any], ex: Execution
+) -> list[dict[str, Any]] | None:
+    """Insert a run with the steps and events its first execution made, in one statement (asyncpg).
+
+    Returns its events as published payloads, or None when its idempotency key was taken.
+    """
+    steps = [
+        (step_id, ex.graph.steps[step_id].type, *_step_values(ex.steps[step_id])) for step_id in sorted(ex.changed)
+    ]
+    rows = _event_rows(record, ex)
+    events = [
+        (row["seq"], row["id"], row["type"], row["ts"], row["step_id"], row["attempt"], _json(row["data"]))
+        for row in rows
+    ]
+    columns = [list(c) for c in zip(*steps, strict=True)] if steps else [[] for _ in _STEP_ARRAYS]
+    event_columns = [list(c) for c in zip(*events, strict=True)] if events else [[] for _ in _EVENT_ARRAYS]
+    created = await conn.fetchval(_CREATE_RUN_SQL, *_run_row(record, values), *columns, ex.now, *event_columns)
+    return [_event_payload(record, row) for row in rows] if created else None
+
+
+def _run_row(record: RunRecord, values: dict[str, Any]) -> tuple[Any, ...]:
+    return (
         record.id,
         record.tenant_id,
         record.flow_id,
@@ -265,7 +337,6 @@ async def insert_run(conn: Any, *, record: RunRecord, values: dict[str, Any]) ->
         record.last_seq,
         0,
     )
-    return await conn.fetchval(_INSERT_RUN_SQL, *row) is not None
 
 
 async def insert_version(
@@ -286,7 +357,7 @@ async def insert_version(
 
 def _json(value: Any) -> str | None:
     """A JSONB parameter on the driver connection (SQLAlchemy's codec takes JSON text)."""
-    return None if value is None else json.dumps(value, separators=(",", ":"))
+    return None if value is None else orjson.dumps(value).decode()
 
 
 def _step_values(state: StepState) -> tuple[Any, ...]:
