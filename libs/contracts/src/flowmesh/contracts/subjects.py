@@ -107,6 +107,8 @@ class RunsOp:
     LIST: Final = rpc(RPC_RUNS, "list")
     STEPS: Final = rpc(RPC_RUNS, "steps")
     EVENTS: Final = rpc(RPC_RUNS, "events")
+    SNAPSHOT: Final = rpc(RPC_RUNS, "snapshot")
+    """For the gateway's WebSocket: a run, its steps and its last event ``seq``, read together."""
     CANCEL: Final = rpc(RPC_RUNS, "cancel")
     RESUME: Final = rpc(RPC_RUNS, "resume")
     RETRY: Final = rpc(RPC_RUNS, "retry")

@@ -12,8 +12,9 @@ from faststream._internal.context import Context  # the class behind faststream.
 from faststream.nats import NatsBroker
 from faststream.nats.message import NatsMessage as _NatsMessage
 from nats.js import JetStreamContext
-from nats.js.api import RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError
+from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import BadRequestError, BucketNotFoundError
+from nats.js.kv import KeyValue
 
 from flowmesh.contracts.streams import ALL_STREAMS, StreamSpec
 
@@ -92,3 +93,15 @@ async def provision_streams(
             # exists with another configuration (an older spec): update it in place
             await js.update_stream(config)
         log.debug("stream %s ready", spec.name)
+
+
+async def ensure_bucket(js: JetStreamContext, bucket: str, *, ttl_s: float, history: int = 1) -> KeyValue:
+    """A JetStream KV bucket whose entries expire after ``ttl_s``; created if missing (any replica may race)."""
+    try:
+        return await js.key_value(bucket)
+    except BucketNotFoundError:
+        pass
+    try:
+        return await js.create_key_value(KeyValueConfig(bucket=bucket, ttl=ttl_s, history=history))
+    except BadRequestError:
+        return await js.key_value(bucket)  # another replica created it first

@@ -27,6 +27,7 @@ from flowmesh.contracts.models.rpc import (
     StartRun,
     StartRunResult,
 )
+from flowmesh.contracts.models.ws import WsSnapshot
 from flowmesh.contracts.streams import (
     EVENTS,
     FLOWS,
@@ -114,6 +115,23 @@ def register(
         async with sessions() as s:
             items, total = await repo.list_steps(s, run_id=q.run_id, offset=q.offset, limit=q.page_size)
         return q.page_of(items, total)
+
+    @rpc.handler(RunsOp.SNAPSHOT)
+    async def snapshot(ctx: RpcContext, body: Any) -> WsSnapshot:
+        run_id = RunRef.model_validate(body).run_id
+        found = None
+        if is_uuid(run_id):
+            async with sessions() as s:
+                await s.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+                found = await repo.read_snapshot(s, tenant=ctx.tenant, run_id=run_id)
+        if found is None:
+            raise NotFound(f"run {run_id} not found")
+        run, seq, steps = found
+        return WsSnapshot(
+            run=run,
+            steps={st.step_id: st.wire(exclude_none=True, exclude={"run_id", "step_id"}) for st in steps},
+            seq=seq,
+        )
 
     @rpc.handler(RunsOp.EVENTS)
     async def events(ctx: RpcContext, body: Any) -> dict[str, Any]:

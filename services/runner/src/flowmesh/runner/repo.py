@@ -449,6 +449,17 @@ async def get_run(session: AsyncSession, *, tenant: str, run_id: str) -> Run | N
     return None if found is None else _run(found)
 
 
+async def read_snapshot(session: AsyncSession, *, tenant: str, run_id: str) -> tuple[Run, int, list[StepRun]] | None:
+    """A run, its last event ``seq`` and its steps, as one consistent read (call it in a repeatable-read
+    transaction: nothing committed between the statements is seen by one and not the other)."""
+    found = (await session.execute(select(runs).where(runs.c.id == run_id, runs.c.tenant_id == tenant))).mappings()
+    row = found.one_or_none()
+    if row is None:
+        return None
+    steps, _ = await list_steps(session, run_id=run_id, offset=0, limit=10_000)
+    return _run(row), row["last_seq"], steps
+
+
 async def list_runs(session: AsyncSession, *, tenant: str, q: RunListQuery) -> tuple[list[Run], int]:
     """A page of the tenant's runs, newest first, and how many match."""
     where = [runs.c.tenant_id == tenant]

@@ -22,6 +22,15 @@ class WsSnapshot(WireModel):
     seq: int
 
 
+class WsClose:
+    """Close codes of the live streams."""
+
+    TOO_SLOW = 1013
+    """The client fell too far behind (DESIGN §7): reconnect with ``?after=`` the last ``seq`` seen."""
+    GONE = 1001
+    """The gateway is stopping: reconnect (to any replica) with ``?after=``."""
+
+
 class WsEvent(WireModel):
     """One run event."""
 

@@ -1,0 +1,209 @@
+"""Live runs over WebSocket (DESIGN §7): ``/ws/runs/{runId}``, ``/ws/flows/{flowId}``, and tickets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import socket
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from aiohttp import WSCloseCode, web
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+
+from flowmesh.contracts import subjects
+from flowmesh.contracts.errors import BadRequest, Forbidden, Unauthorized
+from flowmesh.contracts.models import FlowRef
+from flowmesh.contracts.models.rpc import RunEventsQuery, RunRef
+from flowmesh.contracts.models.ws import BEARER_PREFIX, SUBPROTOCOL, WsClose, WsTicket
+from flowmesh.contracts.streams import WS_TICKET_TTL_S
+from flowmesh.contracts.subjects import FlowsOp, RunsOp
+from flowmesh.gateway import keys
+from flowmesh.gateway.auth import Principal
+from flowmesh.gateway.live import FILL_PAGE, Watcher
+from flowmesh.gateway.routes.common import call, json_response
+
+routes = web.RouteTableDef()
+
+HEARTBEAT_S = 20.0
+"""WebSocket ping frames (no JSON pings), DESIGN §7."""
+SEND_BUFFER_BYTES = 64 * 1024
+
+
+@routes.post("/api/v1/ws-tickets")
+async def create_ticket(request: web.Request) -> web.Response:
+    """A single-use, 30-second credential for a browser's WebSocket (``?ticket=``)."""
+    principal = request[keys.PRINCIPAL]
+    ticket = "wst_" + secrets.token_urlsafe(24)
+    expires = datetime.now(UTC) + timedelta(seconds=WS_TICKET_TTL_S)
+    value = {"sub": principal.sub, "tenant": principal.tenant, "role": principal.role, "exp": expires.timestamp()}
+    await request.app[keys.WS_TICKETS].create(ticket, json.dumps(value).encode())
+    return json_response(WsTicket(ticket=ticket, expires_at=expires).wire(), status=201)
+
+
+@routes.get("/ws/runs/{run_id}")
+async def watch_run(request: web.Request) -> web.StreamResponse:
+    """A run's snapshot then its live events; with ``?after=seq``, its events after ``seq`` then live."""
+    after = _after(request)
+    await _authenticate(request)
+    run_id = request.match_info["run_id"]
+    run = await call(request, RunsOp.GET, RunRef(run_id=run_id))  # 404 for another tenant's run
+    subject = subjects.run_events_of_run(run["tenantId"], run["flowId"], run_id)
+    ws = _socket()
+    watcher = Watcher(ws.send_str, _history(request))
+    hub = request.app[keys.HUB]
+    try:
+        # live first, then the state: nothing published after the snapshot's read is missed (and
+        # a failure here is still an HTTP answer: the connection is upgraded only after)
+        await hub.watch(subject, watcher)
+        snapshot = await call(request, RunsOp.SNAPSHOT, RunRef(run_id=run_id)) if after is None else None
+        await _open(request, ws)
+        if snapshot is not None:
+            watcher.start({run_id: snapshot["seq"]}, first=json.dumps(snapshot, separators=(",", ":")))
+        else:
+            watcher.start({run_id: after or 0})
+            watcher.catch_up(run_id)
+        await _serve(ws, watcher)
+    finally:
+        request.app[keys.SOCKETS].discard(ws)
+        await hub.unwatch(subject, watcher)
+        await watcher.close()
+    return ws
+
+
+@routes.get("/ws/flows/{flow_id}")
+async def watch_flow(request: web.Request) -> web.StreamResponse:
+    """Every event of every run of a flow from now on; ``?since=<RFC 3339>`` first replays history."""
+    since = _since(request)
+    await _authenticate(request)
+    flow_id = request.match_info["flow_id"]
+    await call(request, FlowsOp.GET, FlowRef(flow_id=flow_id))  # 404 for another tenant's flow
+    subject = subjects.run_events_of_flow(request[keys.PRINCIPAL].tenant, flow_id)
+    ws = _socket()
+    watcher = Watcher(ws.send_str, _history(request))
+    hub = request.app[keys.HUB]
+    replay = None
+    try:
+        if since is None:
+            await hub.watch(subject, watcher)
+        else:
+            # the stream's history from ``since`` and then live, on one consumer of its own
+            replay = await hub.replay(subject, since, watcher)
+        await _open(request, ws)
+        watcher.start({})
+        await _serve(ws, watcher)
+    finally:
+        request.app[keys.SOCKETS].discard(ws)
+        if replay is not None:
+            await replay.unsubscribe()
+        else:
+            await hub.unwatch(subject, watcher)
+        await watcher.close()
+    return ws
+
+
+# --- handshake -----------------------------------------------------------------------------------
+
+
+async def _authenticate(request: web.Request) -> None:
+    """Origin, then credentials: a ``bearer.<token>`` subprotocol or a ``?ticket=``; refused before upgrading."""
+    origin = request.headers.get("Origin")
+    if origin is not None and origin not in request.app[keys.SETTINGS].cors_origin_list:
+        raise Forbidden(f"origin {origin} is not allowed; add it to FLOWMESH_CORS_ORIGINS")
+    offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+    token = next((p[len(BEARER_PREFIX) :] for p in offered if p.startswith(BEARER_PREFIX)), None)
+    ticket = request.query.get("ticket")
+    if token:
+        request[keys.PRINCIPAL] = await request.app[keys.VERIFIER].verify(token)
+    elif ticket:
+        request[keys.PRINCIPAL] = await _redeem(request, ticket)
+    else:
+        raise Unauthorized(
+            f"offer the subprotocols `{SUBPROTOCOL}` and `{BEARER_PREFIX}<token>`, "
+            "or pass ?ticket= from POST /api/v1/ws-tickets"
+        )
+
+
+async def _redeem(request: web.Request, ticket: str) -> Principal:
+    """Use a ticket once: deleting it at the revision read makes a second use fail on any replica."""
+    kv = request.app[keys.WS_TICKETS]
+    try:
+        entry = await kv.get(ticket)
+        await kv.delete(ticket, last=entry.revision)
+    except (KeyNotFoundError, KeyWrongLastSequenceError, ValueError) as exc:
+        raise Unauthorized("the ticket is unknown, expired or already used; get a new one") from exc
+    value = json.loads(entry.value or b"{}")
+    if value.get("exp", 0) < datetime.now(UTC).timestamp():
+        raise Unauthorized("the ticket has expired; get a new one")
+    return Principal(sub=value["sub"], tenant=value["tenant"], role=value["role"])
+
+
+def _socket() -> web.WebSocketResponse:
+    # no permessage-deflate: with context takeover it costs a compressor per socket and CPU per
+    # message per watcher, where the same encoded text is otherwise written to every watcher
+    return web.WebSocketResponse(
+        protocols=(SUBPROTOCOL,), heartbeat=HEARTBEAT_S, max_msg_size=64 * 1024, compress=False
+    )
+
+
+async def _open(request: web.Request, ws: web.WebSocketResponse) -> None:
+    sock = request.transport.get_extra_info("socket") if request.transport is not None else None
+    if sock is not None:
+        # a fixed kernel buffer per watcher (no autotuning to megabytes): memory stays bounded with
+        # thousands of sockets, and "behind" is measured in our queue, where the 1013 rule sees it
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+    await ws.prepare(request)
+    request.app[keys.SOCKETS].add(ws)
+
+
+async def _serve(ws: web.WebSocketResponse, watcher: Watcher) -> None:
+    """Read (and ignore) what the client sends until it closes, or close it when it falls behind."""
+    reader = _reader(ws)
+    slow = watcher.too_slow.wait()
+    _, pending = await asyncio.wait(
+        {asyncio.ensure_future(reader), asyncio.ensure_future(slow)}, return_when=asyncio.FIRST_COMPLETED
+    )
+    for task in pending:
+        task.cancel()
+    if watcher.too_slow.is_set() and not ws.closed:
+        if watcher.failed is not None:
+            await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"history unavailable; reconnect with ?after=")
+        else:
+            await ws.close(code=WsClose.TOO_SLOW, message=b"too far behind; reconnect with ?after=<last seq>")
+
+
+async def _reader(ws: web.WebSocketResponse) -> None:
+    async for _ in ws:
+        pass
+
+
+def _history(request: web.Request) -> Any:
+    async def fill(run_id: str, after: int) -> list[dict[str, Any]]:
+        page = await call(request, RunsOp.EVENTS, RunEventsQuery(run_id=run_id, after=after, page_size=FILL_PAGE))
+        items: list[dict[str, Any]] = page["items"]
+        return items
+
+    return fill
+
+
+def _after(request: web.Request) -> int | None:
+    raw = request.query.get("after")
+    if raw is None:
+        return None
+    if not raw.isdigit():
+        raise BadRequest("after must be a run event seq (an integer ≥ 0)")
+    return int(raw)
+
+
+def _since(request: web.Request) -> datetime | None:
+    raw = request.query.get("since")
+    if raw is None:
+        return None
+    try:
+        since = datetime.fromisoformat(raw)
+    except ValueError as exc:
+        raise BadRequest("since must be an RFC 3339 time, e.g. 2026-01-31T12:00:00Z") from exc
+    if since.tzinfo is None:
+        raise BadRequest("since needs a time zone, e.g. 2026-01-31T12:00:00Z")
+    return since
