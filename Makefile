@@ -13,7 +13,7 @@ export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test bench lint typecheck fmt token clean
+.PHONY: help install run test bench lint typecheck fmt token openapi clean
 
 help: ## Show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -51,6 +51,9 @@ fmt: install ## Format and auto-fix
 
 token: install ## Print a dev JWT (see `flowmesh token --help`)
 	@$(BIN)/flowmesh token
+
+openapi: install ## Regenerate docs/api/openapi.json from the gateway's routes and contract models
+	$(BIN)/python -m flowmesh.gateway.openapi > docs/api/openapi.json
 
 clean: ## Remove the virtualenvs (keeps .flowmesh data)
 	rm -rf $(VENV) $(TOOLS)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -30,16 +31,32 @@ import nats
 from nats.aio.msg import Msg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from live import scenario_live
+
 from flowmesh.cli.embedded import start_nats, start_postgres
 from flowmesh.contracts.subjects import tenant_token
 from stack import ProcessStack, chain, token
 
 RESULTS = Path(__file__).parent / "results"
 SETUP: dict[str, Any] = {}
-TARGETS = {"chain": {"p50_ms": 50.0}, "throughput": {"steps_per_s": 1500.0}}
+TARGETS = {
+    "chain": {"p50_ms": 50.0},
+    "throughput": {"steps_per_s": 1500.0},
+    "webhooks": {"runs_per_s": 500.0},
+    "live": {"p99_ms": 100.0},
+}
 REFERENCE = {
     "chain": {"temporal_dev_p50_ms": 2056, "dbos_p50_ms": 219},
     "throughput": {"temporal_dev_steps_per_s": 39, "dbos_steps_per_s": 161},
+    "webhooks": {"n8n_docs_runs_per_s": 220},
+    "live": {},
+}
+HOOK_FLOW = {
+    "nodes": [
+        {"id": "start", "type": "trigger", "data": {}},
+        {"id": "add", "type": "transform", "data": {"output": {"v": "{{ input.body.v + 1 }}"}}},
+    ],
+    "edges": [{"id": "e", "source": "start", "target": "add"}],
 }
 
 
@@ -182,6 +199,94 @@ async def drive(c: Api, nc: nats.NATS, tenant: str, flow_id: str, runs: int, in_
     return time.perf_counter() - t0, finished
 
 
+async def scenario_webhooks(c: Api, nc: nats.NATS, tenant: str, deliveries: int, in_flight: int) -> dict[str, Any]:
+    """``deliveries`` POSTs to an unsigned webhook of a 2-step flow, ``in_flight`` at once."""
+    flow_id = await publish(c, HOOK_FLOW)
+    trigger = await c.post(f"/flows/{flow_id}/triggers", {"type": "webhook", "name": "bench"})
+    url = trigger["url"]
+    # warm-up, not measured: connections at their working size, the token lookup cached
+    await hammer(c, nc, tenant, flow_id, url, 2 * in_flight, in_flight)
+    r = await hammer(c, nc, tenant, flow_id, url, deliveries, in_flight)
+    return {
+        "scenario": "webhooks",
+        "deliveries": deliveries,
+        "in_flight": in_flight,
+        "accepted": r["accepted"],
+        "refused": r["refused"],
+        "succeeded": r["succeeded"],
+        "failed": r["failed"],
+        "lost": r["accepted"] - r["succeeded"] - r["failed"],
+        "accept_elapsed_s": round(r["accept_s"], 3),
+        "complete_elapsed_s": round(r["complete_s"], 3),
+        "accepted_runs_per_s": round(r["accepted"] / r["accept_s"], 1),
+        "runs_per_s": round(r["succeeded"] / r["complete_s"], 1),
+        "accept_p50_ms": r["p50_ms"],
+        "accept_p99_ms": r["p99_ms"],
+        "first_refusal": r["first_refusal"],
+    }
+
+
+async def hammer(
+    c: Api, nc: nats.NATS, tenant: str, flow_id: str, url: str, deliveries: int, in_flight: int
+) -> dict[str, Any]:
+    """POST ``deliveries`` webhooks, ``in_flight`` at a time; count them accepted and their runs finished."""
+    finished = Finished()
+    sub = await nc.subscribe(f"fm.runs.{tenant_token(tenant)}.{flow_id}.*.run.*", cb=finished.handler)
+    slots = asyncio.Semaphore(in_flight)
+    accepted: set[str] = set()
+    refused: list[str] = []
+    latencies: list[float] = []
+    done_all = asyncio.Event()
+
+    def on_finish(_: str) -> None:
+        if accepted_all.is_set() and accepted <= finished.times.keys():
+            done_all.set()
+
+    accepted_all = asyncio.Event()
+    finished.on_finish = on_finish
+
+    async def one(i: int) -> None:
+        try:
+            t = time.perf_counter()
+            async with c.session.post(url, json={"v": i, "source": "bench"}) as r:
+                body = await r.json(content_type=None)
+                if r.status == 202:
+                    accepted.add(body["runId"])
+                    latencies.append((time.perf_counter() - t) * 1000)
+                else:
+                    refused.append(f"{r.status}: {body}")
+        finally:
+            slots.release()
+
+    t0 = time.perf_counter()
+    try:
+        tasks = []
+        for i in range(deliveries):
+            await slots.acquire()
+            tasks.append(asyncio.create_task(one(i)))
+        await asyncio.gather(*tasks)
+        accept_s = time.perf_counter() - t0
+        accepted_all.set()
+        on_finish("")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done_all.wait(), 120)
+    finally:
+        await sub.unsubscribe()
+    ours = [finished.times[r] for r in accepted if r in finished.times]
+    latencies.sort()
+    return {
+        "accepted": len(accepted),
+        "refused": len(refused),
+        "first_refusal": refused[0] if refused else None,
+        "succeeded": sum(1 for r in accepted if finished.status.get(r) == "succeeded"),
+        "failed": sum(1 for r in accepted if finished.status.get(r) in ("failed", "cancelled", "timedOut")),
+        "accept_s": accept_s,
+        "complete_s": (max(ours) if ours else time.perf_counter()) - t0,
+        "p50_ms": round(statistics.median(latencies), 2) if latencies else None,
+        "p99_ms": round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 2) if latencies else None,
+    }
+
+
 def report(result: dict[str, Any]) -> None:
     name = result["scenario"]
     result["targets"] = TARGETS.get(name, {})
@@ -191,7 +296,8 @@ def report(result: dict[str, Any]) -> None:
     result["when"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    figures = ", ".join(f"{k}={v}" for k, v in result.items() if k.endswith(("_ms", "_s")) or k == "succeeded")
+    shown = ("succeeded", "accepted", "lost", "refused")
+    figures = ", ".join(f"{k}={v}" for k, v in result.items() if k.endswith(("_ms", "_s")) or k in shown)
     log(f"{name}: {figures}  (target {result['targets']})")
 
 
@@ -218,6 +324,18 @@ async def main_async(args: argparse.Namespace) -> None:
                 result = sorted(rounds, key=lambda r: r["steps_per_s"])[len(rounds) // 2]
                 result["rounds_steps_per_s"] = [r["steps_per_s"] for r in rounds]
                 report(result)
+            if "webhooks" in args.scenarios:
+                log(f"webhooks: {args.hooks} webhook deliveries (2-step flow), {args.in_flight} in flight")
+                report(await scenario_webhooks(c, nc, tenant, args.hooks, args.in_flight))
+            if "live" in args.scenarios:
+                log(f"live: {args.watchers} WebSocket watchers of one run, {args.live_rounds} rounds")
+                rounds = []
+                for i in range(args.live_rounds):
+                    rounds.append(await scenario_live(args.base, headers, args.watchers))
+                    log(f"  round {i + 1}: p50 {rounds[-1]['p50_ms']} ms, p99 {rounds[-1]['p99_ms']} ms")
+                result = sorted(rounds, key=lambda r: r["p99_ms"] or 0.0)[len(rounds) // 2]
+                result["rounds_p99_ms"] = [r["p99_ms"] for r in rounds]
+                report(result)
         finally:
             await nc.close()
     finally:
@@ -226,7 +344,9 @@ async def main_async(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("scenarios", nargs="*", metavar="SCENARIO", help="chain and/or throughput (default: all)")
+    parser.add_argument(
+        "scenarios", nargs="*", metavar="SCENARIO", help="chain, throughput, webhooks and/or live (default: all)"
+    )
     parser.add_argument("--base", help="gateway URL of a running stack (default: start one)")
     parser.add_argument("--nats", help="NATS URL of that stack (needed with --base)")
     parser.add_argument(
@@ -237,7 +357,14 @@ def main() -> None:
     parser.add_argument("--chain-runs", type=int, default=100, help="measured runs of the chain scenario")
     parser.add_argument("--runs", type=int, default=200, help="runs of the throughput scenario")
     parser.add_argument("--steps", type=int, default=10, help="steps per run of the throughput scenario")
-    parser.add_argument("--in-flight", type=int, default=50, help="runs in flight in the throughput scenario")
+    parser.add_argument(
+        "--in-flight", type=int, default=50, help="runs (deliveries) in flight in the throughput (webhooks) scenario"
+    )
+    parser.add_argument("--hooks", type=int, default=1000, help="deliveries of the webhooks scenario")
+    parser.add_argument("--watchers", type=int, default=1000, help="WebSocket watchers of the live scenario")
+    parser.add_argument(
+        "--live-rounds", type=int, default=3, help="rounds of the live scenario (the median p99 is reported)"
+    )
     parser.add_argument(
         "--repeat", type=int, default=5, help="rounds of the throughput scenario (the median is reported)"
     )

@@ -76,17 +76,19 @@ class ProcessStack:
             "FLOWMESH_HTTP_HOST": "127.0.0.1",
             "FLOWMESH_HTTP_PORT": str(self.port),
             "FLOWMESH_LOG_FORMAT": "json",
+            # tests drive tenants harder than a free plan's 20 requests/s; tests of plans choose their own
+            "FLOWMESH_DEFAULT_PLAN": "enterprise",
             **{f"FLOWMESH_{s.upper()}_HEALTH_PORT": "0" for s in SERVICES if s != "gateway"},
             **(env or {}),
         }
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, name: str) -> None:
+    def start(self, name: str, env: dict[str, str] | None = None) -> None:
         log = (self.workdir / f"{name}.log").open("ab")
         try:
             self.procs[name] = subprocess.Popen(
                 [sys.executable, "-m", f"flowmesh.{name.split('#')[0]}"],
-                env=self.env,
+                env={**self.env, **(env or {})},
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -97,6 +99,12 @@ class ProcessStack:
     def start_all(self) -> None:
         for name in self.services:
             self.start(name)
+
+    def start_gateway(self, name: str, env: dict[str, str] | None = None) -> str:
+        """Another gateway replica (``gateway#<name>``) on its own port, with extra settings; its base URL."""
+        port = free_port()
+        self.start(f"gateway#{name}", {**(env or {}), "FLOWMESH_HTTP_PORT": str(port)})
+        return f"http://127.0.0.1:{port}"
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         proc = self.procs.pop(name)
@@ -120,7 +128,7 @@ class ProcessStack:
         path = self.workdir / f"{name}.log"
         return path.read_text(errors="replace")[-4000:] if path.exists() else ""
 
-    def wait_ready(self, timeout: float = 90) -> None:
+    def wait_ready(self, timeout: float = 90, base: str | None = None) -> None:
         deadline = time.monotonic() + timeout
         last = ""
         while time.monotonic() < deadline:
@@ -128,7 +136,7 @@ class ProcessStack:
                 if proc.poll() is not None:
                     raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.logs(name)}")
             try:
-                r = httpx.get(self.base + "/readyz", timeout=2)
+                r = httpx.get((base or self.base) + "/readyz", timeout=2)
                 if r.status_code == 200:
                     return
                 last = r.text

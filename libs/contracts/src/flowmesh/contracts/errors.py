@@ -123,11 +123,17 @@ class InvalidInput(FlowmeshError):
 
 
 class RateLimited(FlowmeshError):
-    """Too many requests, or too many runs in flight."""
+    """Too many requests, or too many runs in flight; ``retry_after_s`` says when to try again."""
 
     status = 429
     code = "rate-limited"
     title = "Too many requests"
+
+    def __init__(
+        self, detail: str | None = None, *, errors: list[FieldError] | None = None, retry_after_s: int = 1
+    ) -> None:
+        super().__init__(detail, errors=errors)
+        self.retry_after_s = max(1, retry_after_s)
 
 
 class ServiceUnavailable(FlowmeshError):

@@ -37,7 +37,7 @@ def accepted_keys(model: type[BaseModel]) -> set[str]:
 
 
 def parse_strict(model: type[M], data: Any) -> M:
-    """Validate an HTTP body: must be an object, no unknown top-level keys, valid fields.
+    """Validate an HTTP body: must be an object, no unknown top-level keys, valid fields of the right JSON types.
 
     Raises:
         InvalidInput: with every problem found, each located by a JSON pointer.
@@ -52,7 +52,8 @@ def parse_strict(model: type[M], data: Any) -> M:
         FieldError(path=json_pointer((key,)), message=f"unknown field {key!r}") for key in data if key not in allowed
     ]
     try:
-        parsed = model.model_validate(data)
+        # strict types too: a JSON API takes no "1" for a number and no 0 for a boolean
+        parsed = model.model_validate(data, strict=True)
     except ValidationError as exc:
         errors.extend(field_errors(exc))
         parsed = None

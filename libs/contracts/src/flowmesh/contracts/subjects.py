@@ -115,6 +115,16 @@ class RunsOp:
     PING: Final = rpc(RPC_RUNS, "ping")
 
 
+class SchedulerOp:
+    """Operations of ``fm.rpc.scheduler.<op>``: durable timers for other services (no tenant)."""
+
+    TIMER_SET: Final = rpc(RPC_SCHEDULER, "timers.set")
+    """Arm (or re-arm) the timer ``(owner, key)``: it fires once on ``fm.timers.fired.<owner>``."""
+    TIMER_CANCEL: Final = rpc(RPC_SCHEDULER, "timers.cancel")
+    """Disarm the timer ``(owner, key)``; cancelling one that fired or never existed is not an error."""
+    PING: Final = rpc(RPC_SCHEDULER, "ping")
+
+
 class FlowEventType:
     """The ``<event>`` of ``fm.flows.{t}.<event>``."""
 

@@ -23,6 +23,7 @@ from flowmesh.contracts import subjects
 from flowmesh.runtime.db import create_engine, create_sessionmaker
 from flowmesh.runtime.health import HealthServer
 from flowmesh.runtime.logs import configure_logging
+from flowmesh.runtime.memory import freeze_startup_objects
 from flowmesh.runtime.migrate import migrate
 from flowmesh.runtime.nats import create_broker, provision_streams, stop_broker
 from flowmesh.runtime.rpc import RpcContext, RpcServer
@@ -104,6 +105,7 @@ class ServiceRuntime:
             if health:
                 self.health = HealthServer(self._ready, host=s.health_host, port=s.health_port)
                 await self.health.start()
+            freeze_startup_objects()
             log.info("%s ready (nats %s)", self.name, s.nats_url)
             yield self
         finally:

@@ -8,11 +8,14 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from flowmesh.contracts.models.ws import WsClose
-from flowmesh.contracts.streams import WS_TICKET_TTL_S, WS_TICKETS_BUCKET
+from flowmesh.contracts.streams import IDEMPOTENCY_BUCKET, IDEMPOTENCY_TTL_S, WS_TICKET_TTL_S, WS_TICKETS_BUCKET
 from flowmesh.gateway import keys, middleware
 from flowmesh.gateway.auth import JwtVerifier
-from flowmesh.gateway.live import Hub
-from flowmesh.gateway.routes import catalog, flows, ops, runs, triggers, ws
+from flowmesh.gateway.cors import cors_middleware
+from flowmesh.gateway.idempotency import IN_FLIGHT_MARGIN_S, IdempotencyStore
+from flowmesh.gateway.live import Flusher, Hub
+from flowmesh.gateway.ratelimit import PlanSource, RateLimiter
+from flowmesh.gateway.routes import catalog, docs, flows, hooks, ops, runs, triggers, ws
 from flowmesh.gateway.settings import GatewaySettings
 from flowmesh.runtime.nats import create_broker, ensure_bucket, stop_broker
 from flowmesh.runtime.rpc import RpcClient
@@ -28,6 +31,11 @@ async def _nats(app: web.Application) -> AsyncIterator[None]:
     js = broker.connection.jetstream()
     app[keys.HUB] = Hub(js)
     app[keys.WS_TICKETS] = await ensure_bucket(js, WS_TICKETS_BUCKET, ttl_s=WS_TICKET_TTL_S)
+    app[keys.IDEMPOTENCY] = IdempotencyStore(
+        await ensure_bucket(js, IDEMPOTENCY_BUCKET, ttl_s=IDEMPOTENCY_TTL_S),
+        # a claim outlives any request it guards, so only a replica that died leaves one to expire
+        in_flight_s=app[keys.SETTINGS].request_timeout_s + IN_FLIGHT_MARGIN_S,
+    )
     log.info("gateway connected to %s", app[keys.SETTINGS].nats_url)
     yield
     await stop_broker(broker)
@@ -44,11 +52,21 @@ def create_app(settings: GatewaySettings) -> web.Application:
     """The gateway application; NATS connects when it starts (``cleanup_ctx``)."""
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        middlewares=[middleware.observe, middleware.problems, middleware.authenticate],
+        middlewares=[
+            middleware.observe,
+            cors_middleware(settings.cors_origin_list),
+            middleware.problems,
+            middleware.authenticate,
+            middleware.rate_limit,
+            middleware.idempotent,
+            middleware.deadline,
+        ],
     )
     app[keys.SETTINGS] = settings
     app[keys.VERIFIER] = JwtVerifier(settings)
+    app[keys.LIMITER] = RateLimiter(PlanSource(settings.default_plan, ttl_s=settings.plan_cache_s))
     app[keys.SOCKETS] = set()
+    app[keys.FLUSHER] = Flusher()
     app.cleanup_ctx.append(_nats)
     app.on_shutdown.append(_close_sockets)
     app.add_routes(ops.routes)
@@ -57,4 +75,6 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app.add_routes(catalog.routes)
     app.add_routes(runs.routes)
     app.add_routes(ws.routes)
+    app.add_routes(docs.routes)
+    hooks.setup(app)
     return app

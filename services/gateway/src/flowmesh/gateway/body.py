@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import json
-from typing import Any, TypeVar
+import re
+from typing import Any, Final, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from flowmesh.contracts.errors import BadRequest, InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from flowmesh.contracts.strict import field_errors, parse_strict
+from flowmesh.contracts.models import FieldError
+from flowmesh.contracts.strict import field_errors, json_pointer, parse_strict
 from flowmesh.gateway import keys
 
 M = TypeVar("M", bound=BaseModel)
+
+MAX_DEPTH: Final = 64
+"""Deepest nesting of a JSON body; deeper would exhaust recursive parsers and encoders further on."""
+# PostgreSQL jsonb holds neither NUL nor a lone UTF-16 surrogate (JSON's "\ud800"; pairs arrive combined)
+_UNSTORABLE: Final = re.compile("[\x00\ud800-\udfff]")
 
 
 async def read_json(request: web.Request) -> Any:
@@ -25,6 +32,7 @@ async def read_json(request: web.Request) -> Any:
         PayloadTooLarge: over the configured limit.
         UnsupportedMediaType: not JSON, and not sent as JSON.
         BadRequest: sent as JSON but not valid JSON.
+        InvalidInput: nested deeper than :data:`MAX_DEPTH`, or a string holding NUL or a lone surrogate.
     """
     try:
         raw = await request.read()
@@ -35,12 +43,47 @@ async def read_json(request: web.Request) -> Any:
     if not raw.strip():
         return {}
     try:
-        return json.loads(raw)
+        doc = json.loads(raw)
+    except RecursionError as exc:
+        raise _too_deep(()) from exc
     except (ValueError, UnicodeDecodeError) as exc:
         ctype = request.content_type
         if ctype != "application/json" and not ctype.endswith("+json"):
             raise UnsupportedMediaType(f"send a JSON body with Content-Type: application/json (got {ctype})") from exc
         raise BadRequest(f"the body is not valid JSON: {exc}") from exc
+    _check_storable(doc)
+    return doc
+
+
+def _check_storable(doc: Any) -> None:
+    """Refuse JSON that cannot be stored or would be too deep to handle, instead of failing later as a 500."""
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(doc, ())]
+    while stack:
+        item, loc = stack.pop()
+        if isinstance(item, str):
+            _check_text(item, loc)
+        elif isinstance(item, dict | list):
+            if len(loc) >= MAX_DEPTH:
+                raise _too_deep(loc)
+            if isinstance(item, dict):
+                for key, value in item.items():
+                    _check_text(key, (*loc, key))
+                    stack.append((value, (*loc, key)))
+            else:
+                stack.extend((value, (*loc, i)) for i, value in enumerate(item))
+
+
+def _check_text(text: str, loc: tuple[str | int, ...]) -> None:
+    if _UNSTORABLE.search(text):
+        message = "holds a NUL character (\\u0000) or an unpaired surrogate (\\ud800-\\udfff), which cannot be stored"
+        raise InvalidInput(
+            f"{json_pointer(loc) or '/'} {message}", errors=[FieldError(path=json_pointer(loc), message=message)]
+        )
+
+
+def _too_deep(loc: tuple[str | int, ...]) -> InvalidInput:
+    message = f"nested deeper than {MAX_DEPTH} levels"
+    return InvalidInput(f"the body is {message}", errors=[FieldError(path=json_pointer(loc), message=message)])
 
 
 async def read_body(request: web.Request, model: type[M]) -> M:

@@ -7,7 +7,9 @@ from faststream.nats import NatsBroker
 from nats.js.kv import KeyValue
 
 from flowmesh.gateway.auth import JwtVerifier, Principal
-from flowmesh.gateway.live import Hub
+from flowmesh.gateway.idempotency import IdempotencyStore
+from flowmesh.gateway.live import Flusher, Hub
+from flowmesh.gateway.ratelimit import RateLimiter
 from flowmesh.gateway.settings import GatewaySettings
 from flowmesh.runtime.rpc import RpcClient
 
@@ -16,8 +18,12 @@ BROKER: Final = web.AppKey("broker", NatsBroker)
 RPC: Final = web.AppKey("rpc", RpcClient)
 VERIFIER: Final = web.AppKey("verifier", JwtVerifier)
 HUB: Final = web.AppKey("hub", Hub)
+FLUSHER: Final = web.AppKey("flusher", Flusher)
 WS_TICKETS: Final = web.AppKey("ws_tickets", KeyValue)
 SOCKETS: Final = web.AppKey("sockets", set[web.WebSocketResponse])
+LIMITER: Final = web.AppKey("limiter", RateLimiter)
+"""Per-tenant request rate limits: ``await app[LIMITER].admit(tenant)`` (also for webhooks)."""
+IDEMPOTENCY: Final = web.AppKey("idempotency", IdempotencyStore)
 
 PRINCIPAL: Final = web.RequestKey("principal", Principal)
 REQUEST_ID: Final = web.RequestKey("request_id", str)

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import struct
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, Final
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 
 MAX_BEHIND: Final = 1000
 """A watcher this many messages behind is closed with 1013 (DESIGN §7)."""
+FLUSH_DELAY_S: Final = 0.003
+"""How long frames collect before they are written (one change's events usually arrive within it)."""
 GAP_WAIT_S: Final = 0.2
 """How long a gap may stay open before it is filled from history (late publishes usually arrive)."""
 FILL_PAGE: Final = 1000
@@ -36,24 +39,56 @@ Fill = Callable[[str, int], Awaitable[list[dict[str, Any]]]]
 """``fill(run_id, after)``: up to ``FILL_PAGE`` events of the run with ``seq > after``, in order."""
 
 
-def event_message(event: dict[str, Any]) -> str:
-    """The WebSocket text of one run event (encoded once, sent to every watcher)."""
-    return json.dumps({"type": "event", "seq": event["seq"], "event": event}, separators=(",", ":"))
+Out = tuple[str, bytes]
+"""One message for watchers: its text, and the same as a ready WebSocket frame."""
+
+
+def event_message(event: dict[str, Any]) -> Out:
+    """One run event as watchers get it: encoded and framed once, written to every watcher."""
+    text = json.dumps({"type": "event", "seq": event["seq"], "event": event}, separators=(",", ":"))
+    return text, text_frame(text)
+
+
+def text_frame(text: str) -> bytes:
+    """A final, unmasked, uncompressed text frame (RFC 6455 §5.2), as a server sends it."""
+    payload = text.encode()
+    n = len(payload)
+    if n < 126:
+        header = struct.pack("!BB", 0x81, n)
+    elif n < 65536:
+        header = struct.pack("!BBH", 0x81, 126, n)
+    else:
+        header = struct.pack("!BBQ", 0x81, 127, n)
+    return header + payload
 
 
 class Watcher:
     """One WebSocket's view: per-run cursors, ordered emission, gap filling and the slow-client rule."""
 
-    def __init__(self, send: Callable[[str], Awaitable[None]], fill: Fill, *, max_behind: int = MAX_BEHIND) -> None:
+    def __init__(
+        self,
+        send: Callable[[str], Awaitable[None]],
+        write: Callable[[bytes], bool],
+        fill: Fill,
+        *,
+        flusher: Flusher | None = None,
+        max_behind: int = MAX_BEHIND,
+    ) -> None:
+        """``send`` writes a message with flow control; ``write`` writes ready frames now if the
+        socket has room (False if not); ``fill`` reads a run's history; ``flusher`` batches writes."""
+        self._flusher = flusher or Flusher()
         self._send = send
+        self._write_now = write
+        self._sending = False
+        self._outbox: list[Out] = []
         self._fill = fill
         self.max_behind = max_behind
         self.cursors: dict[str, int] = {}
-        self._pending: dict[str, dict[int, str]] = {}
+        self._pending: dict[str, dict[int, Out]] = {}
         self._filling: set[str] = set()
         self._started = False
-        self._early: list[tuple[str, int, str]] = []
-        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._early: list[tuple[str, int, Out]] = []
+        self._queue: asyncio.Queue[Out] = asyncio.Queue()
         self._room = asyncio.Event()
         self._room.set()
         self.too_slow = asyncio.Event()
@@ -66,17 +101,17 @@ class Watcher:
     def start(self, cursors: dict[str, int], *, first: str | None = None) -> None:
         """Begin emitting: ``first`` (a snapshot) goes out before any event; then what arrived early."""
         if first is not None:
-            self._queue.put_nowait(first)
+            self._queue.put_nowait((first, text_frame(first)))
         self.cursors.update(cursors)
         self._started = True
         for run_id, seq, text in self._early:
             self.offer(run_id, seq, text)
         self._early.clear()
 
-    def offer(self, run_id: str, seq: int, text: str) -> None:
+    def offer(self, run_id: str, seq: int, out: Out) -> None:
         """A live event: sent now if it is next, held if it is early, dropped if already sent."""
         if not self._started:
-            self._early.append((run_id, seq, text))
+            self._early.append((run_id, seq, out))
             return
         cursor = self.cursors.get(run_id)
         if cursor is None:  # a run first seen live (flow watchers): its story starts here
@@ -84,10 +119,10 @@ class Watcher:
         if seq <= cursor:
             return
         if seq == cursor + 1 and run_id not in self._filling:
-            self._emit(run_id, seq, text)
+            self._emit(run_id, seq, out)
             self._drain(run_id)
         else:
-            self._pending.setdefault(run_id, {})[seq] = text
+            self._pending.setdefault(run_id, {})[seq] = out
             self._schedule_fill(run_id, GAP_WAIT_S)
 
     def catch_up(self, run_id: str) -> None:
@@ -96,22 +131,41 @@ class Watcher:
 
     # --- output --------------------------------------------------------------------------------
 
-    def _emit(self, run_id: str, seq: int, text: str) -> None:
+    def _emit(self, run_id: str, seq: int, out: Out) -> None:
         self.cursors[run_id] = seq
-        self._queue.put_nowait(text)
-        if self._queue.qsize() >= self.max_behind:
+        if not self._queue.empty() or self._sending:
+            self._queue.put_nowait(out)  # behind: wait its turn, with flow control
+        else:
+            # the common case: frames collect for a few milliseconds (the events of one change arrive
+            # as separate messages), then go out in one write: one syscall per watcher per change
+            if not self._outbox:
+                self._flusher.mark(self)
+            self._outbox.append(out)
+        if self.behind >= self.max_behind:
             self.too_slow.set()
+
+    def flush(self) -> None:
+        """Write what collected since the last flush."""
+        outbox, self._outbox = self._outbox, []
+        if not outbox:
+            return
+        if self._queue.empty() and not self._sending:
+            frames = outbox[0][1] if len(outbox) == 1 else b"".join(frame for _, frame in outbox)
+            if self._write_now(frames):
+                return
+        for out in outbox:  # no room in the socket: send them one by one, with flow control
+            self._queue.put_nowait(out)
 
     def _drain(self, run_id: str) -> None:
         pending = self._pending.get(run_id)
         while pending:
             nxt = self.cursors[run_id] + 1
-            text = pending.pop(nxt, None)
-            if text is None:
+            out = pending.pop(nxt, None)
+            if out is None:
                 for seq in [s for s in pending if s <= self.cursors[run_id]]:
                     del pending[seq]
                 break
-            self._emit(run_id, nxt, text)
+            self._emit(run_id, nxt, out)
         if pending:
             self._schedule_fill(run_id, GAP_WAIT_S)
         else:
@@ -160,8 +214,10 @@ class Watcher:
     async def _write(self) -> None:
         try:
             while True:
-                text = await self._queue.get()
+                text, _ = await self._queue.get()
+                self._sending = True
                 await self._send(text)
+                self._sending = False
                 if self._queue.qsize() < self.max_behind // 2:
                     self._room.set()
         except (ConnectionError, RuntimeError) as exc:  # the socket is closing: the handler ends the stream
@@ -170,7 +226,7 @@ class Watcher:
     @property
     def behind(self) -> int:
         """Messages queued and not yet written to the socket."""
-        return self._queue.qsize()
+        return self._queue.qsize() + len(self._outbox)
 
     async def close(self) -> None:
         """Stop writing and filling."""
@@ -179,6 +235,25 @@ class Watcher:
         for task in (self._writer, *self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+class Flusher:
+    """Batches watchers' writes: the first frame of a batch starts a short timer, the timer writes all."""
+
+    def __init__(self, delay_s: float = FLUSH_DELAY_S) -> None:
+        self.delay_s = delay_s
+        self._dirty: list[Watcher] = []
+
+    def mark(self, watcher: Watcher) -> None:
+        """``watcher`` has frames to write."""
+        if not self._dirty:
+            asyncio.get_running_loop().call_later(self.delay_s, self._flush)
+        self._dirty.append(watcher)
+
+    def _flush(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        for watcher in dirty:
+            watcher.flush()
 
 
 class _Channel:
@@ -251,9 +326,9 @@ class Hub:
         event = _decode(data)
         if event is None:
             return
-        text = event_message(event)
+        out = event_message(event)
         for watcher in tuple(channel.watchers):
-            watcher.offer(event["runId"], event["seq"], text)
+            watcher.offer(event["runId"], event["seq"], out)
 
 
 def _decode(data: bytes) -> dict[str, Any] | None:

@@ -1,24 +1,36 @@
-"""Request pipeline: request id and trace context, metrics, errors as problems, authentication."""
+"""Request pipeline: request id and trace context, metrics and access log, errors as problems,
+authentication, rate limits, ``Idempotency-Key``, and a time limit on each request.
+
+In ``create_app`` they run in this order (CORS, from ``cors.py``, goes right after ``observe`` so
+that error responses carry CORS headers too):
+
+    observe → cors → problems → authenticate → rate_limit → idempotent → deadline → handler
+
+``idempotent`` turns errors into responses itself, so it can store a 4xx and release the key on a
+5xx; ``deadline`` is inside it, so a request that ran out of time releases its key.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
 import uuid
 from typing import Final
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 from prometheus_client import Counter, Histogram
 
-from flowmesh.contracts.errors import FlowmeshError
-from flowmesh.gateway import keys
+from flowmesh.contracts.errors import FlowmeshError, GatewayTimeout, RateLimited
+from flowmesh.gateway import idempotency, keys
 from flowmesh.gateway.auth import bearer_token
 from flowmesh.gateway.problems import from_http_exception, problem_response
 from flowmesh.runtime.tracing import new_traceparent, valid_traceparent
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("flowmesh.gateway.access")
 
 HTTP_REQUESTS: Final = Counter("flowmesh_http_requests_total", "HTTP requests", ["method", "route", "status"])
 HTTP_SECONDS: Final = Histogram(
@@ -50,12 +62,45 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         response = await handler(request)
         status = response.status
-        response.headers["X-Request-Id"] = request[keys.REQUEST_ID]
+        if not response.prepared:  # a WebSocket has sent its headers already
+            response.headers["X-Request-Id"] = request[keys.REQUEST_ID]
         return response
     finally:
+        elapsed = time.perf_counter() - started
         route = _route_label(request)
         HTTP_REQUESTS.labels(request.method, route, str(status)).inc()
-        HTTP_SECONDS.labels(request.method, route).observe(time.perf_counter() - started)
+        HTTP_SECONDS.labels(request.method, route).observe(elapsed)
+        if request.app[keys.SETTINGS].access_log:
+            _log_access(request, status, elapsed)
+
+
+def _log_access(request: web.Request, status: int, elapsed: float) -> None:
+    rid = request[keys.REQUEST_ID]
+    ms = round(elapsed * 1000, 2)
+    access_log.info(
+        "%s %s %s %.1fms request_id=%s",
+        request.method,
+        request.path,
+        status,
+        ms,
+        rid,
+        extra={"requestId": rid, "method": request.method, "path": request.path, "status": status, "durationMs": ms},
+    )
+
+
+def error_response(exc: FlowmeshError, request: web.Request) -> web.Response:
+    """The problem response of an error, with the headers its kind calls for (``Retry-After`` on a 429)."""
+    if exc.status >= 500:
+        log.warning(
+            "%s %s -> %s: %s (request %s)",
+            request.method,
+            request.path,
+            exc.status,
+            exc.detail,
+            request.get(keys.REQUEST_ID),
+        )
+    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, RateLimited) else None
+    return problem_response(exc, request, headers=headers)
 
 
 @web.middleware
@@ -64,9 +109,7 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
     try:
         return await handler(request)
     except FlowmeshError as exc:
-        if exc.status >= 500:
-            log.warning("%s %s -> %s: %s", request.method, request.path, exc.status, exc.detail)
-        return problem_response(exc, request)
+        return error_response(exc, request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -92,3 +135,70 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         token = bearer_token(request.headers.get("Authorization"))
         request[keys.PRINCIPAL] = await request.app[keys.VERIFIER].verify(token)
     return await handler(request)
+
+
+@web.middleware
+async def rate_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count the request against its tenant's plan (429 with ``Retry-After`` over it)."""
+    principal = request.get(keys.PRINCIPAL)
+    if principal is not None:
+        await request.app[keys.LIMITER].admit(principal.tenant)
+    return await handler(request)
+
+
+@web.middleware
+async def idempotent(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """``Idempotency-Key`` on every authenticated POST (webhooks have ``webhook-id`` instead).
+
+    See :mod:`flowmesh.gateway.idempotency` for the semantics.
+    """
+    raw_key = request.headers.get(idempotency.KEY_HEADER, "").strip()
+    principal = request.get(keys.PRINCIPAL)
+    resource = request.match_info.route.resource
+    if request.method != hdrs.METH_POST or not raw_key or principal is None or resource is None:
+        return await handler(request)
+    key = idempotency.checked_key(raw_key)
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return await handler(request)  # refused as 413 by the route, the same way every time
+    route = resource.canonical
+    fp = idempotency.fingerprint(request.method, request.path, request.query.items(), body)
+    store = request.app[keys.IDEMPOTENCY]
+    claim = await store.claim(idempotency.storage_key(principal.tenant, route, key), fp)
+    if isinstance(claim, idempotency.Completed):
+        if route in idempotency.SERVICE_ANSWERS_REPEATS:
+            return await handler(request)
+        return claim.replay()
+    try:
+        response = await handler(request)
+    except FlowmeshError as exc:
+        response = error_response(exc, request)
+    except BaseException:
+        await asyncio.shield(store.release(claim))
+        raise
+    if response.status < 500 and isinstance(response, web.Response):
+        await store.complete(claim, response)
+    else:
+        await store.release(claim)
+    return response
+
+
+def _is_websocket(request: web.Request) -> bool:
+    return request.path.startswith("/ws/") or request.headers.get(hdrs.UPGRADE, "").lower() == "websocket"
+
+
+@web.middleware
+async def deadline(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A request still unanswered after ``request_timeout_s`` is a 504; WebSockets live as long as they like."""
+    if _is_websocket(request):
+        return await handler(request)
+    limit = request.app[keys.SETTINGS].request_timeout_s
+    timeout = asyncio.timeout(limit)
+    try:
+        async with timeout:
+            return await handler(request)
+    except TimeoutError as exc:
+        if not timeout.expired():
+            raise
+        raise GatewayTimeout(f"the request took longer than {limit:g} s; it may still complete") from exc

@@ -7,6 +7,7 @@ from typing import ClassVar
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from flowmesh.contracts.models.usage import PlanName
 from flowmesh.runtime.settings import PLACEHOLDER_SECRETS, BaseServiceSettings, load_or_create_dev_secret
 
 MIN_SECRET_LENGTH = 32
@@ -42,6 +43,16 @@ class GatewaySettings(BaseServiceSettings):
     )
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     ready_timeout_s: float = Field(default=1.0, gt=0)
+    request_timeout_s: float = Field(
+        default=30.0, gt=0, le=3600, description="a request still unanswered after this is a 504 (WebSockets exempt)"
+    )
+    default_plan: PlanName = Field(
+        default="free",
+        validation_alias=_env("FLOWMESH_DEFAULT_PLAN", "default_plan"),
+        description="plan of a tenant the usage service has no other answer for",
+    )
+    plan_cache_s: float = Field(default=60.0, ge=0, description="how long a tenant's plan is remembered")
+    access_log: bool = Field(default=True, description="one log line per request, with its X-Request-Id")
 
     @model_validator(mode="after")
     def _secrets(self) -> GatewaySettings:

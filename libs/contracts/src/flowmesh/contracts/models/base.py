@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 
 from pydantic import BaseModel, ConfigDict, PlainSerializer
 from pydantic.alias_generators import to_camel
 
 from flowmesh.contracts.ids import format_time
+
+MAX_INT4: Final = 2_147_483_647
+"""The largest PostgreSQL ``integer``: versions and seqs a client names are bounded by it (422, not an overflow)."""
 
 Timestamp = Annotated[datetime, PlainSerializer(format_time, return_type=str, when_used="json")]
 """A time, written as RFC 3339 UTC with milliseconds."""

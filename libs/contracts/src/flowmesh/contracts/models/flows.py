@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, JsonValue, model_validator
 
-from flowmesh.contracts.models.base import OpenModel, Timestamp, WireModel
+from flowmesh.contracts.models.base import MAX_INT4, OpenModel, Timestamp, WireModel
 from flowmesh.contracts.models.definition import FlowDefinition
 from flowmesh.contracts.models.problem import FieldError
 
@@ -160,7 +160,7 @@ class ValidationReport(WireModel):
 class Rollback(WireModel):
     """Body of ``POST /flows/{id}/rollback``."""
 
-    version: int = Field(ge=1)
+    version: int = Field(ge=1, le=MAX_INT4)
 
 
 class ExportedTrigger(WireModel):
@@ -198,6 +198,24 @@ class CatalogStep(WireModel):
     description: str
     handles: list[str]
     data_schema: dict[str, Any]
+
+
+class StepCatalog(WireModel):
+    """``GET /catalog/steps``: every step type a canvas can offer."""
+
+    items: list[CatalogStep]
+
+
+class TriggerList(WireModel):
+    """``GET /flows/{id}/triggers``: a flow's triggers (webhook URLs and secrets are never shown again)."""
+
+    items: list[Trigger]
+
+
+class ImportedFlow(Flow):
+    """``POST /flows/import``: the new draft and its triggers (webhook URLs and secrets shown here only)."""
+
+    triggers: list[Trigger] = Field(default_factory=list)
 
 
 class FlowEvent(WireModel):

@@ -6,14 +6,17 @@ A reply is ``{"data": ...}`` or ``{"error": <problem>}``.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from flowmesh.contracts.models.base import Timestamp, WireModel
+from flowmesh.contracts.models.base import MAX_INT4, Timestamp, WireModel
 from flowmesh.contracts.models.flows import FlowCreate, FlowVersion, Trigger, TriggerCreate
 from flowmesh.contracts.models.problem import PageQuery, Problem
 from flowmesh.contracts.models.runs import Run, RunResume, RunRetry, RunTriggerType
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 class RpcReply(WireModel):
@@ -149,6 +152,14 @@ class RunListQuery(PageQuery):
     since: Timestamp | None = None
     until: Timestamp | None = None
 
+    @field_validator("since", "until", mode="before")
+    @classmethod
+    def _not_a_number(cls, value: Any) -> Any:
+        # pydantic reads a bare number as Unix time; the API speaks RFC 3339 only (DESIGN §3)
+        if isinstance(value, int | float) or (isinstance(value, str) and _NUMBER.fullmatch(value.strip())):
+            raise ValueError("expected an RFC 3339 time, e.g. 2026-01-31T12:00:00Z")
+        return value
+
 
 class RunStepsQuery(RunRef, PageQuery):
     """``GET /runs/{id}/steps``."""
@@ -159,7 +170,7 @@ class RunStepsQuery(RunRef, PageQuery):
 class RunEventsQuery(RunRef):
     """``GET /runs/{id}/events?after=seq``: events in ``seq`` order after a cursor."""
 
-    after: int = Field(default=0, ge=0)
+    after: int = Field(default=0, ge=0, le=MAX_INT4)
     page_size: int = Field(default=100, ge=1, le=1000)
 
 

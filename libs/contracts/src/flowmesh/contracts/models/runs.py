@@ -6,7 +6,7 @@ from typing import Any, Final, Literal
 
 from pydantic import Field, JsonValue
 
-from flowmesh.contracts.models.base import Timestamp, WireModel
+from flowmesh.contracts.models.base import MAX_INT4, Timestamp, WireModel
 
 RunStatus = Literal["queued", "running", "waiting", "succeeded", "failed", "cancelled", "timedOut"]
 StepStatus = Literal["pending", "running", "waiting", "succeeded", "failed", "skipped", "cancelled"]
@@ -103,7 +103,7 @@ class RunStart(WireModel):
     """Body of ``POST /flows/{id}/runs``."""
 
     input: JsonValue = Field(default_factory=dict)
-    version: int | None = Field(default=None, ge=1)
+    version: int | None = Field(default=None, ge=1, le=MAX_INT4)
 
 
 class RunResume(WireModel):
@@ -112,6 +112,12 @@ class RunResume(WireModel):
     step_id: str = Field(min_length=1)
     decision: Literal["approved", "rejected"]
     data: dict[str, JsonValue] = Field(default_factory=dict)
+
+
+class RunAccepted(WireModel):
+    """``202`` of ``POST /hooks/{token}``: the run a delivery started (a redelivery gets the same run)."""
+
+    run_id: str
 
 
 class RunRetry(WireModel):

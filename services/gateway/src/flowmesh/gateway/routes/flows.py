@@ -16,6 +16,7 @@ from flowmesh.contracts.models import (
     FlowUpdate,
     PageQuery,
 )
+from flowmesh.contracts.models.base import MAX_INT4
 from flowmesh.contracts.models.flows import FlowExport, Rollback
 from flowmesh.contracts.models.rpc import VersionRef
 from flowmesh.contracts.strict import parse_strict
@@ -112,7 +113,7 @@ async def list_versions(request: web.Request) -> web.Response:
 async def get_version(request: web.Request) -> web.Response:
     """One immutable version."""
     raw = request.match_info["version"]
-    if not raw.isdigit() or int(raw) < 1:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_INT4:
         raise NotFound(f"no version {raw}")
     ref = VersionRef(flow_id=request.match_info["flow_id"], version=int(raw))
     return json_response(await call(request, FlowsOp.VERSION, ref))

@@ -6,21 +6,24 @@ import asyncio
 import json
 import secrets
 import socket
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import WSCloseCode, web
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import InvalidKeyError, KeyNotFoundError, KeyWrongLastSequenceError
 
 from flowmesh.contracts import subjects
 from flowmesh.contracts.errors import BadRequest, Forbidden, Unauthorized
 from flowmesh.contracts.models import FlowRef
+from flowmesh.contracts.models.base import MAX_INT4
 from flowmesh.contracts.models.rpc import RunEventsQuery, RunRef
 from flowmesh.contracts.models.ws import BEARER_PREFIX, SUBPROTOCOL, WsClose, WsTicket
 from flowmesh.contracts.streams import WS_TICKET_TTL_S
 from flowmesh.contracts.subjects import FlowsOp, RunsOp
 from flowmesh.gateway import keys
 from flowmesh.gateway.auth import Principal
+from flowmesh.gateway.cors import CorsPolicy
 from flowmesh.gateway.live import FILL_PAGE, Watcher
 from flowmesh.gateway.routes.common import call, json_response
 
@@ -29,6 +32,8 @@ routes = web.RouteTableDef()
 HEARTBEAT_S = 20.0
 """WebSocket ping frames (no JSON pings), DESIGN §7."""
 SEND_BUFFER_BYTES = 64 * 1024
+DIRECT_WRITE_LIMIT = 64 * 1024
+"""Above this many bytes waiting in the connection, frames queue and are sent with flow control."""
 
 
 @routes.post("/api/v1/ws-tickets")
@@ -51,7 +56,7 @@ async def watch_run(request: web.Request) -> web.StreamResponse:
     run = await call(request, RunsOp.GET, RunRef(run_id=run_id))  # 404 for another tenant's run
     subject = subjects.run_events_of_run(run["tenantId"], run["flowId"], run_id)
     ws = _socket()
-    watcher = Watcher(ws.send_str, _history(request))
+    watcher = Watcher(ws.send_str, _direct(request, ws), _history(request), flusher=request.app[keys.FLUSHER])
     hub = request.app[keys.HUB]
     try:
         # live first, then the state: nothing published after the snapshot's read is missed (and
@@ -81,7 +86,7 @@ async def watch_flow(request: web.Request) -> web.StreamResponse:
     await call(request, FlowsOp.GET, FlowRef(flow_id=flow_id))  # 404 for another tenant's flow
     subject = subjects.run_events_of_flow(request[keys.PRINCIPAL].tenant, flow_id)
     ws = _socket()
-    watcher = Watcher(ws.send_str, _history(request))
+    watcher = Watcher(ws.send_str, _direct(request, ws), _history(request), flusher=request.app[keys.FLUSHER])
     hub = request.app[keys.HUB]
     replay = None
     try:
@@ -109,7 +114,7 @@ async def watch_flow(request: web.Request) -> web.StreamResponse:
 async def _authenticate(request: web.Request) -> None:
     """Origin, then credentials: a ``bearer.<token>`` subprotocol or a ``?ticket=``; refused before upgrading."""
     origin = request.headers.get("Origin")
-    if origin is not None and origin not in request.app[keys.SETTINGS].cors_origin_list:
+    if origin is not None and not CorsPolicy(request.app[keys.SETTINGS].cors_origin_list).allows(origin):
         raise Forbidden(f"origin {origin} is not allowed; add it to FLOWMESH_CORS_ORIGINS")
     offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
     token = next((p[len(BEARER_PREFIX) :] for p in offered if p.startswith(BEARER_PREFIX)), None)
@@ -131,7 +136,7 @@ async def _redeem(request: web.Request, ticket: str) -> Principal:
     try:
         entry = await kv.get(ticket)
         await kv.delete(ticket, last=entry.revision)
-    except (KeyNotFoundError, KeyWrongLastSequenceError, ValueError) as exc:
+    except (KeyNotFoundError, KeyWrongLastSequenceError, InvalidKeyError, ValueError) as exc:
         raise Unauthorized("the ticket is unknown, expired or already used; get a new one") from exc
     value = json.loads(entry.value or b"{}")
     if value.get("exp", 0) < datetime.now(UTC).timestamp():
@@ -178,6 +183,21 @@ async def _reader(ws: web.WebSocketResponse) -> None:
         pass
 
 
+def _direct(request: web.Request, ws: web.WebSocketResponse) -> Callable[[bytes], bool]:
+    """Write a ready frame straight to the connection when its buffer has room (no task per watcher)."""
+
+    def write(frame: bytes) -> bool:
+        transport = request.transport
+        if transport is None or transport.is_closing() or ws.closed:
+            return False
+        if transport.get_write_buffer_size() > DIRECT_WRITE_LIMIT:
+            return False
+        transport.write(frame)
+        return True
+
+    return write
+
+
 def _history(request: web.Request) -> Any:
     async def fill(run_id: str, after: int) -> list[dict[str, Any]]:
         page = await call(request, RunsOp.EVENTS, RunEventsQuery(run_id=run_id, after=after, page_size=FILL_PAGE))
@@ -191,7 +211,7 @@ def _after(request: web.Request) -> int | None:
     raw = request.query.get("after")
     if raw is None:
         return None
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdigit()) or int(raw) > MAX_INT4:
         raise BadRequest("after must be a run event seq (an integer ≥ 0)")
     return int(raw)
 

@@ -1,0 +1,162 @@
+"""``POST /api/v1/hooks/{token}``: public webhooks start runs, no JWT (DESIGN §6, §8).
+
+The token decides the tenant. Checks, in order: the token names a webhook (404), the body is
+within the limit (413), a signed trigger's signature and timestamp (401), the trigger and its
+flow accept deliveries (409); then the runner starts the run, keyed by ``webhook-id`` when given
+so that a redelivery answers the first run and starts none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Final
+
+from aiohttp import web
+
+from flowmesh.contracts.errors import NotFound, PayloadTooLarge
+from flowmesh.contracts.models.rpc import StartRun, WebhookLookup, WebhookTarget
+from flowmesh.contracts.subjects import FLOWS_EVENTS_ALL, FlowsOp, RunsOp
+from flowmesh.gateway import keys, webhooks
+from flowmesh.gateway.routes.common import json_response
+from flowmesh.gateway.webhooks import Hook, HookCache
+
+log = logging.getLogger(__name__)
+
+LOOKUP_TTL_S: Final = 2.0
+"""How long a token's lookup is reused: a backstop, as flow announcements drop entries at once."""
+
+routes = web.RouteTableDef()
+
+
+@routes.post("/api/v1/hooks/{token}")
+async def deliver(request: web.Request) -> web.Response:
+    """Accept one delivery: 202 ``{runId}`` (the same run again for a redelivered ``webhook-id``)."""
+    hook = await _hook(request, request.match_info["token"])
+    raw = await _body(request)
+    msg_id: str | None
+    if hook.signed:
+        msg_id = webhooks.verify(
+            hook.keys,
+            msg_id=request.headers.get(webhooks.WEBHOOK_ID),
+            timestamp=request.headers.get(webhooks.WEBHOOK_TIMESTAMP),
+            signature=request.headers.get(webhooks.WEBHOOK_SIGNATURE),
+            body=raw,
+            now=time.time(),
+        )
+    else:
+        msg_id = webhooks.delivery_id(request.headers.get(webhooks.WEBHOOK_ID))
+    hook.check_accepting()
+    run_input = webhooks.run_input(
+        webhooks.parse_body(raw, request.content_type, request.charset),
+        webhooks.safe_headers(request.headers.items()),
+        webhooks.query_values(request.query.items()),
+    )
+    webhooks.check_fits(run_input, request.app[keys.BROKER].connection.max_payload - webhooks.MESSAGE_HEADROOM)
+    req = StartRun(
+        flow_id=hook.flow_id,
+        input=run_input,
+        idempotency_key=webhooks.idempotency_key(hook.trigger_id, msg_id),
+        trigger_type="webhook",
+        trigger_id=hook.trigger_id,
+    )
+    result = await request.app[keys.RPC].call(
+        RunsOp.START,
+        req,
+        tenant=hook.tenant_id,
+        sub=f"webhook:{hook.trigger_id}",
+        traceparent=request[keys.TRACEPARENT],
+    )
+    return json_response({"runId": result["run"]["id"]}, status=202)
+
+
+class Lookups:
+    """Tokens to hooks: cached, and at most one question to the flows service per token at a time.
+
+    Without the single flight, every delivery in flight when an entry expires would ask again.
+    """
+
+    def __init__(self, cache: HookCache) -> None:
+        self.cache = cache
+        self._pending: dict[str, asyncio.Task[Hook]] = {}
+
+    async def get(self, token: str, ask: Callable[[], Awaitable[Any]]) -> Hook:
+        """The hook of ``token``; ``ask()`` fetches the flows service's answer on a miss."""
+        hook = self.cache.get(token, time.monotonic())
+        if hook is not None:
+            return hook
+        task = self._pending.get(token)
+        if task is None:
+            task = asyncio.create_task(self._fetch(token, ask))
+            self._pending[token] = task
+            task.add_done_callback(lambda t: self._done(token, t))
+        # shielded: a sender hanging up does not cancel the lookup others wait for
+        return await asyncio.shield(task)
+
+    async def _fetch(self, token: str, ask: Callable[[], Awaitable[Any]]) -> Hook:
+        generation = self.cache.generation
+        try:
+            found = await ask()
+        except NotFound as exc:
+            raise webhooks.not_found() from exc
+        hook = Hook.of(WebhookTarget.model_validate(found))
+        self.cache.put(token, hook, time.monotonic(), generation=generation)
+        return hook
+
+    def _done(self, token: str, task: asyncio.Task[Hook]) -> None:
+        self._pending.pop(token, None)
+        if not task.cancelled():
+            task.exception()  # retrieved: waiters raise it; none left is not an unhandled error
+
+
+HOOKS: Final = web.AppKey("hooks", Lookups)
+
+
+async def _hook(request: web.Request, token: str) -> Hook:
+    """The trigger behind a token, from the cache or the flows service."""
+    if not webhooks.plausible_token(token):
+        raise webhooks.not_found()
+
+    def ask() -> Awaitable[Any]:
+        return request.app[keys.RPC].call(
+            FlowsOp.WEBHOOK, WebhookLookup(token=token), tenant="", traceparent=request[keys.TRACEPARENT]
+        )
+
+    return await request.app[HOOKS].get(token, ask)
+
+
+async def _body(request: web.Request) -> bytes:
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise PayloadTooLarge(
+            f"the body is over the limit of {request.app[keys.SETTINGS].max_body_bytes} bytes; "
+            "send a smaller payload (or a reference to it)"
+        ) from exc
+
+
+async def _watch_flows(app: web.Application) -> AsyncIterator[None]:
+    """Drop cached lookups of a flow as soon as the flows service announces a change to it."""
+    cache = app[HOOKS].cache
+    subscriber = app[keys.BROKER].subscriber(FLOWS_EVENTS_ALL, persistent=False)  # every replica: no queue
+
+    @subscriber
+    async def flow_changed(body: Any) -> None:
+        flow_id = body.get("flowId") if isinstance(body, dict) else None
+        if isinstance(flow_id, str):
+            cache.forget_flow(flow_id)
+
+    await subscriber.start()
+    try:
+        yield
+    finally:
+        await subscriber.stop()
+
+
+def setup(app: web.Application) -> None:
+    """Add the webhook route, its lookup cache and the cache's invalidation (after NATS connects)."""
+    app[HOOKS] = Lookups(HookCache(ttl_s=LOOKUP_TTL_S))
+    app.cleanup_ctx.append(_watch_flows)
+    app.add_routes(routes)
