@@ -446,7 +446,7 @@ OPERATIONS: Final[tuple[Op, ...]] = (
             401: "A signed trigger and a missing, stale (over 5 minutes) or wrong Standard Webhooks signature.",
             403: "The plan's monthly runs are used up (`quota-exceeded`).",
             404: "No webhook has this URL.",
-            409: "The flow is deactivated or has no published version.",
+            409: "The trigger is disabled, or the flow is deactivated or has no published version.",
         },
         description=(
             "The run's input is `{body, headers, query}`: `body` is the parsed JSON or form, else the text; "

@@ -35,6 +35,7 @@ routes = web.RouteTableDef()
 async def deliver(request: web.Request) -> web.Response:
     """Accept one delivery: 202 ``{runId}`` (the same run again for a redelivered ``webhook-id``)."""
     hook = await _hook(request, request.match_info["token"])
+    await request.app[keys.LIMITER].admit(hook.tenant_id)  # the tenant's plan limits its webhooks too
     raw = await _body(request)
     msg_id: str | None
     if hook.signed:
