@@ -100,6 +100,7 @@ class ServiceRuntime:
             for hook in self._on_start:
                 await hook()
             await self.broker.start()
+            await self.rpc.start()
             # a PING round trip: the server has every subscription before we call ourselves ready
             await self.broker.connection.flush()
             if health:
@@ -112,6 +113,7 @@ class ServiceRuntime:
             log.info("%s stopping", self.name)
             if self.health is not None:
                 await self.health.stop()
+            await self.rpc.stop()
             await stop_broker(self.broker)
             for hook in reversed(self._on_stop):
                 await hook()
