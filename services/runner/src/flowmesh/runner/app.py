@@ -35,6 +35,7 @@ def create_app(settings: RunnerSettings) -> ServiceRuntime:
         RpcClient(service.broker, timeout=settings.rpc_timeout_s),
         http,
         heartbeat_s=settings.ack_wait_s / 3,
+        default_run_timeout_ms=settings.default_run_timeout_ms or None,
     )
     handlers.register(service.rpc, service.sessions, executor, workers=settings.workers, ack_wait_s=settings.ack_wait_s)
     sweeper: list[asyncio.Task[None]] = []
@@ -46,6 +47,7 @@ def create_app(settings: RunnerSettings) -> ServiceRuntime:
                 await executor.sweep(
                     stalled_run=timedelta(seconds=settings.stalled_run_s),
                     stalled_step=timedelta(seconds=settings.stalled_step_s),
+                    overdue=timedelta(seconds=settings.timer_fallback_s),
                 )
             except Exception as exc:
                 log.warning("sweep failed: %s", exc)

@@ -4,20 +4,27 @@ An :class:`Execution` holds a run's state as loaded (under the run's row lock), 
 (start, a step's outcome, a resume, a cancel), advances the graph as far as it can go without I/O
 (pure steps run inline, so a chain of transforms costs one transaction), and collects what must be
 written: changed steps, new run events in ``seq`` order, and steps to hand to workers.
+
+Time is data here too: a delay, a wait with ``timeoutMs``, a worker's attempt with ``timeoutMs``
+and the run's time limit each record a deadline with the change, and the change lists the durable
+timers to arm or cancel once it is committed. A fired timer is only a hint: :meth:`Execution.expire`
+acts on it when it still matches the state.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Final
 
 from flowmesh.contracts.expressions import ExpressionError, evaluate, expression_source, render
 from flowmesh.contracts.ids import format_time
 from flowmesh.contracts.models.definition import (
     ConditionData,
+    DelayData,
     FailData,
     ForeachData,
+    SubflowData,
     SwitchData,
     TransformData,
     WaitEventData,
@@ -29,6 +36,15 @@ from flowmesh.runner.graph import Graph, Step, StepState, retry_delay
 
 WAITING_TYPES: Final = frozenset({"approval", "waitEvent"})
 """Steps that wait for something from outside once started."""
+OPEN_STEP: Final = frozenset({"running", "waiting"})
+"""Step statuses an attempt's deadline applies to."""
+ATTEMPT_GRACE: Final = timedelta(seconds=2)
+"""How long after ``timeoutMs`` the durable timer of a worker's attempt fires: the worker bounds the
+attempt itself, the timer is for a worker that died or hung, so it must not beat a live one."""
+TIMER_OWNER: Final = "runner"
+"""The runner's ``owner`` token for the scheduler's timers."""
+MAX_EARLY_S: Final = 60.0
+"""A timer that fires more than this before its deadline (by our clock) is not ours to wait for."""
 
 
 @dataclass(slots=True)
@@ -51,6 +67,7 @@ class RunRecord:
     started_at: datetime | None = None
     completed_at: datetime | None = None
     last_seq: int = 0
+    deadline_at: datetime | None = None
 
     @property
     def final(self) -> bool:
@@ -90,6 +107,53 @@ class Child:
 
 
 @dataclass(frozen=True, slots=True)
+class Deadline:
+    """What a durable timer of the runner stands for: a run's deadline, or one step attempt's.
+
+    Carried as the timer's payload; whoever fires it is only giving a hint, checked against the
+    run's state under its lock (:meth:`Execution.expire`).
+    """
+
+    run_id: str
+    retry_count: int
+    step_id: str | None = None
+    attempt: int = 0
+
+    @property
+    def key(self) -> str:
+        """The timer's key: one per run (and retry), one per step attempt; the step id comes last."""
+        if self.step_id is None:
+            return f"run:{self.run_id}:{self.retry_count}"
+        return f"step:{self.run_id}:{self.retry_count}:{self.attempt}:{self.step_id}"
+
+    def payload(self) -> dict[str, Any]:
+        """The timer's payload."""
+        body: dict[str, Any] = {"runId": self.run_id, "retryCount": self.retry_count}
+        if self.step_id is not None:
+            body.update(stepId=self.step_id, attempt=self.attempt)
+        return body
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> Deadline | None:
+        """The deadline a fired timer's payload names, or None when it is not one of ours."""
+        run_id, retry_count = payload.get("runId"), payload.get("retryCount")
+        step_id, attempt = payload.get("stepId"), payload.get("attempt", 0)
+        if not isinstance(run_id, str) or not isinstance(retry_count, int) or not isinstance(attempt, int):
+            return None
+        if step_id is not None and not isinstance(step_id, str):
+            return None
+        return cls(run_id, retry_count, step_id, attempt)
+
+
+@dataclass(frozen=True, slots=True)
+class TimerOp:
+    """A timer to arm (``due_at`` set) or to cancel (``due_at`` None) once the change is committed."""
+
+    deadline: Deadline
+    due_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
 class NewEvent:
     """A run event to append, numbered when written."""
 
@@ -113,6 +177,10 @@ class Execution:
     changed: set[str] = field(default_factory=set)
     dispatch: list[str] = field(default_factory=list)
     run_changed: bool = False
+    timers: dict[str, TimerOp] = field(default_factory=dict)
+    """Timers to arm or cancel after the commit, by key (the last word for a key wins)."""
+    abandoned: list[str] = field(default_factory=list)
+    """Subflow/foreach steps whose attempt timed out: their open child runs are to be cancelled."""
     _context: dict[str, Any] | None = None
 
     # --- bookkeeping -----------------------------------------------------------------------------
@@ -124,6 +192,14 @@ class Execution:
         self.events.append(NewEvent(self.run.last_seq, event_type, self.now, step_id, attempt, data))
 
     def _set(self, step_id: str, state: StepState) -> None:
+        old = self.steps.get(step_id)
+        if state.deadline_at is not None and state.status not in OPEN_STEP:
+            state.deadline_at = None  # a deadline is for an open attempt or wait only
+        moved = old is None or state.deadline_at != old.deadline_at or state.attempt != old.attempt
+        if moved and old is not None and old.deadline_at is not None:
+            self._disarm(self._step_deadline(step_id, old.attempt))
+        if moved and state.deadline_at is not None:
+            self._arm(self._step_deadline(step_id, state.attempt), state.deadline_at)
         self.steps[step_id] = state
         self.changed.add(step_id)
         if self._context is not None:
@@ -147,11 +223,110 @@ class Execution:
     def _duration_ms(self, start: datetime | None) -> int:
         return max(0, int((self.now - (start or self.now)).total_seconds() * 1000))
 
+    # --- timers ----------------------------------------------------------------------------------
+
+    def _step_deadline(self, step_id: str, attempt: int) -> Deadline:
+        return Deadline(self.run.id, self.run.retry_count, step_id, attempt)
+
+    def _arm(self, deadline: Deadline, due_at: datetime) -> None:
+        self.timers[deadline.key] = TimerOp(deadline, due_at)
+
+    def _disarm(self, deadline: Deadline) -> None:
+        armed = self.timers.get(deadline.key)
+        if armed is not None and armed.due_at is not None:
+            del self.timers[deadline.key]  # armed by this very change: it never reached the scheduler
+        else:
+            self.timers[deadline.key] = TimerOp(deadline, None)
+
+    def start_clock(self) -> None:
+        """The run's time limit starts now (a new or reopened run); only a flow's own limit arms a timer."""
+        if self.graph.run_timeout_ms is None:
+            self.run.deadline_at = None
+            return
+        self.run.deadline_at = _ms(self.now + timedelta(milliseconds=self.graph.run_timeout_ms))
+        self.run_changed = True
+        if self.graph.run_timer:
+            self._arm(Deadline(self.run.id, self.run.retry_count), self.run.deadline_at)
+
+    def _attempt_deadline(self, step: Step) -> datetime | None:
+        """When a worker's attempt of ``step`` (starting now) is given up on, if it has ``timeoutMs``."""
+        timeout_ms = step.data.timeout_ms
+        if timeout_ms is None:
+            return None
+        grace = timedelta(0) if isinstance(step.data, SubflowData | ForeachData) else ATTEMPT_GRACE
+        return _ms(self.now + timedelta(milliseconds=timeout_ms) + grace)
+
+    def expire(
+        self, deadline: Deadline, due_at: datetime | None = None, fired_at: datetime | None = None
+    ) -> float | None:
+        """A timer fired (or the sweep found a deadline overdue): act on it if it is still current.
+
+        Stale timers change nothing: the run ended or was reopened since, the step moved to another
+        attempt or finished, or ``due_at`` is not the deadline recorded now. Returns the seconds
+        still to wait when the deadline has not come by our clock (a scheduler clock ahead of
+        ours), else None.
+        """
+        if self.run.final or self.run.retry_count != deadline.retry_count:
+            return None
+        state = None
+        if deadline.step_id is None:
+            target = self.run.deadline_at
+        else:
+            state = self.steps.get(deadline.step_id)
+            if state is None or state.attempt != deadline.attempt or state.status not in OPEN_STEP:
+                return None
+            target = state.deadline_at
+        if target is None or (due_at is not None and abs(due_at - target) > timedelta(milliseconds=1)):
+            return None
+        early = (target - self.now).total_seconds()
+        if early > 0:
+            return early if early <= MAX_EARLY_S else None
+        if deadline.step_id is None or state is None:
+            self.time_out()
+        else:
+            self._expire_step(deadline.step_id, state, fired_at or self.now)
+        if due_at is not None:
+            self.timers.pop(deadline.key, None)  # it fired: nothing left to cancel
+        return None
+
+    def _expire_step(self, step_id: str, state: StepState, fired_at: datetime) -> None:
+        step = self.graph.steps[step_id]
+        data = step.data
+        if isinstance(data, DelayData):
+            outcome = Outcome(ok=True, output={"firedAt": format_time(fired_at)}, input=state.input)
+        elif step.type == "approval":
+            outcome = Outcome(ok=True, output={"decision": "timeout"}, handle="timeout")
+        elif step.type == "waitEvent":
+            outcome = Outcome(ok=True, output=None, handle="timeout")
+        else:
+            # a worker's attempt that never reported (its worker died or hung): a retryable timeout,
+            # except for a step waiting on child runs, which are cancelled instead of started again
+            children = isinstance(data, SubflowData | ForeachData)
+            if children:
+                self.abandoned.append(step_id)
+            outcome = Outcome(
+                ok=False,
+                message=f"attempt {state.attempt} of step {step_id!r} did not finish within {data.timeout_ms} ms",
+                error_type="timeout",
+                retryable=not children,
+                input=state.input,
+            )
+        self.complete(step_id, state.attempt, outcome)
+
+    def time_out(self) -> None:
+        """End the run as timed out: its time limit passed; unfinished steps are cancelled."""
+        limit = self.graph.run_timeout_ms
+        self._finish(
+            "timedOut",
+            error={"message": f"the run did not finish within {limit} ms", "stepId": None, "type": "timeout"},
+        )
+
     # --- run lifecycle ---------------------------------------------------------------------------
 
     def queue(self) -> None:
-        """A new run: its first event."""
+        """A new run: its first event; its time limit starts."""
         self.emit("run.queued", status="queued", triggerType=self.run.trigger_type, parentRunId=self.run.parent_run_id)
+        self.start_clock()
 
     def _finish(self, status: str, *, error: dict[str, Any] | None = None) -> None:
         self.run.status = status
@@ -161,6 +336,8 @@ class Execution:
         for step_id, state in list(self.steps.items()):
             if not state.final:
                 self._set(step_id, _replace(state, status="cancelled", completed_at=self.now))
+        if self.graph.run_timer and self.run.deadline_at is not None:
+            self._disarm(Deadline(self.run.id, self.run.retry_count))
         data: dict[str, Any] = {
             "status": status,
             "durationMs": self._duration_ms(self.run.started_at),
@@ -207,15 +384,49 @@ class Execution:
                 self.emit("step.started", step_id, 1, stepType=step.type)
                 if step.pure:
                     self._record(step, 1, run_pure(step, self.context()))
+                elif isinstance(step.data, DelayData):
+                    self._start_delay(step, step.data)
                 elif step.type in WAITING_TYPES:
                     wait_for = None
                     if isinstance(step.data, WaitEventData):
                         wait_for = f"{tenant_token(self.run.tenant_id)}.{step.data.event_type}"
-                    self._set(step_id, _replace(self.steps[step_id], status="waiting", wait_for=wait_for))
+                    timeout_ms = step.data.timeout_ms
+                    deadline = _ms(self.now + timedelta(milliseconds=timeout_ms)) if timeout_ms else None
+                    self._set(
+                        step_id,
+                        _replace(self.steps[step_id], status="waiting", wait_for=wait_for, deadline_at=deadline),
+                    )
                     self.emit("step.waiting", step_id, 1, stepType=step.type)
                 else:
+                    deadline = self._attempt_deadline(step)
+                    if deadline is not None:
+                        self._set(step_id, _replace(self.steps[step_id], deadline_at=deadline))
                     self.dispatch.append(step_id)
         self._settle()
+
+    def _start_delay(self, step: Step, data: DelayData) -> None:
+        """Wait until the delay's time (a durable timer), or go on at once when it has come."""
+        if data.duration_ms is not None:
+            due = self.now + timedelta(milliseconds=data.duration_ms)
+        else:
+            try:
+                value = render(data.until, self.context())
+            except ExpressionError as exc:
+                self._record(step, 1, Outcome.failure(f"step {step.id!r}: {exc}", "expression"))
+                return
+            found = _parse_time(value)
+            if found is None:
+                message = f"step {step.id!r}: until gave {value!r}, not an RFC 3339 time with an offset"
+                self._record(step, 1, Outcome.failure(message, "configuration"))
+                return
+            due = found
+        due = _ms(due)
+        waited = {"until": format_time(due)}
+        if due <= self.now:
+            self._record(step, 1, Outcome(ok=True, output={"firedAt": format_time(self.now)}, input=waited))
+            return
+        self._set(step.id, _replace(self.steps[step.id], status="waiting", input=waited, deadline_at=due))
+        self.emit("step.waiting", step.id, 1, stepType=step.type)
 
     def _settle(self) -> None:
         if self.run.final:
@@ -243,7 +454,15 @@ class Execution:
             return None
         attempt = state.attempt + 1
         self._set(
-            step_id, _replace(state, status="running", attempt=attempt, started_at=self.now, next_attempt_at=None)
+            step_id,
+            _replace(
+                state,
+                status="running",
+                attempt=attempt,
+                started_at=self.now,
+                next_attempt_at=None,
+                deadline_at=self._attempt_deadline(self.graph.steps[step_id]),
+            ),
         )
         self.emit("step.started", step_id, attempt, stepType=self.graph.steps[step_id].type)
         self._settle()
@@ -329,9 +548,14 @@ class Execution:
                 and outcome.handle != step.handles[0]
             ):
                 # a rejection or a timeout nobody handles ends the run (DESIGN §4)
-                outcome = Outcome.failure(
-                    f"step {step.id!r} ended with {outcome.handle!r} and no edge handles it", outcome.handle
-                )
+                if outcome.handle == "timeout":
+                    message = (
+                        f"step {step.id!r} timed out after {step.data.timeout_ms} ms"
+                        " and has no edge on its 'timeout' handle"
+                    )
+                else:
+                    message = f"step {step.id!r} ended with {outcome.handle!r} and no edge handles it"
+                outcome = Outcome.failure(message, outcome.handle)
             else:
                 self._set(
                     step.id,
@@ -409,6 +633,25 @@ def run_pure(step: Step, context: dict[str, Any]) -> Outcome:
     except ExpressionError as exc:
         return Outcome.failure(f"step {step.id!r}: {exc}", "expression")
     return Outcome.failure(f"step type {step.type!r} cannot run inline", "configuration")
+
+
+def _ms(value: datetime) -> datetime:
+    """A time cut to whole milliseconds: what the wire carries, so a deadline survives the round trip."""
+    return value.replace(microsecond=value.microsecond - value.microsecond % 1000)
+
+
+def _parse_time(value: Any) -> datetime | None:
+    """An RFC 3339 time with an offset (or a timezone-aware datetime), else None."""
+    if isinstance(value, datetime):
+        found = value
+    elif isinstance(value, str):
+        try:
+            found = datetime.fromisoformat(value.strip())
+        except ValueError:
+            return None
+    else:
+        return None
+    return found if found.tzinfo is not None else None
 
 
 def _replace(state: StepState, **changes: Any) -> StepState:

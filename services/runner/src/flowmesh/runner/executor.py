@@ -15,8 +15,8 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from datetime import timedelta
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, Final
 
@@ -33,11 +33,13 @@ from flowmesh.contracts.expressions import ExpressionError, evaluate, expression
 from flowmesh.contracts.ids import is_uuid, new_id, utcnow
 from flowmesh.contracts.models import FieldError, FlowVersion, Run
 from flowmesh.contracts.models.definition import ForeachData, HttpData, PublishData, SubflowData
+from flowmesh.contracts.models.flows import FlowSettings
 from flowmesh.contracts.models.rpc import RunnableFlow, StartRun, StartRunResult
+from flowmesh.contracts.models.timers import TimerFired, TimerRef, TimerSet
 from flowmesh.contracts.strict import json_pointer
-from flowmesh.contracts.subjects import STEP_WORK, FlowsOp, run_event
+from flowmesh.contracts.subjects import STEP_WORK, FlowsOp, SchedulerOp, run_event
 from flowmesh.runner import repo
-from flowmesh.runner.engine import Execution, Outcome, RunRecord
+from flowmesh.runner.engine import TIMER_OWNER, Deadline, Execution, Outcome, RunRecord, TimerOp
 from flowmesh.runner.graph import Graph, Step
 from flowmesh.runner.io_steps import HttpStep, run_publish
 from flowmesh.runtime.rpc import RpcClient
@@ -46,6 +48,7 @@ log = logging.getLogger(__name__)
 
 RUNNABLE_TTL_S: Final = 5.0
 PUBLISH_TIMEOUT_S: Final = 5.0
+TIMER_RPC_TIMEOUT_S: Final = 2.0
 RUNNABLE_CACHE_SIZE: Final = 10_000
 
 Work = tuple[str, str | None, str]  # run id, step id (None: advance the run), message id
@@ -62,11 +65,20 @@ class Executor:
     """Starts, advances and executes runs."""
 
     def __init__(
-        self, sessions: async_sessionmaker[AsyncSession], flows: RpcClient, http: HttpStep, *, heartbeat_s: float = 10.0
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        flows: RpcClient,
+        http: HttpStep,
+        *,
+        heartbeat_s: float = 10.0,
+        scheduler: RpcClient | None = None,
+        default_run_timeout_ms: int | None = None,
     ) -> None:
         self.heartbeat_s = heartbeat_s
         self.sessions = sessions
         self.flows = flows
+        self.scheduler = scheduler or flows
+        self.default_run_timeout_ms = default_run_timeout_ms
         self.http = http
         self.js: JetStreamContext | None = None
         self.pool: asyncpg.Pool | None = None
@@ -76,6 +88,8 @@ class Executor:
         self._saved_versions: set[tuple[str, int]] = set()
         self._tasks: set[asyncio.Future[None]] = set()
         self._runnable: dict[tuple[str, str, int | None], tuple[float, RunnableFlow]] = {}
+        self._runnable_lookups: dict[tuple[str, str, int | None], asyncio.Future[RunnableFlow]] = {}
+        self._forgets = 0
         self._flush_task: asyncio.Task[None] | None = None
 
     def _background(self, work: Awaitable[None]) -> None:
@@ -108,8 +122,12 @@ class Executor:
             row = await repo.get_version(s, flow_id=flow_id, version=version)
             if row is None:
                 raise NotFound(f"version {version} of flow {flow_id} is unknown to the runner")
-            graph = self._graphs[key] = Graph(row["definition"])
+            graph = self._graphs[key] = self._parse(row["definition"], row["settings"])
         return graph
+
+    def _parse(self, definition: Any, settings: Any) -> Graph:
+        run_timeout_ms = FlowSettings.model_validate(settings or {}).run_timeout_ms
+        return Graph(definition, run_timeout_ms=run_timeout_ms, default_run_timeout_ms=self.default_run_timeout_ms)
 
     def _check_input(self, runnable: RunnableFlow, value: Any) -> None:
         key = (runnable.flow_id, runnable.version.version)
@@ -139,16 +157,28 @@ class Executor:
         now = time.monotonic()
         if hit is not None and hit[0] > now:
             return hit[1]
+        # one question per flow at a time: when an entry expires, the starts in flight share it
+        pending = self._runnable_lookups.get(key)
+        if pending is None:
+            pending = self._runnable_lookups[key] = asyncio.ensure_future(self._lookup_runnable(key))
+            pending.add_done_callback(lambda _: self._runnable_lookups.pop(key, None))
+        return await asyncio.shield(pending)
+
+    async def _lookup_runnable(self, key: tuple[str, str, int | None]) -> RunnableFlow:
+        tenant, flow_id, version = key
+        forgets = self._forgets
         found = RunnableFlow.model_validate(
             await self.flows.call(FlowsOp.RUNNABLE, {"flowId": flow_id, "version": version}, tenant=tenant)
         )
-        if len(self._runnable) > RUNNABLE_CACHE_SIZE:
-            self._runnable.clear()
-        self._runnable[key] = (now + RUNNABLE_TTL_S, found)
+        if forgets == self._forgets:  # no announcement raced the question: the answer may be kept
+            if len(self._runnable) > RUNNABLE_CACHE_SIZE:
+                self._runnable.clear()
+            self._runnable[key] = (time.monotonic() + RUNNABLE_TTL_S, found)
         return found
 
     def forget_flow(self, tenant: str, flow_id: str) -> None:
         """A flow changed (published, rolled back, (de)activated, deleted): ask the flows service again."""
+        self._forgets += 1
         for key in [k for k in self._runnable if k[0] == tenant and k[1] == flow_id]:
             self._runnable.pop(key, None)
 
@@ -211,6 +241,7 @@ class Executor:
         work += _parent_work(ex, was_final=False)
         # answer as soon as the run is committed; its events follow (a crash here is the sweep's job)
         self._background(self._after_commit(record, events, work))
+        self._set_timers(ex.timers.values())
         # the answer is the run as accepted (queued); its progress is in its events
         accepted = Run(
             id=record.id,
@@ -233,7 +264,7 @@ class Executor:
         key = (version.flow_id, version.version)
         graph = self._graphs.get(key)
         if graph is None:
-            graph = self._graphs[key] = Graph(version.definition)
+            graph = self._graphs[key] = self._parse(version.definition, version.settings)
         return graph
 
     async def _repeat(self, tenant: str, req: StartRun, input_hash: str) -> StartRunResult:
@@ -269,7 +300,12 @@ class Executor:
             events = await repo.save(s, ex)
         work: list[Work] = [(record.id, step_id, self._msg_id(ex, step_id)) for step_id in ex.dispatch]
         work += _parent_work(ex, was_final)
+        self._set_timers(ex.timers.values())
         await self._after_commit(ex.run, events, work)
+        for step_id in ex.abandoned:
+            await self.cancel_children(run_id, step_id)
+        if ex.run.status == "timedOut" and not was_final:
+            await self.cancel_children(run_id)
         return result
 
     @staticmethod
@@ -293,7 +329,9 @@ class Executor:
             record.status, record.error, record.output, record.completed_at = "queued", None, None, None
             ex = Execution(record, graph, kept, now)
             ex.emit("run.queued", status="queued", triggerType=record.trigger_type, retryCount=record.retry_count)
+            ex.start_clock()
             events = await repo.save(s, ex)
+        self._set_timers(ex.timers.values())
         await self._after_commit(record, events, [(run_id, None, f"{run_id}:{record.retry_count}:start")])
 
     async def advance(self, run_id: str) -> None:
@@ -335,7 +373,13 @@ class Executor:
             return None
         attempt = current.attempt
         step = snap.graph.steps[step_id]
-        outcome = await _with_heartbeat(self._run_step(snap, step), heartbeat, self.heartbeat_s)
+        work = self._run_step(snap, step)
+        timeout_ms = step.data.timeout_ms
+        if timeout_ms is not None and not isinstance(step.data, HttpData | SubflowData | ForeachData):
+            # the worker bounds its own attempt (http steps: the client's timeout); the durable
+            # timer fires a little later, for a worker that died or hung
+            work = _bounded(work, timeout_ms, f"attempt {attempt} of step {step_id!r}")
+        outcome = await _with_heartbeat(work, heartbeat, self.heartbeat_s)
         await self.change(run_id, lambda ex: ex.complete(step_id, attempt, outcome))
         if outcome.wait:
             # children that ended before the step was recorded waiting told nobody: look now
@@ -428,14 +472,63 @@ class Executor:
                 await self.change(run_id, partial(_complete, step_id=step_id, attempt=state.attempt, outcome=failure))
                 return
 
-    async def cancel_children(self, run_id: str) -> None:
-        """Cancel every child run still open (and theirs), after their parent was cancelled."""
+    async def cancel_children(self, run_id: str, step_id: str | None = None) -> None:
+        """Cancel every child run still open (and theirs), of a run or of one of its steps."""
         async with self.sessions() as s:
-            open_ids = await repo.open_children(s, parent_run_id=run_id)
+            open_ids = await repo.open_children(s, parent_run_id=run_id, parent_step_id=step_id)
         for child_id in open_ids:
             with contextlib.suppress(NotFound):
                 await self.change(child_id, _cancel_open)
             await self.cancel_children(child_id)
+
+    # --- timers -----------------------------------------------------------------------------------
+
+    async def timer_fired(self, fired: TimerFired) -> float | None:
+        """A durable timer of the runner came due: act on it if it is still current.
+
+        Returns seconds to wait when its deadline has not come by our clock yet, else None.
+        """
+        deadline = Deadline.from_payload(fired.payload) if fired.owner == TIMER_OWNER else None
+        if deadline is None or not is_uuid(deadline.run_id):
+            log.warning("ignoring a fired timer that is not the runner's: %s", fired.key)
+            return None
+        due_at, fired_at = _aware(fired.due_at), _aware(fired.fired_at)
+        try:
+            early: float | None = await self.change(
+                deadline.run_id, partial(_expire, deadline=deadline, due_at=due_at, fired_at=fired_at)
+            )
+        except NotFound:
+            return None
+        return early
+
+    def _set_timers(self, ops: Iterable[TimerOp]) -> None:
+        """Arm and cancel a committed change's timers, in the background.
+
+        Best effort: the deadline is in the row already, so a timer lost here (scheduler down,
+        runner killed) is enforced by the sweep instead, a little late.
+        """
+        wanted = list(ops)
+        if wanted:
+            self._background(self._send_timers(wanted))
+
+    async def _send_timers(self, ops: list[TimerOp]) -> None:
+        async def send(op: TimerOp) -> None:
+            ref = {"owner": TIMER_OWNER, "key": op.deadline.key}
+            try:
+                if op.due_at is None:
+                    await self.scheduler.call(
+                        SchedulerOp.TIMER_CANCEL, TimerRef(**ref), tenant="", timeout=TIMER_RPC_TIMEOUT_S
+                    )
+                else:
+                    body = TimerSet(**ref, due_at=op.due_at, payload=op.deadline.payload())
+                    await self.scheduler.call(SchedulerOp.TIMER_SET, body, tenant="", timeout=TIMER_RPC_TIMEOUT_S)
+            except Exception as exc:
+                if op.due_at is None:
+                    log.info("cancelling timer %s failed (if it fires, it is stale): %s", op.deadline.key, exc)
+                else:
+                    log.warning("arming timer %s failed (the sweep enforces its deadline): %s", op.deadline.key, exc)
+
+        await asyncio.gather(*(send(op) for op in ops))
 
     # --- publishing -------------------------------------------------------------------------------
 
@@ -486,9 +579,20 @@ class Executor:
 
     # --- recovery ---------------------------------------------------------------------------------
 
-    async def sweep(self, *, stalled_run: timedelta, stalled_step: timedelta) -> int:
-        """Re-publish what a crash kept from JetStream: events, and work of runs that stopped moving."""
+    async def sweep(
+        self, *, stalled_run: timedelta, stalled_step: timedelta, overdue: timedelta = timedelta(seconds=10)
+    ) -> int:
+        """Re-publish what a crash kept from JetStream: events, and work of runs that stopped moving.
+
+        Also enforces deadlines ``overdue`` past due whose timer never came (lost on the way to the
+        scheduler, or the scheduler was down): a lost timer delays a timeout, never loses it.
+        """
         now = utcnow()
+        async with self.sessions() as s:
+            late = await repo.overdue(s, before=now - overdue, limit=500)
+        for deadline in late:
+            with contextlib.suppress(NotFound):
+                await self.change(deadline.run_id, partial(_expire, deadline=deadline, due_at=None, fired_at=None))
         async with self.sessions() as s:
             events = await repo.unpublished_events(s, older_than=now - timedelta(seconds=2), limit=1000)
             stalled = await repo.stalled_work(
@@ -517,7 +621,25 @@ class Executor:
         if work and self.js is not None:
             for run_id, step_id, msg_id in work:
                 await self.js.publish(STEP_WORK, _work_body(run_id, step_id, msg_id), headers={h.MSG_ID: msg_id})
-        return len(events) + len(work)
+        return len(late) + len(events) + len(work)
+
+
+def _aware(value: datetime) -> datetime:
+    """A time from the wire, as UTC when it came without an offset."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _expire(ex: Execution, *, deadline: Deadline, due_at: datetime | None, fired_at: datetime | None) -> float | None:
+    return ex.expire(deadline, due_at, fired_at)
+
+
+async def _bounded(work: Awaitable[Outcome], timeout_ms: int, what: str) -> Outcome:
+    """``work`` within ``timeout_ms``, else a retryable timeout."""
+    try:
+        async with asyncio.timeout(timeout_ms / 1000):
+            return await work
+    except TimeoutError:
+        return Outcome.failure(f"{what} did not finish within {timeout_ms} ms", "timeout", retryable=True)
 
 
 def _complete(ex: Execution, *, step_id: str, attempt: int, outcome: Outcome) -> None:

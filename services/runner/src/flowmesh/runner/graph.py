@@ -74,6 +74,8 @@ class StepState:
     completed_at: datetime | None = None
     next_attempt_at: datetime | None = None
     wait_for: str | None = None
+    deadline_at: datetime | None = None
+    """When the open attempt or wait expires (a durable timer, the sweep as fallback)."""
 
     @property
     def final(self) -> bool:
@@ -82,9 +84,21 @@ class StepState:
 
 
 class Graph:
-    """A frozen version's definition, parsed once and kept (versions are immutable)."""
+    """A frozen version's definition, parsed once and kept (versions are immutable).
 
-    def __init__(self, definition: Mapping[str, Any]) -> None:
+    ``run_timeout_ms`` is the flow's own ``settings.runTimeoutMs`` (the run's timer is armed only
+    then); ``default_run_timeout_ms`` applies when the flow sets none (enforced by the sweep alone).
+    """
+
+    def __init__(
+        self,
+        definition: Mapping[str, Any],
+        *,
+        run_timeout_ms: int | None = None,
+        default_run_timeout_ms: int | None = None,
+    ) -> None:
+        self.run_timer = run_timeout_ms is not None
+        self.run_timeout_ms = run_timeout_ms if run_timeout_ms is not None else default_run_timeout_ms
         parsed = FlowDefinition.model_validate(definition)
         self.steps: dict[str, Step] = {}
         for node in parsed.nodes:

@@ -27,6 +27,7 @@ from flowmesh.contracts.models.rpc import (
     StartRun,
     StartRunResult,
 )
+from flowmesh.contracts.models.timers import TimerFired
 from flowmesh.contracts.models.ws import WsSnapshot
 from flowmesh.contracts.streams import (
     EVENTS,
@@ -36,12 +37,22 @@ from flowmesh.contracts.streams import (
     RUNNER_FLOWS,
     RUNNER_STARTS,
     RUNNER_STEPS,
+    RUNNER_TIMERS,
     STEP_WORK,
+    TIMERS,
 )
-from flowmesh.contracts.subjects import EVENTS_ALL, FLOWS_EVENTS_ALL, RUN_START_CMD, FlowEventType, RunsOp, tenant_token
+from flowmesh.contracts.subjects import (
+    EVENTS_ALL,
+    FLOWS_EVENTS_ALL,
+    RUN_START_CMD,
+    FlowEventType,
+    RunsOp,
+    tenant_token,
+    timer_fired,
+)
 from flowmesh.contracts.subjects import STEP_WORK as STEP_WORK_SUBJECT
 from flowmesh.runner import repo
-from flowmesh.runner.engine import Execution, Outcome
+from flowmesh.runner.engine import TIMER_OWNER, Execution, Outcome
 from flowmesh.runner.executor import Executor
 from flowmesh.runtime.nats import Message
 from flowmesh.runtime.rpc import RpcContext, RpcServer
@@ -290,6 +301,32 @@ def register(
             await msg.nack(delay=1.0)
             return
         await msg.ack()
+
+    @rpc.broker.subscriber(
+        timer_fired(TIMER_OWNER),
+        stream=JStream(TIMERS.name, declare=False),
+        durable=RUNNER_TIMERS.durable,
+        pull_sub=PullSub(batch_size=16, timeout=1.0),
+        max_workers=16,
+        ack_policy=AckPolicy.MANUAL,
+        config=ConsumerConfig(ack_wait=ack_wait_s),
+    )
+    async def timer(body: dict[str, Any], msg: Message) -> None:
+        """A durable timer came due (a delay, a wait's or an attempt's timeout, a run's time limit)."""
+        try:
+            early = await executor.timer_fired(TimerFired.model_validate(body))
+        except ValidationError as exc:
+            log.warning("ignoring a malformed fired timer: %s", exc)
+            await msg.ack()
+            return
+        except Exception:
+            log.exception("handling a fired timer failed; it will be redelivered")
+            await msg.nack(delay=1.0)
+            return
+        if early is None:
+            await msg.ack()
+        else:
+            await msg.nack(delay=early)
 
     # --- work --------------------------------------------------------------------------------------
 

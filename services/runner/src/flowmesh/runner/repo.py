@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from flowmesh.contracts.ids import format_time, new_id
 from flowmesh.contracts.models import Run, RunEvent, StepRun
 from flowmesh.contracts.models.rpc import RunListQuery
-from flowmesh.runner.engine import Child, Execution, RunRecord
+from flowmesh.runner.engine import Child, Deadline, Execution, RunRecord
 from flowmesh.runner.graph import StepState
 from flowmesh.runner.tables import event_triggers, run_events, runs, step_runs, versions
 
@@ -31,6 +31,7 @@ _STEP_FIELDS: tuple[str, ...] = (
     "completed_at",
     "next_attempt_at",
     "wait_for",
+    "deadline_at",
 )
 
 
@@ -78,6 +79,7 @@ def _record(row: RowMapping) -> RunRecord:
         started_at=row["started_at"],
         completed_at=row["completed_at"],
         last_seq=row["last_seq"],
+        deadline_at=row["deadline_at"],
     )
 
 
@@ -152,6 +154,7 @@ async def save(session: AsyncSession, ex: Execution) -> list[dict[str, Any]]:
                 started_at=r.started_at,
                 completed_at=r.completed_at,
                 last_seq=r.last_seq,
+                deadline_at=r.deadline_at,
                 updated_at=now,
             )
         )
@@ -234,6 +237,7 @@ _RUN_COLUMNS = (
     "updated_at",
     "last_seq",
     "published_seq",
+    "deadline_at",
 )
 _INSERT_RUN_SQL = (
     f"INSERT INTO runner.runs ({', '.join(_RUN_COLUMNS)}) "
@@ -259,6 +263,7 @@ _STEP_ARRAYS = (
     ("completed_at", "timestamptz"),
     ("next_attempt_at", "timestamptz"),
     ("wait_for", "text"),
+    ("deadline_at", "timestamptz"),
     ("duration_ms", "int"),
 )
 _EVENT_ARRAYS = (
@@ -336,6 +341,7 @@ def _run_row(record: RunRecord, values: dict[str, Any]) -> tuple[Any, ...]:
         record.created_at,
         record.last_seq,
         0,
+        record.deadline_at,
     )
 
 
@@ -373,6 +379,7 @@ def _step_values(state: StepState) -> tuple[Any, ...]:
         state.completed_at,
         state.next_attempt_at,
         state.wait_for,
+        state.deadline_at,
         _duration(state),
     )
 
@@ -487,7 +494,8 @@ async def list_steps(session: AsyncSession, *, run_id: str, offset: int, limit: 
     )
     rows = (await session.execute(stmt.offset(offset).limit(limit))).mappings().all()
     total = (await session.execute(select(func.count()).select_from(step_runs).where(where))).scalar_one()
-    return [StepRun(**{k: v for k, v in r.items() if k not in ("handle", "updated_at")}) for r in rows], total
+    internal = ("handle", "updated_at", "wait_for", "deadline_at")
+    return [StepRun(**{k: v for k, v in r.items() if k not in internal}) for r in rows], total
 
 
 async def list_events(session: AsyncSession, *, run_id: str, after: int, limit: int) -> list[RunEvent]:
@@ -513,9 +521,11 @@ async def children(session: AsyncSession, *, parent_run_id: str, parent_step_id:
     ]
 
 
-async def open_children(session: AsyncSession, *, parent_run_id: str) -> list[str]:
-    """Child runs of a run that have not ended."""
+async def open_children(session: AsyncSession, *, parent_run_id: str, parent_step_id: str | None = None) -> list[str]:
+    """Child runs of a run (or of one of its steps) that have not ended."""
     stmt = select(runs.c.id).where(runs.c.parent_run_id == parent_run_id, runs.c.status.in_(OPEN))
+    if parent_step_id is not None:
+        stmt = stmt.where(runs.c.parent_step_id == parent_step_id)
     return list((await session.execute(stmt)).scalars())
 
 
@@ -589,6 +599,31 @@ async def stalled_work(
         .limit(limit)
     )
     found += [(r.run_id, r.step_id, r.retry_count) for r in (await session.execute(steps)).all()]
+    return found
+
+
+async def overdue(session: AsyncSession, *, before: datetime, limit: int) -> list[Deadline]:
+    """Deadlines of open runs and open step attempts that passed before ``before`` (their timer was lost)."""
+    run_stmt = (
+        select(runs.c.id, runs.c.retry_count)
+        .where(runs.c.deadline_at.is_not(None), runs.c.status.in_(OPEN), runs.c.deadline_at < before)
+        .order_by(runs.c.deadline_at)
+        .limit(limit)
+    )
+    found = [Deadline(r.id, r.retry_count) for r in (await session.execute(run_stmt)).all()]
+    step_stmt = (
+        select(step_runs.c.run_id, step_runs.c.step_id, step_runs.c.attempt, runs.c.retry_count)
+        .join(runs, runs.c.id == step_runs.c.run_id)
+        .where(
+            step_runs.c.deadline_at.is_not(None),
+            step_runs.c.status.in_(("running", "waiting")),
+            step_runs.c.deadline_at < before,
+            runs.c.status.in_(OPEN),
+        )
+        .order_by(step_runs.c.deadline_at)
+        .limit(limit)
+    )
+    found += [Deadline(r.run_id, r.retry_count, r.step_id, r.attempt) for r in (await session.execute(step_stmt)).all()]
     return found
 
 

@@ -28,6 +28,14 @@ class RunnerSettings(BaseServiceSettings):
     sweep_interval_s: float = Field(default=5.0, gt=0)
     stalled_step_s: float = Field(default=120.0, gt=0, description="a dispatched step unfinished this long is re-sent")
     stalled_run_s: float = Field(default=10.0, gt=0, description="a queued run not started this long is re-sent")
+    default_run_timeout_ms: int = Field(
+        default=3_600_000,
+        ge=0,
+        description="time limit of a run whose flow sets no runTimeoutMs (0: none); enforced by the sweep",
+    )
+    timer_fallback_s: float = Field(
+        default=10.0, gt=0, description="a deadline overdue this long (its timer was lost) is enforced by the sweep"
+    )
 
     @property
     def allow_private(self) -> bool:

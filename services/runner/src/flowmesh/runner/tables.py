@@ -45,6 +45,7 @@ runs = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Column("last_seq", Integer, nullable=False),
     Column("published_seq", Integer, nullable=False),
+    Column("deadline_at", DateTime(timezone=True)),
 )
 
 step_runs = Table(
@@ -66,6 +67,7 @@ step_runs = Table(
     Column("next_attempt_at", DateTime(timezone=True)),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Column("wait_for", Text),
+    Column("deadline_at", DateTime(timezone=True)),
     PrimaryKeyConstraint("run_id", "step_id"),
 )
 
