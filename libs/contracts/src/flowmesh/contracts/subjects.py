@@ -96,6 +96,8 @@ class FlowsOp:
     """For the runner: a flow's active (or a given) frozen version, and whether it may start."""
     WEBHOOK: Final = rpc(RPC_FLOWS, "webhook")
     """For the gateway: the trigger a webhook token belongs to (no tenant: the token decides)."""
+    SCHEDULES: Final = rpc(RPC_FLOWS, "schedules")
+    """For the scheduler (no tenant): schedule triggers and their flows' state as they are now."""
     PING: Final = rpc(RPC_FLOWS, "ping")
 
 
@@ -123,6 +125,14 @@ class SchedulerOp:
     TIMER_CANCEL: Final = rpc(RPC_SCHEDULER, "timers.cancel")
     """Disarm the timer ``(owner, key)``; cancelling one that fired or never existed is not an error."""
     PING: Final = rpc(RPC_SCHEDULER, "ping")
+
+
+class UsageOp:
+    """Operations of ``fm.rpc.usage.<op>`` (extend here; the runner uses ``KEYS_REVEAL``)."""
+
+    KEYS_REVEAL: Final = rpc(RPC_USAGE, "keys.reveal")
+    """For the runner only: a tenant's plaintext API key of one provider (``RevealKey`` → ``RevealedKey``)."""
+    PING: Final = rpc(RPC_USAGE, "ping")
 
 
 class FlowEventType:

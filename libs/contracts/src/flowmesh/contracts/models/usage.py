@@ -75,3 +75,16 @@ class ApiKeyInfo(WireModel):
     key_hint: str
     created_at: Timestamp
     last_used_at: Timestamp | None = None
+
+
+class RevealKey(WireModel):
+    """``fm.rpc.usage.keys.reveal`` request (runner only): which provider's key of the caller's tenant."""
+
+    provider: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+
+
+class RevealedKey(WireModel):
+    """``fm.rpc.usage.keys.reveal`` reply: the plaintext key. Never logged, never sent anywhere else."""
+
+    provider: str
+    api_key: str
