@@ -418,9 +418,12 @@ def _duration(state: StepState) -> int | None:
 
 
 async def mark_published(conn: Any, *, upto: dict[str, int]) -> None:
-    """Record that each run's events up to a ``seq`` reached JetStream (asyncpg, one round trip)."""
-    await conn.executemany(
-        "UPDATE runner.runs SET published_seq = $2 WHERE id = $1 AND published_seq < $2", list(upto.items())
+    """Record that each run's events up to a ``seq`` reached JetStream (asyncpg, one statement for all)."""
+    await conn.execute(
+        "UPDATE runner.runs AS r SET published_seq = u.seq "
+        "FROM unnest($1::uuid[], $2::int[]) AS u(id, seq) WHERE r.id = u.id AND r.published_seq < u.seq",
+        list(upto.keys()),
+        list(upto.values()),
     )
 
 
