@@ -325,12 +325,22 @@ async def main_async(args: argparse.Namespace) -> None:
                 result["rounds_steps_per_s"] = [r["steps_per_s"] for r in rounds]
                 report(result)
             if "webhooks" in args.scenarios:
-                log(f"webhooks: {args.hooks} webhook deliveries (2-step flow), {args.in_flight} in flight")
-                report(await scenario_webhooks(c, nc, tenant, args.hooks, args.in_flight))
-            if "live" in args.scenarios:
-                log(f"live: {args.watchers} WebSocket watchers of one run, {args.live_rounds} rounds")
+                log(
+                    f"webhooks: {args.hooks} webhook deliveries (2-step flow), {args.in_flight} in flight, "
+                    f"{args.rounds} rounds"
+                )
                 rounds = []
-                for i in range(args.live_rounds):
+                for i in range(args.rounds):
+                    rounds.append(await scenario_webhooks(c, nc, tenant, args.hooks, args.in_flight))
+                    log(f"  round {i + 1}: {rounds[-1]['runs_per_s']} runs/s, lost {rounds[-1]['lost']}")
+                result = sorted(rounds, key=lambda r: r["runs_per_s"])[len(rounds) // 2]
+                result["rounds_runs_per_s"] = [r["runs_per_s"] for r in rounds]
+                result["lost_total"] = sum(r["lost"] for r in rounds)
+                report(result)
+            if "live" in args.scenarios:
+                log(f"live: {args.watchers} WebSocket watchers of one run, {args.rounds} rounds")
+                rounds = []
+                for i in range(args.rounds):
                     rounds.append(await scenario_live(args.base, headers, args.watchers))
                     log(f"  round {i + 1}: p50 {rounds[-1]['p50_ms']} ms, p99 {rounds[-1]['p99_ms']} ms")
                 result = sorted(rounds, key=lambda r: r["p99_ms"] or 0.0)[len(rounds) // 2]
@@ -363,7 +373,10 @@ def main() -> None:
     parser.add_argument("--hooks", type=int, default=1000, help="deliveries of the webhooks scenario")
     parser.add_argument("--watchers", type=int, default=1000, help="WebSocket watchers of the live scenario")
     parser.add_argument(
-        "--live-rounds", type=int, default=3, help="rounds of the live scenario (the median p99 is reported)"
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds of the webhooks and live scenarios (the median is reported)",
     )
     parser.add_argument(
         "--repeat", type=int, default=5, help="rounds of the throughput scenario (the median is reported)"
