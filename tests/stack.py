@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -9,8 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+import asyncpg
 import httpx
 import jwt
+from sqlalchemy.engine import make_url
 
 from flowmesh.cli.embedded import free_port
 
@@ -192,3 +195,38 @@ def chain(n: int) -> dict:  # type: ignore[type-arg]
         edges.append({"id": f"e{i}", "source": prev, "target": f"s{i}"})
         prev = f"s{i}"
     return {"nodes": nodes, "edges": edges}
+
+
+async def create_database(database_url: str, name: str) -> str:
+    """A new, empty database ``name`` on the server of ``database_url``; its URL.
+
+    For tests whose services must not share tables with another stack on the same server (two
+    schedulers on one ``schedules`` table are replicas of each other, whatever NATS they use).
+    """
+    url = make_url(database_url)
+    conn = await asyncpg.connect(url.set(drivername="postgresql").render_as_string(hide_password=False))
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return url.set(database=name).render_as_string(hide_password=False)
+
+
+async def drop_database(database_url: str, name: str) -> None:
+    """Drop a database made by :func:`create_database` (connections still open are closed)."""
+    url = make_url(database_url)
+    conn = await asyncpg.connect(url.set(drivername="postgresql").render_as_string(hide_password=False))
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+def fresh_database(database_url: str, name: str) -> str:
+    """:func:`create_database` for synchronous tests."""
+    return asyncio.run(create_database(database_url, name))
+
+
+def remove_database(database_url: str, name: str) -> None:
+    """:func:`drop_database` for synchronous tests."""
+    asyncio.run(drop_database(database_url, name))

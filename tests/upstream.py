@@ -1,12 +1,15 @@
-"""A local HTTP server for http steps: flaky, slow, large or any status, recording every request."""
+"""Local HTTP servers for http and llm steps: flaky, slow, large or any status, recording every request."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from aiohttp import web
 
 
 class Upstream:
@@ -63,3 +66,103 @@ class Upstream:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class LlmUpstream:
+    """A local OpenAI-compatible chat completions API (aiohttp, on a thread of its own), recording requests.
+
+    ``POST {base}/chat/completions`` answers by the request's ``model``, so concurrent tests do not
+    interfere: statuses queued with :meth:`fail` come first; then ``status-<code>`` always answers
+    that status with an OpenAI error body, ``no-choices`` a completion without choices, ``not-json``
+    a text body, ``big`` a body over 1 MiB, ``sleep-<ms>`` sleeps first, ``echo-key`` repeats the
+    ``Authorization`` header in its text; any other model answers ``"echo: <last message>"``.
+    Usage counts are words: ``prompt_tokens`` of every message, ``completion_tokens`` of the answer.
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.failures: dict[str, list[int]] = {}
+        self._loop = asyncio.new_event_loop()
+        self._stop: asyncio.Event | None = None
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, args=(ready,), daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("the llm upstream did not start")
+        self.base = f"http://127.0.0.1:{self.port}/v1"
+
+    def fail(self, model: str, *statuses: int) -> None:
+        """Answer the next requests for ``model`` with these statuses, in order (then normally)."""
+        self.failures.setdefault(model, []).extend(statuses)
+
+    def of(self, model: str) -> list[dict[str, Any]]:
+        """The requests received for ``model``: ``{path, authorization, body}``."""
+        return [r for r in self.requests if isinstance(r["body"], dict) and r["body"].get("model") == model]
+
+    def _serve(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self._loop)
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._chat)
+        runner = web.AppRunner(app, access_log=None)
+        self._loop.run_until_complete(runner.setup())
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        self._loop.run_until_complete(site.start())
+        self.port: int = runner.addresses[0][1]
+        self._stop = asyncio.Event()
+        ready.set()
+        self._loop.run_until_complete(self._stop.wait())
+        self._loop.run_until_complete(runner.cleanup())
+        self._loop.close()
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        try:
+            body: Any = json.loads(raw)
+        except ValueError:
+            body = raw.decode(errors="replace")
+        self.requests.append(
+            {"path": request.path, "authorization": request.headers.get("Authorization"), "body": body}
+        )
+        model = str(body.get("model", "")) if isinstance(body, dict) else ""
+        messages = body.get("messages", []) if isinstance(body, dict) else []
+        queued = self.failures.get(model)
+        if queued:
+            return _llm_error(queued.pop(0))
+        if model.startswith("status-"):
+            return _llm_error(int(model.removeprefix("status-")))
+        if model.startswith("sleep-"):
+            await asyncio.sleep(int(model.removeprefix("sleep-")) / 1000)
+        if model == "not-json":
+            return web.Response(text="<html>gateway says hi</html>", content_type="text/html")
+        if model == "big":
+            return web.json_response({"choices": [{"message": {"content": "x" * (2 * 1024 * 1024)}}]})
+        prompt = sum(len(str(m.get("content", "")).split()) for m in messages if isinstance(m, dict))
+        if model == "echo-key":
+            text = f"you sent {request.headers.get('Authorization')}"
+        else:
+            text = "echo: " + (str(messages[-1].get("content", "")) if messages else "")
+        usage = {"prompt_tokens": prompt, "completion_tokens": len(text.split())}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        if model == "no-choices":
+            return web.json_response({"id": "chatcmpl-0", "object": "chat.completion", "choices": [], "usage": usage})
+        return web.json_response(
+            {
+                "id": "chatcmpl-1",
+                "object": "chat.completion",
+                "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                "usage": usage,
+            }
+        )
+
+    def close(self) -> None:
+        stop = self._stop
+        if stop is not None:
+            self._loop.call_soon_threadsafe(stop.set)
+        self._thread.join(10)
+
+
+def _llm_error(status: int) -> web.Response:
+    """An error as OpenAI words it."""
+    error = {"message": f"upstream says {status}", "type": "server_error" if status >= 500 else "invalid_request_error"}
+    return web.json_response({"error": {**error, "code": None}}, status=status)

@@ -24,8 +24,12 @@ def server() -> Iterator[str]:
                 self.send_header("Location", "http://127.0.0.2:1/elsewhere")
                 self.end_headers()
                 return
-            body = json.dumps({"key": self.headers.get("Idempotency-Key")}).encode()
+            body = json.dumps(
+                {"key": self.headers.get("Idempotency-Key"), "cookie": self.headers.get("Cookie")}
+            ).encode()
             self.send_response(200)
+            if self.path == "/cookie":
+                self.send_header("Set-Cookie", "session=tenant-a; Path=/")
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -92,7 +96,7 @@ async def test_localhost_by_name_is_refused_too(guarded: HttpStep, server: str) 
 
 async def test_allowed_private_targets_get_the_idempotency_key(open_step: HttpStep, server: str) -> None:
     outcome = await open_step.run(HttpData(url=server + "/x"), {}, "run-1:call")
-    assert outcome.ok and outcome.output["body"] == {"key": "run-1:call"}
+    assert outcome.ok and outcome.output["body"] == {"key": "run-1:call", "cookie": None}
 
 
 async def test_redirects_are_checked_at_every_hop(
@@ -114,3 +118,12 @@ async def test_expression_errors_in_the_request_fail_without_retry(open_step: Ht
     context: dict[str, Any] = {"input": {}}
     outcome = await open_step.run(HttpData(url=server + "/{{ input.missing }}"), context, "r:s")
     assert not outcome.ok and outcome.error_type == "expression" and not outcome.retryable
+
+
+async def test_cookies_are_never_kept_between_requests(open_step: HttpStep, server: str) -> None:
+    # one client serves every tenant: a cookie set for one must not go along with the next request
+    # (by name: a cookie jar ignores cookies of IP addresses anyway)
+    named = server.replace("127.0.0.1", "localhost")
+    assert (await open_step.run(HttpData(url=named + "/cookie"), {}, "a:s")).ok
+    outcome = await open_step.run(HttpData(url=named + "/x"), {}, "b:s")
+    assert outcome.ok and outcome.output["body"]["cookie"] is None

@@ -128,8 +128,26 @@ class SchedulerOp:
 
 
 class UsageOp:
-    """Operations of ``fm.rpc.usage.<op>`` (extend here; the runner uses ``KEYS_REVEAL``)."""
+    """Operations of ``fm.rpc.usage.<op>``: plans, quotas, usage reads and the BYOK key vault."""
 
+    PLAN: Final = rpc(RPC_USAGE, "plan")
+    """The caller's tenant's plan and whether it was assigned (``AssignedPlan``): the gateway's rate limits."""
+    PLAN_SET: Final = rpc(RPC_USAGE, "plan.set")
+    """Admin only: give a tenant a plan (``PlanRef`` → ``TenantPlan``)."""
+    QUOTA: Final = rpc(RPC_USAGE, "quota")
+    """The tenant's limits and this month's metered runs (``TenantQuota``), for quota checks."""
+    SUMMARY: Final = rpc(RPC_USAGE, "summary")
+    """``GET /usage`` (``UsageQuery`` → ``UsageSummary``)."""
+    EXPORT: Final = rpc(RPC_USAGE, "export")
+    """``GET /usage/export`` (``UsageExportQuery`` → ``UsageExport`` or ``UsageExportCsv``)."""
+    FLOW_STATS: Final = rpc(RPC_USAGE, "flowStats")
+    """``GET /flows/{id}/stats`` (``FlowStatsRequest`` → ``FlowStats``)."""
+    KEYS_LIST: Final = rpc(RPC_USAGE, "keys.list")
+    """The tenant's stored keys, hints only (``ApiKeyList``)."""
+    KEYS_PUT: Final = rpc(RPC_USAGE, "keys.put")
+    """Store (or replace) a provider's key (``ApiKeyCreate`` → ``ApiKeyInfo``)."""
+    KEYS_DELETE: Final = rpc(RPC_USAGE, "keys.delete")
+    """Forget a provider's key (``ApiKeyRef``); unknown → not-found."""
     KEYS_REVEAL: Final = rpc(RPC_USAGE, "keys.reveal")
     """For the runner only: a tenant's plaintext API key of one provider (``RevealKey`` → ``RevealedKey``)."""
     PING: Final = rpc(RPC_USAGE, "ping")

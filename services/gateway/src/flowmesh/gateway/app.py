@@ -15,7 +15,7 @@ from flowmesh.gateway.cors import cors_middleware
 from flowmesh.gateway.idempotency import IN_FLIGHT_MARGIN_S, IdempotencyStore
 from flowmesh.gateway.live import Flusher, Hub
 from flowmesh.gateway.ratelimit import PlanSource, RateLimiter
-from flowmesh.gateway.routes import catalog, docs, flows, hooks, ops, runs, triggers, ws
+from flowmesh.gateway.routes import catalog, docs, flows, hooks, ops, runs, triggers, usage, ws
 from flowmesh.gateway.settings import GatewaySettings
 from flowmesh.runtime.nats import create_broker, ensure_bucket, stop_broker
 from flowmesh.runtime.rpc import RpcClient
@@ -64,7 +64,9 @@ def create_app(settings: GatewaySettings) -> web.Application:
     )
     app[keys.SETTINGS] = settings
     app[keys.VERIFIER] = JwtVerifier(settings)
-    app[keys.LIMITER] = RateLimiter(PlanSource(settings.default_plan, ttl_s=settings.plan_cache_s))
+    app[keys.LIMITER] = RateLimiter(
+        PlanSource(settings.default_plan, usage.plan_lookup(app), ttl_s=settings.plan_cache_s)
+    )
     app[keys.SOCKETS] = set()
     app[keys.FLUSHER] = Flusher()
     app.cleanup_ctx.append(_nats)
@@ -74,6 +76,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app.add_routes(triggers.routes)
     app.add_routes(catalog.routes)
     app.add_routes(runs.routes)
+    app.add_routes(usage.routes)
     app.add_routes(ws.routes)
     app.add_routes(docs.routes)
     hooks.setup(app)

@@ -54,6 +54,18 @@ from flowmesh.contracts.models.flows import (
 )
 from flowmesh.contracts.models.rpc import RunEventsQuery, RunListQuery, RunStepsQuery
 from flowmesh.contracts.models.runs import RunAccepted, RunResume, RunRetry
+from flowmesh.contracts.models.usage import (
+    ApiKeyCreate,
+    ApiKeyInfo,
+    ApiKeyList,
+    FlowStats,
+    PlanAssignment,
+    TenantPlan,
+    UsageExport,
+    UsageExportQuery,
+    UsageQuery,
+    UsageSummary,
+)
 from flowmesh.contracts.models.ws import BEARER_PREFIX, SUBPROTOCOL, WsEvent, WsSnapshot, WsTicket
 
 OPENAPI_VERSION: Final = "3.1.1"
@@ -109,9 +121,9 @@ class Readiness(WireModel):
 
 @dataclass(frozen=True)
 class Raw:
-    """A body that is not one contract model: its media types and their JSON Schemas."""
+    """A body that is not one contract model: its media types and their JSON Schemas (or contract models)."""
 
-    content: Mapping[str, JsonSchema]
+    content: Mapping[str, JsonSchema | type[BaseModel]]
 
 
 Body = type[BaseModel] | Raw | None
@@ -550,6 +562,90 @@ OPERATIONS: Final[tuple[Op, ...]] = (
         },
         body=RunRetry,
     ),
+    # usage
+    Op(
+        "GET",
+        "/api/v1/flows/{flow_id}/stats",
+        "getFlowStats",
+        "Executions of a flow: outcomes, average and p95 duration, the last one",
+        "flows",
+        {200: FlowStats},
+        description=(
+            "From metered run events (eventually consistent, usually within a second). `executionsTotal` counts "
+            "every run of the flow (children of subflow/foreach steps too), running ones included; `succeeded`, "
+            "`failed`, `cancelled`, `timedOut` count finished runs by their latest outcome; durations are over "
+            "finished runs; `lastExecutedAt` is when the latest run was queued."
+        ),
+    ),
+    Op(
+        "GET",
+        "/api/v1/usage",
+        "getUsage",
+        "The tenant's usage in a billing period against its plan",
+        "usage",
+        {200: UsageSummary},
+        description=(
+            "Billing periods are calendar months (UTC); `periodEnd` is the first instant of the next month. "
+            "`runsUsed` counts top-level runs started (a retry in place is not a new run; children of "
+            "subflow/foreach steps are not counted); `stepsUsed` finished steps but the trigger; `tokensUsed` the "
+            "input and output tokens of `llm` steps. `estimatedOverage` is in USD, pro rata to the cent. Metering "
+            "follows run events, usually within a second."
+        ),
+        query=UsageQuery,
+    ),
+    Op(
+        "GET",
+        "/api/v1/usage/export",
+        "exportUsage",
+        "Metered usage per day, for a billing system",
+        "usage",
+        {200: Raw({"application/json": UsageExport, "text/csv": {"type": "string"}})},
+        notes={200: "The days with usage, oldest first: JSON, or CSV (RFC 4180, a header line) with `format=csv`."},
+        description="Days are UTC. By default, this month up to today; at most 366 days per request.",
+        query=UsageExportQuery,
+    ),
+    Op(
+        "GET",
+        "/api/v1/api-keys",
+        "listApiKeys",
+        "Stored LLM provider keys (never shown whole)",
+        "usage",
+        {200: ApiKeyList},
+    ),
+    Op(
+        "POST",
+        "/api/v1/api-keys",
+        "putApiKey",
+        "Store a provider's key, replacing the one before",
+        "usage",
+        {201: ApiKeyInfo},
+        notes={201: "Stored (encrypted); only `keyHint`, its last four characters, is ever shown."},
+        description=(
+            "`llm` steps use the tenant's key of their `provider`. A key must be printable ASCII without spaces."
+        ),
+        body=ApiKeyCreate,
+    ),
+    Op(
+        "DELETE",
+        "/api/v1/api-keys/{provider}",
+        "deleteApiKey",
+        "Forget a provider's key",
+        "usage",
+        {204: NO_BODY},
+        notes={404: "No key of this provider is stored."},
+    ),
+    Op(
+        "PUT",
+        "/api/v1/admin/tenants/{tenant_id}/plan",
+        "setTenantPlan",
+        "Give a tenant a plan (platform admins only)",
+        "usage",
+        {200: TenantPlan},
+        errors=(403,),
+        notes={403: "The token's role is not `admin`."},
+        description="Creates the tenant's record if it has none. Rate limits follow within a minute.",
+        body=PlanAssignment,
+    ),
     # live
     Op(
         "POST",
@@ -660,6 +756,16 @@ PATH_PARAMS: Final[Mapping[str, tuple[str, JsonSchema, str]]] = {
     "trigger_id": ("triggerId", {"type": "string", "format": "uuid"}, "The trigger's id (UUIDv7)."),
     "version": ("version", {"type": "integer", "minimum": 1, "maximum": MAX_INT4}, "The version number, from 1."),
     "token": ("token", {"type": "string", "pattern": "^[A-Za-z0-9_-]{16,128}$"}, "The webhook's secret URL token."),
+    "provider": (
+        "provider",
+        {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+        "The LLM provider a key is for (case-insensitive).",
+    ),
+    "tenant_id": (
+        "tenantId",
+        {"type": "string", "minLength": 1, "maxLength": 255},
+        "The tenant's id (its `tenant` claim).",
+    ),
 }
 """Every path parameter name a route may use: its OpenAPI name, schema and meaning."""
 
@@ -695,6 +801,7 @@ TAGS: Final = (
     {"name": "runs", "description": "Starting, reading and controlling runs."},
     {"name": "catalog", "description": "The step types a canvas can offer."},
     {"name": "live", "description": "Runs as they happen, over WebSocket."},
+    {"name": "usage", "description": "Metered usage against the plan, billing export, plans and stored provider keys."},
     {"name": "operations", "description": "Health, readiness, metrics and this documentation."},
 )
 
@@ -862,6 +969,13 @@ def _model_schemas(ops: list[Op]) -> tuple[dict[tuple[type[BaseModel], JsonSchem
             wanted.add((op.body, "validation"))
             bodies.add(op.body)
         wanted.update((r, "serialization") for r in op.responses.values() if isinstance(r, type))
+        wanted.update(
+            (m, "serialization")
+            for r in op.responses.values()
+            if isinstance(r, Raw)
+            for m in r.content.values()
+            if isinstance(m, type)
+        )
         if op.websocket:
             wanted.update({(WsSnapshot, "serialization"), (WsEvent, "serialization")})
     ordered = sorted(wanted, key=lambda m: (m[0].__name__, m[1]))
@@ -1003,7 +1117,7 @@ def _request_body(
     body: type[BaseModel] | Raw, refs: Mapping[tuple[type[BaseModel], JsonSchemaMode], JsonSchema]
 ) -> JsonSchema:
     if isinstance(body, Raw):
-        return {"required": False, "content": {media: {"schema": schema} for media, schema in body.content.items()}}
+        return {"required": False, "content": _raw_content(body, refs)}
     required = any(f.is_required() for f in body.model_fields.values())
     return {"required": required, "content": {"application/json": {"schema": refs[(body, "validation")]}}}
 
@@ -1020,10 +1134,17 @@ def _success(
     if headers and 200 <= status < 300:
         out["headers"] = headers
     if isinstance(body, Raw):
-        out["content"] = {media: {"schema": schema} for media, schema in body.content.items()}
+        out["content"] = _raw_content(body, refs)
     elif body is not None:
         out["content"] = {"application/json": {"schema": refs[(body, "serialization")]}}
     return out
+
+
+def _raw_content(body: Raw, refs: Mapping[tuple[type[BaseModel], JsonSchemaMode], JsonSchema]) -> JsonSchema:
+    return {
+        media: {"schema": refs[(schema, "serialization")] if isinstance(schema, type) else schema}
+        for media, schema in body.content.items()
+    }
 
 
 def dumps(document: Mapping[str, Any]) -> str:

@@ -12,7 +12,7 @@ import asyncpg
 
 from flowmesh.runner import handlers
 from flowmesh.runner.executor import Executor
-from flowmesh.runner.io_steps import HttpStep
+from flowmesh.runner.io_steps import HttpStep, LlmStep, usage_key_reveal
 from flowmesh.runner.settings import RunnerSettings
 from flowmesh.runtime.db import create_driver_pool
 from flowmesh.runtime.rpc import RpcClient
@@ -30,12 +30,20 @@ def create_app(settings: RunnerSettings) -> ServiceRuntime:
         max_bytes=settings.http_step_max_bytes,
         default_timeout_ms=settings.http_step_timeout_ms,
     )
+    rpc = RpcClient(service.broker, timeout=settings.rpc_timeout_s)
+    llm = LlmStep(
+        http,
+        usage_key_reveal(rpc),
+        providers=settings.llm_base_urls,
+        default_timeout_ms=settings.llm_step_timeout_ms,
+    )
     executor = Executor(
         service.sessions,
-        RpcClient(service.broker, timeout=settings.rpc_timeout_s),
+        rpc,
         http,
         heartbeat_s=settings.ack_wait_s / 3,
         default_run_timeout_ms=settings.default_run_timeout_ms or None,
+        llm=llm,
     )
     handlers.register(service.rpc, service.sessions, executor, workers=settings.workers, ack_wait_s=settings.ack_wait_s)
     sweeper: list[asyncio.Task[None]] = []

@@ -88,6 +88,9 @@ class Outcome:
     input: Any = None
     wait: bool = False
     """The attempt started something to wait for (child runs): the step waits, it has not ended."""
+    usage: dict[str, int] | None = None
+    """Tokens an ``llm`` attempt used (``{inputTokens, outputTokens}``): put in ``step.succeeded``'s
+    data, where the usage service meters them."""
 
     @classmethod
     def failure(cls, message: str, error_type: str = "error", *, retryable: bool = False) -> Outcome:
@@ -568,8 +571,15 @@ class Execution:
                         completed_at=self.now,
                     ),
                 )
+                extra = {"usage": outcome.usage} if outcome.usage is not None else {}
                 self.emit(
-                    "step.succeeded", step.id, attempt, status="succeeded", durationMs=duration, stepType=step.type
+                    "step.succeeded",
+                    step.id,
+                    attempt,
+                    status="succeeded",
+                    durationMs=duration,
+                    stepType=step.type,
+                    **extra,
                 )
                 return
         error = {"message": outcome.message, "type": outcome.error_type}

@@ -32,7 +32,7 @@ from flowmesh.contracts.errors import Conflict, InvalidInput, NotFound
 from flowmesh.contracts.expressions import ExpressionError, evaluate, expression_source, render
 from flowmesh.contracts.ids import is_uuid, new_id, utcnow
 from flowmesh.contracts.models import FieldError, FlowVersion, Run
-from flowmesh.contracts.models.definition import ForeachData, HttpData, PublishData, SubflowData
+from flowmesh.contracts.models.definition import ForeachData, HttpData, LlmData, PublishData, SubflowData
 from flowmesh.contracts.models.flows import FlowSettings
 from flowmesh.contracts.models.rpc import RunnableFlow, StartRun, StartRunResult
 from flowmesh.contracts.models.timers import TimerFired, TimerRef, TimerSet
@@ -41,7 +41,7 @@ from flowmesh.contracts.subjects import STEP_WORK, FlowsOp, SchedulerOp, run_eve
 from flowmesh.runner import repo
 from flowmesh.runner.engine import TIMER_OWNER, Deadline, Execution, Outcome, RunRecord, TimerOp
 from flowmesh.runner.graph import Graph, Step
-from flowmesh.runner.io_steps import HttpStep, run_publish
+from flowmesh.runner.io_steps import HttpStep, LlmStep, run_publish
 from flowmesh.runtime.rpc import RpcClient
 
 log = logging.getLogger(__name__)
@@ -73,8 +73,10 @@ class Executor:
         heartbeat_s: float = 10.0,
         scheduler: RpcClient | None = None,
         default_run_timeout_ms: int | None = None,
+        llm: LlmStep | None = None,
     ) -> None:
         self.heartbeat_s = heartbeat_s
+        self.llm = llm
         self.sessions = sessions
         self.flows = flows
         self.scheduler = scheduler or flows
@@ -375,8 +377,8 @@ class Executor:
         step = snap.graph.steps[step_id]
         work = self._run_step(snap, step)
         timeout_ms = step.data.timeout_ms
-        if timeout_ms is not None and not isinstance(step.data, HttpData | SubflowData | ForeachData):
-            # the worker bounds its own attempt (http steps: the client's timeout); the durable
+        if timeout_ms is not None and not isinstance(step.data, HttpData | LlmData | SubflowData | ForeachData):
+            # the worker bounds its own attempt (http and llm steps: their own timeout); the durable
             # timer fires a little later, for a worker that died or hung
             work = _bounded(work, timeout_ms, f"attempt {attempt} of step {step_id!r}")
         outcome = await _with_heartbeat(work, heartbeat, self.heartbeat_s)
@@ -390,6 +392,8 @@ class Executor:
         run = ex.run
         if isinstance(step.data, HttpData):
             return await self.http.run(step.data, ex.context(), f"{run.id}:{step.id}")
+        if isinstance(step.data, LlmData) and self.llm is not None:
+            return await self.llm.run(step.data, ex.context(), tenant=run.tenant_id)
         if isinstance(step.data, PublishData):
             assert self.js is not None
             return await run_publish(

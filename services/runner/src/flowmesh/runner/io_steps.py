@@ -1,4 +1,4 @@
-"""Steps that do I/O: ``http`` and ``publish``. Each returns an :class:`Outcome`, never raises."""
+"""Steps that do I/O: ``http``, ``llm`` and ``publish``. Each returns an :class:`Outcome`, never raises."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import asyncio
 import ipaddress
 import json
 import socket
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 from typing import Any, Final
 from urllib.parse import urljoin
 
@@ -16,10 +18,14 @@ from nats.js import JetStreamContext
 from yarl import URL
 
 from flowmesh.contracts import headers as h
+from flowmesh.contracts.errors import FlowmeshError, GatewayTimeout, NotFound, ServiceUnavailable
 from flowmesh.contracts.expressions import ExpressionError, render
-from flowmesh.contracts.models.definition import HttpData, PublishData
-from flowmesh.contracts.subjects import out_message
+from flowmesh.contracts.models.definition import HttpData, LlmData, PublishData
+from flowmesh.contracts.models.usage import KEYS_REVEAL_ROLE, RevealedKey, RevealKey
+from flowmesh.contracts.subjects import UsageOp, out_message
 from flowmesh.runner.engine import Outcome
+from flowmesh.runner.llm import base_url, build_request, read_completion, redact
+from flowmesh.runtime.rpc import RpcClient
 
 MAX_REDIRECTS: Final = 5
 RETRYABLE_STATUS: Final = frozenset({408, 429})
@@ -42,6 +48,10 @@ class UnsupportedUrl(ValueError):
     """Not an http(s) URL."""
 
 
+class ResponseTooLarge(ValueError):
+    """A response body over the cap (reading stopped there)."""
+
+
 class GuardedResolver(AbstractResolver):
     """Resolves names but refuses private targets: checked at connect time, so DNS rebinding cannot slip past."""
 
@@ -54,7 +64,7 @@ class GuardedResolver(AbstractResolver):
         found = await self._inner.resolve(host, port, family)
         allowed = [r for r in found if not forbidden_address(r["host"])]
         if not allowed:
-            raise PrivateAddressError(f"{host} resolves to a private address; http steps may not reach it")
+            raise PrivateAddressError(f"{host} resolves to a private address; http and llm steps may not reach it")
         return allowed
 
     async def close(self) -> None:
@@ -73,7 +83,11 @@ class HttpStep:
     async def start(self) -> None:
         """Open the client session."""
         connector = aiohttp.TCPConnector(resolver=None if self.allow_private else GuardedResolver(), limit=200)
-        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
+        # no cookie jar: the session serves every tenant, and a cookie one tenant's call received
+        # must never go along with another tenant's request to the same host
+        self._session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=True, cookie_jar=aiohttp.DummyCookieJar()
+        )
 
     async def close(self) -> None:
         """Close the client session."""
@@ -149,6 +163,23 @@ class HttpStep:
                 return resp.status, kept, _decode(raw, resp.content_type)
         raise aiohttp.TooManyRedirects(request_info=None, history=(), message="too many redirects")  # type: ignore[arg-type]
 
+    async def post_json(self, url: str, body: Any, headers: Mapping[str, str]) -> tuple[int, bytes]:
+        """One POST of a JSON body, redirects not followed: the status and the body.
+
+        Raises:
+            PrivateAddressError: the target is private and private targets are not allowed.
+            UnsupportedUrl: not an http(s) URL.
+            ResponseTooLarge: the body is over the cap.
+            aiohttp.ClientError, OSError: the request failed on the way.
+        """
+        assert self._session is not None
+        self._check_literal(url)
+        async with self._session.post(url, json=body, headers=dict(headers), allow_redirects=False) as resp:
+            raw = await _read_capped(resp, self.max_bytes + 1)
+            if len(raw) > self.max_bytes:
+                raise ResponseTooLarge(f"response of {url} is larger than {self.max_bytes} bytes")
+            return resp.status, raw
+
     def _check_literal(self, url: str) -> None:
         parsed = URL(url)
         if parsed.scheme not in ("http", "https"):
@@ -160,10 +191,10 @@ class HttpStep:
             literal = forbidden_address(host.strip("[]"))
         except ValueError:
             if host.lower() == "localhost" or host.lower().endswith(".localhost"):
-                raise PrivateAddressError(f"{host} is a private address; http steps may not reach it") from None
+                raise PrivateAddressError(f"{host} is a private address; http and llm steps may not reach it") from None
             return  # a name: the resolver checks what it resolves to
         if literal:
-            raise PrivateAddressError(f"{host} is a private address; http steps may not reach it")
+            raise PrivateAddressError(f"{host} is a private address; http and llm steps may not reach it")
 
 
 async def _read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
@@ -192,14 +223,94 @@ def _decode(raw: bytes, content_type: str) -> Any:
 
 
 def _with_input(outcome: Outcome, request: dict[str, Any]) -> Outcome:
-    return Outcome(
-        ok=outcome.ok,
-        output=outcome.output,
-        message=outcome.message,
-        error_type=outcome.error_type,
-        retryable=outcome.retryable,
-        input=request,
-    )
+    return replace(outcome, input=request)
+
+
+KeyReveal = Callable[[str, str], Awaitable[str]]
+"""``(tenant, provider) -> key``: a tenant's stored API key. Raises :class:`NotFound` when none is stored."""
+
+
+def usage_key_reveal(client: RpcClient, *, timeout: float | None = None) -> KeyReveal:
+    """Keys from the usage service's vault (``fm.rpc.usage.keys.reveal``, as the runner's role)."""
+
+    async def reveal(tenant: str, provider: str) -> str:
+        answer = await client.call(
+            UsageOp.KEYS_REVEAL, RevealKey(provider=provider), tenant=tenant, role=KEYS_REVEAL_ROLE, timeout=timeout
+        )
+        return RevealedKey.model_validate(answer).api_key
+
+    return reveal
+
+
+class LlmStep:
+    """Runs ``llm`` steps: a chat completion with the tenant's key, through the ``http`` step's client.
+
+    So the same private-address guard and response cap apply. The key is asked for on every attempt
+    (not cached: a replaced or deleted key counts from the next attempt, and the plaintext lives for
+    one attempt only), sent only as ``Authorization: Bearer …``, and removed from anything recorded.
+    """
+
+    def __init__(
+        self, http: HttpStep, reveal: KeyReveal, *, providers: Mapping[str, str], default_timeout_ms: int
+    ) -> None:
+        self.http = http
+        self.reveal = reveal
+        self.providers = dict(providers)
+        self.default_timeout_ms = default_timeout_ms
+
+    async def run(self, data: LlmData, context: dict[str, Any], *, tenant: str) -> Outcome:
+        """One attempt; network errors, timeouts and the provider's 408, 429 and 5xx are retryable."""
+        provider = data.provider.lower()
+        base = base_url(self.providers, provider)
+        if base is None:
+            known = ", ".join(sorted(self.providers)) or "none"
+            return Outcome.failure(
+                f"llm provider {data.provider!r} is not configured in this runner (known: {known}; "
+                "FLOWMESH_RUNNER_LLM_PROVIDERS adds providers)",
+                "configuration",
+            )
+        try:
+            request = build_request(data, context, base)
+        except ExpressionError as exc:
+            return Outcome.failure(str(exc), "expression")
+        key = ""
+        timeout = (data.timeout_ms or self.default_timeout_ms) / 1000
+        try:
+            async with asyncio.timeout(timeout):
+                found = await self._key(tenant, provider)
+                if isinstance(found, Outcome):
+                    return _with_input(found, request.record)
+                key = found
+                headers = {"Authorization": f"Bearer {key}", "Accept": "application/json"}
+                status, raw = await self.http.post_json(request.url, request.body, headers)
+            outcome = read_completion(status, raw, provider=provider)
+        except TimeoutError:
+            outcome = Outcome.failure(f"no answer from {provider} within {timeout:g}s", "timeout", retryable=True)
+        except PrivateAddressError as exc:
+            outcome = Outcome.failure(str(exc), "forbidden-address")
+        except UnsupportedUrl as exc:
+            outcome = Outcome.failure(str(exc), "configuration")
+        except ResponseTooLarge as exc:
+            outcome = Outcome.failure(str(exc), "response-too-large")
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            outcome = Outcome.failure(f"request to {request.url} failed: {exc}", "network", retryable=True)
+        return redact(_with_input(outcome, request.record), key)
+
+    async def _key(self, tenant: str, provider: str) -> str | Outcome:
+        """The tenant's key of ``provider``, or the failure to record when there is none to use."""
+        try:
+            return await self.reveal(tenant, provider)
+        except NotFound:
+            return Outcome.failure(
+                f"no {provider} API key is stored for this tenant; add one with POST /api/v1/api-keys",
+                "missing-key",
+            )
+        except (ServiceUnavailable, GatewayTimeout) as exc:
+            return Outcome.failure(
+                f"the {provider} API key cannot be read now: {exc.detail}", "key-unavailable", retryable=True
+            )
+        except FlowmeshError as exc:
+            return Outcome.failure(f"the {provider} API key cannot be used: {exc.detail}", "configuration")
 
 
 async def run_publish(

@@ -1,11 +1,16 @@
 """Settings of the runner (``FLOWMESH_RUNNER_*`` plus the shared ones)."""
 
+import re
 from typing import ClassVar
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import SettingsConfigDict
+from yarl import URL
 
+from flowmesh.runner.llm import DEFAULT_PROVIDERS
 from flowmesh.runtime.settings import BaseServiceSettings
+
+_PROVIDER = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 class RunnerSettings(BaseServiceSettings):
@@ -17,10 +22,20 @@ class RunnerSettings(BaseServiceSettings):
     http_step_allow_private: bool | None = Field(
         default=None,
         validation_alias=AliasChoices("FLOWMESH_HTTP_STEP_ALLOW_PRIVATE", "http_step_allow_private"),
-        description="let http steps reach private, loopback and link-local addresses (default: only in dev)",
+        description="let http and llm steps reach private, loopback and link-local addresses (default: only in dev)",
     )
     http_step_max_bytes: int = Field(default=1024 * 1024, ge=1024, description="response body cap of http steps")
     http_step_timeout_ms: int = Field(default=30_000, ge=1, description="per-attempt timeout when a step sets none")
+    llm_providers: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "OpenAI-compatible providers of llm steps as a JSON object, name -> base URL (the step POSTs to "
+            '{baseUrl}/chat/completions), merged over the defaults {"openai": "https://api.openai.com/v1"}'
+        ),
+    )
+    llm_step_timeout_ms: int = Field(
+        default=120_000, ge=1, description="per-attempt timeout of llm steps that set no timeoutMs"
+    )
     workers: int = Field(default=64, ge=1, le=1024, description="step messages handled at once")
     ack_wait_s: float = Field(
         default=30.0, ge=1, description="a step message unacknowledged this long is redelivered (crashed worker)"
@@ -39,5 +54,22 @@ class RunnerSettings(BaseServiceSettings):
 
     @property
     def allow_private(self) -> bool:
-        """Whether http steps may reach private addresses."""
+        """Whether http and llm steps may reach private addresses."""
         return self.is_dev if self.http_step_allow_private is None else self.http_step_allow_private
+
+    @field_validator("llm_providers")
+    @classmethod
+    def _check_providers(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, base in value.items():
+            if not _PROVIDER.fullmatch(name):
+                raise ValueError(f"provider name {name!r} must be 1-64 letters, digits, '_' or '-'")
+            url = URL(base)
+            if url.scheme not in ("http", "https") or not url.host:
+                raise ValueError(f"base URL of provider {name!r} must be an http(s) URL, not {base!r}")
+        return value
+
+    @property
+    def llm_base_urls(self) -> dict[str, str]:
+        """Base URL of each llm provider, by lower-case name (names are case-insensitive, as stored keys')."""
+        configured = {name.lower(): base.rstrip("/") for name, base in self.llm_providers.items()}
+        return {**DEFAULT_PROVIDERS, **configured}

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import datetime as dt
+import re
+from typing import Annotated, Any, Final, Literal
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 
 from flowmesh.contracts.models.base import Timestamp, WireModel
+from flowmesh.contracts.subjects import tenant_token
 
 PlanName = Literal["free", "pro", "enterprise", "high_frequency"]
 
@@ -35,6 +38,16 @@ class TenantPlan(WireModel):
     plan: str
 
 
+class AssignedPlan(TenantPlan):
+    """``fm.rpc.usage.plan``: a tenant's plan, and whether it was given one (else: the default plan).
+
+    Every service reads the same ``FLOWMESH_DEFAULT_PLAN``; a caller applies its own to a tenant
+    without an assignment.
+    """
+
+    assigned: bool
+
+
 class UsageSummary(WireModel):
     """``GET /usage``."""
 
@@ -48,6 +61,8 @@ class UsageSummary(WireModel):
     runs_percentage: float | None
     estimated_overage: float
     days_remaining: int
+    input_tokens: int = 0
+    output_tokens: int = 0
 
 
 class FlowStats(WireModel):
@@ -59,6 +74,8 @@ class FlowStats(WireModel):
     avg_duration_ms: float | None
     p95_duration_ms: float | None
     last_executed_at: Timestamp | None
+    cancelled: int = 0
+    timed_out: int = 0
 
 
 class ApiKeyCreate(WireModel):
@@ -88,3 +105,125 @@ class RevealedKey(WireModel):
 
     provider: str
     api_key: str
+
+
+# --- metering, quotas and keys (P6) ---------------------------------------------------------------
+
+KEYS_REVEAL_ROLE: Final = "service:runner"
+"""The ``Flowmesh-Role`` the runner sends on ``fm.rpc.usage.keys.reveal``; any other caller is refused.
+
+No JWT carries it through the gateway (no HTTP route reaches ``reveal``); in production, NATS
+permissions allow only the runner's user to publish on that subject."""
+
+_PERIOD = r"^(current|previous|[0-9]{4}-(0[1-9]|1[0-2]))$"
+
+
+def quota_key(tenant_id: str) -> str:
+    """The key of a tenant's :class:`TenantQuota` snapshot in the ``fm_quota`` KV bucket."""
+    return tenant_token(tenant_id)
+
+
+def _iso_date(value: Any) -> Any:
+    """Only ``YYYY-MM-DD`` reads as a date (not a Unix time, not a datetime)."""
+    if isinstance(value, dt.date) or (isinstance(value, str) and re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", value)):
+        return value
+    raise ValueError("must be a date as YYYY-MM-DD")
+
+
+IsoDate = Annotated[dt.date, BeforeValidator(_iso_date)]
+"""A calendar date written ``YYYY-MM-DD``."""
+
+
+class UsageQuery(WireModel):
+    """Query of ``GET /usage``: ``current`` (default), ``previous`` or a month ``YYYY-MM`` (UTC)."""
+
+    period: Annotated[str, Field(pattern=_PERIOD, description="current, previous, or a month as YYYY-MM")] = "current"
+
+
+class UsageExportQuery(WireModel):
+    """Query of ``GET /usage/export``: days ``from`` to ``to`` (inclusive, UTC; default this month so far)."""
+
+    from_: IsoDate | None = Field(default=None, alias="from", description="first day (YYYY-MM-DD, UTC)")
+    to: IsoDate | None = Field(default=None, description="last day, inclusive (YYYY-MM-DD, UTC)")
+    format: Literal["json", "csv"] = "json"
+
+
+class UsageDay(WireModel):
+    """One tenant's metered usage on one day (UTC): what a billing system imports."""
+
+    date: dt.date
+    tenant_id: str
+    runs: int = Field(description="top-level runs started (accepted); children and in-place retries excluded")
+    child_runs: int = Field(description="runs started by subflow and foreach steps")
+    runs_succeeded: int
+    runs_failed: int
+    runs_cancelled: int
+    runs_timed_out: int
+    runs_refused: int = Field(description="starts refused for quota (recorded as failed, not counted in runs)")
+    steps: int = Field(description="steps that finished (succeeded or failed), the trigger excluded")
+    step_ms: int = Field(description="sum of those steps' durationMs")
+    input_tokens: int
+    output_tokens: int
+
+
+class UsageExport(WireModel):
+    """``GET /usage/export?format=json``: the days with usage, oldest first."""
+
+    tenant_id: str
+    from_: dt.date = Field(alias="from")
+    to: dt.date
+    items: list[UsageDay]
+
+
+class UsageExportCsv(WireModel):
+    """The usage service's answer to an export with ``format=csv``: the document as text."""
+
+    csv: str
+
+
+class TenantQuota(WireModel):
+    """A tenant's plan limits and this month's metered runs.
+
+    The answer of ``fm.rpc.usage.quota`` and the value kept in the ``fm_quota`` KV bucket under
+    :func:`quota_key`. A snapshot whose ``period`` is not the current month (UTC) is from before the
+    month began: its ``runsUsed`` is 0 now.
+    """
+
+    tenant_id: str
+    plan: str
+    plan_revision: int = Field(description="grows with every plan change of the tenant (0: the default plan)")
+    period: str = Field(description="the billing month, YYYY-MM (UTC)")
+    period_start: Timestamp
+    period_end: Timestamp
+    runs_used: int
+    runs_limit: int | None
+    runs_in_flight_limit: int | None
+    flows_limit: int | None
+    overage_allowed: bool = Field(description="runs over runsLimit are billed (true) or refused (false)")
+    runs_exhausted: bool = Field(description="a new run must be refused: runsUsed >= runsLimit and no overage")
+    updated_at: Timestamp
+
+
+class PlanRef(WireModel):
+    """Body of ``fm.rpc.usage.adminPlan``: set a tenant's plan (admin only)."""
+
+    tenant_id: Annotated[str, Field(min_length=1, max_length=255)]
+    plan: str
+
+
+class FlowStatsRequest(WireModel):
+    """Body of ``fm.rpc.usage.flowStats``."""
+
+    flow_id: str
+
+
+class ApiKeyList(WireModel):
+    """``GET /api-keys``: the tenant's stored keys, never shown whole."""
+
+    items: list[ApiKeyInfo]
+
+
+class ApiKeyRef(WireModel):
+    """Body of ``fm.rpc.usage.keys.delete``."""
+
+    provider: str

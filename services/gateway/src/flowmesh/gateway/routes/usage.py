@@ -1,0 +1,112 @@
+"""Usage, flow statistics, BYOK keys and plans: forwarded to the usage service (DESIGN §6, §8)."""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+from aiohttp import web
+
+from flowmesh.contracts.errors import Forbidden, InvalidInput, NotFound
+from flowmesh.contracts.models import FieldError, FlowRef
+from flowmesh.contracts.models.usage import (
+    ApiKeyCreate,
+    ApiKeyRef,
+    FlowStatsRequest,
+    PlanAssignment,
+    PlanRef,
+    UsageExportQuery,
+    UsageQuery,
+)
+from flowmesh.contracts.subjects import FlowsOp, UsageOp
+from flowmesh.gateway import keys
+from flowmesh.gateway.body import read_body, read_query
+from flowmesh.gateway.ratelimit import PlanLookup
+from flowmesh.gateway.routes.common import call, json_response
+
+routes = web.RouteTableDef()
+
+PROVIDER: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MAX_TENANT_ID: Final = 255
+PLAN_LOOKUP_TIMEOUT_S: Final = 1.0
+"""A plan lookup is on the path of a request: a slow usage service must not hold it long."""
+
+
+@routes.get("/api/v1/usage")
+async def usage(request: web.Request) -> web.Response:
+    """The tenant's usage in a billing period against its plan."""
+    return json_response(await call(request, UsageOp.SUMMARY, read_query(request, UsageQuery)))
+
+
+@routes.get("/api/v1/usage/export")
+async def export_usage(request: web.Request) -> web.Response:
+    """Metered usage per day, as JSON or CSV, for a billing system."""
+    q = read_query(request, UsageExportQuery)
+    data = await call(request, UsageOp.EXPORT, q)
+    if q.format == "csv":
+        return web.Response(
+            text=data["csv"],
+            content_type="text/csv",
+            charset="utf-8",
+            headers={"Content-Disposition": 'attachment; filename="usage.csv"'},
+        )
+    return json_response(data)
+
+
+@routes.get("/api/v1/flows/{flow_id}/stats")
+async def flow_stats(request: web.Request) -> web.Response:
+    """Executions of one flow: outcomes, average and p95 duration, the last one."""
+    flow_id = request.match_info["flow_id"]
+    await call(request, FlowsOp.GET, FlowRef(flow_id=flow_id))  # 404 unless it is the tenant's flow
+    return json_response(await call(request, UsageOp.FLOW_STATS, FlowStatsRequest(flow_id=flow_id)))
+
+
+@routes.get("/api/v1/api-keys")
+async def list_api_keys(request: web.Request) -> web.Response:
+    """The tenant's stored provider keys, each shown only by a hint."""
+    return json_response(await call(request, UsageOp.KEYS_LIST))
+
+
+@routes.post("/api/v1/api-keys")
+async def put_api_key(request: web.Request) -> web.Response:
+    """Store a provider's key (replacing the one before)."""
+    return json_response(await call(request, UsageOp.KEYS_PUT, await read_body(request, ApiKeyCreate)), status=201)
+
+
+@routes.delete("/api/v1/api-keys/{provider}")
+async def delete_api_key(request: web.Request) -> web.Response:
+    """Forget a provider's key."""
+    provider = request.match_info["provider"]
+    if not PROVIDER.fullmatch(provider):
+        raise NotFound(f"no {provider[:64]} key is stored")
+    await call(request, UsageOp.KEYS_DELETE, ApiKeyRef(provider=provider))
+    return web.Response(status=204)
+
+
+@routes.put("/api/v1/admin/tenants/{tenant_id}/plan")
+async def set_tenant_plan(request: web.Request) -> web.Response:
+    """Give a tenant a plan (platform admins only)."""
+    if not request[keys.PRINCIPAL].is_admin:
+        raise Forbidden("only a platform admin (role admin) may change a tenant's plan")
+    body = await read_body(request, PlanAssignment)
+    tenant_id = request.match_info["tenant_id"]
+    if len(tenant_id) > MAX_TENANT_ID:
+        raise InvalidInput(
+            f"a tenant id has at most {MAX_TENANT_ID} characters",
+            errors=[FieldError(path="/tenantId", message=f"at most {MAX_TENANT_ID} characters")],
+        )
+    return json_response(await call(request, UsageOp.PLAN_SET, PlanRef(tenant_id=tenant_id, plan=body.plan)))
+
+
+def plan_lookup(app: web.Application) -> PlanLookup:
+    """The rate limiter's source of tenants' plans: the usage service (the limiter caches and falls back).
+
+    A tenant without a plan of its own has ``FLOWMESH_DEFAULT_PLAN``, which every service reads alike.
+    """
+
+    async def lookup(tenant: str) -> str:
+        data = await app[keys.RPC].call(UsageOp.PLAN, tenant=tenant, role="gateway", timeout=PLAN_LOOKUP_TIMEOUT_S)
+        plan: str = data["plan"] if data.get("assigned") else app[keys.SETTINGS].default_plan
+        return plan
+
+    return lookup

@@ -1,0 +1,104 @@
+"""The BYOK key vault (DESIGN §8): keys stored sealed, shown as hints, revealed to the runner only."""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from flowmesh.contracts.errors import FlowmeshError, NotFound
+from flowmesh.contracts.ids import utcnow
+from flowmesh.contracts.models.usage import ApiKeyInfo
+from flowmesh.usage import repo
+from flowmesh.usage.domain import clean_key, key_hint, provider_name
+from flowmesh.usage.vault import Vault, VaultError
+
+log = logging.getLogger(__name__)
+RESEAL_BATCH = 100
+
+
+class KeyStore:
+    """Stores, lists, forgets and reveals tenants' provider keys. Never logs a key."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], vault: Vault) -> None:
+        self.sessions = sessions
+        self.vault = vault
+
+    async def put(self, tenant: str, provider: str, api_key: str) -> ApiKeyInfo:
+        """Store a provider's key (replacing the one before); its public description."""
+        provider = provider_name(provider)
+        key = clean_key(api_key)
+        sealed = self.vault.seal(tenant=tenant, provider=provider, api_key=key)
+        async with self.sessions.begin() as s:
+            return await repo.put_key(
+                s,
+                tenant=tenant,
+                provider=provider,
+                ciphertext=sealed,
+                key_id=self.vault.key_id,
+                hint=key_hint(key),
+                now=utcnow(),
+            )
+
+    async def list(self, tenant: str) -> list[ApiKeyInfo]:
+        """The tenant's keys, hints only."""
+        async with self.sessions() as s:
+            return await repo.list_keys(s, tenant=tenant)
+
+    async def delete(self, tenant: str, provider: str) -> None:
+        """Forget a provider's key.
+
+        Raises:
+            NotFound: no key of that provider is stored.
+        """
+        provider = provider_name(provider)
+        async with self.sessions.begin() as s:
+            if not await repo.delete_key(s, tenant=tenant, provider=provider):
+                raise NotFound(f"no {provider} key is stored")
+
+    async def reveal(self, tenant: str, provider: str) -> str:
+        """The plaintext key, marking it used.
+
+        Raises:
+            NotFound: no key of that provider is stored.
+            FlowmeshError: the stored key cannot be decrypted with the configured secrets.
+        """
+        provider = provider_name(provider)
+        async with self.sessions.begin() as s:
+            sealed = await repo.use_key(s, tenant=tenant, provider=provider, now=utcnow())
+        if sealed is None:
+            raise NotFound(f"no {provider} key is stored")
+        try:
+            return self.vault.open(sealed, tenant=tenant, provider=provider)
+        except VaultError as exc:
+            log.error("the %s key of tenant %r cannot be opened: %s", provider, tenant, exc)
+            raise FlowmeshError(f"the stored {provider} key cannot be read; store it again") from exc
+
+    async def reseal_all(self) -> int:
+        """Re-seal every key sealed under an older secret with the current one; how many were.
+
+        Rows no configured secret opens are left as they are (logged): they need their secret back.
+        """
+        done = 0
+        skipped: set[tuple[str, str]] = set()
+        while True:
+            async with self.sessions() as s:
+                rows = await repo.keys_sealed_with_other(s, key_id=self.vault.key_id, limit=RESEAL_BATCH + len(skipped))
+            rows = [r for r in rows if (r[0], r[1]) not in skipped]
+            if not rows:
+                break
+            async with self.sessions.begin() as s:
+                for tenant, provider, old in rows:
+                    try:
+                        new = self.vault.reseal(old)
+                    except VaultError:
+                        log.error("the %s key of tenant %r opens with no configured secret", provider, tenant)
+                        skipped.add((tenant, provider))
+                        continue
+                    if await repo.reseal_key(
+                        s, tenant=tenant, provider=provider, old=old, new=new, key_id=self.vault.key_id
+                    ):
+                        done += 1
+        if done:
+            log.info("re-sealed %d stored keys with the current secret", done)
+        return done
