@@ -40,6 +40,7 @@ from flowmesh.contracts.models.rpc import (
     WebhookLookup,
     WebhookTarget,
 )
+from flowmesh.contracts.models.schedules import ScheduleSources, ScheduleSourcesQuery
 from flowmesh.contracts.subjects import FlowEventType, FlowsOp, flow_event
 from flowmesh.flows import domain, repo, triggers
 from flowmesh.flows.validation import referenced_flows, validate_flow
@@ -429,3 +430,13 @@ def register(rpc: RpcServer, sessions: async_sessionmaker[AsyncSession], relay: 
             published=row["latest_version"] is not None,
             signing_secrets=[row["signing_secret"]] if row["signing_secret"] else [],
         )
+
+    @rpc.handler(FlowsOp.SCHEDULES, tenant_required=False)
+    async def schedules(_: RpcContext, body: Any) -> ScheduleSources:
+        q = ScheduleSourcesQuery.model_validate(body)
+        async with sessions() as s:
+            if q.flow_ids is not None:
+                return ScheduleSources(flows=await repo.flow_states(s, flow_ids=[i for i in q.flow_ids if is_uuid(i)]))
+            ids = None if q.trigger_ids is None else [i for i in q.trigger_ids if is_uuid(i)]
+            after = q.after if q.after is not None and is_uuid(q.after) else None
+            return ScheduleSources(items=await repo.schedule_sources(s, trigger_ids=ids, after=after, limit=q.limit))

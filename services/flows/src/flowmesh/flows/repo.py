@@ -10,6 +10,7 @@ from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from flowmesh.contracts.models import Flow, FlowSummary, FlowVersion, Trigger
+from flowmesh.contracts.models.schedules import FlowState, ScheduleSource
 from flowmesh.flows.domain import status_of
 from flowmesh.flows.tables import flow_versions, flows, outbox, triggers
 from flowmesh.runtime.outbox import enqueue
@@ -260,3 +261,52 @@ async def webhook_by_token_hash(session: AsyncSession, *, token_hash: str) -> tu
 async def announce(session: AsyncSession, *, tenant: str, subject: str, payload: dict[str, Any], msg_id: str) -> None:
     """Queue a flow announcement in the outbox, inside the caller's transaction."""
     await enqueue(session, outbox, subject=subject, payload=payload, tenant=tenant, msg_id=msg_id)
+
+
+def _flow_state(row: RowMapping) -> FlowState:
+    return FlowState(
+        flow_id=row["flow_id"],
+        tenant_id=row["flow_tenant_id"],
+        active=row["flow_active"],
+        published=row["flow_active_version"] is not None,
+        updated_at=row["flow_updated_at"],
+    )
+
+
+_FLOW_STATE_COLUMNS = (
+    flows.c.id.label("flow_id"),
+    flows.c.tenant_id.label("flow_tenant_id"),
+    flows.c.active.label("flow_active"),
+    flows.c.active_version.label("flow_active_version"),
+    flows.c.updated_at.label("flow_updated_at"),
+)
+
+
+async def schedule_sources(
+    session: AsyncSession, *, trigger_ids: list[str] | None, after: str | None, limit: int
+) -> list[ScheduleSource]:
+    """For the scheduler, across tenants: the schedule triggers of live flows named by ``trigger_ids``,
+    or (without ids) a page of all of them in id order after ``after``; each with its flow's state."""
+    stmt = (
+        select(triggers, *_FLOW_STATE_COLUMNS[1:])
+        .join(flows, flows.c.id == triggers.c.flow_id)
+        .where(triggers.c.type == "schedule", flows.c.deleted_at.is_(None))
+    )
+    if trigger_ids is not None:
+        if not trigger_ids:
+            return []
+        stmt = stmt.where(triggers.c.id.in_(trigger_ids))
+    else:
+        if after is not None:
+            stmt = stmt.where(triggers.c.id > after)
+        stmt = stmt.order_by(triggers.c.id).limit(limit)
+    rows = (await session.execute(stmt)).mappings().all()
+    return [ScheduleSource(trigger=_trigger(r), flow=_flow_state(r)) for r in rows]
+
+
+async def flow_states(session: AsyncSession, *, flow_ids: list[str]) -> list[FlowState]:
+    """For the scheduler, across tenants: the state of the live flows among ``flow_ids``."""
+    if not flow_ids:
+        return []
+    stmt = select(*_FLOW_STATE_COLUMNS).where(flows.c.id.in_(flow_ids), flows.c.deleted_at.is_(None))
+    return [_flow_state(r) for r in (await session.execute(stmt)).mappings()]

@@ -1,15 +1,53 @@
-"""The scheduler service (DESIGN §1)."""
+"""The scheduler service: all of time (DESIGN §1) — cron triggers and durable timers."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from pathlib import Path
 
+from flowmesh.runtime.rpc import RpcClient
 from flowmesh.runtime.service import ServiceRuntime
+from flowmesh.scheduler import handlers
+from flowmesh.scheduler.dispatcher import Dispatcher
 from flowmesh.scheduler.settings import SchedulerSettings
+from flowmesh.scheduler.sync import Sync
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+REBUILD_RETRY_S = 2.0
+log = logging.getLogger(__name__)
 
 
 def create_app(settings: SchedulerSettings) -> ServiceRuntime:
     """The scheduler service, ready to run (``async with service.running(): ...``)."""
-    return ServiceRuntime("scheduler", settings, migrations=MIGRATIONS)
+    service = ServiceRuntime("scheduler", settings, migrations=MIGRATIONS)
+    sync = Sync(service.sessions, RpcClient(service.broker, timeout=settings.rpc_timeout_s))
+    dispatcher = Dispatcher(service.sessions, settings)
+    handlers.register(service.rpc, service.sessions, sync, dispatcher, event_workers=settings.event_workers)
+    background: list[asyncio.Task[None]] = []
+
+    async def catch_up() -> None:
+        # the flows service may not be up yet: keep trying; schedules already known fire meanwhile
+        while True:
+            try:
+                await sync.rebuild_if_behind(service.broker.connection.jetstream())
+                return
+            except Exception as exc:
+                log.warning("checking for missed flow announcements failed, retrying: %s", exc)
+                await asyncio.sleep(REBUILD_RETRY_S)
+
+    @service.on_start
+    async def start() -> None:
+        dispatcher.start(service.broker.connection.jetstream())
+        background.append(asyncio.create_task(catch_up(), name="scheduler-catch-up"))
+
+    @service.on_stop
+    async def stop() -> None:
+        for task in background:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await dispatcher.stop()
+
+    return service
