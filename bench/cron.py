@@ -150,7 +150,8 @@ async def _armed(database_url: str) -> int:
 async def _stored_lateness(nc: nats.NATS, start: int, end: int) -> list[float]:
     """Lateness by JetStream's own clock: when ``RUN_CMDS`` stored each fire of the window.
 
-    Only when nothing consumes the work-queue stream (no runner): its messages are still there.
+    Only when nothing consumes the work-queue stream (no runner): its messages are still there
+    (read here, they are acknowledged, so the stream is left empty).
     """
     js = nc.jetstream()
     last = (await js.stream_info(RUN_CMDS.name)).state.last_seq
@@ -160,23 +161,51 @@ async def _stored_lateness(nc: nats.NATS, start: int, end: int) -> list[float]:
         config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL, inactive_threshold=30),
     )
     found: list[float] = []
+    idle = 0
     try:
-        while True:
+        while idle < 3:
             try:
-                msgs = await sub.fetch(1000, timeout=2)
+                msgs = await sub.fetch(256, timeout=2)
             except TimeoutError:
-                return found
+                idle += 1
+                continue
+            idle = 0
             for m in msgs:
                 parsed = parse_schedule_key((m.headers or {}).get(headers.MSG_ID, ""))
-                if parsed is None:
-                    continue
-                due = datetime.fromisoformat(parsed[1]).timestamp()
-                if start <= due < end:
-                    found.append((m.metadata.timestamp.timestamp() - due) * 1000)
+                if parsed is not None:
+                    due = datetime.fromisoformat(parsed[1]).timestamp()
+                    if start <= due < end:
+                        found.append((m.metadata.timestamp.timestamp() - due) * 1000)
+            await asyncio.gather(*(m.ack() for m in msgs))
             if msgs[-1].metadata.sequence.stream >= last:
-                return found
+                break
+        return found
     finally:
         await sub.unsubscribe()
+
+
+async def _runs_made(database_url: str, start: int, end: int, expected: int) -> dict[str, int]:
+    """With the runner: runs created for the window's due times, and how many due times have more than one.
+
+    Waits (bounded) for the runner to work through the window's starts.
+    """
+    url = make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    conn = await asyncpg.connect(url)
+    query = (
+        "SELECT count(*) AS runs, count(DISTINCT idempotency_key) AS keys FROM runner.runs "
+        "WHERE trigger_type = 'schedule' AND (input->>'scheduledAt')::timestamptz >= to_timestamp($1) "
+        "AND (input->>'scheduledAt')::timestamptz < to_timestamp($2)"
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            row = await conn.fetchrow(query, float(start), float(end))
+            if row["keys"] >= expected or time.monotonic() > deadline:
+                runs, keys = int(row["runs"]), int(row["keys"])
+                return {"runs": runs, "due_times_with_runs": keys, "extra_runs": runs - keys}
+            await asyncio.sleep(1)
+    finally:
+        await conn.close()
 
 
 def _figure(values: list[float], q: float) -> float | None:
@@ -262,11 +291,12 @@ async def scenario_cron(
             await asyncio.sleep(2.0)  # stragglers of the window's last second
             await sub.unsubscribe()
             stored = sorted(await _stored_lateness(nc, start, end)) if not runner else []
+            per_second = Counter(i % 60 for i in range(schedules))  # schedule i fires at second i % 60
+            expected = sum(per_second[t % 60] for t in range(start, end))
+            made = await _runs_made(own_db, start, end, expected) if runner else None
         finally:
             await nc.close()
 
-    seconds = Counter(i % 60 for i in range(schedules))
-    expected = sum(seconds[t % 60] for t in range(start, end))
     in_window = [
         (trigger, due, arrived)
         for trigger, due, arrived in fires.seen
@@ -297,6 +327,7 @@ async def scenario_cron(
         "subscriber_p50_ms": _figure(lateness, 0.5),
         "subscriber_p99_ms": _figure(lateness, 0.99),
         "fires_per_s": round(len(keys) / (end - start), 1),
+        **({"runner_runs": made} if made is not None else {}),
         "scheduler_cpu_percent": cpu,
     }
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final
 
-from sqlalchemy import DateTime, bindparam, delete, func, literal, or_, select, text, tuple_, update
+from sqlalchemy import DateTime, delete, func, literal, or_, select, text, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -27,6 +27,8 @@ from flowmesh.scheduler.tables import schedules, sync_state, timers
 LOCK_CLASS: Final = 0x5C4E
 """First key of the scheduler's per-flow advisory locks (the two-key space is apart from one-key locks)."""
 
+MARK_SHARDS: Final = 16
+"""Rows the applied mark of flow announcements is spread over."""
 _SCHEDULE_FIELDS: Final = tuple(f for f in Schedule.__dataclass_fields__)
 
 
@@ -96,13 +98,17 @@ async def delete_schedules(session: AsyncSession, *, trigger_ids: Sequence[str])
 
 async def applied_seq(session: AsyncSession) -> int:
     """The highest FLOWS stream sequence applied (0: none yet)."""
-    found = await session.scalar(select(sync_state.c.applied_seq).where(sync_state.c.id == 1))
+    found = await session.scalar(select(func.max(sync_state.c.applied_seq)))
     return int(found or 0)
 
 
 async def mark_applied(session: AsyncSession, *, seq: int) -> None:
-    """Record that announcements up to ``seq`` are reflected here (never moves back)."""
-    stmt = insert(sync_state).values(id=1, applied_seq=seq)
+    """Record, in the caller's transaction, that the announcement ``seq`` is reflected here.
+
+    The mark is spread over ``MARK_SHARDS`` rows (the highest wins): one row would serialise every
+    announcement's commit behind the one before.
+    """
+    stmt = insert(sync_state).values(id=seq % MARK_SHARDS, applied_seq=seq)
     await session.execute(
         stmt.on_conflict_do_update(
             index_elements=[sync_state.c.id],
@@ -113,7 +119,8 @@ async def mark_applied(session: AsyncSession, *, seq: int) -> None:
 
 async def reset_applied(session: AsyncSession, *, seq: int) -> None:
     """Set the applied mark to ``seq`` (the FLOWS stream was recreated and counts from scratch)."""
-    await session.execute(update(sync_state).where(sync_state.c.id == 1).values(applied_seq=seq))
+    await session.execute(delete(sync_state))
+    await session.execute(insert(sync_state).values(id=seq % MARK_SHARDS, applied_seq=seq))
 
 
 # --- claims -------------------------------------------------------------------------------------------
@@ -167,26 +174,25 @@ async def held_schedules(session: AsyncSession, *, claims: Sequence[tuple[str, s
     return {r.trigger_id for r in rows if (r.trigger_id, r.claim_token) in wanted}
 
 
+_MARK_FIRED = text(
+    "UPDATE scheduler.schedules AS s SET last_fired_at = COALESCE(u.last, s.last_fired_at), next_due_at = u.next, "
+    "claimed_by = NULL, claim_token = NULL, claim_until = NULL "
+    "FROM unnest(CAST(:ids AS uuid[]), CAST(:tokens AS uuid[]), CAST(:lasts AS timestamptz[]), "
+    "CAST(:nexts AS timestamptz[])) AS u(id, token, last, next) "
+    "WHERE s.trigger_id = u.id AND s.claim_token = u.token"
+)
+
+
 async def mark_fired(
     session: AsyncSession, *, fired: Sequence[tuple[str, str, datetime | None, datetime | None]]
 ) -> None:
     """Record fires JetStream acknowledged, ``(trigger_id, claim_token, last_fired_at, next_due_at)``,
-    releasing each claim; a claim that no longer stands changes nothing."""
+    releasing each claim; a claim that no longer stands changes nothing. One statement for all (a
+    second's worth of fires is recorded at once, right after they went out)."""
     if not fired:
         return
-    stmt = (
-        update(schedules)
-        .where(schedules.c.trigger_id == bindparam("b_id"), schedules.c.claim_token == bindparam("b_token"))
-        .values(
-            last_fired_at=func.coalesce(bindparam("b_last", type_=DateTime(timezone=True)), schedules.c.last_fired_at),
-            next_due_at=bindparam("b_next"),
-            claimed_by=None,
-            claim_token=None,
-            claim_until=None,
-        )
-    )
-    params = [{"b_id": i, "b_token": t, "b_last": last, "b_next": nxt} for i, t, last, nxt in fired]
-    await session.execute(stmt, params)
+    ids, tokens, lasts, nexts = (list(c) for c in zip(*fired, strict=True))
+    await session.execute(_MARK_FIRED, {"ids": ids, "tokens": tokens, "lasts": lasts, "nexts": nexts})
 
 
 async def release_claims(session: AsyncSession, *, me: str) -> None:
@@ -263,13 +269,16 @@ async def held_timers(session: AsyncSession, *, claims: Sequence[tuple[str, str,
     return {(r.owner, r.key) for r in rows if (r.owner, r.key, r.claim_token) in wanted}
 
 
+_FORGET_FIRED = text(
+    "DELETE FROM scheduler.timers AS t USING unnest(CAST(:owners AS text[]), CAST(:keys AS text[]), "
+    "CAST(:tokens AS uuid[])) AS u(owner, key, token) "
+    "WHERE t.owner = u.owner AND t.key = u.key AND t.claim_token = u.token"
+)
+
+
 async def forget_fired_timers(session: AsyncSession, *, fired: Sequence[tuple[str, str, str]]) -> None:
     """Delete timers whose fire JetStream acknowledged, ``(owner, key, claim_token)``, unless re-set since."""
     if not fired:
         return
-    stmt = delete(timers).where(
-        timers.c.owner == bindparam("b_owner"),
-        timers.c.key == bindparam("b_key"),
-        timers.c.claim_token == bindparam("b_token"),
-    )
-    await session.execute(stmt, [{"b_owner": o, "b_key": k, "b_token": t} for o, k, t in fired])
+    owners, keys, tokens = (list(c) for c in zip(*fired, strict=True))
+    await session.execute(_FORGET_FIRED, {"owners": owners, "keys": keys, "tokens": tokens})

@@ -50,6 +50,7 @@ sync_state = Table(
     "sync_state",
     metadata,
     Column("id", Integer, primary_key=True),
-    # the highest FLOWS stream sequence applied here: below the stream's first, some were missed
+    # the highest FLOWS stream sequence applied here (max over the rows): below the stream's first, some
+    # were missed
     Column("applied_seq", BigInteger, nullable=False),
 )
