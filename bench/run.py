@@ -31,6 +31,7 @@ import nats
 from nats.aio.msg import Msg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from cron import scenario_cron
 from live import scenario_live
 
 from flowmesh.cli.embedded import start_nats, start_postgres
@@ -44,12 +45,14 @@ TARGETS = {
     "throughput": {"steps_per_s": 1500.0},
     "webhooks": {"runs_per_s": 500.0},
     "live": {"p99_ms": 100.0},
+    "cron": {"p99_ms": 100.0, "duplicates": 0},
 }
 REFERENCE = {
     "chain": {"temporal_dev_p50_ms": 2056, "dbos_p50_ms": 219},
     "throughput": {"temporal_dev_steps_per_s": 39, "dbos_steps_per_s": 161},
     "webhooks": {"n8n_docs_runs_per_s": 220},
     "live": {},
+    "cron": {},
 }
 HOOK_FLOW = {
     "nodes": [
@@ -296,7 +299,7 @@ def report(result: dict[str, Any]) -> None:
     result["when"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    shown = ("succeeded", "accepted", "lost", "refused")
+    shown = ("succeeded", "accepted", "lost", "refused", "fired", "missing", "duplicates")
     figures = ", ".join(f"{k}={v}" for k, v in result.items() if k.endswith(("_ms", "_s")) or k in shown)
     log(f"{name}: {figures}  (target {result['targets']})")
 
@@ -355,7 +358,10 @@ async def main_async(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "scenarios", nargs="*", metavar="SCENARIO", help="chain, throughput, webhooks and/or live (default: all)"
+        "scenarios",
+        nargs="*",
+        metavar="SCENARIO",
+        help="chain, throughput, webhooks, live and/or cron (default: all)",
     )
     parser.add_argument("--base", help="gateway URL of a running stack (default: start one)")
     parser.add_argument("--nats", help="NATS URL of that stack (needed with --base)")
@@ -381,6 +387,8 @@ def main() -> None:
     parser.add_argument(
         "--repeat", type=int, default=5, help="rounds of the throughput scenario (the median is reported)"
     )
+    parser.add_argument("--schedules", type=int, default=10_000, help="once-a-minute schedules of the cron scenario")
+    parser.add_argument("--cron-duration", type=float, default=180.0, help="seconds the cron scenario measures")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--runners",
@@ -393,13 +401,27 @@ def main() -> None:
     SETUP.update({"runner_replicas": args.runners if not args.base else "external", "client": "aiohttp"})
     if unknown := set(args.scenarios) - set(TARGETS):
         parser.error(f"unknown scenario(s) {', '.join(sorted(unknown))}; choose from {', '.join(TARGETS)}")
-    if args.base:
-        if not args.nats:
-            parser.error("--nats is needed with --base (completion is observed on NATS)")
-        asyncio.run(main_async(args))
-        return
     if args.serve:
         serve(args)
+        return
+    if args.base and not args.nats:
+        parser.error("--nats is needed with --base (completion is observed on NATS)")
+    if set(args.scenarios) - {"cron"}:
+        run_on_stack(args)
+    if "cron" in args.scenarios:
+        # schedulers of their own, on a NATS and a PostgreSQL of their own, after the stack above
+        # has stopped: another stack's scheduler would be one more replica of the scenario
+        log(f"cron: {args.schedules} once-a-minute schedules, 2 scheduler replicas, {args.cron_duration:.0f}s")
+        result = asyncio.run(scenario_cron(schedules=args.schedules, duration_s=args.cron_duration))
+        SETUP.clear()
+        SETUP.update({"scheduler_replicas": result["scheduler_replicas"], "services": "flows, scheduler"})
+        report(result)
+
+
+def run_on_stack(args: argparse.Namespace) -> None:
+    """The scenarios driven through a gateway: of ``--base``, else of a stack started here."""
+    if args.base:
+        asyncio.run(main_async(args))
         return
     # the stack runs in a session of its own, as `make run` in one terminal and a load tool in
     # another would: the kernel then shares the CPUs between the two, not among every process alike
