@@ -13,11 +13,15 @@ from aiohttp import web
 
 
 class Upstream:
-    """A local HTTP server that fails a given number of times per path, recording every request."""
+    """A local HTTP server that fails a given number of times per path, recording every request.
+
+    ``/hold/<name>`` answers once :meth:`release` is called with that name (at most after 30 s).
+    """
 
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.failures: dict[str, int] = {}
+        self.holds: dict[str, threading.Event] = {}
         upstream = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -38,6 +42,9 @@ class Upstream:
                 elif path.startswith("/sleep/"):
                     time.sleep(int(path.rsplit("/", 1)[1]) / 1000)
                     self._send(200, {"slept": True})
+                elif path.startswith("/hold/"):
+                    upstream.holds.setdefault(path.rsplit("/", 1)[1], threading.Event()).wait(30)
+                    self._send(200, {"held": True})
                 elif path.startswith("/status/"):
                     self._send(int(path.rsplit("/", 1)[1]), {"status": "as asked"})
                 elif upstream.failures.get(path, 0) > 0:
@@ -63,7 +70,13 @@ class Upstream:
         self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def release(self, name: str) -> None:
+        """Answer the requests held under ``name``, and those to come."""
+        self.holds.setdefault(name, threading.Event()).set()
+
     def close(self) -> None:
+        for hold in self.holds.values():
+            hold.set()
         self.server.shutdown()
         self.server.server_close()
 

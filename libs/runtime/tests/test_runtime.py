@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,11 @@ from sqlalchemy import text
 
 from flowmesh.contracts import streams
 from flowmesh.contracts.errors import Conflict, ServiceUnavailable
+from flowmesh.contracts.models.usage import TenantQuota
 from flowmesh.runtime.db import create_engine
 from flowmesh.runtime.migrate import migrate
 from flowmesh.runtime.nats import create_broker, provision_streams, stream_config
+from flowmesh.runtime.quota import refuses_runs
 from flowmesh.runtime.rpc import RpcClient, RpcContext
 from flowmesh.runtime.service import ServiceRuntime
 from flowmesh.runtime.settings import BaseServiceSettings
@@ -160,3 +163,32 @@ async def test_stopping_finishes_in_flight_requests_before_closing(infra: Any) -
             await client.call(subject, {}, tenant="t")
     finally:
         await client_broker.stop()
+
+
+def _quota(**kw: object) -> TenantQuota:
+    values: dict[str, object] = {
+        "tenant_id": "t",
+        "plan": "free",
+        "plan_revision": 1,
+        "period": "2026-11",
+        "period_start": datetime(2026, 11, 1, tzinfo=UTC),
+        "period_end": datetime(2026, 12, 1, tzinfo=UTC),
+        "runs_used": 1000,
+        "runs_limit": 1000,
+        "runs_in_flight_limit": 10,
+        "flows_limit": 1,
+        "overage_allowed": False,
+        "runs_exhausted": True,
+        "updated_at": datetime(2026, 11, 20, tzinfo=UTC),
+    }
+    return TenantQuota.model_validate({**values, **kw})
+
+
+def test_runs_are_refused_only_with_the_months_runs_used_up_and_no_overage() -> None:
+    now = datetime(2026, 11, 23, 12, tzinfo=UTC)
+    assert refuses_runs(_quota(), now)
+    assert not refuses_runs(_quota(runs_used=999), now)
+    assert not refuses_runs(_quota(overage_allowed=True), now)  # pro: billed, not refused
+    assert not refuses_runs(_quota(runs_limit=None), now)  # unlimited
+    assert not refuses_runs(_quota(), datetime(2026, 12, 1, tzinfo=UTC))  # a new month starts at 0
+    assert refuses_runs(_quota(runs_limit=0, runs_used=0, period="2026-10"), now)

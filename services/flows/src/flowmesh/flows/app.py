@@ -8,6 +8,8 @@ from flowmesh.flows import handlers
 from flowmesh.flows.settings import FlowsSettings
 from flowmesh.flows.tables import outbox
 from flowmesh.runtime.outbox import OutboxRelay
+from flowmesh.runtime.quota import QuotaView
+from flowmesh.runtime.rpc import RpcClient
 from flowmesh.runtime.service import ServiceRuntime
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -17,11 +19,15 @@ def create_app(settings: FlowsSettings) -> ServiceRuntime:
     """The flows service, ready to run (``async with service.running(): ...``)."""
     service = ServiceRuntime("flows", settings, migrations=MIGRATIONS)
     relay = OutboxRelay(service.sessions, outbox)
-    handlers.register(service.rpc, service.sessions, relay)
+    quotas = QuotaView(RpcClient(service.broker, timeout=settings.rpc_timeout_s))
+    handlers.register(service.rpc, service.sessions, relay, quotas)
 
     @service.on_start
-    async def start_relay() -> None:
-        relay.start(service.broker.connection.jetstream())
+    async def start() -> None:
+        js = service.broker.connection.jetstream()
+        await quotas.start(js)
+        relay.start(js)
 
     service.on_stop(relay.stop)
+    service.on_stop(quotas.stop)
     return service

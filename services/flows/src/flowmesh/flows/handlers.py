@@ -6,11 +6,12 @@ in the outbox within the same transaction; the relay publishes it once the trans
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from flowmesh.contracts.errors import Conflict, InvalidInput, NotFound
+from flowmesh.contracts.errors import Conflict, InvalidInput, NotFound, QuotaExceeded
 from flowmesh.contracts.ids import is_uuid, new_id, utcnow
 from flowmesh.contracts.models import (
     FieldError,
@@ -41,10 +42,12 @@ from flowmesh.contracts.models.rpc import (
     WebhookTarget,
 )
 from flowmesh.contracts.models.schedules import ScheduleSources, ScheduleSourcesQuery
+from flowmesh.contracts.models.usage import TenantQuota
 from flowmesh.contracts.subjects import FlowEventType, FlowsOp, flow_event
 from flowmesh.flows import domain, repo, triggers
 from flowmesh.flows.validation import referenced_flows, validate_flow
 from flowmesh.runtime.outbox import OutboxRelay
+from flowmesh.runtime.quota import QuotaView
 from flowmesh.runtime.rpc import RpcContext, RpcServer
 
 CATALOG = [
@@ -110,18 +113,40 @@ async def _validate(session: AsyncSession, ctx: RpcContext, flow: Flow) -> list[
     return validate_flow(flow.definition, flow.input_schema, flow_id=flow.id, published_flows=targets)
 
 
-def register(rpc: RpcServer, sessions: async_sessionmaker[AsyncSession], relay: OutboxRelay) -> None:
-    """Serve every flows operation on ``rpc``, with sessions from ``sessions``."""
+def register(
+    rpc: RpcServer,
+    sessions: async_sessionmaker[AsyncSession],
+    relay: OutboxRelay,
+    quotas: QuotaView | None = None,
+) -> None:
+    """Serve every flows operation on ``rpc``, with sessions from ``sessions``.
+
+    With ``quotas``, a new flow (create, duplicate, import) is refused at the plan's flow limit.
+    """
 
     # --- drafts ----------------------------------------------------------------------------------
+
+    async def _quota(ctx: RpcContext) -> TenantQuota | None:
+        # asked before the transaction: no connection is held while the usage service answers
+        return await quotas.get(ctx.tenant) if quotas is not None else None
+
+    async def _new_flow(
+        s: AsyncSession, ctx: RpcContext, quota: TenantQuota | None, values: dict[str, Any], now: datetime
+    ) -> Flow:
+        limit = quota.flows_limit if quota is not None else None
+        if quota is not None and limit is not None and await repo.count_flows_locked(s, tenant=ctx.tenant) >= limit:
+            raise QuotaExceeded(
+                f"the {quota.plan} plan allows {limit} flow{'s' if limit != 1 else ''} and this tenant has "
+                f"{'them' if limit != 1 else 'it'}; delete a flow or upgrade the plan"
+            )
+        return await repo.insert_flow(s, flow_id=new_id(), tenant=ctx.tenant, values=values, now=now)
 
     @rpc.handler(FlowsOp.CREATE)
     async def create(ctx: RpcContext, body: Any) -> Flow:
         flow = FlowCreate.model_validate(body)
+        quota = await _quota(ctx)
         async with sessions.begin() as s:
-            return await repo.insert_flow(
-                s, flow_id=new_id(), tenant=ctx.tenant, values=domain.draft_values(flow), now=utcnow()
-            )
+            return await _new_flow(s, ctx, quota, domain.draft_values(flow), utcnow())
 
     @rpc.handler(FlowsOp.LIST)
     async def list_(ctx: RpcContext, body: Any) -> Page[Any]:
@@ -175,8 +200,10 @@ def register(rpc: RpcServer, sessions: async_sessionmaker[AsyncSession], relay: 
 
     @rpc.handler(FlowsOp.DUPLICATE)
     async def duplicate(ctx: RpcContext, body: Any) -> Flow:
+        ref = FlowRef.model_validate(body)
+        quota = await _quota(ctx)
         async with sessions.begin() as s:
-            flow = await _flow(s, ctx, FlowRef.model_validate(body).flow_id)
+            flow = await _flow(s, ctx, ref.flow_id)
             values = {
                 "name": domain.copy_name(flow.name),
                 "description": flow.description,
@@ -184,7 +211,7 @@ def register(rpc: RpcServer, sessions: async_sessionmaker[AsyncSession], relay: 
                 "input_schema": flow.input_schema,
                 "settings": flow.settings,
             }
-            return await repo.insert_flow(s, flow_id=new_id(), tenant=ctx.tenant, values=values, now=utcnow())
+            return await _new_flow(s, ctx, quota, values, utcnow())
 
     # --- validation, versions ----------------------------------------------------------------------
 
@@ -305,11 +332,9 @@ def register(rpc: RpcServer, sessions: async_sessionmaker[AsyncSession], relay: 
             input_schema=doc.flow.input_schema,
             settings=doc.flow.settings,
         )
+        quota = await _quota(ctx)
         async with sessions.begin() as s:
-            now = utcnow()
-            flow = await repo.insert_flow(
-                s, flow_id=new_id(), tenant=ctx.tenant, values=domain.draft_values(draft), now=now
-            )
+            flow = await _new_flow(s, ctx, quota, domain.draft_values(draft), utcnow())
             created = [
                 await _insert_trigger(s, ctx, flow, t.type, t.name, config, t.enabled)
                 for t, config in zip(doc.flow.triggers, configs, strict=True)

@@ -55,6 +55,13 @@ async def insert_flow(
     return _flow((await session.execute(stmt)).mappings().one())
 
 
+async def count_flows_locked(session: AsyncSession, *, tenant: str) -> int:
+    """The tenant's flows (not deleted); other counts of this tenant wait until the transaction ends."""
+    await session.execute(select(func.pg_advisory_xact_lock(func.hashtextextended("flows.count:" + tenant, 0))))
+    stmt = select(func.count()).select_from(flows).where(flows.c.tenant_id == tenant, flows.c.deleted_at.is_(None))
+    return int((await session.execute(stmt)).scalar_one())
+
+
 async def get_flow(session: AsyncSession, *, tenant: str, flow_id: str, for_update: bool = False) -> Flow | None:
     """A live (not deleted) flow of the tenant, optionally locked for the rest of the transaction."""
     stmt = select(flows).where(flows.c.id == flow_id, flows.c.tenant_id == tenant, flows.c.deleted_at.is_(None))

@@ -15,6 +15,7 @@ from flowmesh.runner.executor import Executor
 from flowmesh.runner.io_steps import HttpStep, LlmStep, usage_key_reveal
 from flowmesh.runner.settings import RunnerSettings
 from flowmesh.runtime.db import create_driver_pool
+from flowmesh.runtime.quota import QuotaView
 from flowmesh.runtime.rpc import RpcClient
 from flowmesh.runtime.service import ServiceRuntime
 
@@ -37,6 +38,7 @@ def create_app(settings: RunnerSettings) -> ServiceRuntime:
         providers=settings.llm_base_urls,
         default_timeout_ms=settings.llm_step_timeout_ms,
     )
+    quotas = QuotaView(rpc)
     executor = Executor(
         service.sessions,
         rpc,
@@ -44,6 +46,7 @@ def create_app(settings: RunnerSettings) -> ServiceRuntime:
         heartbeat_s=settings.ack_wait_s / 3,
         default_run_timeout_ms=settings.default_run_timeout_ms or None,
         llm=llm,
+        quotas=quotas,
     )
     handlers.register(service.rpc, service.sessions, executor, workers=settings.workers, ack_wait_s=settings.ack_wait_s)
     sweeper: list[asyncio.Task[None]] = []
@@ -66,7 +69,9 @@ def create_app(settings: RunnerSettings) -> ServiceRuntime:
     async def start() -> None:
         await http.start()
         pools.append(await create_driver_pool(settings.db_url, size=settings.db_pool_size, application_name="runner"))
-        executor.start(service.broker.connection.jetstream(), pools[0])
+        js = service.broker.connection.jetstream()
+        await quotas.start(js)
+        executor.start(js, pools[0])
         sweeper.append(asyncio.create_task(sweep_forever(), name="sweep"))
 
     @service.on_stop
@@ -76,6 +81,7 @@ def create_app(settings: RunnerSettings) -> ServiceRuntime:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await executor.stop()
+        await quotas.stop()
         await http.close()
         for pool in pools:
             await pool.close()

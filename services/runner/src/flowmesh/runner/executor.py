@@ -28,7 +28,7 @@ from nats.js import JetStreamContext
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from flowmesh.contracts import headers as h
-from flowmesh.contracts.errors import Conflict, InvalidInput, NotFound
+from flowmesh.contracts.errors import Conflict, InvalidInput, NotFound, QuotaExceeded, RateLimited
 from flowmesh.contracts.expressions import ExpressionError, evaluate, expression_source, render
 from flowmesh.contracts.ids import is_uuid, new_id, utcnow
 from flowmesh.contracts.models import FieldError, FlowVersion, Run
@@ -42,6 +42,7 @@ from flowmesh.runner import repo
 from flowmesh.runner.engine import TIMER_OWNER, Deadline, Execution, Outcome, RunRecord, TimerOp
 from flowmesh.runner.graph import Graph, Step
 from flowmesh.runner.io_steps import HttpStep, LlmStep, run_publish
+from flowmesh.runtime.quota import QuotaView
 from flowmesh.runtime.rpc import RpcClient
 
 log = logging.getLogger(__name__)
@@ -74,8 +75,10 @@ class Executor:
         scheduler: RpcClient | None = None,
         default_run_timeout_ms: int | None = None,
         llm: LlmStep | None = None,
+        quotas: QuotaView | None = None,
     ) -> None:
         self.heartbeat_s = heartbeat_s
+        self.quotas = quotas
         self.llm = llm
         self.sessions = sessions
         self.flows = flows
@@ -184,8 +187,14 @@ class Executor:
         for key in [k for k in self._runnable if k[0] == tenant and k[1] == flow_id]:
             self._runnable.pop(key, None)
 
-    async def start_run(self, tenant: str, req: StartRun) -> StartRunResult:
-        """Create a run of a published, active flow (idempotent by key), queued for execution."""
+    async def start_run(self, tenant: str, req: StartRun, *, record_refusal: bool = False) -> StartRunResult:
+        """Create a run of a published, active flow (idempotent by key), queued for execution.
+
+        A start the plan refuses raises :class:`QuotaExceeded` (monthly runs used up) or
+        :class:`RateLimited` (runs in flight); with ``record_refusal`` (durable starts: schedules,
+        events) a monthly refusal is recorded as a ``failed`` run of error type ``quota-exceeded``
+        instead, which is not billed (DESIGN §6).
+        """
         if not is_uuid(req.flow_id):
             raise NotFound(f"flow {req.flow_id} not found")
         runnable = await self.runnable(tenant, req.flow_id, req.version)
@@ -193,6 +202,20 @@ class Executor:
             raise Conflict(f"flow {req.flow_id} is deactivated; activate it to start runs")
         self._check_input(runnable, req.input)
         input_hash = canonical_hash(req.input)
+        in_flight_limit, refusal = None, None
+        if self.quotas is not None and req.parent_run_id is None:  # children are part of their run
+            quota = await self.quotas.get(tenant)
+            if quota is not None and self.quotas.refuses_runs(quota):
+                if req.idempotency_key and (repeat := await self._repeat(tenant, req, input_hash)) is not None:
+                    return repeat
+                refusal = QuotaExceeded(
+                    f"the {quota.plan} plan's {quota.runs_limit} runs of {quota.period} are used up; "
+                    "upgrade the plan, or wait for the next month"
+                )
+                if not record_refusal:
+                    raise refusal
+            elif quota is not None:
+                in_flight_limit = quota.runs_in_flight_limit
         version = runnable.version
         now = utcnow()
         record = RunRecord(
@@ -217,10 +240,13 @@ class Executor:
         }
         graph = await self._version_graph(version)
         ex = Execution(record, graph, {}, now)
-        # the run goes as far as it can in the transaction that accepts it: a flow of pure steps is
-        # done at commit, with no message to another worker and no second transaction
-        ex.queue()
-        ex.advance()
+        if refusal is not None:
+            ex.fail(refusal.detail, None, refusal.code)  # one event, run.failed: never queued, not billed
+        else:
+            # the run goes as far as it can in the transaction that accepts it: a flow of pure steps
+            # is done at commit, with no message to another worker and no second transaction
+            ex.queue()
+            ex.advance()
         assert self.pool is not None
         async with self.pool.acquire() as conn:
             if (version.flow_id, version.version) not in self._saved_versions:
@@ -236,9 +262,15 @@ class Executor:
                 )
                 self._saved_versions.add((version.flow_id, version.version))
             # one statement, one round trip: the run, its steps and its events, or nothing
-            events = await repo.create_run(conn, record=record, values=extra, ex=ex)
+            events = await repo.create_run(conn, record=record, values=extra, ex=ex, in_flight_limit=in_flight_limit)
         if events is None:
-            return await self._repeat(tenant, req, input_hash)
+            if req.idempotency_key and (repeat := await self._repeat(tenant, req, input_hash)) is not None:
+                return repeat
+            raise RateLimited(
+                f"{in_flight_limit} runs of this tenant are queued or running, the plan's limit; "
+                "start this one when some have finished",
+                retry_after_s=1,
+            )
         work: list[Work] = [(record.id, step_id, self._msg_id(ex, step_id)) for step_id in ex.dispatch]
         work += _parent_work(ex, was_final=False)
         # answer as soon as the run is committed; its events follow (a crash here is the sweep's job)
@@ -250,14 +282,16 @@ class Executor:
             flow_id=record.flow_id,
             version=record.version,
             tenant_id=tenant,
-            status="queued",
+            status="queued" if refusal is None else "failed",
             trigger_type=req.trigger_type,
             trigger_id=req.trigger_id,
             input=req.input,
+            error=record.error if refusal is not None else None,
             idempotency_key=req.idempotency_key,
             parent_run_id=req.parent_run_id,
             retry_of=req.retry_of,
             created_at=now,
+            completed_at=record.completed_at,
         )
         return StartRunResult(run=accepted, created=True)
 
@@ -269,12 +303,16 @@ class Executor:
             graph = self._graphs[key] = self._parse(version.definition, version.settings)
         return graph
 
-    async def _repeat(self, tenant: str, req: StartRun, input_hash: str) -> StartRunResult:
-        """A start whose idempotency key was used: the same run for the same input, else 422."""
+    async def _repeat(self, tenant: str, req: StartRun, input_hash: str) -> StartRunResult | None:
+        """A start whose idempotency key was used: the same run for the same input, else 422.
+
+        None: the key was not used.
+        """
         assert req.idempotency_key is not None
         async with self.sessions() as s:
             found = await repo.run_by_key(s, tenant=tenant, flow_id=req.flow_id, key=req.idempotency_key)
-        assert found is not None
+        if found is None:
+            return None
         existing, existing_hash = found
         if existing_hash != input_hash:
             raise InvalidInput(

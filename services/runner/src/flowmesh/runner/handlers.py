@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from flowmesh.contracts import headers
-from flowmesh.contracts.errors import Conflict, InvalidInput, NotFound
+from flowmesh.contracts.errors import Conflict, InvalidInput, NotFound, RateLimited
 from flowmesh.contracts.expressions import ExpressionError, evaluate, expression_source
 from flowmesh.contracts.ids import is_uuid
 from flowmesh.contracts.models import Page, Run, RunEvent, StepRun
@@ -82,7 +82,7 @@ async def _start_from_event(executor: Executor, trigger: Any, payload: Any, stre
         idempotency_key=f"event:{trigger['trigger_id']}:{stream_seq}",
     )
     try:
-        await executor.start_run(trigger["tenant_id"], req)
+        await executor.start_run(trigger["tenant_id"], req, record_refusal=True)
     except (NotFound, Conflict, InvalidInput) as exc:
         log.warning("event trigger %s did not start a run: %s", trigger["trigger_id"], exc.detail)
 
@@ -230,7 +230,12 @@ def register(
             req = StartRun.model_validate(body)
             if not tenant or not req.idempotency_key:
                 raise InvalidInput("a start command needs a Flowmesh-Tenant header and an idempotencyKey")
-            await executor.start_run(tenant, req)
+            await executor.start_run(tenant, req, record_refusal=True)
+        except RateLimited as exc:
+            # the tenant's runs in flight are at its plan's limit: the start waits its turn
+            log.info("start command for tenant %r deferred: %s", tenant, exc.detail)
+            await msg.nack(delay=float(exc.retry_after_s))
+            return
         except (NotFound, Conflict, InvalidInput, ValidationError) as exc:
             # it can never succeed (flow gone or deactivated, bad input): drop it, loudly
             log.warning("start command for tenant %r refused: %s", tenant, exc)
@@ -260,6 +265,12 @@ def register(
                 await executor.change(run_id, partial(_deliver, step_id=step_id, attempt=attempt, payload=body))
             for trigger in listeners:
                 await _start_from_event(executor, trigger, body, msg.raw_message.metadata.sequence.stream)
+        except RateLimited as exc:
+            # a tenant's runs in flight are at its plan's limit: the event comes back (starts and
+            # deliveries made before are keyed, so they are not made twice)
+            log.info("event %s deferred: %s", key, exc.detail)
+            await msg.nack(delay=float(exc.retry_after_s))
+            return
         except Exception:
             log.exception("delivering event %s failed; it will be redelivered", key)
             await msg.nack(delay=1.0)

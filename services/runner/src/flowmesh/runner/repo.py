@@ -284,23 +284,52 @@ def _unnest(arrays: tuple[tuple[str, str], ...], first: int) -> str:
 
 _S = _N_RUN + 1  # first parameter of the step arrays; then updated_at, then the event arrays
 _E = _S + len(_STEP_ARRAYS) + 1
-_CREATE_RUN_SQL = (
-    f"WITH run AS ({_INSERT_RUN_SQL}), "
-    f"steps AS (INSERT INTO runner.step_runs (run_id, {', '.join(c for c, _ in _STEP_ARRAYS)}, updated_at) "
-    f"SELECT $1::uuid, x.*, ${_E - 1}::timestamptz FROM {_unnest(_STEP_ARRAYS, _S)} "
-    "WHERE EXISTS (SELECT 1 FROM run)), "
-    f"events AS (INSERT INTO runner.run_events (run_id, {', '.join(c for c, _ in _EVENT_ARRAYS)}) "
-    f"SELECT $1::uuid, x.* FROM {_unnest(_EVENT_ARRAYS, _E)} WHERE EXISTS (SELECT 1 FROM run)) "
-    "SELECT count(*) FROM run"
+# with a limit on the tenant's top-level runs in flight ($N+1 + … the last parameter): nothing is
+# written when as many are queued or running (counted on a partial index, at most the limit)
+_IN_FLIGHT = (
+    "(SELECT count(*) FROM (SELECT 1 FROM runner.runs WHERE tenant_id = $2 AND parent_run_id IS NULL "
+    "AND status IN ('queued', 'running') LIMIT {limit}) AS f) < {limit}"
 )
 
 
+def _insert_run_sql(limit_param: int | None) -> str:
+    if limit_param is None:
+        return _INSERT_RUN_SQL
+    values = ", ".join(f"${i}" for i in range(1, len(_RUN_COLUMNS) + 1))
+    return (
+        f"INSERT INTO runner.runs ({', '.join(_RUN_COLUMNS)}) SELECT {values} "
+        f"WHERE {_IN_FLIGHT.format(limit=f'${limit_param}::int')} "
+        "ON CONFLICT (tenant_id, flow_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING id"
+    )
+
+
+def _create_run_sql(limit_param: int | None) -> str:
+    return (
+        f"WITH run AS ({_insert_run_sql(limit_param)}), "
+        f"steps AS (INSERT INTO runner.step_runs (run_id, {', '.join(c for c, _ in _STEP_ARRAYS)}, updated_at) "
+        f"SELECT $1::uuid, x.*, ${_E - 1}::timestamptz FROM {_unnest(_STEP_ARRAYS, _S)} "
+        "WHERE EXISTS (SELECT 1 FROM run)), "
+        f"events AS (INSERT INTO runner.run_events (run_id, {', '.join(c for c, _ in _EVENT_ARRAYS)}) "
+        f"SELECT $1::uuid, x.* FROM {_unnest(_EVENT_ARRAYS, _E)} WHERE EXISTS (SELECT 1 FROM run)) "
+        "SELECT count(*) FROM run"
+    )
+
+
+_CREATE_RUN_SQL = _create_run_sql(None)
+_CREATE_LIMITED_RUN_SQL = _create_run_sql(_E + len(_EVENT_ARRAYS))
+
+
 async def create_run(
-    conn: Any, *, record: RunRecord, values: dict[str, Any], ex: Execution
+    conn: Any, *, record: RunRecord, values: dict[str, Any], ex: Execution, in_flight_limit: int | None = None
 ) -> list[dict[str, Any]] | None:
     """Insert a run with the steps and events its first execution made, in one statement (asyncpg).
 
-    Returns its events as published payloads, or None when its idempotency key was taken.
+    With ``in_flight_limit``, only while the tenant has fewer top-level runs queued or running.
+    Concurrent starts each count before the others commit, so the tenant can go over the limit by
+    the starts being made at that moment (at most the runners' concurrent starts).
+
+    Returns its events as published payloads, or None when its idempotency key was taken or the
+    limit reached.
     """
     steps = [
         (step_id, ex.graph.steps[step_id].type, *_step_values(ex.steps[step_id])) for step_id in sorted(ex.changed)
@@ -312,7 +341,11 @@ async def create_run(
     ]
     columns = [list(c) for c in zip(*steps, strict=True)] if steps else [[] for _ in _STEP_ARRAYS]
     event_columns = [list(c) for c in zip(*events, strict=True)] if events else [[] for _ in _EVENT_ARRAYS]
-    created = await conn.fetchval(_CREATE_RUN_SQL, *_run_row(record, values), *columns, ex.now, *event_columns)
+    args = (*_run_row(record, values), *columns, ex.now, *event_columns)
+    if in_flight_limit is None:
+        created = await conn.fetchval(_CREATE_RUN_SQL, *args)
+    else:
+        created = await conn.fetchval(_CREATE_LIMITED_RUN_SQL, *args, in_flight_limit)
     return [_event_payload(record, row) for row in rows] if created else None
 
 

@@ -1,0 +1,116 @@
+"""Tenants' plan limits where a start is decided, without a round trip per start (DESIGN §6).
+
+The usage service keeps a :class:`TenantQuota` snapshot per tenant in the ``fm_quota`` KV bucket,
+refreshed after every metered batch and at once on a plan change. :class:`QuotaView` follows the
+bucket with a watch, so a check is a dictionary lookup; a tenant without a snapshot yet (never
+metered, never re-planned) is asked of the usage service (``fm.rpc.usage.quota``) and the answer
+remembered until the watch brings a newer one or ``ask_ttl_s`` passes.
+
+When the usage service cannot answer, the check lets the start through and says so in the log:
+limits are for billing, and a run refused because metering is down would be an outage of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from datetime import datetime
+from typing import Final
+
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+from pydantic import ValidationError
+
+from flowmesh.contracts.errors import FlowmeshError
+from flowmesh.contracts.ids import utcnow
+from flowmesh.contracts.models.usage import TenantQuota
+from flowmesh.contracts.streams import QUOTA_BUCKET
+from flowmesh.contracts.subjects import UsageOp
+from flowmesh.runtime.nats import ensure_bucket
+from flowmesh.runtime.rpc import RpcClient
+
+log = logging.getLogger(__name__)
+
+ASK_TIMEOUT_S: Final = 2.0
+UNKNOWN_RETRY_S: Final = 5.0
+
+
+def refuses_runs(quota: TenantQuota, now: datetime) -> bool:
+    """Whether the tenant's plan refuses a new run now (monthly runs used up, no overage)."""
+    if quota.overage_allowed or quota.runs_limit is None:
+        return False
+    used = quota.runs_used if quota.period == now.strftime("%Y-%m") else 0  # a new month starts at 0
+    return used >= quota.runs_limit
+
+
+class QuotaView:
+    """The ``fm_quota`` snapshots of every tenant, followed as they change."""
+
+    def __init__(self, rpc: RpcClient, *, ask_ttl_s: float = 30.0) -> None:
+        self._rpc = rpc
+        self._ask_ttl = ask_ttl_s
+        self._watched: dict[str, TenantQuota] = {}
+        self._asked: dict[str, tuple[float, TenantQuota | None]] = {}
+        self._asking: dict[str, asyncio.Future[TenantQuota | None]] = {}
+        self._watcher: KeyValue.KeyWatcher | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, js: JetStreamContext) -> None:
+        """Follow the bucket (created if the usage service has not yet)."""
+        kv = await ensure_bucket(js, QUOTA_BUCKET, ttl_s=0)
+        self._watcher = await kv.watchall()
+        self._task = asyncio.create_task(self._follow(self._watcher), name="quota-watch")
+
+    async def stop(self) -> None:
+        """Stop following the bucket."""
+        if self._watcher is not None:
+            with contextlib.suppress(Exception):
+                await self._watcher.stop()  # type: ignore[no-untyped-call]
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
+        async for entry in watcher:
+            if entry is None or not entry.value:  # the end of the initial values, or a deletion
+                continue
+            try:
+                quota = TenantQuota.model_validate_json(entry.value)
+            except ValidationError as exc:
+                log.warning("unreadable quota snapshot %r: %s", entry.key, exc)
+                continue
+            self._watched[quota.tenant_id] = quota  # the usage service only ever moves a snapshot forward
+            self._asked.pop(quota.tenant_id, None)
+
+    async def get(self, tenant: str) -> TenantQuota | None:
+        """The tenant's quota, or None when nobody can say right now (the start goes ahead)."""
+        if (quota := self._watched.get(tenant)) is not None:
+            return quota
+        asked = self._asked.get(tenant)
+        if asked is not None and time.monotonic() < asked[0]:
+            return asked[1]
+        asking = self._asking.get(tenant)
+        if asking is None:  # one question per tenant at a time, however many starts wait for it
+            asking = self._asking[tenant] = asyncio.ensure_future(self._ask(tenant))
+            asking.add_done_callback(lambda _: self._asking.pop(tenant, None))
+        answer = await asyncio.shield(asking)
+        return self._watched.get(tenant, answer)
+
+    async def _ask(self, tenant: str) -> TenantQuota | None:
+        try:
+            answer = TenantQuota.model_validate(
+                await self._rpc.call(UsageOp.QUOTA, tenant=tenant, timeout=ASK_TIMEOUT_S)
+            )
+        except (FlowmeshError, ValidationError) as exc:
+            log.warning("quota of tenant %r unknown, not enforced for %.0fs: %s", tenant, UNKNOWN_RETRY_S, exc)
+            self._asked[tenant] = (time.monotonic() + UNKNOWN_RETRY_S, None)
+            return None
+        self._asked[tenant] = (time.monotonic() + self._ask_ttl, answer)
+        return answer
+
+    def refuses_runs(self, quota: TenantQuota | None) -> bool:
+        """Whether ``quota`` refuses a new run now."""
+        return quota is not None and refuses_runs(quota, utcnow())
