@@ -381,6 +381,9 @@ def test_durable_start_commands_make_exactly_one_run(alice: httpx.Client, infra:
             await js.publish(RUN_START_CMD, command, headers={**hdrs, headers.MSG_ID: key})
             # a second scheduler replica, or a retry after the dedupe window, sends it again
             await js.publish(RUN_START_CMD, command, headers={**hdrs, headers.MSG_ID: key + ":again"})
+            # and a re-send long after carries a later firedAt: the key alone names the start
+            later = json.loads(command) | {"input": {"v": 1, "firedAt": "later"}}
+            await js.publish(RUN_START_CMD, json.dumps(later).encode(), headers={**hdrs, headers.MSG_ID: key + ":late"})
         finally:
             await nc.close()
 

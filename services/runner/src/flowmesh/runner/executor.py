@@ -187,13 +187,16 @@ class Executor:
         for key in [k for k in self._runnable if k[0] == tenant and k[1] == flow_id]:
             self._runnable.pop(key, None)
 
-    async def start_run(self, tenant: str, req: StartRun, *, record_refusal: bool = False) -> StartRunResult:
+    async def start_run(self, tenant: str, req: StartRun, *, durable: bool = False) -> StartRunResult:
         """Create a run of a published, active flow (idempotent by key), queued for execution.
 
         A start the plan refuses raises :class:`QuotaExceeded` (monthly runs used up) or
-        :class:`RateLimited` (runs in flight); with ``record_refusal`` (durable starts: schedules,
-        events) a monthly refusal is recorded as a ``failed`` run of error type ``quota-exceeded``
-        instead, which is not billed (DESIGN §6).
+        :class:`RateLimited` (runs in flight).
+
+        A ``durable`` start (``fm.cmd.runs.start``: schedules, event triggers) differs in two ways:
+        a monthly refusal is recorded as a ``failed`` run of error type ``quota-exceeded``, not
+        billed (DESIGN §6); and its key alone names it (the sender owns the key, and a re-send may
+        carry a later ``firedAt``), so a repeat is the first run whatever its input.
         """
         if not is_uuid(req.flow_id):
             raise NotFound(f"flow {req.flow_id} not found")
@@ -206,13 +209,13 @@ class Executor:
         if self.quotas is not None and req.parent_run_id is None:  # children are part of their run
             quota = await self.quotas.get(tenant)
             if quota is not None and self.quotas.refuses_runs(quota):
-                if req.idempotency_key and (repeat := await self._repeat(tenant, req, input_hash)) is not None:
+                if req.idempotency_key and (repeat := await self._repeat(tenant, req, input_hash, durable)) is not None:
                     return repeat
                 refusal = QuotaExceeded(
                     f"the {quota.plan} plan's {quota.runs_limit} runs of {quota.period} are used up; "
                     "upgrade the plan, or wait for the next month"
                 )
-                if not record_refusal:
+                if not durable:
                     raise refusal
             elif quota is not None:
                 in_flight_limit = quota.runs_in_flight_limit
@@ -264,7 +267,7 @@ class Executor:
             # one statement, one round trip: the run, its steps and its events, or nothing
             events = await repo.create_run(conn, record=record, values=extra, ex=ex, in_flight_limit=in_flight_limit)
         if events is None:
-            if req.idempotency_key and (repeat := await self._repeat(tenant, req, input_hash)) is not None:
+            if req.idempotency_key and (repeat := await self._repeat(tenant, req, input_hash, durable)) is not None:
                 return repeat
             raise RateLimited(
                 f"{in_flight_limit} runs of this tenant are queued or running, the plan's limit; "
@@ -303,7 +306,9 @@ class Executor:
             graph = self._graphs[key] = self._parse(version.definition, version.settings)
         return graph
 
-    async def _repeat(self, tenant: str, req: StartRun, input_hash: str) -> StartRunResult | None:
+    async def _repeat(
+        self, tenant: str, req: StartRun, input_hash: str, durable: bool = False
+    ) -> StartRunResult | None:
         """A start whose idempotency key was used: the same run for the same input, else 422.
 
         None: the key was not used.
@@ -314,7 +319,7 @@ class Executor:
         if found is None:
             return None
         existing, existing_hash = found
-        if existing_hash != input_hash:
+        if existing_hash != input_hash and not durable:
             raise InvalidInput(
                 f"Idempotency-Key {req.idempotency_key!r} was used for another input of this flow",
                 errors=[FieldError(path="/input", message="differs from the first request with this key")],

@@ -82,7 +82,7 @@ async def _start_from_event(executor: Executor, trigger: Any, payload: Any, stre
         idempotency_key=f"event:{trigger['trigger_id']}:{stream_seq}",
     )
     try:
-        await executor.start_run(trigger["tenant_id"], req, record_refusal=True)
+        await executor.start_run(trigger["tenant_id"], req, durable=True)
     except (NotFound, Conflict, InvalidInput) as exc:
         log.warning("event trigger %s did not start a run: %s", trigger["trigger_id"], exc.detail)
 
@@ -230,7 +230,7 @@ def register(
             req = StartRun.model_validate(body)
             if not tenant or not req.idempotency_key:
                 raise InvalidInput("a start command needs a Flowmesh-Tenant header and an idempotencyKey")
-            await executor.start_run(tenant, req, record_refusal=True)
+            await executor.start_run(tenant, req, durable=True)
         except RateLimited as exc:
             # the tenant's runs in flight are at its plan's limit: the start waits its turn
             log.info("start command for tenant %r deferred: %s", tenant, exc.detail)

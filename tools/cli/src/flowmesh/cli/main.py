@@ -167,6 +167,8 @@ def service_env(
             "PYTHONUNBUFFERED": "1",
         }
     )
+    # a laptop's tenants start without plan limits (the free plan allows one flow); set it to try them
+    env.setdefault("FLOWMESH_DEFAULT_PLAN", "enterprise")
     if name == "gateway":
         env["FLOWMESH_HTTP_PORT"] = str(config.http_port)
     elif health_port is not None:
