@@ -21,6 +21,7 @@ from flowmesh.contracts.streams import QUOTA_BUCKET, RUN_EVENTS, USAGE_METER
 from flowmesh.contracts.subjects import UsageOp, run_event
 from flowmesh.runtime.rpc import RpcClient
 from flowmesh.runtime.service import ServiceRuntime
+from flowmesh.usage.domain import METERED_TYPES
 from flowmesh.usage.meter import Meter
 from flowmesh.usage.quota import PlanBook, QuotaSnapshots
 
@@ -142,6 +143,20 @@ async def test_a_lone_event_is_metered_at_once_not_after_a_redelivery(js: JetStr
         await publish(js, Run(tenant).queued())
         await drained(js)
         assert time.monotonic() - started < 5  # a dropped partial batch would come back after ack_wait (10 s)
+
+
+async def test_only_the_event_types_that_count_are_delivered_to_the_meter(js: JetStreamContext, tenant: str) -> None:
+    await drained(js)
+    info = await js.consumer_info(RUN_EVENTS.name, USAGE_METER.durable)
+    assert sorted(info.config.filter_subjects or []) == sorted(f"fm.runs.*.*.*.{t}" for t in METERED_TYPES)
+    before = info.delivered.consumer_seq
+    run = Run(tenant)
+    await publish(js, run.queued())
+    await publish(js, run.event("run.started"))
+    await publish(js, run.event("step.started", step_id="a"))
+    await drained(js)
+    info = await js.consumer_info(RUN_EVENTS.name, USAGE_METER.durable)
+    assert info.delivered.consumer_seq == before + 1  # started events never reach the meter
 
 
 async def test_malformed_messages_are_skipped_and_the_rest_of_the_batch_counts(

@@ -192,6 +192,11 @@ def run_event(tenant_id: str, flow_id: str, run_id: str, event_type: str) -> str
     return f"{PREFIX}.runs.{tenant_token(tenant_id)}.{flow_id}.{run_id}.{event_type}"
 
 
+def run_events_of_type(event_type: str) -> str:
+    """Filter subject for every run event of one type (``run.queued``, ``step.succeeded``, …)."""
+    return f"{PREFIX}.runs.*.*.*.{event_type}"
+
+
 def run_events_of_run(tenant_id: str, flow_id: str, run_id: str) -> str:
     """Filter subject for every event of one run."""
     return f"{PREFIX}.runs.{tenant_token(tenant_id)}.{flow_id}.{run_id}.>"

@@ -11,10 +11,10 @@ from typing import Final
 
 from flowmesh.contracts.ids import utcnow
 from flowmesh.contracts.streams import QUOTA_BUCKET, RUN_EVENTS, USAGE_METER
-from flowmesh.contracts.subjects import RUN_EVENTS_ALL
+from flowmesh.contracts.subjects import run_events_of_type
 from flowmesh.runtime.nats import ensure_bucket
 from flowmesh.runtime.service import ServiceRuntime
-from flowmesh.usage import handlers, repo
+from flowmesh.usage import domain, handlers, repo
 from flowmesh.usage.consumer import BatchConsumer, BatchSpec
 from flowmesh.usage.keys import KeyStore
 from flowmesh.usage.meter import Meter
@@ -39,7 +39,8 @@ def create_app(settings: UsageSettings) -> ServiceRuntime:
     consumer = BatchConsumer(
         BatchSpec(
             stream=RUN_EVENTS.name,
-            subject=RUN_EVENTS_ALL,
+            # only the event types that can count: the others are never delivered (nor acked)
+            filters=tuple(run_events_of_type(t) for t in sorted(domain.METERED_TYPES)),
             durable=USAGE_METER.durable,
             batch=settings.meter_batch,
             window_s=settings.meter_wait_s,

@@ -44,7 +44,8 @@ class BatchSpec:
     """Where a batch consumer reads and how much it takes at once."""
 
     stream: str
-    subject: str
+    filters: tuple[str, ...]
+    """The subjects it takes (NATS server 2.10+ filters a consumer by several)."""
     durable: str
     batch: int
     window_s: float
@@ -95,19 +96,20 @@ class BatchConsumer:
 
     async def _subscribe(self, js: JetStreamContext) -> JetStreamContext.PullSubscription:
         s = self.spec
-        return await js.pull_subscribe(
-            s.subject,
-            durable=s.durable,
-            stream=s.stream,
+        # created, or an existing consumer brought up to this config (its filters may have changed)
+        await js.add_consumer(
+            s.stream,
             config=ConsumerConfig(
                 durable_name=s.durable,
+                name=s.durable,
                 deliver_policy=DeliverPolicy.ALL,
                 ack_policy=AckPolicy.EXPLICIT,
                 ack_wait=s.ack_wait_s,
                 max_ack_pending=s.max_ack_pending,
-                filter_subject=s.subject,
+                filter_subjects=list(s.filters),
             ),
         )
+        return await js.pull_subscribe_bind(durable=s.durable, stream=s.stream)
 
     async def _run(self, js: JetStreamContext) -> None:
         sub: JetStreamContext.PullSubscription | None = None

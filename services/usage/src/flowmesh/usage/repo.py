@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import bindparam, case, delete, func, select, text, update
+from sqlalchemy import bindparam, delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -47,60 +47,78 @@ async def claim_events(session: AsyncSession, *, event_ids: Sequence[str], now: 
     return {r[0] for r in rows}
 
 
-async def _add_counts(session: AsyncSession, table: Any, period: str, sums: dict[tuple[str, date], Counts]) -> None:
+def _add_counts_sql(table: str, period: str) -> Any:
+    columns = ", ".join(COUNTERS)
+    arrays = ", ".join(f"CAST(:{name} AS bigint[])" for name in COUNTERS)
+    return text(
+        f"INSERT INTO usage.{table} AS u (tenant_id, {period}, {columns}) "
+        f"SELECT * FROM unnest(CAST(:tenants AS text[]), CAST(:periods AS date[]), {arrays}) "
+        f"ON CONFLICT (tenant_id, {period}) DO UPDATE SET "
+        + ", ".join(f"{name} = u.{name} + excluded.{name}" for name in COUNTERS)
+    )
+
+
+_ADD_DAILY = _add_counts_sql("usage_daily", "day")
+_ADD_MONTHLY = _add_counts_sql("usage_monthly", "month")
+
+
+async def _add_counts(session: AsyncSession, stmt: Any, sums: dict[tuple[str, date], Counts]) -> None:
+    # one statement over arrays, rows in key order (replicas take the row locks in the same order)
     if not sums:
         return
-    stmt = insert(table).values(
-        [{"tenant_id": tenant, period: day, **counts.as_dict()} for (tenant, day), counts in sorted(sums.items())]
-    )
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[table.c.tenant_id, table.c[period]],
-        set_={name: table.c[name] + stmt.excluded[name] for name in COUNTERS},
-    )
-    await session.execute(stmt)
+    keys = sorted(sums)
+    params: dict[str, Any] = {"tenants": [t for t, _ in keys], "periods": [d for _, d in keys]}
+    for name in COUNTERS:
+        params[name] = [getattr(sums[k], name) for k in keys]
+    await session.execute(stmt, params)
 
 
 async def add_daily(session: AsyncSession, *, sums: dict[tuple[str, date], Counts]) -> None:
     """Add counters per (tenant, day): one upsert per row, rows in key order."""
-    await _add_counts(session, usage_daily, "day", sums)
+    await _add_counts(session, _ADD_DAILY, sums)
 
 
 async def add_monthly(session: AsyncSession, *, sums: dict[tuple[str, date], Counts]) -> None:
     """Add counters per (tenant, first day of the month)."""
-    await _add_counts(session, usage_monthly, "month", sums)
+    await _add_counts(session, _ADD_MONTHLY, sums)
+
+
+_RUN_FACTS = text(
+    "INSERT INTO usage.run_stats AS r "
+    "(run_id, tenant_id, flow_id, queued_at, status, duration_ms, completed_at, final_seq) "
+    "SELECT * FROM unnest(CAST(:run_ids AS uuid[]), CAST(:tenants AS text[]), CAST(:flows AS uuid[]), "
+    "CAST(:queued AS timestamptz[]), CAST(:statuses AS text[]), CAST(:durations AS bigint[]), "
+    "CAST(:completed AS timestamptz[]), CAST(:seqs AS int[])) "
+    "ON CONFLICT (run_id) DO UPDATE SET queued_at = LEAST(r.queued_at, excluded.queued_at), "
+    + ", ".join(
+        f"{c} = CASE WHEN excluded.final_seq > COALESCE(r.final_seq, -1) THEN excluded.{c} ELSE r.{c} END"
+        for c in ("status", "duration_ms", "completed_at", "final_seq")
+    )
+)
 
 
 async def put_run_facts(session: AsyncSession, *, facts: Iterable[RunFact]) -> None:
-    """Keep per-run statistics: the earliest queue time, and the outcome with the highest ``seq``."""
-    rows = [
-        {
-            "run_id": f.run_id,
-            "tenant_id": f.tenant_id,
-            "flow_id": f.flow_id,
-            "queued_at": f.queued_at,
-            "status": f.status,
-            "duration_ms": f.duration_ms,
-            "completed_at": f.completed_at,
-            "final_seq": f.final_seq,
-        }
-        for f in sorted(facts, key=lambda f: f.run_id)
-    ]
-    if not rows:
+    """Keep per-run statistics: the earliest queue time, and the outcome with the highest ``seq``.
+
+    One statement over arrays, whatever the number of runs (a multi-row VALUES would be compiled
+    anew for every batch size).
+    """
+    ordered = sorted(facts, key=lambda f: f.run_id)
+    if not ordered:
         return
-    stmt = insert(run_stats).values(rows)
-    ex = stmt.excluded
-    newer = ex.final_seq > func.coalesce(run_stats.c.final_seq, -1)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[run_stats.c.run_id],
-        set_={
-            "queued_at": func.least(run_stats.c.queued_at, ex.queued_at),
-            **{
-                name: case((newer, ex[name]), else_=run_stats.c[name])
-                for name in ("status", "duration_ms", "completed_at", "final_seq")
-            },
+    await session.execute(
+        _RUN_FACTS,
+        {
+            "run_ids": [f.run_id for f in ordered],
+            "tenants": [f.tenant_id for f in ordered],
+            "flows": [f.flow_id for f in ordered],
+            "queued": [f.queued_at for f in ordered],
+            "statuses": [f.status for f in ordered],
+            "durations": [f.duration_ms for f in ordered],
+            "completed": [f.completed_at for f in ordered],
+            "seqs": [f.final_seq for f in ordered],
         },
     )
-    await session.execute(stmt)
 
 
 async def prune_metered(session: AsyncSession, *, before: datetime, limit: int) -> int:
