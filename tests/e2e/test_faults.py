@@ -11,6 +11,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,31 @@ def in_flight(c: httpx.Client, flow_id: str, timeout: float = 30) -> None:
     raise TimeoutError("runs never got going")
 
 
+def metered_exactly(c: httpx.Client, run_ids: list[str], timeout: float = 60) -> None:
+    """The usage service counted each run and finished step once, whatever the runner re-published."""
+    steps = 0
+    for run_id in run_ids:
+        events = c.get(f"/runs/{run_id}/events", params={"pageSize": 1000}).json()["items"]
+        steps += sum(
+            1
+            for e in events
+            if e["type"] in ("step.succeeded", "step.failed") and e["data"].get("stepType") != "trigger"
+        )
+    assert steps == 5 * len(run_ids)  # a, h1, b, h2, c: each once
+    day = {
+        "from": (datetime.now(UTC) - timedelta(days=1)).date().isoformat(),
+        "to": datetime.now(UTC).date().isoformat(),
+    }
+    deadline = time.monotonic() + timeout
+    while True:
+        days = c.get("/usage/export", params=day).json()["items"]
+        found = {k: sum(d[k] for d in days) for k in ("runs", "runsSucceeded", "steps")}
+        if found == {"runs": len(run_ids), "runsSucceeded": len(run_ids), "steps": steps}:
+            return
+        assert time.monotonic() < deadline, found
+        time.sleep(0.2)
+
+
 def check_all(c: httpx.Client, started: list[tuple[str, int]], timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     for run_id, v in started:
@@ -114,6 +140,7 @@ def test_sigkill_of_the_runner_loses_no_run_and_records_no_step_twice(
         fault_stack.kill("runner", signal.SIGKILL)
         fault_stack.start("runner")
         check_all(c, started)
+        metered_exactly(c, [run_id for run_id, _ in started])
 
 
 @pytest.mark.timeout(300)
