@@ -217,6 +217,17 @@ def test_starts_check_the_flow_state_and_input(alice: httpx.Client) -> None:
     assert start(alice, str(uuid.uuid4()), {}).status_code == 404
 
 
+def test_an_input_too_large_to_send_between_services_is_a_413(alice: httpx.Client) -> None:
+    flow_id = publish_flow(alice, chain(1))
+    before = alice.get("/runs", params={"flowId": flow_id}).json()["total"]
+    # under the HTTP limit (1 MiB), over what one NATS message can carry with the run around it
+    r = start(alice, flow_id, {"v": 1, "blob": "x" * 1_000_000})
+    assert r.status_code == 413, r.text
+    assert r.json()["type"] == "payload-too-large" and "smaller payload" in r.json()["detail"]
+    assert alice.get("/runs", params={"flowId": flow_id}).json()["total"] == before
+    assert start(alice, flow_id, {"v": 1, "blob": "x" * 500_000}).status_code == 201
+
+
 def test_idempotent_starts(alice: httpx.Client) -> None:
     flow_id = publish_flow(alice, chain(1))
     key = uuid.uuid4().hex
@@ -227,6 +238,32 @@ def test_idempotent_starts(alice: httpx.Client) -> None:
     other = start(alice, flow_id, {"v": 2}, **{"Idempotency-Key": key})
     assert other.status_code == 422
     assert alice.get("/runs", params={"flowId": flow_id}).json()["total"] == 1
+
+
+def test_numbers_too_large_for_64_bits_survive_storage(alice: httpx.Client) -> None:
+    # PostgreSQL's jsonb gives 1e35 back as 36 digits; read as an integer it could not be encoded again
+    d = {
+        "nodes": [
+            T,
+            {"id": "ok", "type": "approval", "data": {}},
+            {"id": "big", "type": "transform", "data": {"output": {"twice": "{{ input.big * 2.0 }}", "k": 3e40}}},
+        ],
+        "edges": [edge("start", "ok"), edge("ok", "big", "approved")],
+    }
+    schema = {"type": "object", "properties": {"big": {"type": "number", "maximum": 1e36}}}
+    flow_id = publish_flow(alice, d, inputSchema=schema)
+    assert alice.get(f"/flows/{flow_id}").json()["definition"]["nodes"][2]["data"]["output"]["k"] == 3e40
+    exported = alice.get(f"/flows/{flow_id}/export")
+    assert exported.status_code == 200 and exported.json()["flow"]["inputSchema"] == schema
+    imported = alice.post("/flows/import", json=exported.json())
+    assert imported.status_code == 201 and imported.json()["inputSchema"] == schema
+    rid = start(alice, flow_id, {"big": 1.9788973885588875e35}).json()["id"]
+    wait_run(alice, rid, until=("waiting",))  # the run is read back from the database to resume it
+    assert alice.post(f"/runs/{rid}/resume", json={"stepId": "ok", "decision": "approved"}).status_code == 200
+    run = wait_run(alice, rid)
+    assert run["status"] == "succeeded", run
+    assert run["input"] == {"big": 1.9788973885588875e35}
+    assert run["output"] == {"twice": 3.957794777117775e35, "k": 3e40}
 
 
 def test_approval_resume_and_reject(alice: httpx.Client) -> None:

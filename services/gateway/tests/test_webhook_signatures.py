@@ -20,6 +20,7 @@ from flowmesh.contracts.errors import (
 from flowmesh.contracts.models.flows import Trigger
 from flowmesh.contracts.models.rpc import WebhookTarget
 from flowmesh.gateway import webhooks
+from flowmesh.gateway.body import check_fits
 from flowmesh.gateway.webhooks import Hook, HookCache, parse_body, safe_headers, sign, signing_key, verify
 
 # the example of the Standard Webhooks reference libraries
@@ -220,11 +221,11 @@ def test_what_postgresql_cannot_store_is_a_422() -> None:
 
 
 def test_a_run_input_must_fit_in_one_message() -> None:
-    webhooks.check_fits({"body": "x" * 100}, 200)
+    check_fits({"body": "x" * 100}, 200)
     with pytest.raises(PayloadTooLarge, match="bytes once encoded"):
-        webhooks.check_fits({"body": "\u00e9" * 100}, 200)  # counted in UTF-8 bytes, not characters
+        check_fits({"body": "\u00e9" * 100}, 200)  # counted in UTF-8 bytes, not characters
     with pytest.raises(InvalidInput, match="surrogate"):
-        webhooks.check_fits({"body": parse_body(b'["\\ud800"]', "application/json", None)}, 10_000)
+        check_fits({"body": parse_body(b'["\\ud800"]', "application/json", None)}, 10_000)
 
 
 def test_only_safe_headers_reach_the_flow() -> None:

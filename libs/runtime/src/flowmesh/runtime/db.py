@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncpg
+import orjson
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
@@ -15,6 +16,10 @@ def create_engine(url: str, *, pool_size: int = 10, application_name: str = "flo
         max_overflow=pool_size,
         pool_recycle=1800,
         connect_args={"server_settings": {"application_name": application_name}},
+        # jsonb gives numbers back without exponent (1e35 as 36 digits): read them as the services
+        # read every message, with orjson, so a number stays a float and never becomes an integer
+        # too large to encode again
+        json_deserializer=orjson.loads,
     )
 
 

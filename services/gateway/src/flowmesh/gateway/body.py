@@ -18,6 +18,8 @@ M = TypeVar("M", bound=BaseModel)
 
 MAX_DEPTH: Final = 64
 """Deepest nesting of a JSON body; deeper would exhaust recursive parsers and encoders further on."""
+MESSAGE_HEADROOM: Final = 64 * 1024
+"""Room left in a NATS message for what travels with a run input (the request, the run record)."""
 # PostgreSQL jsonb holds neither NUL nor a lone UTF-16 surrogate (JSON's "\ud800"; pairs arrive combined)
 _UNSTORABLE: Final = re.compile("[\x00\ud800-\udfff]")
 
@@ -100,3 +102,27 @@ def read_query(request: web.Request, model: type[M], **path: str) -> M:
         for e in errors:
             e.path = "/query" + e.path
         raise InvalidInput("invalid query parameters", errors=errors) from exc
+
+
+def check_fits(value: Any, limit: int, what: str = "the run input") -> None:
+    """Refuse a run input that would not fit in one NATS message with room to spare.
+
+    The run travels to the runner (and back, in its reply) as one message, so the encoded input
+    must stay under the server's ``max_payload`` less some headroom, whatever the HTTP limit is.
+
+    Raises:
+        PayloadTooLarge: the encoded input is over ``limit`` bytes.
+        InvalidInput: a string holds an unpaired UTF-16 surrogate (a lone ``\\ud800`` escape).
+    """
+    try:
+        size = len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
+    except UnicodeEncodeError as exc:
+        raise InvalidInput(
+            "the body holds an unpaired UTF-16 surrogate escape (such as \\ud800), which is not text; remove it",
+            errors=[FieldError(path="", message="unpaired surrogate")],
+        ) from exc
+    if size > limit:
+        raise PayloadTooLarge(
+            f"{what} is {size} bytes once encoded, over the {limit} bytes a run input may have on this "
+            "deployment; send a smaller payload (or a reference to it)"
+        )

@@ -33,7 +33,6 @@ from flowmesh.contracts.errors import (
     Conflict,
     InvalidInput,
     NotFound,
-    PayloadTooLarge,
     Unauthorized,
     UnsupportedMediaType,
 )
@@ -55,8 +54,6 @@ MAX_ID_LENGTH: Final = 200
 MAX_DEPTH: Final = 64
 """Deepest nesting of a JSON body (the run input is stored and re-encoded on every step)."""
 MAX_FORM_FIELDS: Final = 1000
-MESSAGE_HEADROOM: Final = 64 * 1024
-"""Room left in a NATS message for what travels with a run input (the request, the run record)."""
 
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{16,128}")
 _ID = re.compile(r"[\x21-\x7e]+")
@@ -347,30 +344,6 @@ def run_input(body: JsonValue, headers: dict[str, str], query: dict[str, JsonVal
     _check_storable(plain_headers, "headers")
     _check_storable(query, "query")
     return {"body": body, "headers": plain_headers, "query": query}
-
-
-def check_fits(value: dict[str, JsonValue], limit: int) -> None:
-    """Refuse a run input that would not fit in one NATS message with room to spare.
-
-    The run travels to the runner (and back, in its reply) as one message, so the encoded input
-    must stay under the server's ``max_payload`` less some headroom, whatever the HTTP limit is.
-
-    Raises:
-        PayloadTooLarge: the encoded input is over ``limit`` bytes.
-        InvalidInput: a string holds an unpaired UTF-16 surrogate (a lone ``\\ud800`` escape).
-    """
-    try:
-        size = len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
-    except UnicodeEncodeError as exc:
-        raise InvalidInput(
-            "the body holds an unpaired UTF-16 surrogate escape (such as \\ud800), which is not text; remove it",
-            errors=[FieldError(path="/body", message="unpaired surrogate")],
-        ) from exc
-    if size > limit:
-        raise PayloadTooLarge(
-            f"the run input (body, headers and query) is {size} bytes once encoded, over the {limit} bytes a run "
-            "input may have on this deployment; send a smaller payload (or a reference to it)"
-        )
 
 
 # --- the trigger behind a token --------------------------------------------------------------------

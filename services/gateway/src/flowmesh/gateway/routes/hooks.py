@@ -20,6 +20,7 @@ from flowmesh.contracts.errors import NotFound, PayloadTooLarge
 from flowmesh.contracts.models.rpc import StartRun, WebhookLookup, WebhookTarget
 from flowmesh.contracts.subjects import FLOWS_EVENTS_ALL, FlowsOp, RunsOp
 from flowmesh.gateway import keys, webhooks
+from flowmesh.gateway.body import MESSAGE_HEADROOM, check_fits
 from flowmesh.gateway.routes.common import json_response
 from flowmesh.gateway.webhooks import Hook, HookCache
 
@@ -55,7 +56,11 @@ async def deliver(request: web.Request) -> web.Response:
         webhooks.safe_headers(request.headers.items()),
         webhooks.query_values(request.query.items()),
     )
-    webhooks.check_fits(run_input, request.app[keys.BROKER].connection.max_payload - webhooks.MESSAGE_HEADROOM)
+    check_fits(
+        run_input,
+        request.app[keys.BROKER].connection.max_payload - MESSAGE_HEADROOM,
+        "the run input (body, headers and query)",
+    )
     req = StartRun(
         flow_id=hook.flow_id,
         input=run_input,

@@ -16,7 +16,8 @@ from flowmesh.contracts.models.rpc import (
 )
 from flowmesh.contracts.models.runs import RunResume, RunRetry
 from flowmesh.contracts.subjects import RunsOp
-from flowmesh.gateway.body import read_body, read_query
+from flowmesh.gateway import keys
+from flowmesh.gateway.body import MESSAGE_HEADROOM, check_fits, read_body, read_query
 from flowmesh.gateway.routes.common import call, json_response
 
 routes = web.RouteTableDef()
@@ -26,6 +27,9 @@ routes = web.RouteTableDef()
 async def start_run(request: web.Request) -> web.Response:
     """Start a run of the flow's active (or a given) version; ``Idempotency-Key`` makes repeats safe."""
     body = await read_body(request, RunStart)
+    limit = request.app[keys.BROKER].connection.max_payload - MESSAGE_HEADROOM
+    if len(await request.read()) > limit:  # only a body this large can hold an input too large to send
+        check_fits(body.input, limit)
     req = StartRun(
         flow_id=request.match_info["flow_id"],
         input=body.input,
