@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Iterable
 from typing import Annotated, Any
 
+import nats.errors
 from faststream._internal.context import Context  # the class behind faststream.Context()
 from faststream.nats import NatsBroker
 from faststream.nats.message import NatsMessage as _NatsMessage
@@ -35,6 +37,34 @@ class _MessageContext(Context):
 
 # the delivered message, for handler signatures: ``async def h(body: ..., msg: Message)``
 Message = Annotated[_NatsMessage, _MessageContext("message")]
+
+
+def _fetch_times_out_as_nats_says() -> None:
+    """Make a pull ``fetch`` that got nothing raise nats-py's ``TimeoutError``, never asyncio's.
+
+    nats-py 2.x raises either, depending on where the deadline passes; FastStream 0.7.8's pull loop
+    suppresses only nats-py's, so asyncio's escaped it: an ERROR with a traceback in the logs and a
+    restart of the consuming task, on an idle subscription. (nats-py's error subclasses asyncio's,
+    so every other caller catches it as before.)
+    """
+    fetch = JetStreamContext.PullSubscription.fetch
+    if getattr(fetch, "__flowmesh__", False):
+        return
+
+    @functools.wraps(fetch)
+    async def fetch_or_timeout(self: JetStreamContext.PullSubscription, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fetch(self, *args, **kwargs)
+        except nats.errors.TimeoutError:
+            raise
+        except TimeoutError as exc:
+            raise nats.errors.TimeoutError from exc
+
+    fetch_or_timeout.__flowmesh__ = True  # type: ignore[attr-defined]
+    JetStreamContext.PullSubscription.fetch = fetch_or_timeout  # type: ignore[method-assign]
+
+
+_fetch_times_out_as_nats_says()
 
 
 def create_broker(nats_url: str, *, name: str, graceful_timeout: float = 10.0) -> NatsBroker:
