@@ -192,4 +192,3 @@ def test_runs_are_refused_only_with_the_months_runs_used_up_and_no_overage() -> 
     assert not refuses_runs(_quota(runs_limit=None), now)  # unlimited
     assert not refuses_runs(_quota(), datetime(2026, 12, 1, tzinfo=UTC))  # a new month starts at 0
     assert refuses_runs(_quota(runs_limit=0, runs_used=0, period="2026-10"), now)
-
