@@ -186,7 +186,9 @@ def test_each_misfire_policy_after_every_replica_was_down(sched_stack: ProcessSt
     # fireOnce: the latest missed due time, once, just before where skip resumed
     assert after["fireOnce"][0] == after["skip"][0] - S
     assert late["fireOnce"][after["fireOnce"][0]] >= THRESHOLD_S
-    assert sum(late["fireOnce"][d] >= THRESHOLD_S for d in after["fireOnce"]) == 1
+    # from there on it fires as skip does: late by at most the threshold (a due time just inside it,
+    # fired at once after the restart, can cross it by the time it is sent: hence the same margin)
+    assert all(late["fireOnce"][d] < THRESHOLD_S + 0.5 for d in after["fireOnce"][1:]), late["fireOnce"]
 
 
 async def _set_timers(nats_url: str, owner: str, due: dict[str, datetime]) -> None:
