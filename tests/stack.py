@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -15,7 +18,7 @@ import httpx
 import jwt
 from sqlalchemy.engine import make_url
 
-from flowmesh.cli.embedded import free_port
+from flowmesh.cli.embedded import free_port, start_nats
 
 SERVICES = ("gateway", "flows", "runner", "scheduler", "usage")
 SECRET = "e2e-secret-" + "0123456789abcdef" * 4
@@ -113,6 +116,19 @@ class ProcessStack:
         proc = self.procs.pop(name)
         proc.send_signal(sig)
         proc.wait(15)
+
+    def __enter__(self) -> ProcessStack:
+        """Every service started and ready (stopped again if that fails)."""
+        try:
+            self.start_all()
+            self.wait_ready()
+        except BaseException:
+            self.stop_all()
+            raise
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop_all()
 
     def stop_all(self) -> None:
         for name in list(self.procs):
@@ -230,3 +246,29 @@ def fresh_database(database_url: str, name: str) -> str:
 def remove_database(database_url: str, name: str) -> None:
     """:func:`drop_database` for synchronous tests."""
     asyncio.run(drop_database(database_url, name))
+
+
+@contextlib.contextmanager
+def isolated_stack(
+    database_url: str,
+    workdir: Path,
+    *,
+    env: dict[str, str] | None = None,
+    replicas: dict[str, int] | None = None,
+) -> Iterator[ProcessStack]:
+    """Every service, ready, on a NATS server and a database of its own (removed afterwards).
+
+    For tests whose services must not meet another stack's: a second scheduler on the same tables
+    is one more replica, a runner with other settings would take the other stack's work.
+    """
+    nats_server = start_nats(workdir / "nats")
+    db_name = f"e2e_{workdir.name.lower().replace('-', '_')}_{uuid.uuid4().hex[:8]}"
+    try:
+        url = fresh_database(database_url, db_name)
+        try:
+            with ProcessStack(nats_server.url, url, workdir, env=env, replicas=replicas) as s:
+                yield s
+        finally:
+            remove_database(database_url, db_name)
+    finally:
+        nats_server.stop()

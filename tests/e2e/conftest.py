@@ -14,13 +14,8 @@ from upstream import Upstream
 
 @pytest.fixture(scope="session")
 def stack(infra, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessStack]:  # type: ignore[no-untyped-def]
-    s = ProcessStack(infra.nats_url, infra.database_url, tmp_path_factory.mktemp("stack"))
-    s.start_all()
-    try:
-        s.wait_ready()
+    with ProcessStack(infra.nats_url, infra.database_url, tmp_path_factory.mktemp("stack")) as s:
         yield s
-    finally:
-        s.stop_all()
 
 
 @pytest.fixture

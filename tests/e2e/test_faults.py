@@ -62,13 +62,8 @@ def own_nats(tmp_path: Path) -> Iterator[EmbeddedNats]:
 
 @pytest.fixture
 def fault_stack(infra: Any, own_nats: EmbeddedNats, tmp_path: Path) -> Iterator[ProcessStack]:
-    s = ProcessStack(own_nats.url, infra.database_url, tmp_path, env=FAST_RECOVERY)
-    s.start_all()
-    try:
-        s.wait_ready()
+    with ProcessStack(own_nats.url, infra.database_url, tmp_path, env=FAST_RECOVERY) as s:
         yield s
-    finally:
-        s.stop_all()
 
 
 def start_many(c: httpx.Client, flow_id: str) -> list[tuple[str, int]]:

@@ -11,14 +11,12 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from flowmesh.cli.embedded import start_nats
-from stack import ProcessStack, fresh_database, publish_flow, remove_database, wait_run
+from stack import ProcessStack, isolated_stack, publish_flow, wait_run
 from upstream import LlmUpstream
 
 T = {"id": "start", "type": "trigger", "data": {}}
@@ -35,23 +33,12 @@ def api() -> Iterator[LlmUpstream]:
 
 @pytest.fixture(scope="module")
 def llm_stack(infra: Any, api: LlmUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessStack]:
-    work: Path = tmp_path_factory.mktemp("llm")
-    nats_server = start_nats(work / "nats")
-    db_name = f"e2e_llm_{uuid.uuid4().hex[:8]}"
-    database_url = fresh_database(infra.database_url, db_name)
     env = {
         "FLOWMESH_RUNNER_LLM_PROVIDERS": json.dumps({"openai": api.base}),
         "FLOWMESH_HTTP_STEP_ALLOW_PRIVATE": "true",  # the local API is on loopback
     }
-    s = ProcessStack(nats_server.url, database_url, work, env=env)
-    try:
-        s.start_all()
-        s.wait_ready()
+    with isolated_stack(infra.database_url, tmp_path_factory.mktemp("llm"), env=env) as s:
         yield s
-    finally:
-        s.stop_all()
-        nats_server.stop()
-        remove_database(infra.database_url, db_name)
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,12 +25,11 @@ import nats
 import pytest
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from flowmesh.cli.embedded import start_nats
 from flowmesh.contracts import headers
 from flowmesh.contracts.ids import format_time
 from flowmesh.contracts.streams import TIMERS
 from flowmesh.contracts.subjects import SchedulerOp, timer_fired
-from stack import ProcessStack, fresh_database, publish_flow, remove_database
+from stack import ProcessStack, isolated_stack, publish_flow
 
 THRESHOLD_S = 3
 SCHEDULERS = ("scheduler", "scheduler#2")
@@ -47,20 +45,11 @@ FLOW = {
 
 @pytest.fixture(scope="module")
 def sched_stack(infra: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessStack]:
-    work: Path = tmp_path_factory.mktemp("schedules")
-    nats_server = start_nats(work / "nats")
-    db_name = f"e2e_schedules_{uuid.uuid4().hex[:8]}"
-    database_url = fresh_database(infra.database_url, db_name)
     env = {"FLOWMESH_SCHEDULER_MISFIRE_THRESHOLD_S": str(THRESHOLD_S), "FLOWMESH_SCHEDULER_LEASE_S": "1"}
-    s = ProcessStack(nats_server.url, database_url, work, env=env, replicas={"scheduler": 2})
-    try:
-        s.start_all()
-        s.wait_ready()
+    with isolated_stack(
+        infra.database_url, tmp_path_factory.mktemp("schedules"), env=env, replicas={"scheduler": 2}
+    ) as s:
         yield s
-    finally:
-        s.stop_all()
-        nats_server.stop()
-        remove_database(infra.database_url, db_name)
 
 
 @pytest.fixture

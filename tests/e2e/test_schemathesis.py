@@ -36,18 +36,13 @@ MAX_EXAMPLES = 8
 
 @pytest.fixture(scope="module")
 def api(infra, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessStack]:  # type: ignore[no-untyped-def]
-    s = ProcessStack(
+    with ProcessStack(
         infra.nats_url,
         infra.database_url,
         tmp_path_factory.mktemp("schemathesis"),
         env={"FLOWMESH_DEFAULT_PLAN": "high_frequency"},
-    )
-    s.start_all()
-    try:
-        s.wait_ready()
+    ) as s:
         yield s
-    finally:
-        s.stop_all()
 
 
 def _seed(c: httpx.Client) -> dict[str, Any]:

@@ -53,13 +53,8 @@ def timer_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNat
 
 @pytest.fixture(scope="module")
 def tstack(infra: Any, timer_nats: EmbeddedNats, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessStack]:
-    s = ProcessStack(timer_nats.url, infra.database_url, tmp_path_factory.mktemp("timers"), env=STACK_ENV)
-    s.start_all()
-    try:
-        s.wait_ready()
+    with ProcessStack(timer_nats.url, infra.database_url, tmp_path_factory.mktemp("timers"), env=STACK_ENV) as s:
         yield s
-    finally:
-        s.stop_all()
 
 
 @pytest.fixture
