@@ -101,6 +101,8 @@ def jwks_gateway(stack: ProcessStack, idp: Jwks, infra, tmp_path_factory) -> Ite
             "FLOWMESH_JWT_SECRET": "",
             "FLOWMESH_JWKS_URL": idp.url,
             "FLOWMESH_GATEWAY_JWKS_COOLDOWN_S": "0",
+            # the session's NATS is open; production refuses that unless told (tests/cluster has users)
+            "FLOWMESH_NATS_ALLOW_ANONYMOUS": "true",
         },
     )
     g.start_all()

@@ -10,17 +10,19 @@ from pydantic import ValidationError
 from flowmesh.gateway.settings import GatewaySettings
 
 STRONG = "s" * 48
+NATS = {"nats_user": "gateway", "nats_password": "n" * 32}
+"""Production also needs the service's NATS user (tested in libs/runtime)."""
 
 
 @pytest.mark.parametrize("secret", [None, "", "changeme", "secret", "short-but-not-placeholder"])
 def test_production_refuses_a_missing_placeholder_or_short_secret(secret: str | None, tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="FLOWMESH_JWT_SECRET"):
-        GatewaySettings(env="production", jwt_secret=secret, data_dir=tmp_path)
+        GatewaySettings(env="production", **NATS, jwt_secret=secret, data_dir=tmp_path)
 
 
 def test_production_accepts_a_strong_secret_or_a_jwks_url(tmp_path: Path) -> None:
-    assert GatewaySettings(env="production", jwt_secret=STRONG, data_dir=tmp_path).jwt_secret == STRONG
-    s = GatewaySettings(env="production", jwks_url="https://idp.example.test/jwks.json", data_dir=tmp_path)
+    assert GatewaySettings(env="production", **NATS, jwt_secret=STRONG, data_dir=tmp_path).jwt_secret == STRONG
+    s = GatewaySettings(env="production", **NATS, jwks_url="https://idp.example.test/jwks.json", data_dir=tmp_path)
     assert s.jwt_secret is None
     assert not (tmp_path / "jwt-secret").exists()
 

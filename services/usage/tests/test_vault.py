@@ -38,11 +38,19 @@ def test_rotation_puts_the_new_secret_first_and_keeps_the_old_one_for_reading() 
         Vault([B]).reseal(Vault(["c-secret-" + "c" * 40]).seal(tenant="acme", provider="openai", api_key=KEY))
 
 
+NATS = {"nats_user": "usage", "nats_password": "n" * 32}
+"""Production also needs the service's NATS user (tested in tests/security)."""
+
+
 def test_production_refuses_a_missing_placeholder_or_short_secret(tmp_path: Path) -> None:
     for bad in (None, "", "changeme", "too-short", f"{A},secret"):
         with pytest.raises(ValidationError, match="FLOWMESH_USAGE_KEYS_SECRET"):
-            UsageSettings(env="production", keys_secret=bad, data_dir=tmp_path)
-    good = UsageSettings(env="production", keys_secret=f" {B} , {A} ", data_dir=tmp_path)
+            UsageSettings(
+                env="production", nats_user="usage", nats_password="n" * 32, keys_secret=bad, data_dir=tmp_path
+            )
+    good = UsageSettings(
+        env="production", nats_user="usage", nats_password="n" * 32, keys_secret=f" {B} , {A} ", data_dir=tmp_path
+    )
     assert good.keys_secret_list == [B, A]
     assert not (tmp_path / KEYS_SECRET_FILE).exists()
 

@@ -6,19 +6,22 @@ import asyncio
 import contextlib
 import functools
 import logging
+import re
 from collections.abc import Iterable
 from typing import Annotated, Any
 
 import nats.errors
 from faststream._internal.context import Context  # the class behind faststream.Context()
-from faststream.nats import NatsBroker
+from faststream.nats import NatsBroker, NatsCredentials, NatsSecurity, NatsUserPassword
 from faststream.nats.message import NatsMessage as _NatsMessage
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, BucketNotFoundError
 from nats.js.kv import KeyValue
 
+from flowmesh.contracts.permissions import service_permissions
 from flowmesh.contracts.streams import ALL_STREAMS, StreamSpec
+from flowmesh.runtime.settings import NatsLogin
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +70,129 @@ def _fetch_times_out_as_nats_says() -> None:
 _fetch_times_out_as_nats_says()
 
 
-def create_broker(nats_url: str, *, name: str, graceful_timeout: float = 10.0) -> NatsBroker:
-    """A FastStream NATS broker that reconnects for ever (a restarted NATS must not kill a service)."""
+def _pull_inboxes_follow_the_connection() -> None:
+    """Give FastStream's pull subscriptions the connection's inbox prefix, not a hard-coded ``_INBOX.``.
+
+    FastStream 0.7.8 passes ``inbox_prefix=b"_INBOX."`` to every ``pull_subscribe`` unless a
+    subscriber sets its own, while each Flowmesh user may only subscribe under ``_INBOX.<user>``
+    (so nobody reads another user's replies): with the default left to nats-py, a pull
+    subscription uses the connection's prefix like every other inbox.
+    """
+    pull_subscribe = JetStreamContext.pull_subscribe
+    if getattr(pull_subscribe, "__flowmesh__", False):
+        return
+
+    @functools.wraps(pull_subscribe)
+    async def pull_subscribe_in_own_inbox(self: JetStreamContext, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("inbox_prefix") == b"_INBOX.":
+            kwargs["inbox_prefix"] = None
+        return await pull_subscribe(self, *args, **kwargs)
+
+    pull_subscribe_in_own_inbox.__flowmesh__ = True  # type: ignore[attr-defined]
+    JetStreamContext.pull_subscribe = pull_subscribe_in_own_inbox  # type: ignore[method-assign]
+
+
+_pull_inboxes_follow_the_connection()
+
+
+class NatsRefusals:
+    """The permission violations NATS reported on a connection, logged as they come.
+
+    NATS answers a publish or subscribe that a user may not make with an asynchronous error, not a
+    failure of the call: the call that needed it then times out. The services read these at
+    start-up to say which subject their user lacks, rather than failing later with a timeout.
+    """
+
+    def __init__(self, user: str) -> None:
+        self.user = user
+        self.seen: list[str] = []
+
+    async def on_error(self, error: Exception) -> None:
+        """nats-py's ``error_cb``: record and log a permissions violation (other errors are logged elsewhere)."""
+        text = str(error).removeprefix("nats: ")
+        if "permissions violation" in text.lower():
+            text = _SUBJECT_IN_ERROR.sub(lambda m: f'"{restore_case(m.group(1))}"', text)
+            self.seen.append(text)
+            log.error(
+                "NATS refused user %r: %s (its permissions come from flowmesh.contracts.permissions, deploy/nats/)",
+                self.user,
+                text,
+            )
+
+
+_SUBJECT_IN_ERROR = re.compile(r'"([^"]+)"')
+
+
+@functools.cache
+def _known_subjects() -> tuple[tuple[str, ...], ...]:
+    patterns = {p for perms in service_permissions().values() for p in (*perms.publish, *perms.subscribe)}
+    return tuple(tuple(p.split(".")) for p in sorted(patterns))
+
+
+def restore_case(subject: str) -> str:
+    """A subject as it was sent, from nats-py's lower-cased report of a server error.
+
+    Tokens are taken from the first permission pattern of any service that the subject matches
+    (ignoring case); wildcard parts stay as reported.
+    """
+    tokens = subject.split(".")
+    for pattern in _known_subjects():
+        if _matches([t.lower() for t in pattern], [t.lower() for t in tokens]):
+            out = [p if p not in ("*", ">") else t for p, t in zip(pattern, tokens, strict=False)]
+            if pattern[-1] == ">":
+                out[-1:] = tokens[len(pattern) - 1 :]
+            return ".".join(out)
+    return subject
+
+
+def _matches(pattern: list[str], tokens: list[str]) -> bool:
+    for i, p in enumerate(pattern):
+        if p == ">":
+            return len(tokens) > i
+        if i >= len(tokens) or (p != "*" and p != tokens[i]):
+            return False
+    return len(tokens) == len(pattern)
+
+
+def server_authenticates(broker: NatsBroker) -> bool:
+    """Whether the NATS server the broker is connected to requires clients to authenticate."""
+    info: dict[str, Any] = getattr(broker.connection, "_server_info", {}) or {}
+    return bool(info.get("auth_required"))
+
+
+def _security(login: NatsLogin) -> NatsSecurity | None:
+    context = login.ssl_context()
+    if login.user is not None:
+        return NatsUserPassword(login.user, login.password or "", ssl_context=context)
+    if login.creds is not None:
+        return NatsCredentials(str(login.creds), ssl_context=context)
+    return NatsSecurity(ssl_context=context) if context is not None else None
+
+
+def create_broker(
+    nats_url: str,
+    *,
+    name: str,
+    login: NatsLogin | None = None,
+    refusals: NatsRefusals | None = None,
+    graceful_timeout: float = 10.0,
+) -> NatsBroker:
+    """A FastStream NATS broker that reconnects for ever (a restarted NATS must not kill a service).
+
+    Args:
+        nats_url: Server URL(s), comma-separated.
+        name: Connection name (``flowmesh-<name>``), seen in the server's monitoring.
+        login: Credentials, TLS and inbox prefix; anonymous with ``_INBOX.<name>`` inboxes when None.
+        refusals: Where permission violations are recorded.
+        graceful_timeout: How long stopping waits for handlers in flight.
+    """
+    login = login or NatsLogin(inbox_user=name)
     return NatsBroker(
         servers=[u.strip() for u in nats_url.split(",") if u.strip()],
         name=f"flowmesh-{name}",
+        inbox_prefix=login.inbox_prefix,
+        security=_security(login),
+        error_cb=refusals.on_error if refusals is not None else None,
         max_reconnect_attempts=-1,
         reconnect_time_wait=1,
         connect_timeout=2,
@@ -125,13 +246,15 @@ async def provision_streams(
         log.debug("stream %s ready", spec.name)
 
 
-async def ensure_bucket(js: JetStreamContext, bucket: str, *, ttl_s: float, history: int = 1) -> KeyValue:
+async def ensure_bucket(
+    js: JetStreamContext, bucket: str, *, ttl_s: float, history: int = 1, replicas: int = 1
+) -> KeyValue:
     """A JetStream KV bucket whose entries expire after ``ttl_s``; created if missing (any replica may race)."""
     try:
         return await js.key_value(bucket)
     except BucketNotFoundError:
         pass
     try:
-        return await js.create_key_value(KeyValueConfig(bucket=bucket, ttl=ttl_s, history=history))
+        return await js.create_key_value(KeyValueConfig(bucket=bucket, ttl=ttl_s, history=history, replicas=replicas))
     except BadRequestError:
         return await js.key_value(bucket)  # another replica created it first

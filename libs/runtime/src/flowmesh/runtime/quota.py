@@ -57,9 +57,9 @@ class QuotaView:
         self._watcher: KeyValue.KeyWatcher | None = None
         self._task: asyncio.Task[None] | None = None
 
-    async def start(self, js: JetStreamContext) -> None:
-        """Follow the bucket (created if the usage service has not yet)."""
-        kv = await ensure_bucket(js, QUOTA_BUCKET, ttl_s=0)
+    async def start(self, js: JetStreamContext, *, replicas: int = 1) -> None:
+        """Follow the bucket (created, with ``replicas``, if the usage service has not yet)."""
+        kv = await ensure_bucket(js, QUOTA_BUCKET, ttl_s=0, replicas=replicas)
         self._watcher = await kv.watchall()
         self._task = asyncio.create_task(self._follow(self._watcher), name="quota-watch")
 

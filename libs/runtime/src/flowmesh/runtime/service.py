@@ -11,11 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import signal
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import nats.errors
+from faststream.nats import NatsBroker
+from pydantic import ValidationError
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -25,7 +30,13 @@ from flowmesh.runtime.health import HealthServer
 from flowmesh.runtime.logs import configure_logging
 from flowmesh.runtime.memory import freeze_startup_objects
 from flowmesh.runtime.migrate import migrate
-from flowmesh.runtime.nats import create_broker, provision_streams, stop_broker
+from flowmesh.runtime.nats import (
+    NatsRefusals,
+    create_broker,
+    provision_streams,
+    server_authenticates,
+    stop_broker,
+)
 from flowmesh.runtime.rpc import RpcContext, RpcServer
 from flowmesh.runtime.settings import BaseServiceSettings
 
@@ -42,7 +53,9 @@ class ServiceRuntime:
         self.settings = settings
         self.schema = name
         self.migrations = migrations
-        self.broker = create_broker(settings.nats_url, name=name)
+        login = settings.nats_login
+        self.refusals = NatsRefusals(login.user or name)
+        self.broker = create_broker(settings.nats_url, name=name, login=login, refusals=self.refusals)
         self.rpc = RpcServer(self.broker, name)
         # the engine connects lazily: nothing opens before running()
         self._engine: AsyncEngine | None = None
@@ -95,14 +108,15 @@ class ServiceRuntime:
         if self._engine is not None and self.migrations is not None:
             await migrate(self._engine, schema=self.schema, script_location=self.migrations)
         try:
-            await self.broker.connect()
-            await provision_streams(self.broker.connection.jetstream())
-            for hook in self._on_start:
-                await hook()
-            await self.broker.start()
-            await self.rpc.start()
-            # a PING round trip: the server has every subscription before we call ourselves ready
-            await self.broker.connection.flush()
+            async with starting(self.name, s, self.refusals):
+                await self.broker.connect()
+                check_authenticated(self.broker, s)
+                await provision_streams(self.broker.connection.jetstream(), replicas=s.stream_replicas)
+                for hook in self._on_start:
+                    await hook()
+                await self.broker.start()
+                await self.rpc.start()
+                await settled(self.broker)
             if health:
                 self.health = HealthServer(self._ready, host=s.health_host, port=s.health_port)
                 await self.health.start()
@@ -130,9 +144,134 @@ class ServiceRuntime:
         async with self.running():
             await stop.wait()
 
+    async def migrate_only(self) -> None:
+        """Bring the service's schema up to date and return (``python -m flowmesh.<name> migrate``)."""
+        if self._engine is None or self.migrations is None:
+            log.info("%s has no database schema: nothing to migrate", self.name)
+            return
+        try:
+            await migrate(self._engine, schema=self.schema, script_location=self.migrations)
+        finally:
+            await self._engine.dispose()
+        log.info("%s schema is up to date", self.name)
 
-def main(build: Callable[[], ServiceRuntime]) -> None:
-    """Entry point of ``python -m flowmesh.<name>``: configure logs, build the service, serve."""
-    service = build()
+
+async def settled(broker: NatsBroker) -> None:
+    """Return once the server has every subscription and command sent so far, and answered them.
+
+    Two PING round trips, because nats-py writes a PING straight to the socket, ahead of commands
+    still waiting in its pending buffer: after the first PONG those are on their way, and the second
+    comes back after the server processed them (and sent any permissions violation they caused).
+    """
+    await broker.connection.flush()
+    await broker.connection.flush()
+
+
+class StartupError(RuntimeError):
+    """A service cannot start as configured; the message says what to change. Exits without a traceback."""
+
+
+def check_authenticated(broker: NatsBroker, settings: BaseServiceSettings) -> None:
+    """Refuse, outside dev, a NATS server that lets anyone in: every subject would be open to all."""
+    if settings.is_dev or settings.nats_allow_anonymous or server_authenticates(broker):
+        return
+    raise StartupError(
+        f"the NATS server at {redact_url(settings.nats_url)} does not authenticate its clients: anyone could "
+        "read every tenant's run events and call every service. Configure its users from deploy/nats/ "
+        "(or set FLOWMESH_NATS_ALLOW_ANONYMOUS=true to accept it anyway)"
+    )
+
+
+@contextlib.asynccontextmanager
+async def starting(name: str, settings: BaseServiceSettings, refusals: NatsRefusals) -> AsyncIterator[None]:
+    """Turn a failed start into a :class:`StartupError` that names the setting or the subject at fault."""
+    try:
+        yield
+        if refusals.seen:
+            raise StartupError(_refused(name, settings, refusals))
+    except StartupError:
+        raise
+    except nats.errors.Error as exc:
+        if refusals.seen:
+            raise StartupError(_refused(name, settings, refusals)) from None
+        if "authorization" in str(exc).lower():
+            who = f"user {settings.nats_user!r}" if settings.nats_user else "this service (no credentials set)"
+            raise StartupError(
+                f"NATS at {redact_url(settings.nats_url)} refused {who}: check FLOWMESH_NATS_USER and "
+                "FLOWMESH_NATS_PASSWORD (or FLOWMESH_NATS_CREDS) against the server's users (deploy/nats/)"
+            ) from None
+        raise StartupError(f"cannot use NATS at {redact_url(settings.nats_url)}: {exc} (NATS_URL)") from None
+    except (TimeoutError, OSError) as exc:
+        if refusals.seen:
+            raise StartupError(_refused(name, settings, refusals)) from None
+        raise StartupError(f"cannot use NATS at {redact_url(settings.nats_url)}: {exc!r} (NATS_URL)") from None
+
+
+def _refused(name: str, settings: BaseServiceSettings, refusals: NatsRefusals) -> str:
+    user = settings.nats_user or name
+    return (
+        f"NATS refused what {name} needs as user {user!r}: {'; '.join(dict.fromkeys(refusals.seen))}. "
+        "Give the user the permissions of flowmesh.contracts.permissions (`flowmesh nats-config`, deploy/nats/)"
+    )
+
+
+def redact_url(url: str) -> str:
+    """A URL (or comma-separated URLs) with passwords hidden, for messages."""
+    return ",".join(re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", u) for u in url.split(","))
+
+
+USAGE = """usage: python -m flowmesh.{name} [serve | migrate | check]
+
+  serve    connect, migrate the schema, and serve until SIGTERM (the default)
+  migrate  bring the service's database schema up to date, then exit (a Kubernetes Job)
+  check    read the settings and load the service, then exit: a configuration smoke test
+
+Settings come from environment variables (FLOWMESH_*, NATS_URL, DATABASE_URL); see the README.
+"""
+
+
+def settings_problem(exc: ValidationError) -> str:
+    """A settings error as one line per field, named as the environment variable that sets it."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        where = f"{loc.upper()}: " if loc else ""
+        lines.append(f"{where}{err['msg'].removeprefix('Value error, ')}")
+    return "; ".join(lines)
+
+
+def main(build: Callable[[], ServiceRuntime], *, argv: list[str] | None = None, name: str = "") -> None:
+    """Entry point of ``python -m flowmesh.<name> [serve|migrate|check]``.
+
+    A configuration that cannot work (a missing or placeholder secret, a NATS user without a
+    permission it needs) ends the process with a message naming the setting or subject, exit code 2
+    for settings and 1 for start-up, and no traceback.
+    """
+    args = sys.argv[1:] if argv is None else argv
+    name = name or _service_name()
+    command = args[0] if args else "serve"
+    if command in ("-h", "--help", "help"):
+        print(USAGE.format(name=name), end="")  # noqa: T201 - the command's own help
+        return
+    if command not in ("serve", "migrate", "check") or len(args) > 1:
+        sys.exit(f"flowmesh.{name}: unknown arguments {' '.join(args)!r}\n\n" + USAGE.format(name=name))
+    try:
+        service = build()
+    except ValidationError as exc:
+        sys.exit(f"flowmesh.{name}: invalid configuration: {settings_problem(exc)}")
     configure_logging(service.name, level=service.settings.log_level, fmt=service.settings.log_format)
-    asyncio.run(service.serve())
+    if command == "check":
+        print(f"{service.name}: configuration OK")  # noqa: T201 - the command's answer
+        return
+    try:
+        asyncio.run(service.migrate_only() if command == "migrate" else service.serve())
+    except StartupError as exc:
+        log.error("%s cannot start: %s", service.name, exc)
+        sys.exit(1)
+
+
+def _service_name() -> str:
+    main_module = sys.modules.get("__main__")
+    spec = getattr(main_module, "__spec__", None)
+    package = getattr(spec, "parent", "") or "service"
+    return str(package).rsplit(".", 1)[-1]

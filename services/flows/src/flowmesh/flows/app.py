@@ -25,7 +25,7 @@ def create_app(settings: FlowsSettings) -> ServiceRuntime:
     @service.on_start
     async def start() -> None:
         js = service.broker.connection.jetstream()
-        await quotas.start(js)
+        await quotas.start(js, replicas=settings.stream_replicas)
         relay.start(js)
 
     service.on_stop(relay.stop)

@@ -4,13 +4,16 @@ import asyncio
 import logging
 import resource
 import signal
+import sys
 
 from aiohttp import web
+from pydantic import ValidationError
 
 from flowmesh.gateway.app import create_app
 from flowmesh.gateway.settings import GatewaySettings
 from flowmesh.runtime.logs import configure_logging
 from flowmesh.runtime.memory import freeze_startup_objects
+from flowmesh.runtime.service import USAGE, StartupError, settings_problem
 
 log = logging.getLogger("flowmesh.gateway")
 
@@ -40,12 +43,37 @@ def _raise_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def main() -> None:
-    """Configure logs and serve."""
-    settings = GatewaySettings()
-    _raise_file_limit()
+def main(argv: list[str] | None = None) -> None:
+    """``python -m flowmesh.gateway [serve|migrate|check]``: configure logs and serve.
+
+    The gateway keeps nothing in PostgreSQL, so ``migrate`` has nothing to do. A configuration that
+    cannot work exits with a message naming the setting, without a traceback.
+    """
+    args = sys.argv[1:] if argv is None else argv
+    command = args[0] if args else "serve"
+    if command in ("-h", "--help", "help"):
+        print(USAGE.format(name="gateway"), end="")  # noqa: T201 - the command's own help
+        return
+    if command not in ("serve", "migrate", "check") or len(args) > 1:
+        sys.exit(f"flowmesh.gateway: unknown arguments {' '.join(args)!r}\n\n" + USAGE.format(name="gateway"))
+    try:
+        settings = GatewaySettings()
+    except ValidationError as exc:
+        sys.exit(f"flowmesh.gateway: invalid configuration: {settings_problem(exc)}")
     configure_logging("gateway", level=settings.log_level, fmt=settings.log_format)
-    asyncio.run(serve(settings))
+    if command == "check":
+        create_app(settings)
+        print("gateway: configuration OK")  # noqa: T201 - the command's answer
+        return
+    if command == "migrate":
+        log.info("gateway has no database schema: nothing to migrate")
+        return
+    _raise_file_limit()
+    try:
+        asyncio.run(serve(settings))
+    except StartupError as exc:
+        log.error("gateway cannot start: %s", exc)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -17,26 +17,34 @@ from flowmesh.gateway.live import Flusher, Hub
 from flowmesh.gateway.ratelimit import PlanSource, RateLimiter
 from flowmesh.gateway.routes import catalog, docs, flows, hooks, ops, runs, triggers, usage, ws
 from flowmesh.gateway.settings import GatewaySettings
-from flowmesh.runtime.nats import create_broker, ensure_bucket, stop_broker
+from flowmesh.runtime.nats import NatsRefusals, create_broker, ensure_bucket, stop_broker
 from flowmesh.runtime.rpc import RpcClient
+from flowmesh.runtime.service import check_authenticated, redact_url, settled, starting
 
 log = logging.getLogger(__name__)
 
 
 async def _nats(app: web.Application) -> AsyncIterator[None]:
-    broker = create_broker(app[keys.SETTINGS].nats_url, name="gateway")
-    await broker.start()
-    app[keys.BROKER] = broker
-    app[keys.RPC] = RpcClient(broker, timeout=app[keys.SETTINGS].rpc_timeout_s)
-    js = broker.connection.jetstream()
-    app[keys.HUB] = Hub(js)
-    app[keys.WS_TICKETS] = await ensure_bucket(js, WS_TICKETS_BUCKET, ttl_s=WS_TICKET_TTL_S)
-    app[keys.IDEMPOTENCY] = IdempotencyStore(
-        await ensure_bucket(js, IDEMPOTENCY_BUCKET, ttl_s=IDEMPOTENCY_TTL_S),
-        # a claim outlives any request it guards, so only a replica that died leaves one to expire
-        in_flight_s=app[keys.SETTINGS].request_timeout_s + IN_FLIGHT_MARGIN_S,
-    )
-    log.info("gateway connected to %s", app[keys.SETTINGS].nats_url)
+    settings = app[keys.SETTINGS]
+    login = settings.nats_login
+    refusals = NatsRefusals(login.user or "gateway")
+    broker = create_broker(settings.nats_url, name="gateway", login=login, refusals=refusals)
+    async with starting("gateway", settings, refusals):
+        await broker.start()
+        check_authenticated(broker, settings)
+        app[keys.BROKER] = broker
+        app[keys.RPC] = RpcClient(broker, timeout=settings.rpc_timeout_s)
+        js = broker.connection.jetstream()
+        app[keys.HUB] = Hub(js)
+        replicas = settings.stream_replicas
+        app[keys.WS_TICKETS] = await ensure_bucket(js, WS_TICKETS_BUCKET, ttl_s=WS_TICKET_TTL_S, replicas=replicas)
+        app[keys.IDEMPOTENCY] = IdempotencyStore(
+            await ensure_bucket(js, IDEMPOTENCY_BUCKET, ttl_s=IDEMPOTENCY_TTL_S, replicas=replicas),
+            # a claim outlives any request it guards, so only a replica that died leaves one to expire
+            in_flight_s=settings.request_timeout_s + IN_FLIGHT_MARGIN_S,
+        )
+        await settled(broker)
+    log.info("gateway connected to %s", redact_url(settings.nats_url))
     yield
     await stop_broker(broker)
 

@@ -70,7 +70,7 @@ def create_app(settings: RunnerSettings) -> ServiceRuntime:
         await http.start()
         pools.append(await create_driver_pool(settings.db_url, size=settings.db_pool_size, application_name="runner"))
         js = service.broker.connection.jetstream()
-        await quotas.start(js)
+        await quotas.start(js, replicas=settings.stream_replicas)
         executor.start(js, pools[0])
         sweeper.append(asyncio.create_task(sweep_forever(), name="sweep"))
 

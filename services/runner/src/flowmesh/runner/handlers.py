@@ -208,7 +208,9 @@ def register(
         await executor.reopen(run.id, tenant=ctx.tenant)
         return StartRunResult(run=await _own_run(sessions, ctx, run.id), created=False)
 
-    @rpc.broker.subscriber(FLOWS_EVENTS_ALL)  # no queue group: every replica keeps its own cache
+    # no queue group: every replica keeps its own cache; no reply: the message is a JetStream
+    # publish whose reply subject awaits the stream's acknowledgement, not ours
+    @rpc.broker.subscriber(FLOWS_EVENTS_ALL, no_reply=True)
     async def flow_changed(body: dict[str, Any], msg: Message) -> None:
         tenant = (msg.headers or {}).get(headers.TENANT)
         flow_id = body.get("flowId")

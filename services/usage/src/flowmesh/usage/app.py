@@ -74,8 +74,8 @@ def create_app(settings: UsageSettings) -> ServiceRuntime:
     @service.on_start
     async def start() -> None:
         js = service.broker.connection.jetstream()
-        snapshots.kv = await ensure_bucket(js, QUOTA_BUCKET, ttl_s=0)
-        await consumer.start(settings.nats_url, name="flowmesh-usage-meter")
+        snapshots.kv = await ensure_bucket(js, QUOTA_BUCKET, ttl_s=0, replicas=settings.stream_replicas)
+        await consumer.start(settings.nats_url, name="flowmesh-usage-meter", login=settings.nats_login)
         tasks.append(asyncio.create_task(prune_forever(), name="prune-metered"))
         tasks.append(asyncio.create_task(reseal(), name="reseal-keys"))
 

@@ -29,6 +29,8 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from flowmesh.runtime.settings import NatsLogin
+
 log = logging.getLogger(__name__)
 
 IDLE_WAIT_S: Final = 5.0
@@ -69,9 +71,10 @@ class BatchConsumer:
         self._stopping = False
         self._nc: Client | None = None
 
-    async def start(self, nats_url: str, *, name: str) -> None:
+    async def start(self, nats_url: str, *, name: str, login: NatsLogin | None = None) -> None:
         """Connect (reconnecting for ever, like the service's broker) and start consuming."""
         self._nc = await nats.connect(
+            **(login or NatsLogin(inbox_user=name)).connect_options(),
             servers=[u.strip() for u in nats_url.split(",") if u.strip()],
             name=name,
             max_reconnect_attempts=-1,

@@ -146,7 +146,9 @@ async def _body(request: web.Request) -> bytes:
 async def _watch_flows(app: web.Application) -> AsyncIterator[None]:
     """Drop cached lookups of a flow as soon as the flows service announces a change to it."""
     cache = app[HOOKS].cache
-    subscriber = app[keys.BROKER].subscriber(FLOWS_EVENTS_ALL, persistent=False)  # every replica: no queue
+    subscriber = app[keys.BROKER].subscriber(
+        FLOWS_EVENTS_ALL, persistent=False, no_reply=True
+    )  # every replica: no queue
 
     @subscriber
     async def flow_changed(body: Any) -> None:
