@@ -9,6 +9,7 @@ import sys
 from aiohttp import web
 from pydantic import ValidationError
 
+from flowmesh.gateway import keys
 from flowmesh.gateway.app import create_app
 from flowmesh.gateway.settings import GatewaySettings
 from flowmesh.runtime.logs import configure_logging
@@ -24,13 +25,20 @@ async def serve(settings: GatewaySettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    runner = web.AppRunner(create_app(settings), access_log=None, shutdown_timeout=10)
+    app = create_app(settings)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=10)
     await runner.setup()
     try:
         await web.TCPSite(runner, settings.http_host, settings.http_port).start()
         freeze_startup_objects()
         log.info("gateway listening on http://%s:%s", settings.http_host, settings.http_port)
         await stop.wait()
+        if settings.drain_s > 0:
+            # still serving, but no longer ready: a load balancer takes this replica out of rotation,
+            # and every answer closes its connection so that clients reconnect to another replica
+            app[keys.DRAINING].set()
+            log.info("gateway draining for %.1f s", settings.drain_s)
+            await asyncio.sleep(settings.drain_s)
         log.info("gateway stopping")
     finally:
         await runner.cleanup()

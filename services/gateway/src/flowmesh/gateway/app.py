@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -56,6 +57,14 @@ async def _close_sockets(app: web.Application) -> None:
         await socket.close(code=WsClose.GONE, message=b"gateway stopping; reconnect with ?after=<last seq>")
 
 
+async def _close_connections_when_draining(request: web.Request, response: web.StreamResponse) -> None:
+    """While draining, each answer closes its connection: the client's next request goes elsewhere."""
+    if request.app[keys.DRAINING].is_set() and not isinstance(response, web.WebSocketResponse):
+        response.force_close()
+        # aiohttp wrote its Connection header before this hook: say it, or the client reuses the socket
+        response.headers["Connection"] = "close"
+
+
 def create_app(settings: GatewaySettings) -> web.Application:
     """The gateway application; NATS connects when it starts (``cleanup_ctx``)."""
     app = web.Application(
@@ -76,6 +85,8 @@ def create_app(settings: GatewaySettings) -> web.Application:
         PlanSource(settings.default_plan, usage.plan_lookup(app), ttl_s=settings.plan_cache_s)
     )
     app[keys.SOCKETS] = set()
+    app[keys.DRAINING] = asyncio.Event()
+    app.on_response_prepare.append(_close_connections_when_draining)
     app[keys.FLUSHER] = Flusher()
     app.cleanup_ctx.append(_nats)
     app.on_shutdown.append(_close_sockets)

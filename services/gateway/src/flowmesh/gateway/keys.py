@@ -1,5 +1,6 @@
 """Typed keys of application and request state."""
 
+import asyncio
 from typing import Final
 
 from aiohttp import web
@@ -24,6 +25,8 @@ SOCKETS: Final = web.AppKey("sockets", set[web.WebSocketResponse])
 LIMITER: Final = web.AppKey("limiter", RateLimiter)
 """Per-tenant request rate limits: ``await app[LIMITER].admit(tenant)`` (also for webhooks)."""
 IDEMPOTENCY: Final = web.AppKey("idempotency", IdempotencyStore)
+DRAINING: Final = web.AppKey("draining", asyncio.Event)
+"""Set on SIGTERM: ``/readyz`` answers 503 and every response closes its connection, for a drain period."""
 
 PRINCIPAL: Final = web.RequestKey("principal", Principal)
 REQUEST_ID: Final = web.RequestKey("request_id", str)

@@ -52,6 +52,13 @@ class GatewaySettings(BaseServiceSettings):
         description="plan of a tenant the usage service has no other answer for",
     )
     plan_cache_s: float = Field(default=60.0, ge=0, description="how long a tenant's plan is remembered")
+    drain_s: float = Field(
+        default=0.0,
+        ge=0,
+        le=300,
+        description="on SIGTERM, keep serving this long while /readyz answers 503 and connections close after "
+        "each answer, so a load balancer moves clients to other replicas before this one stops",
+    )
     access_log: bool = Field(default=True, description="one log line per request, with its X-Request-Id")
 
     @model_validator(mode="after")

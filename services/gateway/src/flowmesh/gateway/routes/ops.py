@@ -22,7 +22,9 @@ async def healthz(_: web.Request) -> web.Response:
 
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: NATS is connected and every service answers its ping."""
+    """Readiness: NATS is connected and every service answers its ping; not while draining."""
+    if request.app[keys.DRAINING].is_set():
+        return web.json_response({"status": "draining", "checks": {}}, status=503)
     broker = request.app[keys.BROKER]
     rpc = request.app[keys.RPC]
     timeout = request.app[keys.SETTINGS].ready_timeout_s
