@@ -20,6 +20,10 @@ def test_a_stopping_gateway_drains_before_it_stops(stack: ProcessStack) -> None:
     proc = stack.procs["gateway#drain"]
     headers = {"Authorization": "Bearer " + token("drainer")}
     with httpx.Client(base_url=base, timeout=5) as client:
+        own = client.get("/readyz", params={"scope": "self"})  # this replica only: what a load balancer asks
+        assert own.status_code == 200 and own.json()["checks"] == {"nats": True}
+        bad = client.get("/readyz", params={"scope": "everything"})
+        assert bad.status_code == 422 and bad.headers["content-type"].startswith("application/problem+json")
         first = client.get("/api/v1/flows", headers=headers)
         assert first.status_code == 200 and first.headers.get("connection", "").lower() != "close"
         proc.send_signal(signal.SIGTERM)

@@ -67,6 +67,7 @@ from flowmesh.contracts.models.usage import (
     UsageSummary,
 )
 from flowmesh.contracts.models.ws import BEARER_PREFIX, SUBPROTOCOL, WsEvent, WsSnapshot, WsTicket
+from flowmesh.gateway.routes.ops import ReadinessQuery
 
 OPENAPI_VERSION: Final = "3.1.1"
 API_VERSION: Final = "1"
@@ -112,7 +113,7 @@ class Health(WireModel):
 class Readiness(WireModel):
     """``GET /readyz``: NATS and every service, each ``true`` when it answered."""
 
-    status: Literal["ok", "unavailable"]
+    status: Literal["ok", "unavailable", "draining"]
     checks: dict[str, bool]
 
 
@@ -195,7 +196,8 @@ OPERATIONS: Final[tuple[Op, ...]] = (
         "Readiness: NATS and every service reachable",
         "operations",
         {200: Readiness, 503: Readiness},
-        notes={503: "Something is not reachable; `checks` says what."},
+        query=ReadinessQuery,
+        notes={503: "Something is not reachable (`checks` says what), or the replica is draining before it stops."},
         public=True,
         calls_service=False,
     ),

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Literal
 
 from aiohttp import web
+from pydantic import BaseModel, Field
 
 from flowmesh.contracts import subjects
 from flowmesh.contracts.errors import FlowmeshError
 from flowmesh.gateway import keys
+from flowmesh.gateway.body import read_query
 from flowmesh.runtime.health import metrics_response
 
 routes = web.RouteTableDef()
@@ -20,15 +23,31 @@ async def healthz(_: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+class ReadinessQuery(BaseModel):
+    """``GET /readyz`` parameters."""
+
+    scope: Literal["all", "self"] = Field(
+        default="all",
+        description="`all`: NATS and every service answer; `self`: this replica can serve (NATS connected, not "
+        "draining), what a load balancer should ask, so that one service down does not take every gateway out",
+    )
+
+
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: NATS is connected and every service answers its ping; not while draining."""
+    """Readiness: NATS is connected and every service answers its ping (``?scope=self``: this replica only)."""
     if request.app[keys.DRAINING].is_set():
         return web.json_response({"status": "draining", "checks": {}}, status=503)
+    query = read_query(request, ReadinessQuery)
     broker = request.app[keys.BROKER]
     rpc = request.app[keys.RPC]
     timeout = request.app[keys.SETTINGS].ready_timeout_s
     connected = broker.connection is not None and broker.connection.is_connected
+    if query.scope == "self":
+        return web.json_response(
+            {"status": "ok" if connected else "unavailable", "checks": {"nats": connected}},
+            status=200 if connected else 503,
+        )
 
     async def ping(service: str) -> bool:
         try:
