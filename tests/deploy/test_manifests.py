@@ -30,7 +30,8 @@ from flowmesh.contracts.permissions import SERVICES
 from flowmesh.contracts.streams import RUNNER_STARTS, RUNNER_STEPS
 
 TREES = ("base", "overlays/dev", "overlays/prod")
-README = K8S / "README.md"
+README = DEPLOY.parent / "docs" / "operations.md"
+"""Where the deployment is written step by step: the Secrets it creates, the labels it applies by."""
 NATS_HELM = DEPLOY / "nats" / "helm"
 NATS_AUTH = DEPLOY / "nats" / "flowmesh-auth.conf"
 DATABASE_SERVICES = ("flows", "runner", "scheduler", "usage")
@@ -167,7 +168,7 @@ def test_every_secret_the_manifests_read_is_created_in_the_readme_with_its_keys(
     documented = documented_secrets(README)
     for tree in TREES:
         missing = referenced_secrets(rendered[tree]) - documented.keys()
-        assert not missing, f"{tree} reads Secrets README.md never creates: {sorted(missing)}"
+        assert not missing, f"{tree} reads Secrets docs/operations.md never creates: {sorted(missing)}"
     assert documented["flowmesh-gateway"] == {"FLOWMESH_NATS_PASSWORD", "FLOWMESH_JWT_SECRET"}
     for name in DATABASE_SERVICES:
         extra = {"FLOWMESH_USAGE_KEYS_SECRET"} if name == "usage" else set()
