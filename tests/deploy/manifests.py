@@ -244,7 +244,7 @@ def policy_problems(objects: list[Manifest], *, min_replicas: int, pinned_images
             problems.append(f"{describe(service)}: its selector matches no pod template")
     for secret in find(objects, "Secret"):
         if secret.get("data") or secret.get("stringData"):
-            problems.append(f"{describe(secret)}: a Secret with values is committed; create it out of band (docs/operations.md)")
+            problems.append(f"{describe(secret)}: a Secret with values is committed; create it apart")
     for config in find(objects, "ConfigMap"):
         leaked = sorted(k for k in config.get("data", {}) if SECRET_LIKE.search(k))
         if leaked:
