@@ -13,7 +13,7 @@ export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test bench lint typecheck fmt token openapi clean
+.PHONY: help install run cluster test bench lint typecheck fmt token openapi nats-config clean
 
 help: ## Show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -31,6 +31,9 @@ install: $(VENV)/.installed ## Create the virtualenv and install the workspace
 
 run: install ## Start the whole mesh (embedded NATS + PostgreSQL, five services); Ctrl-C stops it
 	$(BIN)/flowmesh dev
+
+cluster: install ## The distributed shape, no Docker: 3 NATS nodes, PostgreSQL, 2 replicas of each service, a front
+	$(BIN)/flowmesh cluster
 
 test: install ## Run the whole test suite (starts its own NATS and PostgreSQL)
 	$(BIN)/pytest
@@ -54,6 +57,9 @@ token: install ## Print a dev JWT (see `flowmesh token --help`)
 
 openapi: install ## Regenerate docs/api/openapi.json from the gateway's routes and contract models
 	$(BIN)/python -m flowmesh.gateway.openapi > docs/api/openapi.json
+
+nats-config: install ## Regenerate deploy/nats/flowmesh-auth.conf (NATS users and permissions) from the contracts
+	$(BIN)/flowmesh nats-config > deploy/nats/flowmesh-auth.conf
 
 clean: ## Remove the virtualenvs (keeps .flowmesh data)
 	rm -rf $(VENV) $(TOOLS)

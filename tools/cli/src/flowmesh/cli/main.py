@@ -25,6 +25,7 @@ from flowmesh.cli.embedded import (
     start_nats,
     start_postgres,
 )
+from flowmesh.cli.natsconf import render_auth_config
 from flowmesh.cli.supervisor import (
     SUPERVISOR_COLOUR,
     SUPERVISOR_NAME,
@@ -240,29 +241,48 @@ class _Console:
 
 
 async def _wait_until_ready(
-    config: DevConfig, console: _Console, announce: Callable[[], None], stopping: asyncio.Event
+    port: int,
+    ready_timeout: float,
+    console: _Console,
+    announce: Callable[[], None],
+    stopping: asyncio.Event,
+    *,
+    what: str = "the gateway",
 ) -> None:
-    """Poll the gateway's ``/readyz`` until 200, reporting progress, then call ``announce``."""
+    """Poll ``/readyz`` on ``port`` until 200, reporting progress, then call ``announce``."""
     started = time.monotonic()
     next_report = started + 5
     warned = False
     while not stopping.is_set():
-        if await _http_status(config.http_port, "/readyz") == 200:
+        if await _http_status(port, "/readyz") == 200:
             announce()
             return
         now = time.monotonic()
         waited = now - started
-        if waited >= config.ready_timeout and not warned:
+        if waited >= ready_timeout and not warned:
             warned = True
             console.say(
-                f"the gateway is still not ready after {waited:.0f} s; see the logs above "
+                f"{what} is still not ready after {waited:.0f} s; see the logs above "
                 "(still supervising, and will report when it is ready)"
             )
         elif now >= next_report and not warned:
             next_report = now + 5
-            console.say(f"waiting for http://127.0.0.1:{config.http_port}/readyz ({waited:.0f} s)")
+            console.say(f"waiting for http://127.0.0.1:{port}/readyz ({waited:.0f} s)")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stopping.wait(), 0.25 if waited < 10 else 1.0)
+
+
+def _dev_token(jwt_secret: str) -> str:
+    """The token ``flowmesh dev`` prints: sub and tenant ``dev``, role admin, valid 24 h."""
+    return mint_token(
+        jwt_secret,
+        sub="dev",
+        tenant="dev",
+        role="admin",
+        ttl=DEV_TOKEN_TTL,
+        issuer=os.environ.get("FLOWMESH_JWT_ISSUER") or DEFAULT_ISSUER,
+        audience=os.environ.get("FLOWMESH_JWT_AUDIENCE") or DEFAULT_AUDIENCE,
+    )
 
 
 async def _start_server(console: _Console, what: str, start: Callable[[], _T]) -> _T:
@@ -356,15 +376,7 @@ async def run_dev(config: DevConfig, *, commands: Mapping[str, Sequence[str]] | 
         await supervisor.start()
 
         def announce() -> None:
-            token = mint_token(
-                jwt_secret,
-                sub="dev",
-                tenant="dev",
-                role="admin",
-                ttl=DEV_TOKEN_TTL,
-                issuer=os.environ.get("FLOWMESH_JWT_ISSUER") or DEFAULT_ISSUER,
-                audience=os.environ.get("FLOWMESH_JWT_AUDIENCE") or DEFAULT_AUDIENCE,
-            )
+            token = _dev_token(jwt_secret)
             for line in (
                 "ready",
                 f"  gateway     http://127.0.0.1:{config.http_port}",
@@ -377,7 +389,9 @@ async def run_dev(config: DevConfig, *, commands: Mapping[str, Sequence[str]] | 
             ):
                 console.say(line)
 
-        ready = asyncio.create_task(_wait_until_ready(config, console, announce, stopping))
+        ready = asyncio.create_task(
+            _wait_until_ready(config.http_port, config.ready_timeout, console, announce, stopping)
+        )
         await stopping.wait()
         return 0
     except EmbeddedServerError as exc:
@@ -425,6 +439,43 @@ def dev() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# flowmesh cluster
+
+
+@app.command()
+def cluster() -> None:
+    """Run the distributed shape locally: 3 NATS nodes, 2 replicas per service, a front.
+
+    A 3-node NATS cluster, PostgreSQL, two replicas of every service, and a front on
+    FLOWMESH_HTTP_PORT spreading connections over the gateways; data under
+    FLOWMESH_DATA_DIR/cluster.
+
+    Every stream has 3 replicas, so the loss of any one NATS node is survived. Anonymous NATS
+    clients are refused: each service connects as its own user, with a password generated once
+    into cluster/nats-passwords.json in the data dir; tenants in FLOWMESH_CLUSTER_INTEGRATORS
+    (comma-separated, default dev) get an integrator user, printed at the end with the URLs and a
+    dev token.
+
+    Also read: FLOWMESH_DATA_DIR (default .flowmesh), FLOWMESH_HTTP_PORT (default 8080),
+    DATABASE_URL (an existing PostgreSQL instead of the embedded one), FLOWMESH_JWT_SECRET
+    (default: the data dir's jwt-secret, as for flowmesh dev), FLOWMESH_NATS_SYNC_ALWAYS.
+    NATS_URL is ignored: the cluster always runs its own nodes.
+
+    Services that exit are restarted with backoff. Ctrl-C (or SIGTERM) stops everything:
+    services first, then PostgreSQL, then the NATS nodes.
+    """
+    # Imported here: cluster.py builds on this module's pieces.
+    from flowmesh.cli.cluster import ClusterConfig, run_cluster
+
+    try:
+        config = ClusterConfig.from_env()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise typer.Exit(2) from None
+    raise typer.Exit(asyncio.run(run_cluster(config)))
+
+
+# --------------------------------------------------------------------------------------------------
 # flowmesh token
 
 
@@ -469,3 +520,31 @@ def token(
             audience=os.environ.get("FLOWMESH_JWT_AUDIENCE") or DEFAULT_AUDIENCE,
         )
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# flowmesh nats-config
+
+
+@app.command("nats-config")
+def nats_config(
+    integrator: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Tenant id that gets an integrator user, `integrator-TENANT`; repeatable.", show_default=False
+        ),
+    ] = None,
+) -> None:
+    """Print the NATS server's users and permissions (an `accounts` block to include).
+
+    One user per service and per integrator, each allowed only the subjects it needs, derived from
+    flowmesh.contracts.permissions; deploy/nats/flowmesh-auth.conf is this output with no
+    integrators. Passwords are read by nats-server from its environment, one variable per user:
+    `FM_NATS_PASSWORD_GATEWAY`, …, `FM_NATS_PASSWORD_INTEGRATOR_ACME`.
+    """
+    tenants = integrator or []
+    for tenant in tenants:
+        if not tenant.strip():
+            print("error: --integrator needs a tenant id", file=sys.stderr)
+            raise typer.Exit(2)
+    print(render_auth_config(tenants), end="")
