@@ -33,6 +33,7 @@ from nats.aio.msg import Msg
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from cron import scenario_cron
 from live import scenario_live
+from scale import scenario_scale
 
 from flowmesh.cli.embedded import start_nats, start_postgres
 from flowmesh.contracts.subjects import tenant_token
@@ -361,7 +362,8 @@ def main() -> None:
         "scenarios",
         nargs="*",
         metavar="SCENARIO",
-        help="chain, throughput, webhooks, live and/or cron (default: all)",
+        help="chain, throughput, webhooks, live and/or cron (default: all); scale (on make cluster's shape) "
+        "only when named",
     )
     parser.add_argument("--base", help="gateway URL of a running stack (default: start one)")
     parser.add_argument("--nats", help="NATS URL of that stack (needed with --base)")
@@ -396,17 +398,20 @@ def main() -> None:
         default=2,
         help="runner replicas of the started stack (the runner scales out; default 2 for 2 cores)",
     )
+    parser.add_argument(
+        "--scale-runners", default="1,2,3", help="runner replicas of each point of the scale scenario (comma-separated)"
+    )
     args = parser.parse_args()
     args.scenarios = args.scenarios or list(TARGETS)
     SETUP.update({"runner_replicas": args.runners if not args.base else "external", "client": "aiohttp"})
-    if unknown := set(args.scenarios) - set(TARGETS):
-        parser.error(f"unknown scenario(s) {', '.join(sorted(unknown))}; choose from {', '.join(TARGETS)}")
+    if unknown := set(args.scenarios) - set(TARGETS) - {"scale"}:
+        parser.error(f"unknown scenario(s) {', '.join(sorted(unknown))}; choose from {', '.join(TARGETS)}, scale")
     if args.serve:
         serve(args)
         return
     if args.base and not args.nats:
         parser.error("--nats is needed with --base (completion is observed on NATS)")
-    if set(args.scenarios) - {"cron"}:
+    if set(args.scenarios) - {"cron", "scale"}:
         run_on_stack(args)
     if "cron" in args.scenarios:
         # schedulers of their own, on a NATS and a PostgreSQL of their own, after the stack above
@@ -415,6 +420,22 @@ def main() -> None:
         result = asyncio.run(scenario_cron(schedules=args.schedules, duration_s=args.cron_duration))
         SETUP.clear()
         SETUP.update({"scheduler_replicas": result["scheduler_replicas"], "services": "flows, scheduler"})
+        report(result)
+    if "scale" in args.scenarios:
+        runners = [int(n) for n in args.scale_runners.split(",") if n.strip()]
+        log(f"scale: throughput on the cluster shape with {runners} runner replicas")
+        result = scenario_scale(
+            runners,
+            runs=args.runs,
+            steps=args.steps,
+            in_flight=args.in_flight,
+            repeat=3,
+            log=log,
+            throughput=scenario_throughput,
+            api=Api,
+        )
+        SETUP.clear()
+        SETUP.update({"client": "aiohttp", "through": "the front, as integrator-<tenant> on NATS"})
         report(result)
 
 

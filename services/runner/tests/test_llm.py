@@ -194,6 +194,7 @@ def test_other_steps_events_carry_no_usage() -> None:
 
 
 def test_providers_are_merged_over_the_openai_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLOWMESH_ENV", "dev")  # production would also ask for the runner's NATS user
     monkeypatch.setenv("FLOWMESH_RUNNER_LLM_PROVIDERS", '{"Local": "http://127.0.0.1:9/v1/"}')
     assert RunnerSettings().llm_base_urls == {"openai": "https://api.openai.com/v1", "local": "http://127.0.0.1:9/v1"}
     monkeypatch.setenv("FLOWMESH_RUNNER_LLM_PROVIDERS", '{"openai": "http://127.0.0.1:9/v1"}')
@@ -202,8 +203,9 @@ def test_providers_are_merged_over_the_openai_default(monkeypatch: pytest.Monkey
 
 @pytest.mark.parametrize("value", ['{"x": "ftp://h/v1"}', '{"x": "not a url"}', '{"a b": "http://h/v1"}'])
 def test_bad_provider_settings_are_refused_at_start(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("FLOWMESH_ENV", "dev")
     monkeypatch.setenv("FLOWMESH_RUNNER_LLM_PROVIDERS", value)
-    with pytest.raises(ValidationError):
+    with pytest.raises(ValidationError, match="provider"):
         RunnerSettings()
 
 

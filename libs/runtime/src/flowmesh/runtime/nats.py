@@ -7,8 +7,8 @@ import contextlib
 import functools
 import logging
 import re
-from collections.abc import Iterable
-from typing import Annotated, Any
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Annotated, Any, TypeVar
 
 import nats.errors
 from faststream._internal.context import Context  # the class behind faststream.Context()
@@ -24,6 +24,11 @@ from flowmesh.contracts.streams import ALL_STREAMS, StreamSpec
 from flowmesh.runtime.settings import NatsLogin
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+JS_SETUP_TIMEOUT_S = 20.0
+"""Timeout of the JetStream API calls that set a service up (consumers of its subscribers)."""
 
 
 class _MessageContext(Context):
@@ -197,6 +202,11 @@ def create_broker(
         reconnect_time_wait=1,
         connect_timeout=2,
         graceful_timeout=graceful_timeout,
+        # The subscribers' JetStream context creates their durable consumers at start-up: on an R3
+        # cluster that just formed, with every replica starting at once on a busy machine, that was
+        # seen to take over nats-py's default 5 s, and the replica exited. Only those API calls use
+        # this context (fetches carry their own timeout; services publish on their own contexts).
+        js_options={"timeout": JS_SETUP_TIMEOUT_S},
         # our logging setup (JSON lines) instead of FastStream's own coloured handler;
         # per-message "Received/Processed" lines are debug detail, not operations logs
         logger=logging.getLogger("flowmesh.broker"),
@@ -238,23 +248,54 @@ async def provision_streams(
     """Create each stream, or bring an existing one to its spec. Safe to run from every replica at once."""
     for spec in specs:
         config = stream_config(spec, replicas=replicas)
-        try:
-            await js.add_stream(config)
-        except BadRequestError:
-            # exists with another configuration (an older spec): update it in place
-            await js.update_stream(config)
+
+        async def create(config: StreamConfig = config) -> None:
+            try:
+                await js.add_stream(config)
+            except BadRequestError:
+                # exists with another configuration (an older spec): update it in place
+                await js.update_stream(config)
+
+        await _patiently(create, f"stream {spec.name}")
         log.debug("stream %s ready", spec.name)
+
+
+PROVISION_ATTEMPTS = 4
+"""Tries of one idempotent JetStream API call at start-up before giving up."""
+
+
+async def _patiently(call: Callable[[], Awaitable[_T]], what: str) -> _T:
+    """An idempotent JetStream API call, tried again when it times out.
+
+    Why: creating an R3 stream or bucket is a Raft proposal of the meta leader; when every replica
+    of every service starts at once against a cluster that just formed (``make cluster``, a rollout)
+    on a busy machine, one such call was seen to take over nats-py's 5 s API timeout, and the
+    replica exited at start-up. Asking again is safe (the same config is accepted as it stands).
+    """
+    for attempt in range(1, PROVISION_ATTEMPTS + 1):
+        try:
+            return await call()
+        except nats.errors.TimeoutError:
+            if attempt == PROVISION_ATTEMPTS:
+                raise
+            log.warning("creating %s timed out (attempt %d of %d); asking again", what, attempt, PROVISION_ATTEMPTS)
+    raise AssertionError("unreachable")
 
 
 async def ensure_bucket(
     js: JetStreamContext, bucket: str, *, ttl_s: float, history: int = 1, replicas: int = 1
 ) -> KeyValue:
     """A JetStream KV bucket whose entries expire after ``ttl_s``; created if missing (any replica may race)."""
-    try:
-        return await js.key_value(bucket)
-    except BucketNotFoundError:
-        pass
-    try:
-        return await js.create_key_value(KeyValueConfig(bucket=bucket, ttl=ttl_s, history=history, replicas=replicas))
-    except BadRequestError:
-        return await js.key_value(bucket)  # another replica created it first
+
+    async def find_or_create() -> KeyValue:
+        try:
+            return await js.key_value(bucket)
+        except BucketNotFoundError:
+            pass
+        config = KeyValueConfig(bucket=bucket, ttl=ttl_s, history=history, replicas=replicas)
+        try:
+            return await js.create_key_value(config)
+        except BadRequestError:
+            return await js.key_value(bucket)  # another replica created it first
+
+    return await _patiently(find_or_create, f"bucket {bucket}")

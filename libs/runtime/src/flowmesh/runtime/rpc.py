@@ -32,6 +32,7 @@ from flowmesh.contracts.errors import (
 )
 from flowmesh.contracts.models.problem import Problem
 from flowmesh.contracts.strict import field_errors
+from flowmesh.runtime.db import database_unavailable
 from flowmesh.runtime.metrics import RPC_CALLS, RPC_SECONDS, RPC_SERVED
 
 log = logging.getLogger(__name__)
@@ -104,10 +105,17 @@ class RpcServer:
                 except ValidationError as exc:
                     outcome = "validation-error"
                     reply = _error_reply(InvalidInput("the request is not valid", errors=field_errors(exc)))
-                except Exception:
-                    outcome = "internal-error"
-                    log.exception("rpc %s failed", subject)
-                    reply = _error_reply(FlowmeshError())
+                except Exception as exc:
+                    if database_unavailable(exc):
+                        # PostgreSQL down or restarting is not a bug of the request: a 503 the client
+                        # may retry (with the same Idempotency-Key), not a 500 with a traceback
+                        outcome = "unavailable"
+                        log.warning("rpc %s: the database is unavailable: %s", subject, exc)
+                        reply = _error_reply(ServiceUnavailable("the database is unavailable right now; retry shortly"))
+                    else:
+                        outcome = "internal-error"
+                        log.exception("rpc %s failed", subject)
+                        reply = _error_reply(FlowmeshError())
                 if msg.reply:
                     with contextlib.suppress(nats.errors.Error):
                         await msg.respond(reply)

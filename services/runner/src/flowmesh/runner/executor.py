@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 
 RUNNABLE_TTL_S: Final = 5.0
 PUBLISH_TIMEOUT_S: Final = 5.0
+PUBLISHED_PENDING_S: Final = 5.0
+"""How long a published span waits for the events before it to be recorded, before the sweep's turn."""
 TIMER_RPC_TIMEOUT_S: Final = 2.0
 RUNNABLE_CACHE_SIZE: Final = 10_000
 
@@ -89,7 +91,9 @@ class Executor:
         self.pool: asyncpg.Pool | None = None
         self._graphs: dict[tuple[str, int], Graph] = {}
         self._validators: dict[tuple[str, int], Validator | None] = {}
-        self._published: dict[str, int] = {}
+        # per run, the spans of events (first seq, last seq, when) that reached JetStream and are
+        # not yet recorded in published_seq
+        self._published: dict[str, list[tuple[int, int, float]]] = {}
         self._saved_versions: set[tuple[str, int]] = set()
         self._tasks: set[asyncio.Future[None]] = set()
         self._runnable: dict[tuple[str, str, int | None], tuple[float, RunnableFlow]] = {}
@@ -603,7 +607,8 @@ class Executor:
             ]
             await asyncio.wait_for(asyncio.gather(*acks), PUBLISH_TIMEOUT_S)
             if events:
-                self._published[run.id] = max(self._published.get(run.id, 0), events[-1]["seq"])
+                span = (events[0]["seq"], events[-1]["seq"], time.monotonic())
+                self._published.setdefault(run.id, []).append(span)
         except Exception as exc:
             log.warning("publishing after commit failed (the sweep will retry): %s", exc)
 
@@ -618,11 +623,30 @@ class Executor:
     async def _write_published(self) -> None:
         if not self._published:
             return
-        upto, self._published = self._published, {}
+        pending, self._published = self._published, {}
         if self.pool is None:
             return
-        async with self.pool.acquire() as conn:
-            await repo.mark_published(conn, upto=upto)
+        # Why spans and not "the highest seq published": a change whose event publish failed (its
+        # stream's leader died) may be followed by one whose publish succeeded, even on another
+        # replica; recording only the highest seq hid the failed events from the sweep for ever, and
+        # the usage service (and integrators) never saw them. Spans held back by such a hole, or by
+        # another replica's span not recorded yet, wait a few flushes; the sweep covers the rest.
+        spans = {run_id: _merged(found) for run_id, found in pending.items()}
+        try:
+            async with self.pool.acquire() as conn:
+                now_at = await repo.mark_published(conn, spans={r: s[0][:2] for r, s in spans.items()})
+        except BaseException:
+            self._keep_pending(spans, {})
+            raise
+        self._keep_pending(spans, now_at)
+
+    def _keep_pending(self, spans: dict[str, list[tuple[int, int, float]]], now_at: dict[str, int]) -> None:
+        """Put back the spans not recorded yet (for a while: after that, the sweep re-publishes them)."""
+        oldest = time.monotonic() - PUBLISHED_PENDING_S
+        for run_id, found in spans.items():
+            left = [s for s in found if s[1] > now_at.get(run_id, 0) and s[2] > oldest]
+            if left:
+                self._published.setdefault(run_id, []).extend(left)
 
     # --- recovery ---------------------------------------------------------------------------------
 
@@ -669,6 +693,18 @@ class Executor:
             for run_id, step_id, msg_id in work:
                 await self.js.publish(STEP_WORK, _work_body(run_id, step_id, msg_id), headers={h.MSG_ID: msg_id})
         return len(late) + len(events) + len(work)
+
+
+def _merged(spans: list[tuple[int, int, float]]) -> list[tuple[int, int, float]]:
+    """Event spans of one run, sorted, adjacent and overlapping ones joined (the latest time kept)."""
+    out: list[tuple[int, int, float]] = []
+    for first, last, at in sorted(spans):
+        if out and first <= out[-1][1] + 1:
+            prev = out[-1]
+            out[-1] = (prev[0], max(prev[1], last), max(prev[2], at))
+        else:
+            out.append((first, last, at))
+    return out
 
 
 def _aware(value: datetime) -> datetime:

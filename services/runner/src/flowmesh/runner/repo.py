@@ -450,14 +450,24 @@ def _duration(state: StepState) -> int | None:
     return None
 
 
-async def mark_published(conn: Any, *, upto: dict[str, int]) -> None:
-    """Record that each run's events up to a ``seq`` reached JetStream (asyncpg, one statement for all)."""
+async def mark_published(conn: Any, *, spans: dict[str, tuple[int, int]]) -> dict[str, int]:
+    """Record that each run's events ``first..last`` reached JetStream; each run's ``published_seq`` after.
+
+    ``published_seq`` moves only over a span that starts right after it (or overlaps it): it says
+    every event up to it is in the stream, so it must never jump over an event whose publish failed
+    (a later change's events may well have been published; the sweep re-publishes from the hole).
+    """
+    ids = list(spans)
     await conn.execute(
-        "UPDATE runner.runs AS r SET published_seq = u.seq "
-        "FROM unnest($1::uuid[], $2::int[]) AS u(id, seq) WHERE r.id = u.id AND r.published_seq < u.seq",
-        list(upto.keys()),
-        list(upto.values()),
+        "UPDATE runner.runs AS r SET published_seq = u.last "
+        "FROM unnest($1::uuid[], $2::int[], $3::int[]) AS u(id, first, last) "
+        "WHERE r.id = u.id AND r.published_seq >= u.first - 1 AND r.published_seq < u.last",
+        ids,
+        [first for first, _ in spans.values()],
+        [last for _, last in spans.values()],
     )
+    rows = await conn.fetch("SELECT id::text AS id, published_seq FROM runner.runs WHERE id = ANY($1::uuid[])", ids)
+    return {row["id"]: row["published_seq"] for row in rows}
 
 
 async def reset_for_retry(session: AsyncSession, *, run_id: str, keep: set[str], now: datetime) -> int:
