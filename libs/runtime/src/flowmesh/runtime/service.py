@@ -136,13 +136,29 @@ class ServiceRuntime:
             log.info("%s stopped", self.name)
 
     async def serve(self) -> None:
-        """Run until SIGTERM or SIGINT."""
+        """Run until SIGTERM or SIGINT; one that comes while still starting gives up starting."""
         stop = asyncio.Event()
+        started = asyncio.Event()
+        task = asyncio.current_task()
         loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            stop.set()
+            if not started.is_set() and task is not None:
+                # start-up may be waiting on a NATS or PostgreSQL that is gone (retries, reconnects):
+                # a process told to stop must stop all the same
+                task.cancel()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        async with self.running():
-            await stop.wait()
+            loop.add_signal_handler(sig, on_signal)
+        try:
+            async with self.running():
+                started.set()
+                await stop.wait()
+        except asyncio.CancelledError:
+            if not stop.is_set():
+                raise
+            log.info("%s stopped while starting", self.name)
 
     async def migrate_only(self) -> None:
         """Bring the service's schema up to date and return (``python -m flowmesh.<name> migrate``)."""

@@ -1,6 +1,7 @@
 """``python -m flowmesh.gateway``."""
 
 import asyncio
+import contextlib
 import logging
 import resource
 import signal
@@ -27,7 +28,18 @@ async def serve(settings: GatewaySettings) -> None:
         loop.add_signal_handler(sig, stop.set)
     app = create_app(settings)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=10)
-    await runner.setup()
+    # a signal while still starting (NATS gone, start-up retrying) gives up starting
+    setup = asyncio.ensure_future(runner.setup())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({setup, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if not setup.done():
+        setup.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await setup
+        log.info("gateway stopped while starting")
+        return
+    await setup
     try:
         await web.TCPSite(runner, settings.http_host, settings.http_port).start()
         freeze_startup_objects()
