@@ -398,6 +398,7 @@ def main() -> None:
         default=2,
         help="runner replicas of the started stack (the runner scales out; default 2 for 2 cores)",
     )
+    parser.add_argument("--scale-runs", type=int, default=1000, help="runs per round of the scale scenario")
     parser.add_argument(
         "--scale-runners", default="1,2,3", help="runner replicas of each point of the scale scenario (comma-separated)"
     )
@@ -426,7 +427,7 @@ def main() -> None:
         log(f"scale: throughput on the cluster shape with {runners} runner replicas")
         result = scenario_scale(
             runners,
-            runs=args.runs,
+            runs=args.scale_runs,
             steps=args.steps,
             in_flight=args.in_flight,
             repeat=3,

@@ -99,7 +99,10 @@ async def _drive(
     c = api(where["base"] + "/api/v1", {"Authorization": "Bearer " + where["token"]})
     try:
         nc = await nats.connect(
-            where["nats"], user=where["user"], password=where["password"], inbox_prefix=inbox_prefix(where["user"])
+            where["nats"].split(","),
+            user=where["user"],
+            password=where["password"],
+            inbox_prefix=inbox_prefix(where["user"]),
         )
         try:
             return [await throughput(c, nc, tenant, runs, in_flight, steps) for _ in range(repeat)]
