@@ -524,9 +524,20 @@ async def list_runs(session: AsyncSession, *, tenant: str, q: RunListQuery) -> t
         where.append(runs.c.created_at >= q.since)
     if q.until:
         where.append(runs.c.created_at < q.until)
-    page = select(runs).where(*where).order_by(runs.c.created_at.desc(), runs.c.id.desc())
+    # the page and the count in one statement (a window count is taken before LIMIT): in two, a run
+    # changing status between them gave a page that disagreed with its total
+    page = (
+        select(runs, func.count().over().label("matching"))
+        .where(*where)
+        .order_by(runs.c.created_at.desc(), runs.c.id.desc())
+    )
     rows = (await session.execute(page.offset(q.offset).limit(q.page_size))).mappings().all()
-    total = (await session.execute(select(func.count()).select_from(runs).where(*where))).scalar_one()
+    if rows:
+        total = int(rows[0]["matching"])
+    elif q.offset:  # past the last page: no row to carry the count
+        total = (await session.execute(select(func.count()).select_from(runs).where(*where))).scalar_one()
+    else:
+        total = 0
     return [_run(r) for r in rows], total
 
 
