@@ -25,6 +25,7 @@ from flowmesh.cli.embedded import (
     start_nats,
     start_postgres,
 )
+from flowmesh.cli.front import http_status
 from flowmesh.cli.natsconf import render_auth_config
 from flowmesh.cli.supervisor import (
     SUPERVISOR_COLOUR,
@@ -197,28 +198,6 @@ def _port_is_free(port: int) -> bool:
         return True
 
 
-async def _http_status(port: int, path: str, timeout: float = 2.0) -> int | None:
-    """Status code of ``GET http://127.0.0.1:<port><path>``, None when nothing answers."""
-    writer: asyncio.StreamWriter | None = None
-    try:
-        async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode())
-            await writer.drain()
-            status_line = await reader.readline()
-    except (OSError, TimeoutError):
-        return None
-    finally:
-        if writer is not None:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-    parts = status_line.split()
-    if len(parts) >= 2 and parts[0].startswith(b"HTTP/") and parts[1].isdigit():
-        return int(parts[1])
-    return None
-
-
 class _Console:
     """Lines from ``flowmesh dev`` itself, lined up with the services' output."""
 
@@ -254,7 +233,7 @@ async def _wait_until_ready(
     next_report = started + 5
     warned = False
     while not stopping.is_set():
-        if await _http_status(port, "/readyz") == 200:
+        if await http_status(port, "/readyz", timeout=2.0) == 200:
             announce()
             return
         now = time.monotonic()
