@@ -9,21 +9,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
+if TYPE_CHECKING:  # imported by pytest_plugins below; importing it here first would stop pytest rewriting its asserts
+    from flowmesh.runtime.testing import Infra
 
-@dataclass(frozen=True)
-class Infra:
-    """Where the test servers listen."""
-
-    nats_url: str
-    database_url: str
+# the shared test kit: a service in-process, an RPC client, a fresh tenant
+pytest_plugins = ("flowmesh.runtime.testing",)
 
 
 def _docker_infra(stack: list[object]) -> Infra:
+    from flowmesh.runtime.testing import Infra
+
     try:
         import docker
 
@@ -54,6 +54,7 @@ def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Infra]:
             yield _docker_infra(started)
             return
         from flowmesh.cli.embedded import start_nats, start_postgres
+        from flowmesh.runtime.testing import Infra
 
         root: Path = tmp_path_factory.mktemp("infra")
         nats_url = os.environ.get("NATS_URL")

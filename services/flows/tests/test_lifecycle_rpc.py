@@ -15,10 +15,10 @@ from flowmesh.contracts import headers
 from flowmesh.contracts.errors import Conflict, InvalidInput, NotFound
 from flowmesh.contracts.ids import new_id
 from flowmesh.contracts.subjects import FlowsOp, flow_event, tenant_token
-from flowmesh.flows.app import create_app
-from flowmesh.flows.settings import FlowsSettings
+from flowmesh.contracts.testing import linear, subflow
 from flowmesh.runtime.rpc import RpcClient
 from flowmesh.runtime.service import ServiceRuntime
+from flowmesh.runtime.testing import Infra, ServiceUnderTest, running_service
 
 CHAIN = {
     "nodes": [
@@ -103,14 +103,7 @@ async def test_an_invalid_draft_is_not_published(rpc: RpcClient, tenant: str) ->
 async def test_subflow_targets_are_looked_up_in_the_tenant(rpc: RpcClient, tenant: str) -> None:
     target = await published(rpc, tenant)
     other_tenants = await published(rpc, tenant + "-x")
-    d = {
-        "nodes": [
-            {"id": "start", "type": "trigger"},
-            {"id": "a", "type": "subflow", "data": {"flowId": target["id"]}},
-            {"id": "b", "type": "subflow", "data": {"flowId": other_tenants["id"]}},
-        ],
-        "edges": [{"id": "1", "source": "start", "target": "a"}, {"id": "2", "source": "a", "target": "b"}],
-    }
+    d = linear(subflow("a", target["id"]), subflow("b", other_tenants["id"]))
     flow = await new_flow(rpc, tenant, definition=d)
     report = await rpc.call(FlowsOp.VALIDATE, {"flowId": flow["id"]}, tenant=tenant)
     assert [e["path"] for e in report["errors"]] == ["/nodes/2/data/flowId"]
@@ -251,7 +244,7 @@ async def test_changes_are_announced_in_order(rpc: RpcClient, tenant: str, flows
 
 
 async def test_an_outbox_row_is_published_exactly_once_across_crashes(
-    infra: Any, flows_service: ServiceRuntime
+    infra: Infra, flows_service: ServiceRuntime, service_under_test: ServiceUnderTest[Any]
 ) -> None:
     """Both crash points: killed after commit (not yet published), and after publish (not yet deleted)."""
     tenant = f"t-{uuid.uuid4().hex[:8]}"
@@ -276,14 +269,7 @@ async def test_an_outbox_row_is_published_exactly_once_across_crashes(
             headers={headers.MSG_ID: published_not_deleted},
         )
     # a replica starting up (or the running one polling) drains what it finds
-    settings = FlowsSettings(
-        env="test",
-        nats_url=infra.nats_url,
-        shared_database_url=infra.database_url,
-        health_port=0,
-        health_host="127.0.0.1",
-    )
-    async with create_app(settings).running():
+    async with running_service(service_under_test.create_app, service_under_test.settings_for(infra)):
         got = await announcements(flows_service, tenant, expect=2)
     assert sorted(m["msgId"] for m in got) == sorted([committed, published_not_deleted])
     async with flows_service.sessions() as s:

@@ -5,15 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from flowmesh.contracts.subjects import FlowsOp
+from flowmesh.contracts.testing import chain
 from flowmesh.runtime.rpc import RpcClient
 
-FLOW = {
-    "nodes": [
-        {"id": "start", "type": "trigger", "data": {}},
-        {"id": "add", "type": "transform", "data": {"output": {"v": "{{ input.v + 1 }}"}}},
-    ],
-    "edges": [{"id": "e", "source": "start", "target": "add"}],
-}
+FLOW = chain(1)
 
 
 async def flow(rpc: RpcClient, tenant: str, *, publish: bool = True) -> str:

@@ -8,26 +8,11 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from flowmesh.contracts.testing import definition as flow
+from flowmesh.contracts.testing import edge, node
 from flowmesh.flows.validation import referenced_flows, validate_flow
 
 PUBLISHED = "0190a5b4-0000-7000-8000-000000000001"
-
-
-def node(node_id: str, type_: str = "transform", **data: Any) -> dict[str, Any]:
-    if type_ == "transform" and "output" not in data:
-        data["output"] = {"id": node_id}
-    return {"id": node_id, "type": type_, "data": data}
-
-
-def edge(source: str, target: str, handle: str | None = None, edge_id: str | None = None) -> dict[str, Any]:
-    e: dict[str, Any] = {"id": edge_id or f"{source}-{target}", "source": source, "target": target}
-    if handle is not None:
-        e["sourceHandle"] = handle
-    return e
-
-
-def flow(*nodes: dict[str, Any], edges: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    return {"nodes": [node("start", "trigger"), *nodes], "edges": edges or []}
 
 
 def problems(definition: Any, input_schema: Any = None, **kw: Any) -> dict[str, str]:
