@@ -9,23 +9,12 @@ from typing import Any
 import pytest
 
 from flowmesh.contracts.models.definition import RetryPolicy
+from flowmesh.contracts.testing import edge as e
+from flowmesh.contracts.testing import node as n
 from flowmesh.runner.engine import Execution, Outcome, RunRecord
 from flowmesh.runner.graph import Graph, retry_delay
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
-
-
-def n(node_id: str, type_: str = "transform", **data: Any) -> dict[str, Any]:
-    if type_ == "transform" and "output" not in data:
-        data["output"] = {"from": node_id}
-    return {"id": node_id, "type": type_, "data": data}
-
-
-def e(source: str, target: str, handle: str | None = None) -> dict[str, Any]:
-    edge: dict[str, Any] = {"id": f"{source}>{target}", "source": source, "target": target}
-    if handle:
-        edge["sourceHandle"] = handle
-    return edge
 
 
 def execution(nodes: list[dict[str, Any]], edges: list[dict[str, Any]], run_input: Any = None) -> Execution:

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from flowmesh.contracts.errors import NotFound, ServiceUnavailable
 from flowmesh.contracts.expressions import ExpressionError
 from flowmesh.contracts.models.definition import LlmData
+from flowmesh.contracts.testing import linear, node
 from flowmesh.runner.engine import Execution, Outcome, RunRecord
 from flowmesh.runner.graph import Graph
 from flowmesh.runner.io_steps import HttpStep, LlmStep
@@ -156,15 +157,8 @@ def test_redact_removes_the_key_from_message_output_and_input() -> None:
 
 
 def llm_run() -> Execution:
-    nodes = [
-        {"id": "start", "type": "trigger", "data": {}},
-        {
-            "id": "ask",
-            "type": "llm",
-            "data": {"provider": "openai", "model": "m", "messages": [{"role": "user", "content": "hi"}]},
-        },
-    ]
-    graph = Graph({"nodes": nodes, "edges": [{"id": "e", "source": "start", "target": "ask"}]})
+    ask = node("ask", "llm", provider="openai", model="m", messages=[{"role": "user", "content": "hi"}])
+    graph = Graph(linear(ask))
     now = datetime(2026, 1, 1, tzinfo=UTC)
     run = RunRecord(
         id="r", tenant_id="t", flow_id="f", version=1, status="queued", trigger_type="manual", input={}, created_at=now

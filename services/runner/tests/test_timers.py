@@ -10,23 +10,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from flowmesh.contracts.ids import format_time
+from flowmesh.contracts.testing import edge as e
+from flowmesh.contracts.testing import node as n
 from flowmesh.runner.engine import ATTEMPT_GRACE, Deadline, Execution, Outcome, RunRecord
 from flowmesh.runner.graph import Graph
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
-
-
-def n(node_id: str, type_: str = "transform", **data: Any) -> dict[str, Any]:
-    if type_ == "transform" and "output" not in data:
-        data["output"] = {"from": node_id}
-    return {"id": node_id, "type": type_, "data": data}
-
-
-def e(source: str, target: str, handle: str | None = None) -> dict[str, Any]:
-    edge: dict[str, Any] = {"id": f"{source}>{target}>{handle}", "source": source, "target": target}
-    if handle:
-        edge["sourceHandle"] = handle
-    return edge
 
 
 def graph(nodes: list[dict[str, Any]], edges: list[dict[str, Any]], **timeouts: int | None) -> Graph:
