@@ -20,7 +20,9 @@ runtime's own :class:`RpcServer`, so replies and errors are the real wire format
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -29,12 +31,20 @@ from typing import Any, Generic, TypeVar
 import pytest
 from nats.js import JetStreamContext
 
+from flowmesh.contracts.errors import NotFound
+from flowmesh.contracts.ids import new_id
+from flowmesh.contracts.models import Page, Run, StepRun
+from flowmesh.contracts.models.rpc import RunnableFlow, StartRunResult, VersionRef
+from flowmesh.contracts.subjects import RunsOp
+from flowmesh.contracts.testing import Definition, runnable
 from flowmesh.runtime.nats import create_broker, stop_broker
-from flowmesh.runtime.rpc import Handler, RpcClient, RpcServer
+from flowmesh.runtime.rpc import Handler, RpcClient, RpcContext, RpcServer
 from flowmesh.runtime.service import ServiceRuntime
 from flowmesh.runtime.settings import BaseServiceSettings
 
 SettingsT = TypeVar("SettingsT", bound=BaseServiceSettings)
+
+FINAL_RUN_STATUSES = ("succeeded", "failed", "cancelled", "timedOut")
 
 
 @dataclass(frozen=True)
@@ -111,6 +121,70 @@ async def responder(
     finally:
         await server.stop()
         await stop_broker(broker)
+
+
+class FlowsStandIn:
+    """The flows service as the runner sees it: published flows by tenant, answered on ``runnable``."""
+
+    def __init__(self) -> None:
+        self.flows: dict[tuple[str, str], RunnableFlow] = {}
+        self.asked: list[tuple[str, str]] = []
+
+    def publish(self, tenant: str, definition: Definition, **kw: Any) -> str:
+        """A new published flow of ``tenant`` (version 1); its id."""
+        flow_id = new_id()
+        self.flows[tenant, flow_id] = runnable(tenant, flow_id, definition, **kw)
+        return flow_id
+
+    async def runnable(self, ctx: RpcContext, body: Any) -> RunnableFlow:
+        ref = VersionRef.model_validate(body)
+        self.asked.append((ctx.tenant, ref.flow_id))
+        found = self.flows.get((ctx.tenant, ref.flow_id))
+        if found is None or ref.version not in (None, found.version.version):
+            raise NotFound(f"flow {ref.flow_id} not found")
+        return found
+
+
+class RunsClient:
+    """``fm.rpc.runs.*`` for one tenant, as the gateway calls it, replies read as contract models."""
+
+    def __init__(self, rpc: RpcClient, tenant: str) -> None:
+        self.rpc = rpc
+        self.tenant = tenant
+
+    async def start(self, flow_id: str, input_: Any = None, **body: Any) -> StartRunResult:
+        reply = await self.rpc.call(
+            RunsOp.START, {"flowId": flow_id, "input": {} if input_ is None else input_, **body}, tenant=self.tenant
+        )
+        return StartRunResult.model_validate(reply)
+
+    async def get(self, run_id: str) -> Run:
+        return Run.model_validate(await self.rpc.call(RunsOp.GET, {"runId": run_id}, tenant=self.tenant))
+
+    async def wait(self, run_id: str, *, until: tuple[str, ...] = FINAL_RUN_STATUSES, timeout: float = 15.0) -> Run:
+        """The run once its status is one of ``until`` (polled, as a client without a WebSocket)."""
+        deadline = time.monotonic() + timeout
+        while (run := await self.get(run_id)).status not in until:
+            assert time.monotonic() < deadline, f"run {run_id} is still {run.status} after {timeout} s"
+            await asyncio.sleep(0.05)
+        return run
+
+    async def run(self, flow_id: str, input_: Any = None, **body: Any) -> Run:
+        """Start a run and wait for its end."""
+        started = await self.start(flow_id, input_, **body)
+        return await self.wait(started.run.id)
+
+    async def steps(self, run_id: str) -> dict[str, StepRun]:
+        reply = await self.rpc.call(RunsOp.STEPS, {"runId": run_id, "pageSize": 100}, tenant=self.tenant)
+        return {s.step_id: s for s in Page[StepRun].model_validate(reply).items}
+
+    async def of_flow(self, flow_id: str) -> list[Run]:
+        reply = await self.rpc.call(RunsOp.LIST, {"flowId": flow_id, "pageSize": 100}, tenant=self.tenant)
+        return Page[Run].model_validate(reply).items
+
+    async def events(self, run_id: str) -> list[dict[str, Any]]:
+        reply = await self.rpc.call(RunsOp.EVENTS, {"runId": run_id, "pageSize": 500}, tenant=self.tenant)
+        return list(reply["items"])
 
 
 def new_tenant(prefix: str = "t") -> str:
