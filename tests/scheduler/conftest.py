@@ -1,7 +1,10 @@
 """The scheduler and the flows service in-process, on a NATS and a database of their own.
 
-Their own, because two schedulers on one ``schedules`` table act as replicas of each other, and two
-on one NATS share the flow announcements: another stack in the session must not take our work.
+These tests live here, not in the scheduler's own tests, because they use two services (schedules
+are made through the flows service's API, as in production), and a service's tests import no other
+service. Their own NATS and database, because two schedulers on one ``schedules`` table act as
+replicas of each other, and two on one NATS share the flow announcements: another stack in the
+session must not take our work.
 """
 
 from __future__ import annotations
@@ -22,21 +25,16 @@ from nats.aio.msg import Msg
 from flowmesh.cli.embedded import EmbeddedNats, start_nats
 from flowmesh.contracts import headers
 from flowmesh.contracts.subjects import RUN_START_CMD, TIMERS_FIRED_ALL, FlowsOp
+from flowmesh.contracts.testing import echo
 from flowmesh.flows.app import create_app as create_flows
 from flowmesh.flows.settings import FlowsSettings
-from flowmesh.runtime.nats import create_broker
 from flowmesh.runtime.rpc import RpcClient
 from flowmesh.runtime.service import ServiceRuntime
+from flowmesh.runtime.testing import new_tenant, rpc_client, running_service, service_settings
 from flowmesh.scheduler.settings import SchedulerSettings
 from stack import create_database, drop_database
 
-FLOW = {
-    "nodes": [
-        {"id": "start", "type": "trigger", "data": {}},
-        {"id": "echo", "type": "transform", "data": {"output": "{{ input }}"}},
-    ],
-    "edges": [{"id": "e", "source": "start", "target": "echo"}],
-}
+FLOW = echo()
 
 
 @dataclass
@@ -79,14 +77,7 @@ class Recorder:
 
 
 def scheduler_settings(nats_url: str, database_url: str, **overrides: Any) -> SchedulerSettings:
-    return SchedulerSettings(
-        env="test",
-        nats_url=nats_url,
-        shared_database_url=database_url,
-        health_port=0,
-        health_host="127.0.0.1",
-        **overrides,
-    )
+    return service_settings(SchedulerSettings, nats_url, database_url, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -112,19 +103,14 @@ async def own_db(infra: Any) -> AsyncIterator[str]:
 
 @pytest.fixture(scope="module")
 async def flows_service(own_nats: EmbeddedNats, own_db: str) -> AsyncIterator[ServiceRuntime]:
-    settings = FlowsSettings(
-        env="test", nats_url=own_nats.url, shared_database_url=own_db, health_port=0, health_host="127.0.0.1"
-    )
-    async with create_flows(settings).running() as service:
+    async with running_service(create_flows, service_settings(FlowsSettings, own_nats.url, own_db)) as service:
         yield service
 
 
 @pytest.fixture(scope="module")
 async def rpc(own_nats: EmbeddedNats) -> AsyncIterator[RpcClient]:
-    broker = create_broker(own_nats.url, name="test-client")
-    await broker.start()
-    yield RpcClient(broker, timeout=5)
-    await broker.stop()
+    async with rpc_client(own_nats.url) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")
@@ -167,4 +153,4 @@ class Flows:
 
 @pytest.fixture
 def flows(rpc: RpcClient) -> Flows:
-    return Flows(rpc, f"t-{uuid.uuid4().hex[:10]}")
+    return Flows(rpc, new_tenant())
