@@ -19,6 +19,7 @@ import jwt
 from sqlalchemy.engine import make_url
 
 from flowmesh.cli.embedded import free_port, start_nats
+from flowmesh.contracts.testing import chain as chain  # re-exported: the e2e tests and the bench import it from here
 
 SERVICES = ("gateway", "flows", "runner", "scheduler", "usage")
 SECRET = "e2e-secret-" + "0123456789abcdef" * 4
@@ -198,19 +199,6 @@ def publish_flow(c: httpx.Client, definition: dict, **body: object) -> str:  # t
     r = c.post(f"/flows/{flow_id}/publish")
     assert r.status_code == 201, r.text
     return flow_id
-
-
-def chain(n: int) -> dict:  # type: ignore[type-arg]
-    """trigger -> n transforms, each adding 1."""
-    nodes: list[dict] = [{"id": "start", "type": "trigger", "data": {}}]  # type: ignore[type-arg]
-    edges = []
-    prev = "start"
-    for i in range(n):
-        expr = "{{ input.v + 1 }}" if i == 0 else "{{ steps." + prev + ".output.v + 1 }}"
-        nodes.append({"id": f"s{i}", "type": "transform", "data": {"output": {"v": expr}}})
-        edges.append({"id": f"e{i}", "source": prev, "target": f"s{i}"})
-        prev = f"s{i}"
-    return {"nodes": nodes, "edges": edges}
 
 
 async def create_database(database_url: str, name: str) -> str:
