@@ -13,9 +13,13 @@ uses). The service is built the way production builds it, ``create_app(settings)
 against the session's real NATS and PostgreSQL: the ``infra`` fixture of the root ``conftest.py``,
 which starts (or finds) them, and is expected to yield an :class:`Infra`.
 
-For tests that play another service (the runner's tests answer ``fm.rpc.flows.*`` themselves, as
-a service's tests must not import another service), :func:`responder` serves RPC subjects with the
-runtime's own :class:`RpcServer`, so replies and errors are the real wire format.
+For tests that play another service (a service's tests must not import another service),
+:func:`responder` serves RPC subjects with the runtime's own :class:`RpcServer`, so replies and
+errors are the real wire format; :class:`FlowsStandIn` is the flows service as the runner asks it
+(``fm.rpc.flows.runnable``). :class:`RunsClient` calls ``fm.rpc.runs.*`` as the gateway does and
+reads the replies as contract models. A stand-in shares the real service's queue group: it expects
+that service not to run on the same NATS (each service's tests start only their own service).
+Definitions to publish come from :mod:`flowmesh.contracts.testing`.
 """
 
 from __future__ import annotations
@@ -124,7 +128,10 @@ async def responder(
 
 
 class FlowsStandIn:
-    """The flows service as the runner sees it: published flows by tenant, answered on ``runnable``."""
+    """The flows service as the runner sees it: published flows by tenant, answered on ``runnable``.
+
+    Serve it with ``responder(nats_url, "flows", {FlowsOp.RUNNABLE: stand_in.runnable})``.
+    """
 
     def __init__(self) -> None:
         self.flows: dict[tuple[str, str], RunnableFlow] = {}
@@ -137,6 +144,7 @@ class FlowsStandIn:
         return flow_id
 
     async def runnable(self, ctx: RpcContext, body: Any) -> RunnableFlow:
+        """``fm.rpc.flows.runnable``: the flow of the caller's tenant, else not found (as the flows service)."""
         ref = VersionRef.model_validate(body)
         self.asked.append((ctx.tenant, ref.flow_id))
         found = self.flows.get((ctx.tenant, ref.flow_id))
