@@ -24,6 +24,7 @@ from flowmesh.runtime.quota import refuses_runs
 from flowmesh.runtime.rpc import RpcClient, RpcContext
 from flowmesh.runtime.service import ServiceRuntime
 from flowmesh.runtime.settings import BaseServiceSettings
+from flowmesh.runtime.testing import service_settings
 
 FLOWS_MIGRATIONS = Path(__file__).parents[3] / "services/flows/src/flowmesh/flows/migrations"
 
@@ -35,14 +36,7 @@ def _alembic_config() -> Config:
 
 
 def settings(infra: Any, **kw: Any) -> BaseServiceSettings:
-    return BaseServiceSettings(
-        env="test",
-        nats_url=infra.nats_url,
-        shared_database_url=infra.database_url,
-        health_port=0,
-        health_host="127.0.0.1",
-        **kw,
-    )
+    return service_settings(BaseServiceSettings, infra.nats_url, infra.database_url, **kw)
 
 
 async def test_streams_are_provisioned_idempotently_and_brought_to_spec(infra: Any) -> None:
