@@ -24,7 +24,7 @@ from nats.aio.msg import Msg
 
 from flowmesh.cli.embedded import EmbeddedNats, start_nats
 from flowmesh.contracts import headers
-from flowmesh.contracts.subjects import RUN_START_CMD, TIMERS_FIRED_ALL, FlowsOp
+from flowmesh.contracts.subjects import RUN_START_CMD, FlowsOp
 from flowmesh.contracts.testing import echo
 from flowmesh.flows.app import create_app as create_flows
 from flowmesh.flows.settings import FlowsSettings
@@ -49,7 +49,7 @@ class Seen:
 
 @dataclass
 class Recorder:
-    """Every run start and fired timer published on the test NATS."""
+    """Every run start published on the test NATS."""
 
     seen: list[Seen] = field(default_factory=list)
 
@@ -59,9 +59,6 @@ class Recorder:
 
     def starts(self, trigger_id: str) -> list[Seen]:
         return [s for s in self.seen if s.subject == RUN_START_CMD and s.body.get("triggerId") == trigger_id]
-
-    def timers(self, key: str) -> list[Seen]:
-        return [s for s in self.seen if s.subject != RUN_START_CMD and s.body.get("key") == key]
 
     @staticmethod
     def due(seen: Seen) -> datetime:
@@ -118,7 +115,6 @@ async def recorder(own_nats: EmbeddedNats) -> AsyncIterator[Recorder]:
     rec = Recorder()
     nc = await nats.connect(own_nats.url)
     await nc.subscribe(RUN_START_CMD, cb=rec.handler)
-    await nc.subscribe(TIMERS_FIRED_ALL, cb=rec.handler)
     await nc.flush()
     yield rec
     await nc.close()
