@@ -19,13 +19,13 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import http.client
 import json
 import os
 import secrets
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -37,27 +37,16 @@ from typing import Any, Final, Self, TypeVar
 from flowmesh.cli.embedded import (
     EmbeddedNatsCluster,
     EmbeddedPostgres,
-    EmbeddedServerError,
     _spawn,
     free_port,
     start_nats_cluster,
     start_postgres,
 )
 from flowmesh.cli.front import Front
-from flowmesh.cli.main import (
-    SERVICES,
-    DevConfig,
-    _Console,
-    _dev_token,
-    _port_is_free,
-    _redact,
-    _start_server,
-    _wait_until_ready,
-    service_commands,
-    service_env,
-)
+from flowmesh.cli.launch import Launch, dev_token, port_is_free, redact
+from flowmesh.cli.main import SERVICES, DevConfig, service_commands, service_env
 from flowmesh.cli.natsconf import password_var, render_auth_config
-from flowmesh.cli.supervisor import ServiceSpec, Supervisor, colour_enabled
+from flowmesh.cli.supervisor import ServiceSpec
 from flowmesh.cli.tokens import Role, load_or_create_jwt_secret, mint_token
 from flowmesh.contracts.permissions import integrator_user
 
@@ -251,39 +240,46 @@ def plan_replicas(
     Returns:
         The replicas, service by service, each on a port of its own.
     """
-    planned = []
-    turn = 0
+    planned: list[Replica] = []
     for service, argv in commands.items():
         count = replicas if isinstance(replicas, int) else replicas.get(service, DEFAULT_REPLICAS)
         for n in range(1, count + 1):
             name = f"{service}-{n}"
             port = (ports or {}).get(name) or free_port()
-            urls = list(nats_urls)
-            shift = turn % len(urls)
-            turn += 1
             env = service_env(
                 service,
                 base=base,
                 config=DevConfig(data_dir=data_dir, http_port=port),
-                nats_url=",".join(urls[shift:] + urls[:shift]),
+                nats_url=",".join(_rotated(nats_urls, len(planned))),
                 database_url=database_url,
                 jwt_secret=jwt_secret,
                 health_port=None if service == "gateway" else port,
             )
-            env.update(
-                {
-                    "FLOWMESH_NATS_USER": service,
-                    "FLOWMESH_NATS_PASSWORD": passwords[service],
-                    "FLOWMESH_STREAM_REPLICAS": str(stream_replicas),
-                    f"FLOWMESH_{service.upper()}_HEALTH_HOST": "127.0.0.1",
-                }
-            )
-            if service == "gateway":
-                # a stopping gateway stays up, not ready, long enough for the front (checking every
-                # 0.5 s) to send new connections to the other one
-                env.setdefault("FLOWMESH_GATEWAY_DRAIN_S", "1.5")
+            _add_cluster_settings(env, service, password=passwords[service], stream_replicas=stream_replicas)
             planned.append(Replica(name=name, service=service, port=port, argv=list(argv), env=env))
     return planned
+
+
+def _rotated(urls: Sequence[str], turn: int) -> list[str]:
+    """``urls`` rotated left by ``turn``: each replica dials a different node first."""
+    shift = turn % len(urls)
+    return [*urls[shift:], *urls[:shift]]
+
+
+def _add_cluster_settings(env: dict[str, str], service: str, *, password: str, stream_replicas: int) -> None:
+    """What a replica needs in a cluster beyond ``flowmesh dev``'s settings: its NATS user, replicated streams."""
+    env.update(
+        {
+            "FLOWMESH_NATS_USER": service,
+            "FLOWMESH_NATS_PASSWORD": password,
+            "FLOWMESH_STREAM_REPLICAS": str(stream_replicas),
+            f"FLOWMESH_{service.upper()}_HEALTH_HOST": "127.0.0.1",
+        }
+    )
+    if service == "gateway":
+        # a stopping gateway stays up, not ready, long enough for the front (checking every
+        # 0.5 s) to send new connections to the other one
+        env.setdefault("FLOWMESH_GATEWAY_DRAIN_S", "1.5")
 
 
 def _status(port: int, path: str = "/readyz", timeout: float = 2.0) -> int | None:
@@ -319,145 +315,100 @@ async def run_cluster(config: ClusterConfig, *, commands: Mapping[str, Sequence[
     cmds = service_commands() if commands is None else commands
     if "gateway" not in cmds:
         raise ValueError("the cluster needs gateways behind its front")
-    loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
-    names = [f"{service}-{n}" for service in cmds for n in range(1, config.replicas + 1)]
-    console = _Console(names)
-    stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    launch = Launch([f"{service}-{n}" for service in cmds for n in range(1, config.replicas + 1)])
+    return await launch.run(lambda: _start_cluster(launch, config, cmds))
 
-    def on_signal(sig: signal.Signals) -> None:
-        if not stopping.is_set():
-            console.say(f"{sig.name} received, stopping")
-        stopping.set()
 
-    for sig in stop_signals:
-        loop.add_signal_handler(sig, on_signal, sig)
+async def _start_cluster(launch: Launch, config: ClusterConfig, cmds: Mapping[str, Sequence[str]]) -> int | None:
+    """Start the front, the NATS nodes, PostgreSQL unless configured, then the replicas.
 
-    front: Front | None = None
-    nats: EmbeddedNatsCluster | None = None
-    postgres: EmbeddedPostgres | None = None
-    supervisor: Supervisor | None = None
-    ready: asyncio.Task[None] | None = None
-    try:
-        config.cluster_dir.mkdir(parents=True, exist_ok=True)
-        busy = f"port {config.http_port} on 127.0.0.1 is in use; stop what listens there or set FLOWMESH_HTTP_PORT"
-        if not _port_is_free(config.http_port):
-            console.error(busy)
-            return 1
-        # The front listens before anything else starts, so that the port stays ours; its
-        # gateways get their ports now.
-        gateway_ports = {f"gateway-{n}": free_port() for n in range(1, config.replicas + 1)}
-        front = Front(config.http_port, list(gateway_ports.values()), health_path=FRONT_HEALTH_PATH, report=console.say)
-        try:
-            await front.start()
-        except OSError:
-            front = None
-            console.error(busy)
-            return 1
-
-        passwords_path = config.cluster_dir / PASSWORDS_FILE
-        passwords = load_or_create_passwords(passwords_path, _nats_users(SERVICES, config.integrators))
-        auth_conf = render_auth_config(config.integrators)
-        nodes = config.nats_nodes
-        nats = await _start_server(
-            console,
-            f"NATS cluster ({nodes} nodes" + (", sync always)" if config.nats_sync_always else ")"),
-            lambda: start_nats_cluster(
-                config.cluster_dir,
-                nodes=nodes,
-                auth_conf=auth_conf,
-                env=_password_env(passwords),
-                sync_always=config.nats_sync_always,
-                own_process_group=True,
-            ),
-        )
-        if stopping.is_set():
-            return 0
-        database_url = config.database_url
-        if database_url is None:
-            postgres = await _start_server(
-                console,
-                "PostgreSQL",
-                lambda: start_postgres(config.cluster_dir / "postgres", own_process_group=True),
-            )
-            database_url = postgres.url
-        if stopping.is_set():
-            return 0
-        jwt_secret = config.jwt_secret or load_or_create_jwt_secret(config.data_dir)
-
-        planned = plan_replicas(
-            cmds,
-            replicas=config.replicas,
-            base=os.environ,
-            data_dir=config.data_dir,
-            nats_urls=nats.url_list,
-            database_url=database_url,
-            jwt_secret=jwt_secret,
-            passwords=passwords,
-            stream_replicas=min(3, nodes),
-            ports=gateway_ports,
-        )
-        gateways = [r for r in planned if r.service == "gateway"]
-        supervisor = Supervisor(
-            [ServiceSpec(name=r.name, argv=r.argv, env=r.env) for r in planned], colour=colour_enabled(sys.stdout)
-        )
-        console.supervisor = supervisor
-        await supervisor.start()
-
-        def announce() -> None:
-            lines = [
-                "ready",
-                f"  front        http://127.0.0.1:{config.http_port}  (connections spread over the gateways)",
-                *(f"  {r.name:<12} {r.url}" for r in gateways),
-                *(
-                    f"  NATS {nats.server_name(i):<7} {url}  monitor {monitor}"
-                    for i, (url, monitor) in enumerate(zip(nats.url_list, nats.monitor_urls, strict=True))
-                ),
-                f"  PostgreSQL   {_redact(database_url)}",
-                f"  data         {config.cluster_dir}",
-                f"  NATS users   one per service, passwords in {passwords_path}",
-                *(
-                    f"  integrator   tenant {tenant}: user {integrator_user(tenant)} "
-                    f"password {passwords[integrator_user(tenant)]}"
-                    for tenant in config.integrators
-                ),
-                "  dev token (sub dev, tenant dev, role admin, 24 h):",
-                f"  {_dev_token(jwt_secret)}",
-                "  Ctrl-C stops everything",
-            ]
-            for line in lines:
-                console.say(line)
-
-        ready = asyncio.create_task(
-            _wait_until_ready(config.http_port, config.ready_timeout, console, announce, stopping, what="the front")
-        )
-        await stopping.wait()
+    Returns:
+        An exit code when it gives up early, None once everything is started.
+    """
+    config.cluster_dir.mkdir(parents=True, exist_ok=True)
+    if not port_is_free(config.http_port):
+        return launch.busy_port(config.http_port)
+    # The front listens before anything else starts, so that the port stays ours; its
+    # gateways get their ports now.
+    gateway_ports = {f"gateway-{n}": free_port() for n in range(1, config.replicas + 1)}
+    front = Front(
+        config.http_port, list(gateway_ports.values()), health_path=FRONT_HEALTH_PATH, report=launch.console.say
+    )
+    if not await launch.start_front(front):
+        return launch.busy_port(config.http_port)
+    passwords = load_or_create_passwords(config.cluster_dir / PASSWORDS_FILE, _nats_users(SERVICES, config.integrators))
+    nats = await _start_nats_nodes(launch, config, passwords)
+    if launch.stopping.is_set():
         return 0
-    except EmbeddedServerError as exc:
-        if stopping.is_set():
-            # A Ctrl-C sent to the whole process group also stopped the server being started.
-            return 0
-        console.error(str(exc))
-        return 1
-    finally:
-        if ready is not None:
-            ready.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ready
-        # No new connections first; then the services, while the servers they talk to are up;
-        # then PostgreSQL, then NATS (all nodes at once: none has to take over for another).
-        if front is not None:
-            await front.stop()
-        if supervisor is not None:
-            await supervisor.stop()
-        if postgres is not None:
-            await asyncio.to_thread(postgres.stop)
-        if nats is not None:
-            await asyncio.to_thread(nats.stop)
-        if supervisor is not None or postgres is not None or nats is not None:
-            console.say("stopped")
-        for sig in stop_signals:
-            loop.remove_signal_handler(sig)
+    database_url = await launch.database_url(config.database_url, config.cluster_dir / "postgres")
+    if launch.stopping.is_set():
+        return 0
+    jwt_secret = config.jwt_secret or load_or_create_jwt_secret(config.data_dir)
+    planned = plan_replicas(
+        cmds,
+        replicas=config.replicas,
+        base=os.environ,
+        data_dir=config.data_dir,
+        nats_urls=nats.url_list,
+        database_url=database_url,
+        jwt_secret=jwt_secret,
+        passwords=passwords,
+        stream_replicas=min(3, config.nats_nodes),
+        ports=gateway_ports,
+    )
+    await launch.supervise([ServiceSpec(name=r.name, argv=r.argv, env=r.env) for r in planned])
+    gateways = [r for r in planned if r.service == "gateway"]
+    ready = functools.partial(_cluster_ready_lines, config, gateways, nats, database_url, passwords, jwt_secret)
+    launch.announce_when_ready(config.http_port, ready, timeout=config.ready_timeout, what="the front")
+    return None
+
+
+async def _start_nats_nodes(launch: Launch, config: ClusterConfig, passwords: Mapping[str, str]) -> EmbeddedNatsCluster:
+    """The NATS cluster, every node refusing anonymous clients: each user has a password of ``passwords``."""
+    auth_conf = render_auth_config(config.integrators)
+    nodes = config.nats_nodes
+    return await launch.start_server(
+        f"NATS cluster ({nodes} nodes" + (", sync always)" if config.nats_sync_always else ")"),
+        lambda: start_nats_cluster(
+            config.cluster_dir,
+            nodes=nodes,
+            auth_conf=auth_conf,
+            env=_password_env(passwords),
+            sync_always=config.nats_sync_always,
+            own_process_group=True,
+        ),
+    )
+
+
+def _cluster_ready_lines(
+    config: ClusterConfig,
+    gateways: Sequence[Replica],
+    nats: EmbeddedNatsCluster,
+    database_url: str,
+    passwords: Mapping[str, str],
+    jwt_secret: str,
+) -> list[str]:
+    """What ``flowmesh cluster`` prints once the front is ready: where everything is, the users, a token."""
+    return [
+        "ready",
+        f"  front        http://127.0.0.1:{config.http_port}  (connections spread over the gateways)",
+        *(f"  {r.name:<12} {r.url}" for r in gateways),
+        *(
+            f"  NATS {nats.server_name(i):<7} {url}  monitor {monitor}"
+            for i, (url, monitor) in enumerate(zip(nats.url_list, nats.monitor_urls, strict=True))
+        ),
+        f"  PostgreSQL   {redact(database_url)}",
+        f"  data         {config.cluster_dir}",
+        f"  NATS users   one per service, passwords in {config.cluster_dir / PASSWORDS_FILE}",
+        *(
+            f"  integrator   tenant {tenant}: user {integrator_user(tenant)} "
+            f"password {passwords[integrator_user(tenant)]}"
+            for tenant in config.integrators
+        ),
+        "  dev token (sub dev, tenant dev, role admin, 24 h):",
+        f"  {dev_token(jwt_secret)}",
+        "  Ctrl-C stops everything",
+    ]
 
 
 # --------------------------------------------------------------------------------------------------
