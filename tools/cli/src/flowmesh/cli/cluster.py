@@ -496,9 +496,7 @@ class ClusterShape:
         self._start_env: dict[str, dict[str, str]] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._spawner: concurrent.futures.ThreadPoolExecutor | None = None
+        self._threads = _ShapeThreads()
         self._watcher: concurrent.futures.Future[None] | None = None
 
     # -- where things are ------------------------------------------------------------------------
@@ -563,15 +561,12 @@ class ClusterShape:
 
     def start_all(self) -> None:
         """Start everything and wait until ready; on failure stop what was started, and raise."""
-        if self._thread is not None:
+        if self._threads.started:
             raise RuntimeError("the cluster is already started")
         if "gateway" not in self._commands:
             raise ValueError("the cluster needs gateways behind its front")
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
-        self._spawner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cluster-shape-spawn")
-        loop = self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=loop.run_forever, name="cluster-shape-loop", daemon=True)
-        self._thread.start()
+        self._threads.start()
         try:
             self._start_all()
         except BaseException:
@@ -584,13 +579,13 @@ class ClusterShape:
             self.workdir / PASSWORDS_FILE, _nats_users(SERVICES, self._integrators)
         )
         auth_conf = render_auth_config(self._integrators)
-        nats = self.nats = self._in_spawner(
+        nats = self.nats = self._threads.in_spawner(
             lambda: start_nats_cluster(
                 self.workdir / "nats", nodes=self._nats_nodes, auth_conf=auth_conf, env=_password_env(self.passwords)
             )
         )
         if not self.database_url:
-            postgres = self.postgres = self._in_spawner(lambda: start_postgres(self.workdir / "postgres"))
+            postgres = self.postgres = self._threads.in_spawner(lambda: start_postgres(self.workdir / "postgres"))
             self.database_url = postgres.url
         data_dir = self.workdir / "data"
         if not self.jwt_secret:
@@ -616,11 +611,11 @@ class ClusterShape:
 
         gateways = [r.port for r in self.replicas.values() if r.service == "gateway"]
         self.front = Front(self._http_port, gateways, health_path=FRONT_HEALTH_PATH, report=report)
-        self._in_loop(self.front.start())
+        self._threads.in_loop(self.front.start())
         for name in self.replicas:
             self.start(name)
         if self._restart:
-            self._watcher = asyncio.run_coroutine_threadsafe(self._keep_running(), self._running_loop())
+            self._watcher = self._threads.in_background(self._keep_running())
         self.wait_ready()
 
     def stop_all(self) -> None:
@@ -639,19 +634,14 @@ class ClusterShape:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        if self.front is not None and self._loop is not None:
+        if self.front is not None and self._threads.started:
             with contextlib.suppress(Exception):
-                self._in_loop(self.front.stop())
+                self._threads.in_loop(self.front.stop())
         if self.postgres is not None:
             self.postgres.stop()
         if self.nats is not None:
             self.nats.stop()
-        if self._loop is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-            self._loop.close()
-        if self._spawner is not None:
-            self._spawner.shutdown()
+        self._threads.stop()
 
     def start(self, name: str, *, env: Mapping[str, str] | None = None) -> None:
         """Start a replica that is not running (nothing happens if it runs); returns at once.
@@ -664,7 +654,7 @@ class ClusterShape:
             raise KeyError(f"no replica {name!r}; there are {self.names}")
         if env is not None:
             self._start_env[name] = dict(env)
-        self._in_spawner(lambda: self._spawn_replica(name))
+        self._threads.in_spawner(lambda: self._spawn_replica(name))
 
     def _spawn_replica(self, name: str) -> None:
         replica = self.replicas[name]
@@ -708,7 +698,7 @@ class ClusterShape:
         nats = self.nats
         if nats is None:
             raise RuntimeError("the cluster is not started")
-        self._in_spawner(lambda: nats.restart(index))
+        self._threads.in_spawner(lambda: nats.restart(index))
 
     def wait_ready(self, timeout: float | None = None, names: Sequence[str] | None = None) -> None:
         """Wait until the replicas (default: all) answer ``/readyz`` with 200 and the front sees every gateway.
@@ -746,22 +736,8 @@ class ClusterShape:
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _running_loop(self) -> asyncio.AbstractEventLoop:
-        if self._loop is None:
-            raise RuntimeError("the cluster is not started")
-        return self._loop
-
-    def _in_loop(self, coro: Coroutine[Any, Any, _T]) -> _T:
-        return asyncio.run_coroutine_threadsafe(coro, self._running_loop()).result(60)
-
-    def _in_spawner(self, fn: Callable[[], _T]) -> _T:
-        if self._spawner is None:
-            raise RuntimeError("the cluster is not started")
-        return self._spawner.submit(fn).result()
-
     async def _keep_running(self) -> None:
         """Start again, 0.5 s later, every replica whose process exited (until ``stop_all``)."""
-        loop = asyncio.get_running_loop()
         exited_at: dict[str, float] = {}
         while not self._stopping.is_set():
             await asyncio.sleep(0.1)
@@ -774,4 +750,59 @@ class ClusterShape:
             for name in exited:
                 if now - exited_at.setdefault(name, now) >= 0.5:
                     del exited_at[name]
-                    await loop.run_in_executor(self._spawner, self._spawn_replica, name)
+                    await self._threads.spawning(self._spawn_replica, name)
+
+
+class _ShapeThreads:
+    """The two threads a ``ClusterShape`` works from: an event loop, and one that spawns processes.
+
+    The loop runs the front and the restart watcher; the other thread spawns every server and
+    replica. One long-lived spawning thread, because a child's "die with the parent" signal (Linux) follows
+    the thread that spawned it, not the process: a short-lived thread would take its children with it.
+    """
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._spawner: concurrent.futures.ThreadPoolExecutor | None = None
+
+    @property
+    def started(self) -> bool:
+        """Whether ``start()`` was called (and stays so after ``stop()``: a shape starts once)."""
+        return self._loop is not None
+
+    def start(self) -> None:
+        """Start both threads."""
+        self._spawner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cluster-shape-spawn")
+        loop = self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=loop.run_forever, name="cluster-shape-loop", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the loop (waiting up to 10 s for its thread) and the spawning thread."""
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._loop.close()
+        if self._spawner is not None:
+            self._spawner.shutdown()
+
+    def in_loop(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        """Run ``coro`` on the loop and return its result (waiting up to 60 s)."""
+        return self.in_background(coro).result(60)
+
+    def in_background(self, coro: Coroutine[Any, Any, _T]) -> concurrent.futures.Future[_T]:
+        """Run ``coro`` on the loop; returns at once."""
+        if self._loop is None:
+            raise RuntimeError("the cluster is not started")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def in_spawner(self, fn: Callable[[], _T]) -> _T:
+        """Call ``fn`` on the spawning thread and return its result."""
+        if self._spawner is None:
+            raise RuntimeError("the cluster is not started")
+        return self._spawner.submit(fn).result()
+
+    async def spawning(self, fn: Callable[[str], None], name: str) -> None:
+        """From the loop: call ``fn(name)`` on the spawning thread, and wait for it."""
+        await asyncio.get_running_loop().run_in_executor(self._spawner, fn, name)
