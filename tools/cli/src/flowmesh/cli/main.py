@@ -76,7 +76,7 @@ class DevConfig:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> DevConfig:
-        """Read the configuration from environment variables (DESIGN.md section 10).
+        """Read the configuration from the environment variables ``flowmesh dev`` documents.
 
         Args:
             environ: Variables to read; ``os.environ`` when None.
