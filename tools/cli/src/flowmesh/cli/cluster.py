@@ -338,11 +338,7 @@ async def _start_cluster(launch: Launch, config: ClusterConfig, cmds: Mapping[st
         return launch.busy_port(config.http_port)
     passwords = load_or_create_passwords(config.cluster_dir / PASSWORDS_FILE, _nats_users(SERVICES, config.integrators))
     nats = await _start_nats_nodes(launch, config, passwords)
-    if launch.stopping.is_set():
-        return 0
     database_url = await launch.database_url(config.database_url, config.cluster_dir / "postgres")
-    if launch.stopping.is_set():
-        return 0
     jwt_secret = config.jwt_secret or load_or_create_jwt_secret(config.data_dir)
     planned = plan_replicas(
         cmds,

@@ -292,12 +292,28 @@ def _retry_if_port_taken(attempts: int, start: Callable[[], _T]) -> _T:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+class _StopsOnExit:
+    """A server usable as a context manager: leaving the block stops it."""
+
+    def stop(self) -> None:
+        """Stop the server (by PID, SIGKILL after a timeout)."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
 # --------------------------------------------------------------------------------------------------
 # NATS
 
 
 @dataclass
-class EmbeddedNats:
+class EmbeddedNats(_StopsOnExit):
     """A ``nats-server`` child process with JetStream enabled.
 
     Attributes:
@@ -328,14 +344,6 @@ class EmbeddedNats:
             timeout: Seconds to wait for a graceful exit before killing.
         """
         _stop_process(self.process, signal.SIGTERM, timeout)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
 
 def _nats_healthy(monitor_port: int) -> bool:
@@ -468,7 +476,7 @@ def _start_nats_once(
 
 
 @dataclass
-class EmbeddedPostgres:
+class EmbeddedPostgres(_StopsOnExit):
     """A ``postgres`` child process listening on 127.0.0.1 with trust authentication.
 
     Attributes:
@@ -505,14 +513,6 @@ class EmbeddedPostgres:
         # After a clean shutdown the postmaster has reaped its children already; after SIGKILL its
         # backends notice the postmaster died and exit by themselves, but never let one linger.
         _kill_leftovers(children, timeout=5)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
 
 def _prepare_as_root(data_dir: Path) -> _RunAs:
@@ -856,7 +856,7 @@ def _cluster_node_config(
     return "\n".join(lines) + "\n"
 
 
-class EmbeddedNatsCluster:
+class EmbeddedNatsCluster(_StopsOnExit):
     """``nats-server`` processes in one cluster with JetStream, on 127.0.0.1; started by ``start_nats_cluster``.
 
     Node ``i`` (0-based, as in ``nodes``) is the server named ``n<i+1>``, stores under
@@ -1024,14 +1024,6 @@ class EmbeddedNatsCluster:
                 _signal_pid(node.process.pid, signal.SIGTERM)
         for node in self.nodes:
             node.stop(timeout)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
 
 def start_nats_cluster(

@@ -49,6 +49,10 @@ class _Stoppable(Protocol):
 _Server = TypeVar("_Server", bound=_Stoppable)
 
 
+class _StopRequested(Exception):
+    """A stop signal came while a server was starting: start nothing more."""
+
+
 def redact(url: str) -> str:
     """Hide the password of a URL that is about to be printed."""
     parts = urlsplit(url)
@@ -111,7 +115,8 @@ class Launch:
 
     ``run(start)`` calls ``start``, which starts things through these methods (so that each is
     stopped at the end, in the right order) and returns an exit code when it gives up early, or
-    None once everything is up; the run then lasts until a stop signal.
+    None once everything is up; the run then lasts until a stop signal. A stop signal while
+    ``start`` runs takes effect at the next server started, or once everything is up.
     """
 
     def __init__(self, names: Sequence[str]) -> None:
@@ -139,6 +144,8 @@ class Launch:
             if code is not None:
                 return code
             await self.stopping.wait()
+            return 0
+        except _StopRequested:
             return 0
         except EmbeddedServerError as exc:
             if self.stopping.is_set():
@@ -168,13 +175,16 @@ class Launch:
     async def start_server(self, what: str, start: Callable[[], _Server]) -> _Server:
         """Start an embedded server in a thread, so the loop keeps handling signals meanwhile.
 
-        The servers are stopped after the services, the last started first.
+        The servers are stopped after the services, the last started first. A stop signal that
+        came meanwhile ends the run once the server is up: nothing more is started.
         """
         self.console.say(f"starting embedded {what}")
         began = time.monotonic()
         server = await asyncio.to_thread(start)
         self._servers.append(server)
         self.console.say(f"embedded {what} ready in {time.monotonic() - began:.2f} s")
+        if self.stopping.is_set():
+            raise _StopRequested
         return server
 
     async def database_url(self, configured: str | None, data_dir: Path) -> str:

@@ -6,10 +6,10 @@ import asyncio
 import functools
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Final
+from typing import Annotated, Any, Final, NoReturn, TypeVar
 
 import typer
 
@@ -37,6 +37,7 @@ READY_TIMEOUT: Final = 120.0
 """Seconds ``flowmesh dev`` reports progress while waiting for the gateway's ``/readyz``."""
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
+_Config = TypeVar("_Config")
 
 app = typer.Typer(
     name="flowmesh",
@@ -188,11 +189,7 @@ async def _start_dev(launch: Launch, config: DevConfig, cmds: Mapping[str, Seque
             lambda: start_nats(config.data_dir / "nats", sync_always=sync_always, own_process_group=True),
         )
         nats_url = nats.url
-    if launch.stopping.is_set():
-        return 0
     database_url = await launch.database_url(config.database_url, config.data_dir / "postgres")
-    if launch.stopping.is_set():
-        return 0
     jwt_secret = config.jwt_secret or load_or_create_jwt_secret(config.data_dir)
     await launch.supervise(_dev_specs(config, cmds, nats_url, database_url, jwt_secret))
     ready = functools.partial(_dev_ready_lines, config, nats_url, database_url, jwt_secret)
@@ -248,12 +245,20 @@ def dev() -> None:
 
     Services that exit are restarted with backoff. Ctrl-C (or SIGTERM) stops everything.
     """
+    _run_command(DevConfig.from_env, run_dev)
+
+
+def _run_command(read_config: Callable[[], _Config], run: Callable[[_Config], Coroutine[Any, Any, int]]) -> NoReturn:
+    """Read a command's configuration from the environment, run the command, and exit with its code.
+
+    A configuration that cannot be read is a usage error: exit code 2, as typer gives for bad options.
+    """
     try:
-        config = DevConfig.from_env()
+        config = read_config()
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise typer.Exit(2) from None
-    raise typer.Exit(asyncio.run(run_dev(config)))
+    raise typer.Exit(asyncio.run(run(config)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -285,12 +290,7 @@ def cluster() -> None:
     # Imported here: cluster.py builds on this module's pieces.
     from flowmesh.cli.cluster import ClusterConfig, run_cluster
 
-    try:
-        config = ClusterConfig.from_env()
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise typer.Exit(2) from None
-    raise typer.Exit(asyncio.run(run_cluster(config)))
+    _run_command(ClusterConfig.from_env, run_cluster)
 
 
 # --------------------------------------------------------------------------------------------------
