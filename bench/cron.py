@@ -35,6 +35,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -243,63 +244,122 @@ async def scenario_cron(
     """
     async with contextlib.AsyncExitStack() as cleanup:
         work = workdir or Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="flowmesh-cron-")))
-        if nats_url is None:
-            server = start_nats(work / "nats")
-            cleanup.callback(server.stop)
-            nats_url = server.url
-        if database_url is None:
-            pg = start_postgres(work / "postgres")
-            cleanup.callback(pg.stop)
-            database_url = pg.url
-        db_name = f"cron_{uuid.uuid4().hex[:8]}"
-        own_db = await create_database(database_url, db_name)
-        cleanup.push_async_callback(drop_database, database_url, db_name)
-        services = ("flows", "scheduler", *(("usage", "runner") if runner else ()))
-        stack = ProcessStack(
-            nats_url,
-            own_db,
-            work,
-            env={"FLOWMESH_LOG_LEVEL": "WARNING"},
-            services=services,
-            replicas={"scheduler": replicas},
-        )
-        stack.start_all()
-        cleanup.callback(stack.stop_all)
+        nats_url, own_db = await _servers(cleanup, work, nats_url, database_url)
+        stack = _start_stack(cleanup, nats_url, own_db, work, replicas=replicas, runner=runner)
         nc = await nats.connect(nats_url)
         try:
             await _wait_answering(nc, [FlowsOp.PING, SchedulerOp.PING])
             log(f"cron: creating {schedules} schedules over {flows} flows ({replicas} scheduler replicas)")
-            t0 = time.perf_counter()
-            await _create_schedules(nc, schedules, flows, tenants, in_flight=32)
-            created_s = time.perf_counter() - t0
-            while (armed := await _armed(own_db)) < schedules:
-                if time.perf_counter() - t0 > 600:
-                    raise TimeoutError(f"only {armed} of {schedules} schedules armed after 600 s")
-                await asyncio.sleep(0.5)
-            setup_s = time.perf_counter() - t0
-            log(f"cron: created in {created_s:.1f}s, all armed after {setup_s:.1f}s; measuring {duration_s:.0f}s")
-
-            fires = Fires()
-            sub = await nc.subscribe(RUN_START_CMD, cb=fires.handler)
-            start = math.ceil(time.time()) + 2
-            end = start + int(duration_s)
-            procs = {name: psutil.Process(p.pid) for name, p in stack.procs.items() if name.startswith("scheduler")}
-            await asyncio.sleep(max(0.0, start - time.time()))
-            cpu0 = {name: p.cpu_times() for name, p in procs.items()}
-            await asyncio.sleep(max(0.0, end - time.time()))
-            cpu1 = {name: p.cpu_times() for name, p in procs.items()}
-            await asyncio.sleep(2.0)  # stragglers of the window's last second
-            await sub.unsubscribe()
-            stored = sorted(await _stored_lateness(nc, start, end)) if not runner else []
-            per_second = Counter(i % 60 for i in range(schedules))  # schedule i fires at second i % 60
-            expected = sum(per_second[t % 60] for t in range(start, end))
-            made = await _runs_made(own_db, start, end, expected) if runner else None
+            setup_s = await _set_up(nc, own_db, schedules, flows, tenants, duration_s)
+            window = await _measure(nc, stack, duration_s)
+            stored = sorted(await _stored_lateness(nc, window.start, window.end)) if not runner else []
+            expected = _expected_fires(schedules, window)
+            made = await _runs_made(own_db, window.start, window.end, expected) if runner else None
         finally:
             await nc.close()
+    return {
+        "scenario": "cron",
+        "schedules": schedules,
+        "scheduler_replicas": replicas,
+        "runner": runner,
+        "duration_s": window.end - window.start,
+        "setup_s": round(setup_s, 1),
+        **_fire_figures(window, expected, stored),
+        **({"runner_runs": made} if made is not None else {}),
+        "scheduler_cpu_percent": window.cpu_percent,
+    }
 
+
+async def _servers(
+    cleanup: contextlib.AsyncExitStack, work: Path, nats_url: str | None, database_url: str | None
+) -> tuple[str, str]:
+    """The NATS URL (an embedded server when None) and a database of the scenario's own, dropped on cleanup."""
+    if nats_url is None:
+        server = start_nats(work / "nats")
+        cleanup.callback(server.stop)
+        nats_url = server.url
+    if database_url is None:
+        pg = start_postgres(work / "postgres")
+        cleanup.callback(pg.stop)
+        database_url = pg.url
+    db_name = f"cron_{uuid.uuid4().hex[:8]}"
+    own_db = await create_database(database_url, db_name)
+    cleanup.push_async_callback(drop_database, database_url, db_name)
+    return nats_url, own_db
+
+
+def _start_stack(
+    cleanup: contextlib.AsyncExitStack, nats_url: str, own_db: str, work: Path, *, replicas: int, runner: bool
+) -> ProcessStack:
+    """The flows service and ``replicas`` schedulers (with ``runner``, the runner and usage too), stopped on cleanup."""
+    services = ("flows", "scheduler", *(("usage", "runner") if runner else ()))
+    stack = ProcessStack(
+        nats_url,
+        own_db,
+        work,
+        env={"FLOWMESH_LOG_LEVEL": "WARNING"},
+        services=services,
+        replicas={"scheduler": replicas},
+    )
+    stack.start_all()
+    cleanup.callback(stack.stop_all)
+    return stack
+
+
+async def _set_up(nc: nats.NATS, own_db: str, schedules: int, flows: int, tenants: int, duration_s: float) -> float:
+    """Create the schedules and wait until the schedulers hold them all; the seconds it took."""
+    t0 = time.perf_counter()
+    await _create_schedules(nc, schedules, flows, tenants, in_flight=32)
+    created_s = time.perf_counter() - t0
+    while (armed := await _armed(own_db)) < schedules:
+        if time.perf_counter() - t0 > 600:
+            raise TimeoutError(f"only {armed} of {schedules} schedules armed after 600 s")
+        await asyncio.sleep(0.5)
+    setup_s = time.perf_counter() - t0
+    log(f"cron: created in {created_s:.1f}s, all armed after {setup_s:.1f}s; measuring {duration_s:.0f}s")
+    return setup_s
+
+
+@dataclass(frozen=True)
+class Window:
+    """What was measured: the fires seen for due times from ``start`` to ``end`` (epoch seconds, end excluded)."""
+
+    start: int
+    end: int
+    fires: Fires
+    cpu_percent: dict[str, float]
+    """CPU use of each scheduler replica over the window, in percent of one core."""
+
+
+async def _measure(nc: nats.NATS, stack: ProcessStack, duration_s: float) -> Window:
+    """Listen to run starts over ``duration_s`` whole seconds from 2 s from now, and the schedulers' CPU."""
+    fires = Fires()
+    sub = await nc.subscribe(RUN_START_CMD, cb=fires.handler)
+    start = math.ceil(time.time()) + 2
+    end = start + int(duration_s)
+    procs = {name: psutil.Process(p.pid) for name, p in stack.procs.items() if name.startswith("scheduler")}
+    await asyncio.sleep(max(0.0, start - time.time()))
+    cpu0 = {name: p.cpu_times() for name, p in procs.items()}
+    await asyncio.sleep(max(0.0, end - time.time()))
+    cpu1 = {name: p.cpu_times() for name, p in procs.items()}
+    await asyncio.sleep(2.0)  # stragglers of the window's last second
+    await sub.unsubscribe()
+    cpu = {name: round((sum(cpu1[name][:2]) - sum(cpu0[name][:2])) / (end - start) * 100, 1) for name in cpu0}
+    return Window(start=start, end=end, fires=fires, cpu_percent=cpu)
+
+
+def _expected_fires(schedules: int, window: Window) -> int:
+    """How many fires are due in the window: schedule ``i`` fires at second ``i % 60`` of each minute."""
+    per_second = Counter(i % 60 for i in range(schedules))
+    return sum(per_second[t % 60] for t in range(window.start, window.end))
+
+
+def _fire_figures(window: Window, expected: int, stored: list[float]) -> dict[str, Any]:
+    """Fires, misses, duplicates and lateness of the window's due times."""
+    start, end = window.start, window.end
     in_window = [
         (trigger, due, arrived)
-        for trigger, due, arrived in fires.seen
+        for trigger, due, arrived in window.fires.seen
         if start <= (at := datetime.fromisoformat(due).timestamp()) < end and at == int(at)
     ]
     keys = Counter((trigger, due) for trigger, due, _ in in_window)
@@ -307,14 +367,7 @@ async def scenario_cron(
     for trigger, due, arrived in in_window:
         first.setdefault((trigger, due), arrived)
     lateness = sorted((arrived - datetime.fromisoformat(due).timestamp()) * 1000 for (_, due), arrived in first.items())
-    cpu = {name: round((sum(cpu1[name][:2]) - sum(cpu0[name][:2])) / (end - start) * 100, 1) for name in cpu0}
     return {
-        "scenario": "cron",
-        "schedules": schedules,
-        "scheduler_replicas": replicas,
-        "runner": runner,
-        "duration_s": end - start,
-        "setup_s": round(setup_s, 1),
         "expected_fires": expected,
         "fired": len(keys),
         "missing": expected - len(keys),
@@ -327,8 +380,6 @@ async def scenario_cron(
         "subscriber_p50_ms": _figure(lateness, 0.5),
         "subscriber_p99_ms": _figure(lateness, 0.99),
         "fires_per_s": round(len(keys) / (end - start), 1),
-        **({"runner_runs": made} if made is not None else {}),
-        "scheduler_cpu_percent": cpu,
     }
 
 

@@ -1,4 +1,4 @@
-"""``make bench``: Flowmesh's speed on this machine, against DESIGN §12's targets.
+"""``make bench``: Flowmesh's speed on this machine, against the targets each result records (``targets``).
 
 Starts the whole stack on embedded NATS and PostgreSQL (or uses ``--base``/``--nats`` for a running
 one), then runs each scenario, prints its figures and writes ``bench/results/<scenario>.json``.
@@ -357,6 +357,27 @@ async def main_async(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    parser = _parser()
+    args = parser.parse_args()
+    args.scenarios = args.scenarios or list(TARGETS)
+    SETUP.update({"runner_replicas": args.runners if not args.base else "external", "client": "aiohttp"})
+    if unknown := set(args.scenarios) - set(TARGETS) - {"scale"}:
+        parser.error(f"unknown scenario(s) {', '.join(sorted(unknown))}; choose from {', '.join(TARGETS)}, scale")
+    if args.serve:
+        serve(args)
+        return
+    if args.base and not args.nats:
+        parser.error("--nats is needed with --base (completion is observed on NATS)")
+    if set(args.scenarios) - {"cron", "scale"}:
+        run_on_stack(args)
+    if "cron" in args.scenarios:
+        run_cron(args)
+    if "scale" in args.scenarios:
+        run_scale(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The command line: which scenarios, against what, and how much of each."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "scenarios",
@@ -402,42 +423,37 @@ def main() -> None:
     parser.add_argument(
         "--scale-runners", default="1,2,3", help="runner replicas of each point of the scale scenario (comma-separated)"
     )
-    args = parser.parse_args()
-    args.scenarios = args.scenarios or list(TARGETS)
-    SETUP.update({"runner_replicas": args.runners if not args.base else "external", "client": "aiohttp"})
-    if unknown := set(args.scenarios) - set(TARGETS) - {"scale"}:
-        parser.error(f"unknown scenario(s) {', '.join(sorted(unknown))}; choose from {', '.join(TARGETS)}, scale")
-    if args.serve:
-        serve(args)
-        return
-    if args.base and not args.nats:
-        parser.error("--nats is needed with --base (completion is observed on NATS)")
-    if set(args.scenarios) - {"cron", "scale"}:
-        run_on_stack(args)
-    if "cron" in args.scenarios:
-        # schedulers of their own, on a NATS and a PostgreSQL of their own, after the stack above
-        # has stopped: another stack's scheduler would be one more replica of the scenario
-        log(f"cron: {args.schedules} once-a-minute schedules, 2 scheduler replicas, {args.cron_duration:.0f}s")
-        result = asyncio.run(scenario_cron(schedules=args.schedules, duration_s=args.cron_duration))
-        SETUP.clear()
-        SETUP.update({"scheduler_replicas": result["scheduler_replicas"], "services": "flows, scheduler"})
-        report(result)
-    if "scale" in args.scenarios:
-        runners = [int(n) for n in args.scale_runners.split(",") if n.strip()]
-        log(f"scale: throughput on the cluster shape with {runners} runner replicas")
-        result = scenario_scale(
-            runners,
-            runs=args.scale_runs,
-            steps=args.steps,
-            in_flight=args.in_flight,
-            repeat=3,
-            log=log,
-            throughput=scenario_throughput,
-            api=Api,
-        )
-        SETUP.clear()
-        SETUP.update({"client": "aiohttp", "through": "the front, as integrator-<tenant> on NATS"})
-        report(result)
+    return parser
+
+
+def run_cron(args: argparse.Namespace) -> None:
+    """The cron scenario, on servers of its own."""
+    # schedulers of their own, on a NATS and a PostgreSQL of their own, after the stack above
+    # has stopped: another stack's scheduler would be one more replica of the scenario
+    log(f"cron: {args.schedules} once-a-minute schedules, 2 scheduler replicas, {args.cron_duration:.0f}s")
+    result = asyncio.run(scenario_cron(schedules=args.schedules, duration_s=args.cron_duration))
+    SETUP.clear()
+    SETUP.update({"scheduler_replicas": result["scheduler_replicas"], "services": "flows, scheduler"})
+    report(result)
+
+
+def run_scale(args: argparse.Namespace) -> None:
+    """The scale scenario, on the cluster shape with each number of runner replicas asked for."""
+    runners = [int(n) for n in args.scale_runners.split(",") if n.strip()]
+    log(f"scale: throughput on the cluster shape with {runners} runner replicas")
+    result = scenario_scale(
+        runners,
+        runs=args.scale_runs,
+        steps=args.steps,
+        in_flight=args.in_flight,
+        repeat=3,
+        log=log,
+        throughput=scenario_throughput,
+        api=Api,
+    )
+    SETUP.clear()
+    SETUP.update({"client": "aiohttp", "through": "the front, as integrator-<tenant> on NATS"})
+    report(result)
 
 
 def run_on_stack(args: argparse.Namespace) -> None:

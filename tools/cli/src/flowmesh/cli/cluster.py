@@ -19,13 +19,13 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import http.client
 import json
 import os
 import secrets
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -37,27 +37,16 @@ from typing import Any, Final, Self, TypeVar
 from flowmesh.cli.embedded import (
     EmbeddedNatsCluster,
     EmbeddedPostgres,
-    EmbeddedServerError,
     _spawn,
     free_port,
     start_nats_cluster,
     start_postgres,
 )
 from flowmesh.cli.front import Front
-from flowmesh.cli.main import (
-    SERVICES,
-    DevConfig,
-    _Console,
-    _dev_token,
-    _port_is_free,
-    _redact,
-    _start_server,
-    _wait_until_ready,
-    service_commands,
-    service_env,
-)
+from flowmesh.cli.launch import Launch, dev_token, port_is_free, redact
+from flowmesh.cli.main import SERVICES, DevConfig, service_commands, service_env
 from flowmesh.cli.natsconf import password_var, render_auth_config
-from flowmesh.cli.supervisor import ServiceSpec, Supervisor, colour_enabled
+from flowmesh.cli.supervisor import ServiceSpec
 from flowmesh.cli.tokens import Role, load_or_create_jwt_secret, mint_token
 from flowmesh.contracts.permissions import integrator_user
 
@@ -251,39 +240,46 @@ def plan_replicas(
     Returns:
         The replicas, service by service, each on a port of its own.
     """
-    planned = []
-    turn = 0
+    planned: list[Replica] = []
     for service, argv in commands.items():
         count = replicas if isinstance(replicas, int) else replicas.get(service, DEFAULT_REPLICAS)
         for n in range(1, count + 1):
             name = f"{service}-{n}"
             port = (ports or {}).get(name) or free_port()
-            urls = list(nats_urls)
-            shift = turn % len(urls)
-            turn += 1
             env = service_env(
                 service,
                 base=base,
                 config=DevConfig(data_dir=data_dir, http_port=port),
-                nats_url=",".join(urls[shift:] + urls[:shift]),
+                nats_url=",".join(_rotated(nats_urls, len(planned))),
                 database_url=database_url,
                 jwt_secret=jwt_secret,
                 health_port=None if service == "gateway" else port,
             )
-            env.update(
-                {
-                    "FLOWMESH_NATS_USER": service,
-                    "FLOWMESH_NATS_PASSWORD": passwords[service],
-                    "FLOWMESH_STREAM_REPLICAS": str(stream_replicas),
-                    f"FLOWMESH_{service.upper()}_HEALTH_HOST": "127.0.0.1",
-                }
-            )
-            if service == "gateway":
-                # a stopping gateway stays up, not ready, long enough for the front (checking every
-                # 0.5 s) to send new connections to the other one
-                env.setdefault("FLOWMESH_GATEWAY_DRAIN_S", "1.5")
+            _add_cluster_settings(env, service, password=passwords[service], stream_replicas=stream_replicas)
             planned.append(Replica(name=name, service=service, port=port, argv=list(argv), env=env))
     return planned
+
+
+def _rotated(urls: Sequence[str], turn: int) -> list[str]:
+    """``urls`` rotated left by ``turn``: each replica dials a different node first."""
+    shift = turn % len(urls)
+    return [*urls[shift:], *urls[:shift]]
+
+
+def _add_cluster_settings(env: dict[str, str], service: str, *, password: str, stream_replicas: int) -> None:
+    """What a replica needs in a cluster beyond ``flowmesh dev``'s settings: its NATS user, replicated streams."""
+    env.update(
+        {
+            "FLOWMESH_NATS_USER": service,
+            "FLOWMESH_NATS_PASSWORD": password,
+            "FLOWMESH_STREAM_REPLICAS": str(stream_replicas),
+            f"FLOWMESH_{service.upper()}_HEALTH_HOST": "127.0.0.1",
+        }
+    )
+    if service == "gateway":
+        # a stopping gateway stays up, not ready, long enough for the front (checking every
+        # 0.5 s) to send new connections to the other one
+        env.setdefault("FLOWMESH_GATEWAY_DRAIN_S", "1.5")
 
 
 def _status(port: int, path: str = "/readyz", timeout: float = 2.0) -> int | None:
@@ -319,145 +315,96 @@ async def run_cluster(config: ClusterConfig, *, commands: Mapping[str, Sequence[
     cmds = service_commands() if commands is None else commands
     if "gateway" not in cmds:
         raise ValueError("the cluster needs gateways behind its front")
-    loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
-    names = [f"{service}-{n}" for service in cmds for n in range(1, config.replicas + 1)]
-    console = _Console(names)
-    stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    launch = Launch([f"{service}-{n}" for service in cmds for n in range(1, config.replicas + 1)])
+    return await launch.run(lambda: _start_cluster(launch, config, cmds))
 
-    def on_signal(sig: signal.Signals) -> None:
-        if not stopping.is_set():
-            console.say(f"{sig.name} received, stopping")
-        stopping.set()
 
-    for sig in stop_signals:
-        loop.add_signal_handler(sig, on_signal, sig)
+async def _start_cluster(launch: Launch, config: ClusterConfig, cmds: Mapping[str, Sequence[str]]) -> int | None:
+    """Start the front, the NATS nodes, PostgreSQL unless configured, then the replicas.
 
-    front: Front | None = None
-    nats: EmbeddedNatsCluster | None = None
-    postgres: EmbeddedPostgres | None = None
-    supervisor: Supervisor | None = None
-    ready: asyncio.Task[None] | None = None
-    try:
-        config.cluster_dir.mkdir(parents=True, exist_ok=True)
-        busy = f"port {config.http_port} on 127.0.0.1 is in use; stop what listens there or set FLOWMESH_HTTP_PORT"
-        if not _port_is_free(config.http_port):
-            console.error(busy)
-            return 1
-        # The front listens before anything else starts, so that the port stays ours; its
-        # gateways get their ports now.
-        gateway_ports = {f"gateway-{n}": free_port() for n in range(1, config.replicas + 1)}
-        front = Front(config.http_port, list(gateway_ports.values()), health_path=FRONT_HEALTH_PATH, report=console.say)
-        try:
-            await front.start()
-        except OSError:
-            front = None
-            console.error(busy)
-            return 1
+    Returns:
+        An exit code when it gives up early, None once everything is started.
+    """
+    config.cluster_dir.mkdir(parents=True, exist_ok=True)
+    if not port_is_free(config.http_port):
+        return launch.busy_port(config.http_port)
+    # The front listens before anything else starts, so that the port stays ours; its
+    # gateways get their ports now.
+    gateway_ports = {f"gateway-{n}": free_port() for n in range(1, config.replicas + 1)}
+    front = Front(
+        config.http_port, list(gateway_ports.values()), health_path=FRONT_HEALTH_PATH, report=launch.console.say
+    )
+    if not await launch.start_front(front):
+        return launch.busy_port(config.http_port)
+    passwords = load_or_create_passwords(config.cluster_dir / PASSWORDS_FILE, _nats_users(SERVICES, config.integrators))
+    nats = await _start_nats_nodes(launch, config, passwords)
+    database_url = await launch.database_url(config.database_url, config.cluster_dir / "postgres")
+    jwt_secret = config.jwt_secret or load_or_create_jwt_secret(config.data_dir)
+    planned = plan_replicas(
+        cmds,
+        replicas=config.replicas,
+        base=os.environ,
+        data_dir=config.data_dir,
+        nats_urls=nats.url_list,
+        database_url=database_url,
+        jwt_secret=jwt_secret,
+        passwords=passwords,
+        stream_replicas=min(3, config.nats_nodes),
+        ports=gateway_ports,
+    )
+    await launch.supervise([ServiceSpec(name=r.name, argv=r.argv, env=r.env) for r in planned])
+    gateways = [r for r in planned if r.service == "gateway"]
+    ready = functools.partial(_cluster_ready_lines, config, gateways, nats, database_url, passwords, jwt_secret)
+    launch.announce_when_ready(config.http_port, ready, timeout=config.ready_timeout, what="the front")
+    return None
 
-        passwords_path = config.cluster_dir / PASSWORDS_FILE
-        passwords = load_or_create_passwords(passwords_path, _nats_users(SERVICES, config.integrators))
-        auth_conf = render_auth_config(config.integrators)
-        nodes = config.nats_nodes
-        nats = await _start_server(
-            console,
-            f"NATS cluster ({nodes} nodes" + (", sync always)" if config.nats_sync_always else ")"),
-            lambda: start_nats_cluster(
-                config.cluster_dir,
-                nodes=nodes,
-                auth_conf=auth_conf,
-                env=_password_env(passwords),
-                sync_always=config.nats_sync_always,
-                own_process_group=True,
-            ),
-        )
-        if stopping.is_set():
-            return 0
-        database_url = config.database_url
-        if database_url is None:
-            postgres = await _start_server(
-                console,
-                "PostgreSQL",
-                lambda: start_postgres(config.cluster_dir / "postgres", own_process_group=True),
-            )
-            database_url = postgres.url
-        if stopping.is_set():
-            return 0
-        jwt_secret = config.jwt_secret or load_or_create_jwt_secret(config.data_dir)
 
-        planned = plan_replicas(
-            cmds,
-            replicas=config.replicas,
-            base=os.environ,
-            data_dir=config.data_dir,
-            nats_urls=nats.url_list,
-            database_url=database_url,
-            jwt_secret=jwt_secret,
-            passwords=passwords,
-            stream_replicas=min(3, nodes),
-            ports=gateway_ports,
-        )
-        gateways = [r for r in planned if r.service == "gateway"]
-        supervisor = Supervisor(
-            [ServiceSpec(name=r.name, argv=r.argv, env=r.env) for r in planned], colour=colour_enabled(sys.stdout)
-        )
-        console.supervisor = supervisor
-        await supervisor.start()
+async def _start_nats_nodes(launch: Launch, config: ClusterConfig, passwords: Mapping[str, str]) -> EmbeddedNatsCluster:
+    """The NATS cluster, every node refusing anonymous clients: each user has a password of ``passwords``."""
+    auth_conf = render_auth_config(config.integrators)
+    nodes = config.nats_nodes
+    return await launch.start_server(
+        f"NATS cluster ({nodes} nodes" + (", sync always)" if config.nats_sync_always else ")"),
+        lambda: start_nats_cluster(
+            config.cluster_dir,
+            nodes=nodes,
+            auth_conf=auth_conf,
+            env=_password_env(passwords),
+            sync_always=config.nats_sync_always,
+            own_process_group=True,
+        ),
+    )
 
-        def announce() -> None:
-            lines = [
-                "ready",
-                f"  front        http://127.0.0.1:{config.http_port}  (connections spread over the gateways)",
-                *(f"  {r.name:<12} {r.url}" for r in gateways),
-                *(
-                    f"  NATS {nats.server_name(i):<7} {url}  monitor {monitor}"
-                    for i, (url, monitor) in enumerate(zip(nats.url_list, nats.monitor_urls, strict=True))
-                ),
-                f"  PostgreSQL   {_redact(database_url)}",
-                f"  data         {config.cluster_dir}",
-                f"  NATS users   one per service, passwords in {passwords_path}",
-                *(
-                    f"  integrator   tenant {tenant}: user {integrator_user(tenant)} "
-                    f"password {passwords[integrator_user(tenant)]}"
-                    for tenant in config.integrators
-                ),
-                "  dev token (sub dev, tenant dev, role admin, 24 h):",
-                f"  {_dev_token(jwt_secret)}",
-                "  Ctrl-C stops everything",
-            ]
-            for line in lines:
-                console.say(line)
 
-        ready = asyncio.create_task(
-            _wait_until_ready(config.http_port, config.ready_timeout, console, announce, stopping, what="the front")
-        )
-        await stopping.wait()
-        return 0
-    except EmbeddedServerError as exc:
-        if stopping.is_set():
-            # A Ctrl-C sent to the whole process group also stopped the server being started.
-            return 0
-        console.error(str(exc))
-        return 1
-    finally:
-        if ready is not None:
-            ready.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ready
-        # No new connections first; then the services, while the servers they talk to are up;
-        # then PostgreSQL, then NATS (all nodes at once: none has to take over for another).
-        if front is not None:
-            await front.stop()
-        if supervisor is not None:
-            await supervisor.stop()
-        if postgres is not None:
-            await asyncio.to_thread(postgres.stop)
-        if nats is not None:
-            await asyncio.to_thread(nats.stop)
-        if supervisor is not None or postgres is not None or nats is not None:
-            console.say("stopped")
-        for sig in stop_signals:
-            loop.remove_signal_handler(sig)
+def _cluster_ready_lines(
+    config: ClusterConfig,
+    gateways: Sequence[Replica],
+    nats: EmbeddedNatsCluster,
+    database_url: str,
+    passwords: Mapping[str, str],
+    jwt_secret: str,
+) -> list[str]:
+    """What ``flowmesh cluster`` prints once the front is ready: where everything is, the users, a token."""
+    return [
+        "ready",
+        f"  front        http://127.0.0.1:{config.http_port}  (connections spread over the gateways)",
+        *(f"  {r.name:<12} {r.url}" for r in gateways),
+        *(
+            f"  NATS {nats.server_name(i):<7} {url}  monitor {monitor}"
+            for i, (url, monitor) in enumerate(zip(nats.url_list, nats.monitor_urls, strict=True))
+        ),
+        f"  PostgreSQL   {redact(database_url)}",
+        f"  data         {config.cluster_dir}",
+        f"  NATS users   one per service, passwords in {config.cluster_dir / PASSWORDS_FILE}",
+        *(
+            f"  integrator   tenant {tenant}: user {integrator_user(tenant)} "
+            f"password {passwords[integrator_user(tenant)]}"
+            for tenant in config.integrators
+        ),
+        "  dev token (sub dev, tenant dev, role admin, 24 h):",
+        f"  {dev_token(jwt_secret)}",
+        "  Ctrl-C stops everything",
+    ]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -545,9 +492,7 @@ class ClusterShape:
         self._start_env: dict[str, dict[str, str]] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._spawner: concurrent.futures.ThreadPoolExecutor | None = None
+        self._threads = _ShapeThreads()
         self._watcher: concurrent.futures.Future[None] | None = None
 
     # -- where things are ------------------------------------------------------------------------
@@ -612,15 +557,12 @@ class ClusterShape:
 
     def start_all(self) -> None:
         """Start everything and wait until ready; on failure stop what was started, and raise."""
-        if self._thread is not None:
+        if self._threads.started:
             raise RuntimeError("the cluster is already started")
         if "gateway" not in self._commands:
             raise ValueError("the cluster needs gateways behind its front")
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
-        self._spawner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cluster-shape-spawn")
-        loop = self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=loop.run_forever, name="cluster-shape-loop", daemon=True)
-        self._thread.start()
+        self._threads.start()
         try:
             self._start_all()
         except BaseException:
@@ -633,13 +575,13 @@ class ClusterShape:
             self.workdir / PASSWORDS_FILE, _nats_users(SERVICES, self._integrators)
         )
         auth_conf = render_auth_config(self._integrators)
-        nats = self.nats = self._in_spawner(
+        nats = self.nats = self._threads.in_spawner(
             lambda: start_nats_cluster(
                 self.workdir / "nats", nodes=self._nats_nodes, auth_conf=auth_conf, env=_password_env(self.passwords)
             )
         )
         if not self.database_url:
-            postgres = self.postgres = self._in_spawner(lambda: start_postgres(self.workdir / "postgres"))
+            postgres = self.postgres = self._threads.in_spawner(lambda: start_postgres(self.workdir / "postgres"))
             self.database_url = postgres.url
         data_dir = self.workdir / "data"
         if not self.jwt_secret:
@@ -665,11 +607,11 @@ class ClusterShape:
 
         gateways = [r.port for r in self.replicas.values() if r.service == "gateway"]
         self.front = Front(self._http_port, gateways, health_path=FRONT_HEALTH_PATH, report=report)
-        self._in_loop(self.front.start())
+        self._threads.in_loop(self.front.start())
         for name in self.replicas:
             self.start(name)
         if self._restart:
-            self._watcher = asyncio.run_coroutine_threadsafe(self._keep_running(), self._running_loop())
+            self._watcher = self._threads.in_background(self._keep_running())
         self.wait_ready()
 
     def stop_all(self) -> None:
@@ -688,19 +630,14 @@ class ClusterShape:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        if self.front is not None and self._loop is not None:
+        if self.front is not None and self._threads.started:
             with contextlib.suppress(Exception):
-                self._in_loop(self.front.stop())
+                self._threads.in_loop(self.front.stop())
         if self.postgres is not None:
             self.postgres.stop()
         if self.nats is not None:
             self.nats.stop()
-        if self._loop is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-            self._loop.close()
-        if self._spawner is not None:
-            self._spawner.shutdown()
+        self._threads.stop()
 
     def start(self, name: str, *, env: Mapping[str, str] | None = None) -> None:
         """Start a replica that is not running (nothing happens if it runs); returns at once.
@@ -713,7 +650,7 @@ class ClusterShape:
             raise KeyError(f"no replica {name!r}; there are {self.names}")
         if env is not None:
             self._start_env[name] = dict(env)
-        self._in_spawner(lambda: self._spawn_replica(name))
+        self._threads.in_spawner(lambda: self._spawn_replica(name))
 
     def _spawn_replica(self, name: str) -> None:
         replica = self.replicas[name]
@@ -757,7 +694,7 @@ class ClusterShape:
         nats = self.nats
         if nats is None:
             raise RuntimeError("the cluster is not started")
-        self._in_spawner(lambda: nats.restart(index))
+        self._threads.in_spawner(lambda: nats.restart(index))
 
     def wait_ready(self, timeout: float | None = None, names: Sequence[str] | None = None) -> None:
         """Wait until the replicas (default: all) answer ``/readyz`` with 200 and the front sees every gateway.
@@ -795,22 +732,8 @@ class ClusterShape:
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _running_loop(self) -> asyncio.AbstractEventLoop:
-        if self._loop is None:
-            raise RuntimeError("the cluster is not started")
-        return self._loop
-
-    def _in_loop(self, coro: Coroutine[Any, Any, _T]) -> _T:
-        return asyncio.run_coroutine_threadsafe(coro, self._running_loop()).result(60)
-
-    def _in_spawner(self, fn: Callable[[], _T]) -> _T:
-        if self._spawner is None:
-            raise RuntimeError("the cluster is not started")
-        return self._spawner.submit(fn).result()
-
     async def _keep_running(self) -> None:
         """Start again, 0.5 s later, every replica whose process exited (until ``stop_all``)."""
-        loop = asyncio.get_running_loop()
         exited_at: dict[str, float] = {}
         while not self._stopping.is_set():
             await asyncio.sleep(0.1)
@@ -823,4 +746,59 @@ class ClusterShape:
             for name in exited:
                 if now - exited_at.setdefault(name, now) >= 0.5:
                     del exited_at[name]
-                    await loop.run_in_executor(self._spawner, self._spawn_replica, name)
+                    await self._threads.spawning(self._spawn_replica, name)
+
+
+class _ShapeThreads:
+    """The two threads a ``ClusterShape`` works from: an event loop, and one that spawns processes.
+
+    The loop runs the front and the restart watcher; the other thread spawns every server and
+    replica. One long-lived spawning thread, because a child's "die with the parent" signal (Linux) follows
+    the thread that spawned it, not the process: a short-lived thread would take its children with it.
+    """
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._spawner: concurrent.futures.ThreadPoolExecutor | None = None
+
+    @property
+    def started(self) -> bool:
+        """Whether ``start()`` was called (and stays so after ``stop()``: a shape starts once)."""
+        return self._loop is not None
+
+    def start(self) -> None:
+        """Start both threads."""
+        self._spawner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cluster-shape-spawn")
+        loop = self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=loop.run_forever, name="cluster-shape-loop", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the loop (waiting up to 10 s for its thread) and the spawning thread."""
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._loop.close()
+        if self._spawner is not None:
+            self._spawner.shutdown()
+
+    def in_loop(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        """Run ``coro`` on the loop and return its result (waiting up to 60 s)."""
+        return self.in_background(coro).result(60)
+
+    def in_background(self, coro: Coroutine[Any, Any, _T]) -> concurrent.futures.Future[_T]:
+        """Run ``coro`` on the loop; returns at once."""
+        if self._loop is None:
+            raise RuntimeError("the cluster is not started")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def in_spawner(self, fn: Callable[[], _T]) -> _T:
+        """Call ``fn`` on the spawning thread and return its result."""
+        if self._spawner is None:
+            raise RuntimeError("the cluster is not started")
+        return self._spawner.submit(fn).result()
+
+    async def spawning(self, fn: Callable[[str], None], name: str) -> None:
+        """From the loop: call ``fn(name)`` on the spawning thread, and wait for it."""
+        await asyncio.get_running_loop().run_in_executor(self._spawner, fn, name)

@@ -3,39 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import os
-import signal
-import socket
 import sys
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Final, TextIO, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from typing import Annotated, Any, Final, NoReturn, TypeVar
 
 import typer
 
-from flowmesh.cli.embedded import (
-    EmbeddedNats,
-    EmbeddedPostgres,
-    EmbeddedServerError,
-    free_port,
-    start_nats,
-    start_postgres,
-)
-from flowmesh.cli.front import http_status
+from flowmesh.cli.embedded import free_port, start_nats
+from flowmesh.cli.launch import Launch, dev_token, port_is_free, redact
 from flowmesh.cli.natsconf import render_auth_config
-from flowmesh.cli.supervisor import (
-    SUPERVISOR_COLOUR,
-    SUPERVISOR_NAME,
-    ServiceSpec,
-    Supervisor,
-    colour_enabled,
-    prefix,
-    prefix_width,
-)
+from flowmesh.cli.supervisor import ServiceSpec
 from flowmesh.cli.tokens import (
     DEFAULT_AUDIENCE,
     DEFAULT_ISSUER,
@@ -54,10 +35,9 @@ DEFAULT_DATA_DIR: Final = ".flowmesh"
 DEFAULT_HTTP_PORT: Final = 8080
 READY_TIMEOUT: Final = 120.0
 """Seconds ``flowmesh dev`` reports progress while waiting for the gateway's ``/readyz``."""
-DEV_TOKEN_TTL: Final = 24 * 3600
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
-_T = TypeVar("_T")
+_Config = TypeVar("_Config")
 
 app = typer.Typer(
     name="flowmesh",
@@ -97,7 +77,7 @@ class DevConfig:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> DevConfig:
-        """Read the configuration from environment variables (DESIGN.md section 10).
+        """Read the configuration from the environment variables ``flowmesh dev`` documents.
 
         Args:
             environ: Variables to read; ``os.environ`` when None.
@@ -178,101 +158,6 @@ def service_env(
     return env
 
 
-def _redact(url: str) -> str:
-    """Hide the password of a URL that is about to be printed."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-def _port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        # As aiohttp does: a port in TIME_WAIT is usable, one with a listener is not.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
-class _Console:
-    """Lines from ``flowmesh dev`` itself, lined up with the services' output."""
-
-    def __init__(self, names: Sequence[str]) -> None:
-        self.supervisor: Supervisor | None = None
-        self._width = prefix_width(names)
-
-    def say(self, message: str) -> None:
-        if self.supervisor is not None:
-            self.supervisor.log(message)
-        else:
-            self._print(message, sys.stdout)
-
-    def error(self, message: str) -> None:
-        self._print(f"error: {message}", sys.stderr)
-
-    def _print(self, message: str, stream: TextIO) -> None:
-        colour = SUPERVISOR_COLOUR if colour_enabled(stream) else None
-        print(prefix(SUPERVISOR_NAME, width=self._width, colour=colour) + message, file=stream, flush=True)
-
-
-async def _wait_until_ready(
-    port: int,
-    ready_timeout: float,
-    console: _Console,
-    announce: Callable[[], None],
-    stopping: asyncio.Event,
-    *,
-    what: str = "the gateway",
-) -> None:
-    """Poll ``/readyz`` on ``port`` until 200, reporting progress, then call ``announce``."""
-    started = time.monotonic()
-    next_report = started + 5
-    warned = False
-    while not stopping.is_set():
-        if await http_status(port, "/readyz", timeout=2.0) == 200:
-            announce()
-            return
-        now = time.monotonic()
-        waited = now - started
-        if waited >= ready_timeout and not warned:
-            warned = True
-            console.say(
-                f"{what} is still not ready after {waited:.0f} s; see the logs above "
-                "(still supervising, and will report when it is ready)"
-            )
-        elif now >= next_report and not warned:
-            next_report = now + 5
-            console.say(f"waiting for http://127.0.0.1:{port}/readyz ({waited:.0f} s)")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stopping.wait(), 0.25 if waited < 10 else 1.0)
-
-
-def _dev_token(jwt_secret: str) -> str:
-    """The token ``flowmesh dev`` prints: sub and tenant ``dev``, role admin, valid 24 h."""
-    return mint_token(
-        jwt_secret,
-        sub="dev",
-        tenant="dev",
-        role="admin",
-        ttl=DEV_TOKEN_TTL,
-        issuer=os.environ.get("FLOWMESH_JWT_ISSUER") or DEFAULT_ISSUER,
-        audience=os.environ.get("FLOWMESH_JWT_AUDIENCE") or DEFAULT_AUDIENCE,
-    )
-
-
-async def _start_server(console: _Console, what: str, start: Callable[[], _T]) -> _T:
-    """Start an embedded server in a thread, so the loop keeps handling signals meanwhile."""
-    console.say(f"starting embedded {what}")
-    began = time.monotonic()
-    server = await asyncio.to_thread(start)
-    console.say(f"embedded {what} ready in {time.monotonic() - began:.2f} s")
-    return server
-
-
 async def run_dev(config: DevConfig, *, commands: Mapping[str, Sequence[str]] | None = None) -> int:
     """Run the dev stack until SIGINT, SIGTERM or SIGHUP; then stop everything it started.
 
@@ -286,115 +171,66 @@ async def run_dev(config: DevConfig, *, commands: Mapping[str, Sequence[str]] | 
     Returns:
         The process exit code: 0 after a requested stop, 1 if startup failed.
     """
-    # The embedded servers run in process groups of their own: a Ctrl-C reaches this process and
-    # the services, and the servers stay up until the services have shut down against them.
     cmds = service_commands() if commands is None else commands
-    loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
-    console = _Console(list(cmds))
-    stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    launch = Launch(list(cmds))
+    return await launch.run(lambda: _start_dev(launch, config, cmds))
 
-    def on_signal(sig: signal.Signals) -> None:
-        if not stopping.is_set():
-            console.say(f"{sig.name} received, stopping")
-        stopping.set()
 
-    for sig in stop_signals:
-        loop.add_signal_handler(sig, on_signal, sig)
-
-    nats: EmbeddedNats | None = None
-    postgres: EmbeddedPostgres | None = None
-    supervisor: Supervisor | None = None
-    ready: asyncio.Task[None] | None = None
-    try:
-        config.data_dir.mkdir(parents=True, exist_ok=True)
-        if not _port_is_free(config.http_port):
-            console.error(
-                f"port {config.http_port} on 127.0.0.1 is in use; stop what listens there or set FLOWMESH_HTTP_PORT"
-            )
-            return 1
-        nats_url = config.nats_url
-        if nats_url is None:
-            sync_always = config.nats_sync_always
-            nats = await _start_server(
-                console,
-                "NATS" + (" (sync always)" if sync_always else ""),
-                lambda: start_nats(config.data_dir / "nats", sync_always=sync_always, own_process_group=True),
-            )
-            nats_url = nats.url
-        if stopping.is_set():
-            return 0
-        database_url = config.database_url
-        if database_url is None:
-            postgres = await _start_server(
-                console, "PostgreSQL", lambda: start_postgres(config.data_dir / "postgres", own_process_group=True)
-            )
-            database_url = postgres.url
-        if stopping.is_set():
-            return 0
-        jwt_secret = config.jwt_secret or load_or_create_jwt_secret(config.data_dir)
-
-        specs = [
-            ServiceSpec(
-                name=name,
-                argv=list(argv),
-                env=service_env(
-                    name,
-                    base=os.environ,
-                    config=config,
-                    nats_url=nats_url,
-                    database_url=database_url,
-                    jwt_secret=jwt_secret,
-                    health_port=None if name == "gateway" else free_port(),
-                ),
-            )
-            for name, argv in cmds.items()
-        ]
-        supervisor = Supervisor(specs, colour=colour_enabled(sys.stdout))
-        console.supervisor = supervisor
-        await supervisor.start()
-
-        def announce() -> None:
-            token = _dev_token(jwt_secret)
-            for line in (
-                "ready",
-                f"  gateway     http://127.0.0.1:{config.http_port}",
-                f"  NATS        {_redact(nats_url)}",
-                f"  PostgreSQL  {_redact(database_url)}",
-                f"  data        {config.data_dir}",
-                "  dev token (sub dev, tenant dev, role admin, 24 h):",
-                f"  {token}",
-                "  Ctrl-C stops everything",
-            ):
-                console.say(line)
-
-        ready = asyncio.create_task(
-            _wait_until_ready(config.http_port, config.ready_timeout, console, announce, stopping)
+async def _start_dev(launch: Launch, config: DevConfig, cmds: Mapping[str, Sequence[str]]) -> int | None:
+    """Start the servers that are not configured, then the services; an exit code when it gives up."""
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    if not port_is_free(config.http_port):
+        return launch.busy_port(config.http_port)
+    nats_url = config.nats_url
+    if nats_url is None:
+        sync_always = config.nats_sync_always
+        nats = await launch.start_server(
+            "NATS" + (" (sync always)" if sync_always else ""),
+            lambda: start_nats(config.data_dir / "nats", sync_always=sync_always, own_process_group=True),
         )
-        await stopping.wait()
-        return 0
-    except EmbeddedServerError as exc:
-        if stopping.is_set():
-            # A Ctrl-C sent to the whole process group also stopped the server being started.
-            return 0
-        console.error(str(exc))
-        return 1
-    finally:
-        if ready is not None:
-            ready.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ready
-        # Services first, while the servers they talk to are still up; then the servers.
-        if supervisor is not None:
-            await supervisor.stop()
-        if postgres is not None:
-            await asyncio.to_thread(postgres.stop)
-        if nats is not None:
-            await asyncio.to_thread(nats.stop)
-        if supervisor is not None or postgres is not None or nats is not None:
-            console.say("stopped")
-        for sig in stop_signals:
-            loop.remove_signal_handler(sig)
+        nats_url = nats.url
+    database_url = await launch.database_url(config.database_url, config.data_dir / "postgres")
+    jwt_secret = config.jwt_secret or load_or_create_jwt_secret(config.data_dir)
+    await launch.supervise(_dev_specs(config, cmds, nats_url, database_url, jwt_secret))
+    ready = functools.partial(_dev_ready_lines, config, nats_url, database_url, jwt_secret)
+    launch.announce_when_ready(config.http_port, ready, timeout=config.ready_timeout)
+    return None
+
+
+def _dev_specs(
+    config: DevConfig, cmds: Mapping[str, Sequence[str]], nats_url: str, database_url: str, jwt_secret: str
+) -> list[ServiceSpec]:
+    """One process per service, each with a health port of its own (the gateway's is its API port)."""
+    return [
+        ServiceSpec(
+            name=name,
+            argv=list(argv),
+            env=service_env(
+                name,
+                base=os.environ,
+                config=config,
+                nats_url=nats_url,
+                database_url=database_url,
+                jwt_secret=jwt_secret,
+                health_port=None if name == "gateway" else free_port(),
+            ),
+        )
+        for name, argv in cmds.items()
+    ]
+
+
+def _dev_ready_lines(config: DevConfig, nats_url: str, database_url: str, jwt_secret: str) -> list[str]:
+    """What ``flowmesh dev`` prints once the gateway is ready: where everything is, and a token."""
+    return [
+        "ready",
+        f"  gateway     http://127.0.0.1:{config.http_port}",
+        f"  NATS        {redact(nats_url)}",
+        f"  PostgreSQL  {redact(database_url)}",
+        f"  data        {config.data_dir}",
+        "  dev token (sub dev, tenant dev, role admin, 24 h):",
+        f"  {dev_token(jwt_secret)}",
+        "  Ctrl-C stops everything",
+    ]
 
 
 @app.command()
@@ -409,12 +245,20 @@ def dev() -> None:
 
     Services that exit are restarted with backoff. Ctrl-C (or SIGTERM) stops everything.
     """
+    _run_command(DevConfig.from_env, run_dev)
+
+
+def _run_command(read_config: Callable[[], _Config], run: Callable[[_Config], Coroutine[Any, Any, int]]) -> NoReturn:
+    """Read a command's configuration from the environment, run the command, and exit with its code.
+
+    A configuration that cannot be read is a usage error: exit code 2, as typer gives for bad options.
+    """
     try:
-        config = DevConfig.from_env()
+        config = read_config()
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise typer.Exit(2) from None
-    raise typer.Exit(asyncio.run(run_dev(config)))
+    raise typer.Exit(asyncio.run(run(config)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -446,12 +290,7 @@ def cluster() -> None:
     # Imported here: cluster.py builds on this module's pieces.
     from flowmesh.cli.cluster import ClusterConfig, run_cluster
 
-    try:
-        config = ClusterConfig.from_env()
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise typer.Exit(2) from None
-    raise typer.Exit(asyncio.run(run_cluster(config)))
+    _run_command(ClusterConfig.from_env, run_cluster)
 
 
 # --------------------------------------------------------------------------------------------------
