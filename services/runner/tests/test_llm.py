@@ -180,14 +180,14 @@ def test_the_token_counts_go_into_the_step_succeeded_event() -> None:
     usage = {"inputTokens": 5, "outputTokens": 2}
     ex.complete("ask", 1, Outcome(ok=True, output={"text": "yo", "usage": usage}, usage=usage))
     succeeded = next(e for e in ex.events if e.type == "step.succeeded" and e.step_id == "ask")
-    assert succeeded.data == {"status": "succeeded", "durationMs": 0, "stepType": "llm", "usage": usage}
+    assert succeeded.data.dump() == {"status": "succeeded", "durationMs": 0, "stepType": "llm", "usage": usage}
     assert ex.run.status == "succeeded" and ex.run.output == {"text": "yo", "usage": usage}
 
 
 def test_other_steps_events_carry_no_usage() -> None:
     ex = llm_run()
     ex.complete("ask", 1, Outcome.failure("nope", "provider-error"))
-    assert all("usage" not in e.data for e in ex.events)
+    assert all("usage" not in e.data.dump() for e in ex.events)
 
 
 # --- settings -------------------------------------------------------------------------------------

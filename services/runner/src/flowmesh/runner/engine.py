@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Final
 
+from pydantic import ValidationError
+
 from flowmesh.contracts.expressions import ExpressionError, evaluate, expression_source, render
 from flowmesh.contracts.ids import format_time
 from flowmesh.contracts.models.definition import (
@@ -30,7 +32,24 @@ from flowmesh.contracts.models.definition import (
     WaitEventData,
     case_handle,
 )
+from flowmesh.contracts.models.run_events import (
+    RUN_ENDED,
+    EventData,
+    RunFailure,
+    RunQueuedData,
+    RunResumedData,
+    RunStartedData,
+    RunWaitingData,
+    StepFailedData,
+    StepRetryingData,
+    StepSkippedData,
+    StepStartedData,
+    StepSucceededData,
+    StepWaitingData,
+    TokenUsage,
+)
 from flowmesh.contracts.models.runs import FINAL_RUN_STATUSES
+from flowmesh.contracts.models.timers import DeadlinePayload
 from flowmesh.contracts.subjects import tenant_token
 from flowmesh.runner.graph import Graph, Step, StepState, retry_delay
 
@@ -129,23 +148,22 @@ class Deadline:
             return f"run:{self.run_id}:{self.retry_count}"
         return f"step:{self.run_id}:{self.retry_count}:{self.attempt}:{self.step_id}"
 
-    def payload(self) -> dict[str, Any]:
+    def payload(self) -> DeadlinePayload:
         """The timer's payload."""
-        body: dict[str, Any] = {"runId": self.run_id, "retryCount": self.retry_count}
-        if self.step_id is not None:
-            body.update(stepId=self.step_id, attempt=self.attempt)
-        return body
+        if self.step_id is None:
+            return DeadlinePayload(run_id=self.run_id, retry_count=self.retry_count)
+        return DeadlinePayload(
+            run_id=self.run_id, retry_count=self.retry_count, step_id=self.step_id, attempt=self.attempt
+        )
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> Deadline | None:
         """The deadline a fired timer's payload names, or None when it is not one of ours."""
-        run_id, retry_count = payload.get("runId"), payload.get("retryCount")
-        step_id, attempt = payload.get("stepId"), payload.get("attempt", 0)
-        if not isinstance(run_id, str) or not isinstance(retry_count, int) or not isinstance(attempt, int):
+        try:
+            found = DeadlinePayload.model_validate(payload)
+        except ValidationError:
             return None
-        if step_id is not None and not isinstance(step_id, str):
-            return None
-        return cls(run_id, retry_count, step_id, attempt)
+        return cls(found.run_id, found.retry_count, found.step_id, found.attempt or 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +183,7 @@ class NewEvent:
     ts: datetime
     step_id: str | None
     attempt: int | None
-    data: dict[str, Any]
+    data: EventData
 
 
 @dataclass
@@ -188,11 +206,11 @@ class Execution:
 
     # --- bookkeeping -----------------------------------------------------------------------------
 
-    def emit(self, event_type: str, step_id: str | None = None, attempt: int | None = None, **data: Any) -> None:
-        """Append a run event with the next ``seq``."""
+    def emit(self, data: EventData, step_id: str | None = None, attempt: int | None = None) -> None:
+        """Append a run event of ``data``'s type with the next ``seq``."""
         self.run.last_seq += 1
         self.run_changed = True
-        self.events.append(NewEvent(self.run.last_seq, event_type, self.now, step_id, attempt, data))
+        self.events.append(NewEvent(self.run.last_seq, data.TYPE, self.now, step_id, attempt, data))
 
     def _set(self, step_id: str, state: StepState) -> None:
         old = self.steps.get(step_id)
@@ -328,7 +346,9 @@ class Execution:
 
     def queue(self) -> None:
         """A new run: its first event; its time limit starts."""
-        self.emit("run.queued", status="queued", triggerType=self.run.trigger_type, parentRunId=self.run.parent_run_id)
+        self.emit(
+            RunQueuedData(status="queued", trigger_type=self.run.trigger_type, parent_run_id=self.run.parent_run_id)
+        )
         self.start_clock()
 
     def _finish(self, status: str, *, error: dict[str, Any] | None = None) -> None:
@@ -341,15 +361,15 @@ class Execution:
                 self._set(step_id, _replace(state, status="cancelled", completed_at=self.now))
         if self.graph.run_timer and self.run.deadline_at is not None:
             self._disarm(Deadline(self.run.id, self.run.retry_count))
-        data: dict[str, Any] = {
-            "status": status,
-            "durationMs": self._duration_ms(self.run.started_at),
-            "triggerType": self.run.trigger_type,
-            "parentRunId": self.run.parent_run_id,
-        }
+        data = RUN_ENDED[status](
+            status=status,
+            duration_ms=self._duration_ms(self.run.started_at),
+            trigger_type=self.run.trigger_type,
+            parent_run_id=self.run.parent_run_id,
+        )
         if error is not None:
-            data["error"] = error
-        self.emit(f"run.{status}", **data)
+            data.error = RunFailure.model_validate(error)  # set only when there is one: absent, not null
+        self.emit(data)
 
     def fail(self, message: str, step_id: str | None, error_type: str) -> None:
         """End the run as failed."""
@@ -368,7 +388,7 @@ class Execution:
         if self.run.status == "queued":
             self.run.status = "running"
             self.run.started_at = self.run.started_at or self.now
-            self.emit("run.started", status="running")
+            self.emit(RunStartedData(status="running"))
         candidates: set[str] | None = None  # first look: every step; then only those after what finished
         while not self.run.final:
             ready, skip = self.graph.frontier(self.steps, candidates)
@@ -378,13 +398,13 @@ class Execution:
             for step_id in skip:
                 step = self.graph.steps[step_id]
                 self._set(step_id, StepState(status="skipped", completed_at=self.now))
-                self.emit("step.skipped", step_id, status="skipped", stepType=step.type)
+                self.emit(StepSkippedData(status="skipped", step_type=step.type), step_id)
             for step_id in ready:
                 if self.run.final:
                     break
                 step = self.graph.steps[step_id]
                 self._set(step_id, StepState(status="running", attempt=1, started_at=self.now))
-                self.emit("step.started", step_id, 1, stepType=step.type)
+                self.emit(StepStartedData(step_type=step.type), step_id, 1)
                 if step.pure:
                     self._record(step, 1, run_pure(step, self.context()))
                 elif isinstance(step.data, DelayData):
@@ -399,7 +419,7 @@ class Execution:
                         step_id,
                         _replace(self.steps[step_id], status="waiting", wait_for=wait_for, deadline_at=deadline),
                     )
-                    self.emit("step.waiting", step_id, 1, stepType=step.type)
+                    self.emit(StepWaitingData(step_type=step.type), step_id, 1)
                 else:
                     deadline = self._attempt_deadline(step)
                     if deadline is not None:
@@ -429,7 +449,7 @@ class Execution:
             self._record(step, 1, Outcome(ok=True, output={"firedAt": format_time(self.now)}, input=waited))
             return
         self._set(step.id, _replace(self.steps[step.id], status="waiting", input=waited, deadline_at=due))
-        self.emit("step.waiting", step.id, 1, stepType=step.type)
+        self.emit(StepWaitingData(step_type=step.type), step.id, 1)
 
     def _settle(self) -> None:
         if self.run.final:
@@ -441,10 +461,10 @@ class Execution:
         waiting = any(s.status == "waiting" for s in self.steps.values())
         if waiting and not busy and self.run.status != "waiting":
             self.run.status = "waiting"
-            self.emit("run.waiting", status="waiting")
+            self.emit(RunWaitingData(status="waiting"))
         elif busy and self.run.status == "waiting":
             self.run.status = "running"
-            self.emit("run.resumed", status="running")
+            self.emit(RunResumedData(status="running"))
 
     # --- outcomes --------------------------------------------------------------------------------
 
@@ -467,7 +487,7 @@ class Execution:
                 deadline_at=self._attempt_deadline(self.graph.steps[step_id]),
             ),
         )
-        self.emit("step.started", step_id, attempt, stepType=self.graph.steps[step_id].type)
+        self.emit(StepStartedData(step_type=self.graph.steps[step_id].type), step_id, attempt)
         self._settle()
         return attempt
 
@@ -500,7 +520,7 @@ class Execution:
             return False
         if outcome.wait:
             self._set(step_id, _replace(state, status="waiting", input=outcome.input))
-            self.emit("step.waiting", step_id, attempt, stepType=self.graph.steps[step_id].type)
+            self.emit(StepWaitingData(step_type=self.graph.steps[step_id].type), step_id, attempt)
             self._settle()
             return True
         self._record(self.graph.steps[step_id], attempt, outcome)
@@ -571,16 +591,10 @@ class Execution:
                         completed_at=self.now,
                     ),
                 )
-                extra = {"usage": outcome.usage} if outcome.usage is not None else {}
-                self.emit(
-                    "step.succeeded",
-                    step.id,
-                    attempt,
-                    status="succeeded",
-                    durationMs=duration,
-                    stepType=step.type,
-                    **extra,
-                )
+                data = StepSucceededData(status="succeeded", duration_ms=duration, step_type=step.type)
+                if outcome.usage is not None:
+                    data.usage = TokenUsage.model_validate(outcome.usage)  # llm steps only: absent otherwise
+                self.emit(data, step.id, attempt)
                 return
         error = {"message": outcome.message, "type": outcome.error_type}
         policy = step.data.retry
@@ -589,9 +603,8 @@ class Execution:
             self._set(
                 step.id, _replace(state, status="pending", error=error, input=outcome.input, next_attempt_at=next_at)
             )
-            self.emit(
-                "step.retrying", step.id, attempt, error=error, nextAttemptAt=format_time(next_at), stepType=step.type
-            )
+            retrying = StepRetryingData(error=error, next_attempt_at=format_time(next_at), step_type=step.type)
+            self.emit(retrying, step.id, attempt)
             self.dispatch.append(step.id)
             return
         handled = step.data.on_error == "continue"
@@ -607,16 +620,9 @@ class Execution:
                 completed_at=self.now,
             ),
         )
-        self.emit(
-            "step.failed",
-            step.id,
-            attempt,
-            status="failed",
-            durationMs=duration,
-            stepType=step.type,
-            error=error,
-            handled=handled,
-        )
+        failed = StepFailedData(status="failed", duration_ms=duration, step_type=step.type, error=error)
+        failed.handled = handled
+        self.emit(failed, step.id, attempt)
         if not handled:
             self.fail(outcome.message, step.id, outcome.error_type)
 

@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import asyncpg
 import orjson
@@ -35,7 +35,9 @@ from flowmesh.contracts.models import FieldError, FlowVersion, Run
 from flowmesh.contracts.models.definition import ForeachData, HttpData, LlmData, PublishData, SubflowData
 from flowmesh.contracts.models.flows import FlowSettings
 from flowmesh.contracts.models.rpc import RunnableFlow, StartRun, StartRunResult
+from flowmesh.contracts.models.run_events import RunQueuedData
 from flowmesh.contracts.models.timers import TimerFired, TimerRef, TimerSet
+from flowmesh.contracts.models.work import StepWork
 from flowmesh.contracts.strict import json_pointer
 from flowmesh.contracts.subjects import STEP_WORK, FlowsOp, SchedulerOp, run_event
 from flowmesh.runner import repo
@@ -54,9 +56,15 @@ PUBLISHED_PENDING_S: Final = 5.0
 TIMER_RPC_TIMEOUT_S: Final = 2.0
 RUNNABLE_CACHE_SIZE: Final = 10_000
 
-Work = tuple[str, str | None, str]  # run id, step id (None: advance the run), message id
 CHILD_DONE = ":child"
-"""Message ids ending so tell a parent step that one of its child runs ended."""
+"""Message ids of work telling a parent step that one of its child runs ended end so."""
+
+
+class Work(NamedTuple):
+    """A step-work message and its ``Nats-Msg-Id`` (one per run retry and step attempt, per ended child)."""
+
+    body: StepWork
+    msg_id: str
 
 
 def canonical_hash(value: Any) -> str:
@@ -278,7 +286,7 @@ class Executor:
                 "start this one when some have finished",
                 retry_after_s=1,
             )
-        work: list[Work] = [(record.id, step_id, self._msg_id(ex, step_id)) for step_id in ex.dispatch]
+        work = [_attempt_work(ex, step_id) for step_id in ex.dispatch]
         work += _parent_work(ex, was_final=False)
         # answer as soon as the run is committed; its events follow (a crash here is the sweep's job)
         self._background(self._after_commit(record, events, work))
@@ -347,7 +355,7 @@ class Executor:
             if asyncio.iscoroutine(result):
                 result = await result
             events = await repo.save(s, ex)
-        work: list[Work] = [(record.id, step_id, self._msg_id(ex, step_id)) for step_id in ex.dispatch]
+        work = [_attempt_work(ex, step_id) for step_id in ex.dispatch]
         work += _parent_work(ex, was_final)
         self._set_timers(ex.timers.values())
         await self._after_commit(ex.run, events, work)
@@ -356,12 +364,6 @@ class Executor:
         if ex.run.status == "timedOut" and not was_final:
             await self.cancel_children(run_id)
         return result
-
-    @staticmethod
-    def _msg_id(ex: Execution, step_id: str) -> str:
-        state = ex.steps[step_id]
-        attempt = state.attempt + (1 if state.status == "pending" else 0)
-        return f"{ex.run.id}:{ex.run.retry_count}:{step_id}:{attempt}"
 
     async def reopen(self, run_id: str, *, tenant: str) -> None:
         """Retry a failed run in place: failed and downstream steps reset, succeeded outputs kept."""
@@ -377,11 +379,12 @@ class Executor:
             record.retry_count = await repo.reset_for_retry(s, run_id=run_id, keep=set(kept), now=now)
             record.status, record.error, record.output, record.completed_at = "queued", None, None, None
             ex = Execution(record, graph, kept, now)
-            ex.emit("run.queued", status="queued", triggerType=record.trigger_type, retryCount=record.retry_count)
+            ex.emit(RunQueuedData(status="queued", trigger_type=record.trigger_type, retry_count=record.retry_count))
             ex.start_clock()
             events = await repo.save(s, ex)
         self._set_timers(ex.timers.values())
-        await self._after_commit(record, events, [(run_id, None, f"{run_id}:{record.retry_count}:start")])
+        advance = Work(StepWork(run_id=run_id, kind="advance"), f"{run_id}:{record.retry_count}:start")
+        await self._after_commit(record, events, [advance])
 
     async def advance(self, run_id: str) -> None:
         """Advance a run as far as it goes (the work message of a new or reopened run)."""
@@ -571,7 +574,8 @@ class Executor:
                         SchedulerOp.TIMER_CANCEL, TimerRef(**ref), tenant="", timeout=TIMER_RPC_TIMEOUT_S
                     )
                 else:
-                    body = TimerSet(**ref, due_at=op.due_at, payload=op.deadline.payload())
+                    payload = op.deadline.payload().wire(exclude_none=True)
+                    body = TimerSet(**ref, due_at=op.due_at, payload=payload)
                     await self.scheduler.call(SchedulerOp.TIMER_SET, body, tenant="", timeout=TIMER_RPC_TIMEOUT_S)
             except Exception as exc:
                 if op.due_at is None:
@@ -600,10 +604,8 @@ class Executor:
                 for e in events
             ]
             acks += [
-                await js.publish_async(
-                    STEP_WORK, _work_body(run_id, step_id, msg_id), headers={**base, h.MSG_ID: msg_id}
-                )
-                for run_id, step_id, msg_id in work
+                await js.publish_async(STEP_WORK, _work_body(w.body), headers={**base, h.MSG_ID: w.msg_id})
+                for w in work
             ]
             await asyncio.wait_for(asyncio.gather(*acks), PUBLISH_TIMEOUT_S)
             if events:
@@ -687,11 +689,20 @@ class Executor:
             await self._after_commit(record, evs, [])
         async with self.sessions() as s:
             parents = await repo.stalled_parents(s, older_than=now - stalled_run, limit=500)
-        work: list[Work] = [(run_id, step_id, f"{run_id}:{step_id}:sweep{CHILD_DONE}") for run_id, step_id in parents]
-        work += [(run_id, step_id, f"{run_id}:{rc}:{step_id or 'start'}:sweep") for run_id, step_id, rc in stalled]
+        work = [
+            Work(StepWork(run_id=run_id, step_id=step_id, kind="child"), f"{run_id}:{step_id}:sweep{CHILD_DONE}")
+            for run_id, step_id in parents
+        ]
+        work += [
+            Work(
+                StepWork(run_id=run_id, step_id=step_id, kind="advance" if step_id is None else "attempt"),
+                f"{run_id}:{rc}:{step_id or 'start'}:sweep",
+            )
+            for run_id, step_id, rc in stalled
+        ]
         if work and self.js is not None:
-            for run_id, step_id, msg_id in work:
-                await self.js.publish(STEP_WORK, _work_body(run_id, step_id, msg_id), headers={h.MSG_ID: msg_id})
+            for w in work:
+                await self.js.publish(STEP_WORK, _work_body(w.body), headers={h.MSG_ID: w.msg_id})
         return len(late) + len(events) + len(work)
 
 
@@ -734,11 +745,16 @@ def _cancel_open(ex: Execution) -> None:
         ex.cancel()
 
 
-def _work_body(run_id: str, step_id: str | None, msg_id: str) -> bytes:
-    body: dict[str, Any] = {"runId": run_id, "stepId": step_id}
-    if msg_id.endswith(CHILD_DONE):
-        body["child"] = True
-    return json.dumps(body).encode()
+def _work_body(body: StepWork) -> bytes:
+    return orjson.dumps(body.wire())
+
+
+def _attempt_work(ex: Execution, step_id: str) -> Work:
+    """Work on a dispatched step's attempt (the next one, when it waits to retry)."""
+    state = ex.steps[step_id]
+    attempt = state.attempt + (1 if state.status == "pending" else 0)
+    body = StepWork(run_id=ex.run.id, step_id=step_id, kind="attempt")
+    return Work(body, f"{ex.run.id}:{ex.run.retry_count}:{step_id}:{attempt}")
 
 
 def _parent_work(ex: Execution, was_final: bool) -> list[Work]:
@@ -746,7 +762,8 @@ def _parent_work(ex: Execution, was_final: bool) -> list[Work]:
     run = ex.run
     if was_final or not run.final or not run.parent_run_id or not run.parent_step_id:
         return []
-    return [(run.parent_run_id, run.parent_step_id, f"{run.id}{CHILD_DONE}")]
+    body = StepWork(run_id=run.parent_run_id, step_id=run.parent_step_id, kind="child")
+    return [Work(body, f"{run.id}{CHILD_DONE}")]
 
 
 async def _with_heartbeat(

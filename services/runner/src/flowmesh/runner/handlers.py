@@ -28,6 +28,7 @@ from flowmesh.contracts.models.rpc import (
     StartRunResult,
 )
 from flowmesh.contracts.models.timers import TimerFired
+from flowmesh.contracts.models.work import StepWork
 from flowmesh.contracts.models.ws import WsSnapshot
 from flowmesh.contracts.streams import (
     EVENTS,
@@ -352,23 +353,25 @@ def register(
         ack_policy=AckPolicy.MANUAL,
         config=ConsumerConfig(ack_wait=ack_wait_s, max_ack_pending=RUNNER_STEPS.max_ack_pending),
     )
-    async def work(body: dict[str, Any], msg: Message) -> None:
-        run_id, step_id = body.get("runId"), body.get("stepId")
+    async def work(body: Any, msg: Message) -> None:
         try:
-            if not isinstance(run_id, str):
+            item = StepWork.model_validate(body)
+        except ValidationError as exc:
+            log.warning("ignoring malformed step work: %s", exc)
+            await msg.ack()
+            return
+        try:
+            if item.kind == "advance" or item.step_id is None:
+                await executor.advance(item.run_id)
                 await msg.ack()
                 return
-            if step_id is None:
-                await executor.advance(run_id)
+            if item.kind == "child":
+                await executor.child_done(item.run_id, item.step_id)
                 await msg.ack()
                 return
-            if body.get("child"):
-                await executor.child_done(run_id, str(step_id))
-                await msg.ack()
-                return
-            delay = await executor.execute(run_id, str(step_id), msg.in_progress)
+            delay = await executor.execute(item.run_id, item.step_id, msg.in_progress)
         except Exception:
-            log.exception("work on run %s step %s failed; it will be redelivered", run_id, step_id)
+            log.exception("work on run %s step %s failed; it will be redelivered", item.run_id, item.step_id)
             await msg.nack(delay=1.0)
             return
         if delay is None:

@@ -207,7 +207,7 @@ def _event_rows(r: RunRecord, ex: Execution) -> list[dict[str, Any]]:
             "ts": e.ts,
             "step_id": e.step_id,
             "attempt": e.attempt,
-            "data": e.data,
+            "data": e.data.dump(),
         }
         for e in ex.events
     ]
