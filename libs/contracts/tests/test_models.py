@@ -10,7 +10,6 @@ from pydantic import ValidationError
 
 from flowmesh.contracts.errors import InvalidInput, NotFound, QuotaExceeded, from_problem
 from flowmesh.contracts.models import (
-    STEP_TYPES,
     Flow,
     FlowCreate,
     FlowDefinition,
@@ -26,6 +25,7 @@ from flowmesh.contracts.models.run_events import EVENT_DATA, RunQueuedData, Step
 from flowmesh.contracts.models.runs import RUN_EVENT_TYPES, Run
 from flowmesh.contracts.models.timers import DeadlinePayload
 from flowmesh.contracts.models.work import StepWork
+from flowmesh.contracts.steps import STEP_TYPES
 from flowmesh.contracts.strict import json_pointer, parse_strict
 
 CANVAS = {
@@ -206,8 +206,8 @@ def test_step_catalog_covers_every_type_and_validates_data() -> None:
         "llm",
         "fail",
     }
-    assert STEP_TYPES["condition"].handles == ["true", "false"]
-    assert "model" not in STEP_TYPES["http"].wire()
+    assert STEP_TYPES["condition"].handles == ("true", "false")
+    assert "model" not in STEP_TYPES["http"].catalog().wire()
     HttpData.model_validate({"url": "https://example.test", "retry": {"maxAttempts": 3, "backoff": "fixed"}})
     with pytest.raises(ValidationError):
         HttpData.model_validate({"url": "https://example.test", "unknown": 1})

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from flowmesh.contracts.errors import NotFound, ServiceUnavailable
 from flowmesh.contracts.expressions import ExpressionError
 from flowmesh.contracts.models.definition import LlmData
-from flowmesh.runner.engine import Execution, Outcome, RunRecord
+from flowmesh.runner.engine import Outcome, RunRecord, RunState
 from flowmesh.runner.graph import Graph
 from flowmesh.runner.io_steps import HttpStep, LlmStep
 from flowmesh.runner.llm import build_request, read_completion, redact
@@ -155,7 +155,7 @@ def test_redact_removes_the_key_from_message_output_and_input() -> None:
 # --- the engine puts the counts in step.succeeded ---------------------------------------------
 
 
-def llm_run() -> Execution:
+def llm_run() -> RunState:
     nodes = [
         {"id": "start", "type": "trigger", "data": {}},
         {
@@ -169,7 +169,7 @@ def llm_run() -> Execution:
     run = RunRecord(
         id="r", tenant_id="t", flow_id="f", version=1, status="queued", trigger_type="manual", input={}, created_at=now
     )
-    ex = Execution(run, graph, {}, now)
+    ex = RunState(run, graph, {}, now)
     ex.advance()
     assert ex.dispatch == ["ask"]
     return ex

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from flowmesh.contracts.ids import format_time
-from flowmesh.runner.engine import ATTEMPT_GRACE, Deadline, Execution, Outcome, RunRecord
+from flowmesh.runner.engine import ATTEMPT_GRACE, Deadline, Outcome, RunRecord, RunState
 from flowmesh.runner.graph import Graph
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -33,7 +33,7 @@ def graph(nodes: list[dict[str, Any]], edges: list[dict[str, Any]], **timeouts: 
     return Graph({"nodes": [n("start", "trigger"), *nodes], "edges": edges}, **timeouts)
 
 
-def started(g: Graph, run_input: Any = None, at: datetime = NOW) -> Execution:
+def started(g: Graph, run_input: Any = None, at: datetime = NOW) -> RunState:
     """A new run's first transaction: queued and advanced."""
     run = RunRecord(
         id="r",
@@ -45,26 +45,26 @@ def started(g: Graph, run_input: Any = None, at: datetime = NOW) -> Execution:
         input=run_input if run_input is not None else {},
         created_at=at,
     )
-    ex = Execution(run, g, {}, at)
+    ex = RunState(run, g, {}, at)
     ex.queue()
     ex.advance()
     return ex
 
 
-def later(ex: Execution, by: timedelta) -> Execution:
+def later(ex: RunState, by: timedelta) -> RunState:
     """The next transaction on the same run, ``by`` later (state as committed, no pending writes)."""
-    return Execution(ex.run, ex.graph, dict(ex.steps), ex.now + by)
+    return RunState(ex.run, ex.graph, dict(ex.steps), ex.now + by)
 
 
-def armed(ex: Execution) -> dict[str, datetime]:
+def armed(ex: RunState) -> dict[str, datetime]:
     return {key: op.due_at for key, op in ex.timers.items() if op.due_at is not None}
 
 
-def cancelled(ex: Execution) -> set[str]:
+def cancelled(ex: RunState) -> set[str]:
     return {key for key, op in ex.timers.items() if op.due_at is None}
 
 
-def types(ex: Execution) -> list[str]:
+def types(ex: RunState) -> list[str]:
     return [ev.type for ev in ex.events]
 
 

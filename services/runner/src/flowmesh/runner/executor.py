@@ -32,7 +32,7 @@ from flowmesh.contracts.errors import Conflict, InvalidInput, NotFound, QuotaExc
 from flowmesh.contracts.expressions import ExpressionError, evaluate, expression_source, render
 from flowmesh.contracts.ids import is_uuid, new_id, utcnow
 from flowmesh.contracts.models import FieldError, FlowVersion, Run
-from flowmesh.contracts.models.definition import ForeachData, HttpData, LlmData, PublishData, SubflowData
+from flowmesh.contracts.models.definition import ChildFlowData, ForeachData, SubflowData
 from flowmesh.contracts.models.flows import FlowSettings
 from flowmesh.contracts.models.rpc import RunnableFlow, StartRun, StartRunResult
 from flowmesh.contracts.models.run_events import RunQueuedData
@@ -41,9 +41,10 @@ from flowmesh.contracts.models.work import StepWork
 from flowmesh.contracts.strict import json_pointer
 from flowmesh.contracts.subjects import STEP_WORK, FlowsOp, SchedulerOp, run_event
 from flowmesh.runner import repo
-from flowmesh.runner.engine import TIMER_OWNER, Deadline, Execution, Outcome, RunRecord, TimerOp
+from flowmesh.runner.engine import TIMER_OWNER, Deadline, Outcome, RunRecord, RunState, TimerOp
 from flowmesh.runner.graph import Graph, Step
-from flowmesh.runner.io_steps import HttpStep, LlmStep, run_publish
+from flowmesh.runner.io_steps import HttpStep, LlmStep
+from flowmesh.runner.kinds import runner_for
 from flowmesh.runtime.quota import QuotaView
 from flowmesh.runtime.rpc import RpcClient
 
@@ -254,7 +255,7 @@ class Executor:
             "retry_of": req.retry_of,
         }
         graph = await self._version_graph(version)
-        ex = Execution(record, graph, {}, now)
+        ex = RunState(record, graph, {}, now)
         if refusal is not None:
             ex.fail(refusal.detail, None, refusal.code)  # one event, run.failed: never queued, not billed
         else:
@@ -341,7 +342,7 @@ class Executor:
     # --- changing a run under its lock ----------------------------------------------------------
 
     async def change(
-        self, run_id: str, apply: Callable[[Execution], Awaitable[Any] | Any], *, tenant: str | None = None
+        self, run_id: str, apply: Callable[[RunState], Awaitable[Any] | Any], *, tenant: str | None = None
     ) -> Any:
         """Lock a run, load its state, apply a change, write it, then publish events and work."""
         async with self.sessions.begin() as s:
@@ -349,7 +350,7 @@ class Executor:
             if record is None:
                 raise NotFound(f"run {run_id} not found")
             graph = await self._graph(s, record.flow_id, record.version)
-            ex = Execution(record, graph, await repo.load_steps(s, run_id=run_id), utcnow())
+            ex = RunState(record, graph, await repo.load_steps(s, run_id=run_id), utcnow())
             was_final = record.final
             result = apply(ex)
             if asyncio.iscoroutine(result):
@@ -378,7 +379,7 @@ class Executor:
             kept = {k: v for k, v in (await repo.load_steps(s, run_id=run_id)).items() if v.status == "succeeded"}
             record.retry_count = await repo.reset_for_retry(s, run_id=run_id, keep=set(kept), now=now)
             record.status, record.error, record.output, record.completed_at = "queued", None, None, None
-            ex = Execution(record, graph, kept, now)
+            ex = RunState(record, graph, kept, now)
             ex.emit(RunQueuedData(status="queued", trigger_type=record.trigger_type, retry_count=record.retry_count))
             ex.start_clock()
             events = await repo.save(s, ex)
@@ -393,14 +394,14 @@ class Executor:
 
     # --- executing a dispatched step ------------------------------------------------------------
 
-    async def _snapshot(self, run_id: str) -> Execution | None:
+    async def _snapshot(self, run_id: str) -> RunState | None:
         """A read-only view of a run (no lock): enough to build a step's expression context."""
         async with self.sessions() as s:
             record = await repo.read_run(s, run_id=run_id)
             if record is None:
                 return None
             graph = await self._graph(s, record.flow_id, record.version)
-            return Execution(record, graph, await repo.load_steps(s, run_id=run_id), utcnow())
+            return RunState(record, graph, await repo.load_steps(s, run_id=run_id), utcnow())
 
     async def execute(self, run_id: str, step_id: str, heartbeat: Callable[[], Awaitable[None]]) -> float | None:
         """Run one attempt of a dispatched step and record it; returns a delay when it is not due yet.
@@ -427,9 +428,9 @@ class Executor:
         step = snap.graph.steps[step_id]
         work = self._run_step(snap, step)
         timeout_ms = step.data.timeout_ms
-        if timeout_ms is not None and not isinstance(step.data, HttpData | LlmData | SubflowData | ForeachData):
-            # the worker bounds its own attempt (http and llm steps: their own timeout); the durable
-            # timer fires a little later, for a worker that died or hung
+        if timeout_ms is not None and step.kind.timeout == "attempt":
+            # the worker bounds its own attempt (steps that bound their own I/O do it themselves);
+            # the durable timer fires a little later, for a worker that died or hung
             work = _bounded(work, timeout_ms, f"attempt {attempt} of step {step_id!r}")
         outcome = await _with_heartbeat(work, heartbeat, self.heartbeat_s)
         await self.change(run_id, lambda ex: ex.complete(step_id, attempt, outcome))
@@ -438,34 +439,36 @@ class Executor:
             await self.child_done(run_id, step_id)
         return None
 
-    async def _run_step(self, ex: Execution, step: Step) -> Outcome:
-        run = ex.run
-        if isinstance(step.data, HttpData):
-            return await self.http.run(step.data, ex.context(), f"{run.id}:{step.id}")
-        if isinstance(step.data, LlmData) and self.llm is not None:
-            return await self.llm.run(step.data, ex.context(), tenant=run.tenant_id)
-        if isinstance(step.data, PublishData):
-            assert self.js is not None
-            return await run_publish(
-                self.js, step.data, ex.context(), tenant=run.tenant_id, msg_id=f"{run.id}:{run.retry_count}:{step.id}"
-            )
-        if isinstance(step.data, SubflowData | ForeachData):
-            return await self._start_children(ex, step)
-        return Outcome.failure(f"step type {step.type!r} is not available in this runner yet", "unsupported")
+    async def _run_step(self, ex: RunState, step: Step) -> Outcome:
+        attempt = runner_for(step.type).attempt
+        if attempt is None:
+            return Outcome.failure(f"step type {step.type!r} is not available in this runner yet", "unsupported")
+        return await attempt(self, ex, step)
+
+    @property
+    def children(self) -> Executor:
+        """Child runs (this object, until the shell is split)."""
+        return self
 
     # --- child runs (subflow, foreach) -----------------------------------------------------------
 
-    async def _start_children(self, ex: Execution, step: Step) -> Outcome:
-        """Start a subflow's child, or a foreach's first children; the step then waits for them."""
+    async def start_subflow(self, state: RunState, step: Step) -> Outcome:
+        """Start a subflow's child; the step then waits for it."""
         data = step.data
-        assert isinstance(data, SubflowData | ForeachData)
-        context = ex.context()
+        assert isinstance(data, SubflowData)
         try:
-            if isinstance(data, SubflowData):
-                child_input = render(data.input, context) if data.input is not None else {}
-                failure = await self._start_child(ex.run, step, 0, child_input)
-                return failure or Outcome(ok=True, wait=True, input={"flowId": data.flow_id, "input": child_input})
-            items = evaluate(expression_source(data.items), context)
+            child_input = render(data.input, state.context()) if data.input is not None else {}
+        except ExpressionError as exc:
+            return Outcome.failure(f"step {step.id!r}: {exc}", "expression")
+        failure = await self._start_child(state.run, step, 0, child_input)
+        return failure or Outcome(ok=True, wait=True, input={"flowId": data.flow_id, "input": child_input})
+
+    async def start_foreach(self, state: RunState, step: Step) -> Outcome:
+        """Start a foreach's first children (as many as its concurrency); the step then waits for them."""
+        data = step.data
+        assert isinstance(data, ForeachData)
+        try:
+            items = evaluate(expression_source(data.items), state.context())
         except ExpressionError as exc:
             return Outcome.failure(f"step {step.id!r}: {exc}", "expression")
         if not isinstance(items, list):
@@ -473,12 +476,12 @@ class Executor:
         if not items:
             return Outcome(ok=True, output=[], input={"items": []})
         for index in range(min(data.concurrency, len(items))):
-            failure = await self._start_element(ex, step, items, index)
+            failure = await self._start_element(state, step, items, index)
             if failure is not None:
                 return failure
         return Outcome(ok=True, wait=True, input={"items": items})
 
-    async def _start_element(self, ex: Execution, step: Step, items: list[Any], index: int) -> Outcome | None:
+    async def _start_element(self, ex: RunState, step: Step, items: list[Any], index: int) -> Outcome | None:
         data = step.data
         assert isinstance(data, ForeachData)
         try:
@@ -491,7 +494,7 @@ class Executor:
     async def _start_child(self, run: RunRecord, step: Step, index: int, child_input: Any) -> Outcome | None:
         """Start one child run (idempotent: a re-run attempt finds the same child); a failure if it cannot."""
         data = step.data
-        assert isinstance(data, SubflowData | ForeachData)
+        assert isinstance(data, ChildFlowData)
         req = StartRun(
             flow_id=data.flow_id,
             input=child_input,
@@ -723,7 +726,7 @@ def _aware(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
-def _expire(ex: Execution, *, deadline: Deadline, due_at: datetime | None, fired_at: datetime | None) -> float | None:
+def _expire(ex: RunState, *, deadline: Deadline, due_at: datetime | None, fired_at: datetime | None) -> float | None:
     return ex.expire(deadline, due_at, fired_at)
 
 
@@ -736,11 +739,11 @@ async def _bounded(work: Awaitable[Outcome], timeout_ms: int, what: str) -> Outc
         return Outcome.failure(f"{what} did not finish within {timeout_ms} ms", "timeout", retryable=True)
 
 
-def _complete(ex: Execution, *, step_id: str, attempt: int, outcome: Outcome) -> None:
+def _complete(ex: RunState, *, step_id: str, attempt: int, outcome: Outcome) -> None:
     ex.complete(step_id, attempt, outcome)
 
 
-def _cancel_open(ex: Execution) -> None:
+def _cancel_open(ex: RunState) -> None:
     if not ex.run.final:
         ex.cancel()
 
@@ -749,7 +752,7 @@ def _work_body(body: StepWork) -> bytes:
     return orjson.dumps(body.wire())
 
 
-def _attempt_work(ex: Execution, step_id: str) -> Work:
+def _attempt_work(ex: RunState, step_id: str) -> Work:
     """Work on a dispatched step's attempt (the next one, when it waits to retry)."""
     state = ex.steps[step_id]
     attempt = state.attempt + (1 if state.status == "pending" else 0)
@@ -757,7 +760,7 @@ def _attempt_work(ex: Execution, step_id: str) -> Work:
     return Work(body, f"{ex.run.id}:{ex.run.retry_count}:{step_id}:{attempt}")
 
 
-def _parent_work(ex: Execution, was_final: bool) -> list[Work]:
+def _parent_work(ex: RunState, was_final: bool) -> list[Work]:
     """A child run that just ended tells its parent step."""
     run = ex.run
     if was_final or not run.final or not run.parent_run_id or not run.parent_step_id:

@@ -53,7 +53,7 @@ from flowmesh.contracts.subjects import (
 )
 from flowmesh.contracts.subjects import STEP_WORK as STEP_WORK_SUBJECT
 from flowmesh.runner import repo
-from flowmesh.runner.engine import TIMER_OWNER, Execution, Outcome
+from flowmesh.runner.engine import TIMER_OWNER, RunState
 from flowmesh.runner.executor import Executor
 from flowmesh.runtime.nats import Message
 from flowmesh.runtime.rpc import RpcContext, RpcServer
@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 EVENTS_PREFIX = EVENTS_ALL.removesuffix(">")
 
 
-def _deliver(ex: Execution, *, step_id: str, attempt: int, payload: Any) -> None:
+def _deliver(ex: RunState, *, step_id: str, attempt: int, payload: Any) -> None:
     ex.deliver_event(step_id, attempt, payload)
 
 
@@ -166,7 +166,7 @@ def register(
         ref = RunRef.model_validate(body)
         await _own_run(sessions, ctx, ref.run_id)
 
-        def apply(ex: Execution) -> None:
+        def apply(ex: RunState) -> None:
             if ex.run.final:
                 raise Conflict(f"run {ex.run.id} is already {ex.run.status}")
             ex.cancel()
@@ -180,13 +180,8 @@ def register(
         req = RunResumeRequest.model_validate(body)
         await _own_run(sessions, ctx, req.run_id)
 
-        def apply(ex: Execution) -> None:
-            state = ex.steps.get(req.step_id)
-            step = ex.graph.steps.get(req.step_id)
-            if ex.run.final or state is None or step is None or step.type != "approval" or state.status != "waiting":
-                raise Conflict(f"step {req.step_id!r} of run {ex.run.id} is not waiting for an approval")
-            output = {**req.data, "decision": req.decision, "by": ctx.subject or ctx.tenant}
-            ex.complete(req.step_id, state.attempt, Outcome(ok=True, output=output, handle=req.decision))
+        def apply(ex: RunState) -> None:
+            ex.resume(req.step_id, req.decision, req.data, ctx.subject or ctx.tenant)
 
         await executor.change(req.run_id, apply, tenant=ctx.tenant)
         return await _own_run(sessions, ctx, req.run_id)

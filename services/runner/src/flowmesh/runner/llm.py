@@ -18,7 +18,7 @@ from typing import Any, Final
 
 from flowmesh.contracts.expressions import render
 from flowmesh.contracts.models.definition import LlmData
-from flowmesh.runner.engine import Outcome
+from flowmesh.runner.outcome import Outcome
 
 DEFAULT_PROVIDERS: Final[Mapping[str, str]] = {"openai": "https://api.openai.com/v1"}
 """Providers known without configuration; ``FLOWMESH_RUNNER_LLM_PROVIDERS`` adds or replaces entries."""

@@ -14,7 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from flowmesh.contracts.ids import format_time, new_id
 from flowmesh.contracts.models import Run, RunEvent, StepRun
 from flowmesh.contracts.models.rpc import RunListQuery
-from flowmesh.runner.engine import Child, Deadline, Execution, RunRecord
+from flowmesh.contracts.steps import types_that_run
+from flowmesh.runner.engine import Child, Deadline, RunRecord, RunState
 from flowmesh.runner.graph import StepState
 from flowmesh.runner.tables import event_triggers, run_events, runs, step_runs, versions
 
@@ -139,7 +140,7 @@ async def load_steps(session: AsyncSession, *, run_id: str) -> dict[str, StepSta
     }
 
 
-async def save(session: AsyncSession, ex: Execution) -> list[dict[str, Any]]:
+async def save(session: AsyncSession, ex: RunState) -> list[dict[str, Any]]:
     """Write an execution's changes; returns its new events as published payloads, in ``seq`` order."""
     r = ex.run
     now = ex.now
@@ -161,7 +162,7 @@ async def save(session: AsyncSession, ex: Execution) -> list[dict[str, Any]]:
     return await write_changes(await _driver(session), ex)
 
 
-async def write_changes(conn: Any, ex: Execution) -> list[dict[str, Any]]:
+async def write_changes(conn: Any, ex: RunState) -> list[dict[str, Any]]:
     """Write an execution's step changes and events on an asyncpg connection (inside its transaction).
 
     The hot path of every run: two statements, prepared once per connection by asyncpg.
@@ -197,7 +198,7 @@ async def write_changes(conn: Any, ex: Execution) -> list[dict[str, Any]]:
     return [_event_payload(r, row) for row in rows]
 
 
-def _event_rows(r: RunRecord, ex: Execution) -> list[dict[str, Any]]:
+def _event_rows(r: RunRecord, ex: RunState) -> list[dict[str, Any]]:
     return [
         {
             "run_id": r.id,
@@ -320,7 +321,7 @@ _CREATE_LIMITED_RUN_SQL = _create_run_sql(_E + len(_EVENT_ARRAYS))
 
 
 async def create_run(
-    conn: Any, *, record: RunRecord, values: dict[str, Any], ex: Execution, in_flight_limit: int | None = None
+    conn: Any, *, record: RunRecord, values: dict[str, Any], ex: RunState, in_flight_limit: int | None = None
 ) -> list[dict[str, Any]] | None:
     """Insert a run with the steps and events its first execution made, in one statement (asyncpg).
 
@@ -594,7 +595,7 @@ async def stalled_parents(session: AsyncSession, *, older_than: datetime, limit:
         .join(child, (child.c.parent_run_id == step_runs.c.run_id) & (child.c.parent_step_id == step_runs.c.step_id))
         .where(
             step_runs.c.status == "waiting",
-            step_runs.c.type.in_(("subflow", "foreach")),
+            step_runs.c.type.in_(types_that_run("children")),
             child.c.status.not_in(OPEN),
             child.c.updated_at < older_than,
         )
