@@ -11,9 +11,9 @@ from pathlib import Path
 import asyncpg
 
 from flowmesh.runner import handlers
-from flowmesh.runner.executor import Executor
 from flowmesh.runner.io_steps import HttpStep, LlmStep, usage_key_reveal
 from flowmesh.runner.settings import RunnerSettings
+from flowmesh.runner.shell import Runner
 from flowmesh.runtime.db import create_driver_pool
 from flowmesh.runtime.quota import QuotaView
 from flowmesh.runtime.rpc import RpcClient
@@ -39,7 +39,7 @@ def create_app(settings: RunnerSettings) -> ServiceRuntime:
         default_timeout_ms=settings.llm_step_timeout_ms,
     )
     quotas = QuotaView(rpc)
-    executor = Executor(
+    runner = Runner(
         service.sessions,
         rpc,
         http,
@@ -48,14 +48,14 @@ def create_app(settings: RunnerSettings) -> ServiceRuntime:
         llm=llm,
         quotas=quotas,
     )
-    handlers.register(service.rpc, service.sessions, executor, workers=settings.workers, ack_wait_s=settings.ack_wait_s)
+    handlers.register(service.rpc, service.sessions, runner, workers=settings.workers, ack_wait_s=settings.ack_wait_s)
     sweeper: list[asyncio.Task[None]] = []
 
     async def sweep_forever() -> None:
         while True:
             await asyncio.sleep(settings.sweep_interval_s)
             try:
-                await executor.sweep(
+                await runner.sweep(
                     stalled_run=timedelta(seconds=settings.stalled_run_s),
                     stalled_step=timedelta(seconds=settings.stalled_step_s),
                     overdue=timedelta(seconds=settings.timer_fallback_s),
@@ -71,7 +71,7 @@ def create_app(settings: RunnerSettings) -> ServiceRuntime:
         pools.append(await create_driver_pool(settings.db_url, size=settings.db_pool_size, application_name="runner"))
         js = service.broker.connection.jetstream()
         await quotas.start(js, replicas=settings.stream_replicas)
-        executor.start(js, pools[0])
+        runner.start(js, pools[0])
         sweeper.append(asyncio.create_task(sweep_forever(), name="sweep"))
 
     @service.on_stop
@@ -80,7 +80,7 @@ def create_app(settings: RunnerSettings) -> ServiceRuntime:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await executor.stop()
+        await runner.stop()
         await quotas.stop()
         await http.close()
         for pool in pools:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from functools import partial
 from typing import Any
 
 from faststream import AckPolicy
@@ -53,8 +52,8 @@ from flowmesh.contracts.subjects import (
 )
 from flowmesh.contracts.subjects import STEP_WORK as STEP_WORK_SUBJECT
 from flowmesh.runner import repo
-from flowmesh.runner.engine import TIMER_OWNER, RunState
-from flowmesh.runner.executor import Executor
+from flowmesh.runner.engine import TIMER_OWNER
+from flowmesh.runner.shell import Runner
 from flowmesh.runtime.nats import Message
 from flowmesh.runtime.rpc import RpcContext, RpcServer
 
@@ -62,11 +61,7 @@ log = logging.getLogger(__name__)
 EVENTS_PREFIX = EVENTS_ALL.removesuffix(">")
 
 
-def _deliver(ex: RunState, *, step_id: str, attempt: int, payload: Any) -> None:
-    ex.deliver_event(step_id, attempt, payload)
-
-
-async def _start_from_event(executor: Executor, trigger: Any, payload: Any, stream_seq: int) -> None:
+async def _start_from_event(runner: Runner, trigger: Any, payload: Any, stream_seq: int) -> None:
     """Start the trigger's flow with the event as input, once per event (keyed by its stream sequence)."""
     if trigger["filter"]:
         try:
@@ -83,7 +78,7 @@ async def _start_from_event(executor: Executor, trigger: Any, payload: Any, stre
         idempotency_key=f"event:{trigger['trigger_id']}:{stream_seq}",
     )
     try:
-        await executor.start_run(trigger["tenant_id"], req, durable=True)
+        await runner.start_run(trigger["tenant_id"], req, durable=True)
     except (NotFound, Conflict, InvalidInput) as exc:
         log.warning("event trigger %s did not start a run: %s", trigger["trigger_id"], exc.detail)
 
@@ -99,13 +94,13 @@ async def _own_run(sessions: async_sessionmaker[AsyncSession], ctx: RpcContext, 
 
 
 def register(
-    rpc: RpcServer, sessions: async_sessionmaker[AsyncSession], executor: Executor, *, workers: int, ack_wait_s: float
+    rpc: RpcServer, sessions: async_sessionmaker[AsyncSession], runner: Runner, *, workers: int, ack_wait_s: float
 ) -> None:
     """Serve every runs operation, and execute step work from the shared durable consumer."""
 
     @rpc.handler(RunsOp.START)
     async def start(ctx: RpcContext, body: Any) -> StartRunResult:
-        return await executor.start_run(ctx.tenant, StartRun.model_validate(body))
+        return await runner.start_run(ctx.tenant, StartRun.model_validate(body))
 
     @rpc.handler(RunsOp.GET)
     async def get(ctx: RpcContext, body: Any) -> Run:
@@ -166,13 +161,7 @@ def register(
         ref = RunRef.model_validate(body)
         await _own_run(sessions, ctx, ref.run_id)
 
-        def apply(ex: RunState) -> None:
-            if ex.run.final:
-                raise Conflict(f"run {ex.run.id} is already {ex.run.status}")
-            ex.cancel()
-
-        await executor.change(ref.run_id, apply, tenant=ctx.tenant)
-        await executor.cancel_children(ref.run_id)
+        await runner.cancel(ref.run_id, tenant=ctx.tenant)
         return await _own_run(sessions, ctx, ref.run_id)
 
     @rpc.handler(RunsOp.RESUME)
@@ -180,10 +169,8 @@ def register(
         req = RunResumeRequest.model_validate(body)
         await _own_run(sessions, ctx, req.run_id)
 
-        def apply(ex: RunState) -> None:
-            ex.resume(req.step_id, req.decision, req.data, ctx.subject or ctx.tenant)
-
-        await executor.change(req.run_id, apply, tenant=ctx.tenant)
+        by = ctx.subject or ctx.tenant
+        await runner.resume(req.run_id, req.step_id, req.decision, req.data, by=by, tenant=ctx.tenant)
         return await _own_run(sessions, ctx, req.run_id)
 
     @rpc.handler(RunsOp.RETRY)
@@ -200,8 +187,8 @@ def register(
                 retry_of=run.id,
                 version=run.version if req.version == "same" else None,
             )
-            return await executor.start_run(ctx.tenant, start_req)
-        await executor.reopen(run.id, tenant=ctx.tenant)
+            return await runner.start_run(ctx.tenant, start_req)
+        await runner.reopen(run.id, tenant=ctx.tenant)
         return StartRunResult(run=await _own_run(sessions, ctx, run.id), created=False)
 
     # no queue group: every replica keeps its own cache; no reply: the message is a JetStream
@@ -211,7 +198,7 @@ def register(
         tenant = (msg.headers or {}).get(headers.TENANT)
         flow_id = body.get("flowId")
         if isinstance(tenant, str) and isinstance(flow_id, str):
-            executor.forget_flow(tenant, flow_id)
+            runner.forget_flow(tenant, flow_id)
 
     @rpc.broker.subscriber(
         RUN_START_CMD,
@@ -228,7 +215,7 @@ def register(
             req = StartRun.model_validate(body)
             if not tenant or not req.idempotency_key:
                 raise InvalidInput("a start command needs a Flowmesh-Tenant header and an idempotencyKey")
-            await executor.start_run(tenant, req, durable=True)
+            await runner.start_run(tenant, req, durable=True)
         except RateLimited as exc:
             # the tenant's runs in flight are at its plan's limit: the start waits its turn
             log.info("start command for tenant %r deferred: %s", tenant, exc.detail)
@@ -260,9 +247,9 @@ def register(
                 waiting = await repo.waiting_for(s, key=key)
                 listeners = await repo.event_triggers_for(s, key=key)
             for run_id, step_id, attempt in waiting:
-                await executor.change(run_id, partial(_deliver, step_id=step_id, attempt=attempt, payload=body))
+                await runner.deliver_event(run_id, step_id, attempt, body)
             for trigger in listeners:
-                await _start_from_event(executor, trigger, body, msg.raw_message.metadata.sequence.stream)
+                await _start_from_event(runner, trigger, body, msg.raw_message.metadata.sequence.stream)
         except RateLimited as exc:
             # a tenant's runs in flight are at its plan's limit: the event comes back (starts and
             # deliveries made before are keyed, so they are not made twice)
@@ -323,7 +310,7 @@ def register(
     async def timer(body: dict[str, Any], msg: Message) -> None:
         """A durable timer came due (a delay, a wait's or an attempt's timeout, a run's time limit)."""
         try:
-            early = await executor.timer_fired(TimerFired.model_validate(body))
+            early = await runner.timer_fired(TimerFired.model_validate(body))
         except ValidationError as exc:
             log.warning("ignoring a malformed fired timer: %s", exc)
             await msg.ack()
@@ -357,14 +344,14 @@ def register(
             return
         try:
             if item.kind == "advance" or item.step_id is None:
-                await executor.advance(item.run_id)
+                await runner.advance(item.run_id)
                 await msg.ack()
                 return
             if item.kind == "child":
-                await executor.child_done(item.run_id, item.step_id)
+                await runner.child_done(item.run_id, item.step_id)
                 await msg.ack()
                 return
-            delay = await executor.execute(item.run_id, item.step_id, msg.in_progress)
+            delay = await runner.execute(item.run_id, item.step_id, msg.in_progress)
         except Exception:
             log.exception("work on run %s step %s failed; it will be redelivered", item.run_id, item.step_id)
             await msg.nack(delay=1.0)
