@@ -15,11 +15,13 @@ import re
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import nats.errors
 from faststream.nats import NatsBroker
+from nats.js import JetStreamContext
 from pydantic import ValidationError
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -27,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from flowmesh.contracts import subjects
 from flowmesh.runtime.db import create_engine, create_sessionmaker
 from flowmesh.runtime.health import HealthServer
+from flowmesh.runtime.lifecycle import Job, hooks, once, periodic
 from flowmesh.runtime.logs import configure_logging
 from flowmesh.runtime.memory import freeze_startup_objects
 from flowmesh.runtime.migrate import migrate
@@ -43,6 +46,8 @@ from flowmesh.runtime.settings import BaseServiceSettings
 log = logging.getLogger(__name__)
 
 Hook = Callable[[], Awaitable[None]]
+ResourceFactory = Callable[[], AbstractAsyncContextManager[Any]]
+_F = TypeVar("_F", bound=ResourceFactory)
 
 
 class ServiceRuntime:
@@ -63,8 +68,7 @@ class ServiceRuntime:
         if migrations is not None:
             self._engine = create_engine(settings.db_url, pool_size=settings.db_pool_size, application_name=name)
             self._sessions = create_sessionmaker(self._engine)
-        self._on_start: list[Hook] = []
-        self._on_stop: list[Hook] = []
+        self._resources: list[ResourceFactory] = []
         self.health: HealthServer | None = None
 
         if name in subjects.RPC_PREFIXES:
@@ -80,14 +84,37 @@ class ServiceRuntime:
             raise RuntimeError(f"{self.name} has no database")
         return self._sessions
 
+    @property
+    def js(self) -> JetStreamContext:
+        """A JetStream context on the service's connection (once connected: in resources and handlers)."""
+        return self.broker.connection.jetstream()
+
+    def resource(self, factory: _F) -> _F:
+        """Enter ``factory()`` once connected and migrated, before taking messages; leave it at stop.
+
+        Resources are entered in the order they were declared and left in reverse, after the
+        broker stopped taking messages; one whose entry failed (and those after it) is not left.
+        Usable as a decorator on an ``asynccontextmanager`` function.
+        """
+        self._resources.append(factory)
+        return factory
+
+    def every(self, seconds: float, fn: Job, *, name: str) -> None:
+        """Call ``fn`` at start and every ``seconds`` after, until stop (a failure is logged, tried again)."""
+        self.resource(lambda: periodic(seconds, fn, name=name))
+
+    def background(self, fn: Job, *, name: str) -> None:
+        """Call ``fn`` once in the background after start (cancelled by stop; a failure is logged)."""
+        self.resource(lambda: once(fn, name=name))
+
     def on_start(self, hook: Hook) -> Hook:
-        """Run ``hook`` once connected and migrated, before taking messages."""
-        self._on_start.append(hook)
+        """Run ``hook`` once connected and migrated, before taking messages (a resource with no stop)."""
+        self.resource(lambda: hooks(start=hook))
         return hook
 
     def on_stop(self, hook: Hook) -> Hook:
-        """Run ``hook`` after the broker stopped taking messages."""
-        self._on_stop.append(hook)
+        """Run ``hook`` after the broker stopped taking messages (a resource with no start)."""
+        self.resource(lambda: hooks(stop=hook))
         return hook
 
     async def _ready(self) -> dict[str, bool]:
@@ -107,13 +134,14 @@ class ServiceRuntime:
         s = self.settings
         if self._engine is not None and self.migrations is not None:
             await migrate(self._engine, schema=self.schema, script_location=self.migrations)
+        resources = contextlib.AsyncExitStack()
         try:
             async with starting(self.name, s, self.refusals):
                 await self.broker.connect()
                 check_authenticated(self.broker, s)
                 await provision_streams(self.broker.connection.jetstream(), replicas=s.stream_replicas)
-                for hook in self._on_start:
-                    await hook()
+                for factory in self._resources:
+                    await resources.enter_async_context(factory())
                 await self.broker.start()
                 await self.rpc.start()
                 await settled(self.broker)
@@ -129,8 +157,7 @@ class ServiceRuntime:
                 await self.health.stop()
             await self.rpc.stop()
             await stop_broker(self.broker)
-            for hook in reversed(self._on_stop):
-                await hook()
+            await resources.aclose()
             if self._engine is not None:
                 await self._engine.dispose()
             log.info("%s stopped", self.name)

@@ -21,13 +21,6 @@ def create_app(settings: FlowsSettings) -> ServiceRuntime:
     relay = OutboxRelay(service.sessions, outbox)
     quotas = QuotaView(RpcClient(service.broker, timeout=settings.rpc_timeout_s))
     handlers.register(service.rpc, service.sessions, relay, quotas)
-
-    @service.on_start
-    async def start() -> None:
-        js = service.broker.connection.jetstream()
-        await quotas.start(js, replicas=settings.stream_replicas)
-        relay.start(js)
-
-    service.on_stop(relay.stop)
-    service.on_stop(quotas.stop)
+    service.resource(lambda: quotas.running(service.js, replicas=settings.stream_replicas))
+    service.resource(lambda: relay.running(service.js))
     return service

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from pathlib import Path
 
@@ -25,29 +24,17 @@ def create_app(settings: SchedulerSettings) -> ServiceRuntime:
     sync = Sync(service.sessions, RpcClient(service.broker, timeout=settings.rpc_timeout_s))
     dispatcher = Dispatcher(service.sessions, settings)
     handlers.register(service.rpc, service.sessions, sync, dispatcher, event_workers=settings.event_workers)
-    background: list[asyncio.Task[None]] = []
 
     async def catch_up() -> None:
         # the flows service may not be up yet: keep trying; schedules already known fire meanwhile
         while True:
             try:
-                await sync.rebuild_if_behind(service.broker.connection.jetstream())
+                await sync.rebuild_if_behind(service.js)
                 return
             except Exception as exc:
                 log.warning("checking for missed flow announcements failed, retrying: %s", exc)
                 await asyncio.sleep(REBUILD_RETRY_S)
 
-    @service.on_start
-    async def start() -> None:
-        dispatcher.start(service.broker.connection.jetstream())
-        background.append(asyncio.create_task(catch_up(), name="scheduler-catch-up"))
-
-    @service.on_stop
-    async def stop() -> None:
-        for task in background:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await dispatcher.stop()
-
+    service.resource(lambda: dispatcher.running(service.js))
+    service.background(catch_up, name="scheduler-catch-up")
     return service

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from datetime import timedelta
 from pathlib import Path
@@ -49,42 +47,23 @@ def create_app(settings: UsageSettings) -> ServiceRuntime:
         ),
         handlers.metering(meter),
     )
-    tasks: list[asyncio.Task[None]] = []
 
-    async def prune_forever() -> None:
+    async def prune() -> None:
         """Forget metered event ids once no duplicate of them can arrive any more."""
         while True:
-            try:
-                while True:
-                    async with service.sessions.begin() as s:
-                        before = utcnow() - timedelta(days=settings.dedupe_days)
-                        pruned = await repo.prune_metered(s, before=before, limit=PRUNE_CHUNK)
-                    if pruned < PRUNE_CHUNK:
-                        break
-            except Exception as exc:
-                log.warning("pruning metered event ids failed: %s", exc)
-            await asyncio.sleep(PRUNE_EVERY_S)
+            async with service.sessions.begin() as s:
+                before = utcnow() - timedelta(days=settings.dedupe_days)
+                pruned = await repo.prune_metered(s, before=before, limit=PRUNE_CHUNK)
+            if pruned < PRUNE_CHUNK:
+                return
 
-    async def reseal() -> None:
-        try:
-            await keys.reseal_all()
-        except Exception as exc:
-            log.warning("re-sealing stored keys with the current secret failed (retried at next start): %s", exc)
+    async def open_snapshots() -> None:
+        snapshots.kv = await ensure_bucket(service.js, QUOTA_BUCKET, ttl_s=0, replicas=settings.stream_replicas)
 
-    @service.on_start
-    async def start() -> None:
-        js = service.broker.connection.jetstream()
-        snapshots.kv = await ensure_bucket(js, QUOTA_BUCKET, ttl_s=0, replicas=settings.stream_replicas)
-        await consumer.start(settings.nats_url, name="flowmesh-usage-meter", login=settings.nats_login)
-        tasks.append(asyncio.create_task(prune_forever(), name="prune-metered"))
-        tasks.append(asyncio.create_task(reseal(), name="reseal-keys"))
-
-    @service.on_stop
-    async def stop() -> None:
-        await consumer.stop()
-        for task in tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
+    service.on_start(open_snapshots)
+    service.resource(
+        lambda: consumer.running(settings.nats_url, name="flowmesh-usage-meter", login=settings.nats_login)
+    )
+    service.every(PRUNE_EVERY_S, prune, name="pruning metered event ids")
+    service.background(keys.reseal_all, name="re-sealing stored keys with the current secret (retried at next start)")
     return service

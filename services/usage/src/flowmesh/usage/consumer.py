@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -82,6 +82,15 @@ class BatchConsumer:
             connect_timeout=2,
         )
         self._task = asyncio.create_task(self._run(self._nc.jetstream()), name=f"consume-{self.spec.durable}")
+
+    @contextlib.asynccontextmanager
+    async def running(self, nats_url: str, *, name: str, login: NatsLogin | None = None) -> AsyncIterator[None]:
+        """Consume for the duration of the block (a service resource)."""
+        await self.start(nats_url, name=name, login=login)
+        try:
+            yield
+        finally:
+            await self.stop()
 
     async def stop(self) -> None:
         """Stop consuming; a batch being handled is abandoned (it comes back after ``ack_wait``)."""
