@@ -102,15 +102,23 @@ class Route(Generic[DepsT]):
     handler: Callable[[Any, RpcContext, DepsT], Awaitable[Any]]
     parse: Callable[[Any], Any]
     tenant_required: bool
+    guard: Callable[[RpcContext], None] | None = None
 
     def bind(self, deps: DepsT) -> Handler:
         """The raw handler that parses the body and calls this route's handler with ``deps``."""
-        handler, parse = self.handler, self.parse
+        handler, parse, guard = self.handler, self.parse, self.guard
+        if guard is None:
 
-        async def call(ctx: RpcContext, body: Any) -> Any:
+            async def call(ctx: RpcContext, body: Any) -> Any:
+                return await handler(parse(body), ctx, deps)
+
+            return call
+
+        async def guarded(ctx: RpcContext, body: Any) -> Any:
+            guard(ctx)  # who may call is answered before what was asked is read
             return await handler(parse(body), ctx, deps)
 
-        return call
+        return guarded
 
 
 class RpcRouter(Generic[DepsT]):
@@ -126,16 +134,20 @@ class RpcRouter(Generic[DepsT]):
     def __init__(self) -> None:
         self.routes: list[Route[DepsT]] = []
 
-    def handler(self, subject: str, *, tenant_required: bool = True) -> Callable[[TypedHandler], TypedHandler]:
+    def handler(
+        self, subject: str, *, tenant_required: bool = True, guard: Callable[[RpcContext], None] | None = None
+    ) -> Callable[[TypedHandler], TypedHandler]:
         """Decorator: serve ``subject`` with the decorated ``async def op(req, ctx, deps)``.
 
         Args:
             subject: The request subject (``fm.rpc.<service>.<op>``).
             tenant_required: Refuse a request without the tenant header (lookups by other services say False).
+            guard: Called with the caller's context before the request is parsed; raises to refuse
+                (a caller without the role gets Forbidden whatever it sent).
         """
 
         def register(fn: TypedHandler) -> TypedHandler:
-            self.routes.append(Route(subject, fn, request_parser(fn), tenant_required))
+            self.routes.append(Route(subject, fn, request_parser(fn), tenant_required, guard))
             return fn
 
         return register

@@ -1,9 +1,10 @@
 """The life of a NATS-only service process: connect, migrate, serve, and stop gracefully.
 
 ``ServiceRuntime.running()`` is what both ``python -m flowmesh.<name>`` and in-process tests use:
-logs, database engine and migrations, broker (FastStream subscribers) and streams, health server.
-On SIGTERM/SIGINT the broker stops taking messages, in-flight handlers finish (or their JetStream
-messages are handed back by not being acked), then connections close.
+logs, database engine and migrations, broker, RPC server, durable consumers and streams, health
+server, and the service's own resources. On SIGTERM/SIGINT requests and consumers stop taking
+messages, in-flight handlers finish (or their JetStream messages are handed back by not being
+acked), resources stop in reverse order, then connections close.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from flowmesh.contracts import subjects
+from flowmesh.runtime.consumers import Consumers
 from flowmesh.runtime.db import create_engine, create_sessionmaker
 from flowmesh.runtime.health import HealthServer
 from flowmesh.runtime.lifecycle import Job, hooks, once, periodic
@@ -62,6 +64,7 @@ class ServiceRuntime:
         self.refusals = NatsRefusals(login.user or name)
         self.broker = create_broker(settings.nats_url, name=name, login=login, refusals=self.refusals)
         self.rpc = RpcServer(self.broker, name)
+        self.consumers = Consumers(name)
         # the engine connects lazily: nothing opens before running()
         self._engine: AsyncEngine | None = None
         self._sessions: async_sessionmaker[AsyncSession] | None = None
@@ -143,6 +146,7 @@ class ServiceRuntime:
                 for factory in self._resources:
                     await resources.enter_async_context(factory())
                 await self.broker.start()
+                await self.consumers.start(s.nats_url, login=s.nats_login, error_cb=self.refusals.on_error)
                 await self.rpc.start()
                 await settled(self.broker)
             if health:
@@ -156,6 +160,7 @@ class ServiceRuntime:
             if self.health is not None:
                 await self.health.stop()
             await self.rpc.stop()
+            await self.consumers.stop()
             await stop_broker(self.broker)
             await resources.aclose()
             if self._engine is not None:
