@@ -1,4 +1,4 @@
-"""The scheduler service: all of time (DESIGN §1) — cron triggers and durable timers."""
+"""The scheduler service: all of time — cron triggers and durable timers."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import asyncio
 import logging
 from pathlib import Path
 
+from flowmesh.contracts.streams import SCHEDULER_FLOWS
 from flowmesh.runtime.rpc import RpcClient
 from flowmesh.runtime.service import ServiceRuntime
 from flowmesh.scheduler import handlers
+from flowmesh.scheduler.deps import SchedulerDeps
 from flowmesh.scheduler.dispatcher import Dispatcher
 from flowmesh.scheduler.settings import SchedulerSettings
 from flowmesh.scheduler.sync import Sync
@@ -22,8 +24,15 @@ def create_app(settings: SchedulerSettings) -> ServiceRuntime:
     """The scheduler service, ready to run (``async with service.running(): ...``)."""
     service = ServiceRuntime("scheduler", settings, migrations=MIGRATIONS)
     sync = Sync(service.sessions, RpcClient(service.broker, timeout=settings.rpc_timeout_s))
-    dispatcher = Dispatcher(service.sessions, settings)
-    handlers.register(service.rpc, service.sessions, sync, dispatcher, event_workers=settings.event_workers)
+    deps = SchedulerDeps(service.sessions, sync, Dispatcher(service.sessions, settings))
+    service.rpc.include(handlers.router, deps)
+    service.consumers.each(
+        SCHEDULER_FLOWS,
+        handlers.flow_announced,
+        deps,
+        workers=settings.event_workers,
+        malformed=handlers.unreadable_announcement,
+    )
 
     async def catch_up() -> None:
         # the flows service may not be up yet: keep trying; schedules already known fire meanwhile
@@ -35,6 +44,6 @@ def create_app(settings: SchedulerSettings) -> ServiceRuntime:
                 log.warning("checking for missed flow announcements failed, retrying: %s", exc)
                 await asyncio.sleep(REBUILD_RETRY_S)
 
-    service.resource(lambda: dispatcher.running(service.js))
+    service.resource(lambda: deps.dispatcher.running(service.js))
     service.background(catch_up, name="scheduler-catch-up")
     return service
