@@ -4,8 +4,6 @@ until it announces a change), and each frozen version it runs (parsed once: vers
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Any, Final
 
 from jsonschema.protocols import Validator
@@ -20,6 +18,7 @@ from flowmesh.contracts.strict import json_pointer
 from flowmesh.contracts.subjects import FlowsOp
 from flowmesh.runner import repo
 from flowmesh.runner.graph import Graph
+from flowmesh.runtime.cache import TtlCache
 from flowmesh.runtime.rpc import RpcClient
 
 RUNNABLE_TTL_S: Final = 5.0
@@ -33,45 +32,49 @@ class RunnableFlows:
     """What the flows service says about starting a flow, cached until it announces a change.
 
     Entries are dropped by ``fm.flows.{t}.*`` announcements (the flows service publishes them
-    before it answers the change), and expire after a few seconds in case one was missed.
+    before it answers the change), and expire after a few seconds in case one was missed. One
+    question per flow at a time: when an entry expires, the starts in flight share the answer.
     """
 
     def __init__(self, flows: RpcClient) -> None:
         self.flows = flows
-        self._entries: dict[RunnableKey, tuple[float, RunnableFlow]] = {}
-        self._lookups: dict[RunnableKey, asyncio.Future[RunnableFlow]] = {}
+        # an answer is kept only if no announcement raced the question (its "forgets" is current)
+        self._cache: TtlCache[RunnableKey, tuple[int, RunnableFlow]] = TtlCache(
+            RUNNABLE_TTL_S, ttl_of=self._ttl_of, maxsize=RUNNABLE_CACHE_SIZE
+        )
         self._forgets = 0
+        self._asked: dict[tuple[str, str], set[int | None]] = {}
+        """The versions asked of each flow (what an announcement must forget)."""
 
     async def get(self, tenant: str, flow_id: str, version: int | None) -> RunnableFlow:
         """The flow's runnable version (raises the flows service's error: not found, not published)."""
         key = (tenant, flow_id, version)
-        hit = self._entries.get(key)
-        if hit is not None and hit[0] > time.monotonic():
-            return hit[1]
-        # one question per flow at a time: when an entry expires, the starts in flight share it
-        pending = self._lookups.get(key)
-        if pending is None:
-            pending = self._lookups[key] = asyncio.ensure_future(self._lookup(key))
-            pending.add_done_callback(lambda _: self._lookups.pop(key, None))
-        return await asyncio.shield(pending)
+        asked = self._asked.setdefault((tenant, flow_id), set())
+        if version not in asked:
+            if len(self._asked) > RUNNABLE_CACHE_SIZE:  # forget everything rather than grow for ever
+                self._asked.clear()
+                self._cache.clear()
+                asked = self._asked[(tenant, flow_id)] = set()
+            asked.add(version)
+        _, found = await self._cache.get(key, lambda: self._lookup(key))
+        return found
 
-    async def _lookup(self, key: RunnableKey) -> RunnableFlow:
+    async def _lookup(self, key: RunnableKey) -> tuple[int, RunnableFlow]:
         tenant, flow_id, version = key
         forgets = self._forgets
         found = RunnableFlow.model_validate(
             await self.flows.call(FlowsOp.RUNNABLE, {"flowId": flow_id, "version": version}, tenant=tenant)
         )
-        if forgets == self._forgets:  # no announcement raced the question: the answer may be kept
-            if len(self._entries) > RUNNABLE_CACHE_SIZE:
-                self._entries.clear()
-            self._entries[key] = (time.monotonic() + RUNNABLE_TTL_S, found)
-        return found
+        return forgets, found
+
+    def _ttl_of(self, answer: tuple[int, RunnableFlow]) -> float:
+        return RUNNABLE_TTL_S if answer[0] == self._forgets else 0.0
 
     def forget(self, tenant: str, flow_id: str) -> None:
         """A flow changed (published, rolled back, (de)activated, deleted): ask the flows service again."""
         self._forgets += 1
-        for key in [k for k in self._entries if k[0] == tenant and k[1] == flow_id]:
-            self._entries.pop(key, None)
+        for version in self._asked.pop((tenant, flow_id), ()):
+            self._cache.discard((tenant, flow_id, version))
 
 
 class Versions:
