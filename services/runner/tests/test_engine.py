@@ -1,4 +1,4 @@
-"""Graph semantics and the run state machine, without I/O (DESIGN §4, §5)."""
+"""Graph semantics and the run state machine, without I/O."""
 
 from __future__ import annotations
 

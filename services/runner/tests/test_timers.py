@@ -1,7 +1,7 @@
 """Time in the run state machine, without I/O: delays, wait and attempt timeouts, run time limits.
 
 The engine records deadlines and says which durable timers to arm or cancel; a fired timer is a
-hint it checks against the run's state (DESIGN §4, §5).
+hint it checks against the run's state.
 """
 
 from __future__ import annotations

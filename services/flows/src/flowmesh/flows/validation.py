@@ -1,4 +1,7 @@
-"""Judging a flow definition (DESIGN §4): every problem at once, each with a JSON pointer.
+"""Judging a flow definition: every problem at once, each with a JSON pointer.
+
+What is particular to a step type (its data model, expression fields, subject fields, handles,
+whether it runs other flows) is asked of the step-kind registry, :mod:`flowmesh.contracts.steps`.
 
 Pure: the only outside fact it needs, which flows of the tenant are published, is passed in.
 """

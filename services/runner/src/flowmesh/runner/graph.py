@@ -1,4 +1,4 @@
-"""A published definition as an executable graph, and the rules of DESIGN §4 over it. Pure.
+"""A published definition as an executable graph, and the graph rules over it. Pure.
 
 An edge is *taken* when its source succeeded (or failed handled) and the edge's handle is the one
 the source chose (plain edges follow the default path). A node waits until every incoming edge is

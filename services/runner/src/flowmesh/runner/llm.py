@@ -1,4 +1,4 @@
-"""``llm`` steps (DESIGN §4): an OpenAI-compatible chat completion, built and read without I/O.
+"""``llm`` steps: an OpenAI-compatible chat completion, built and read without I/O.
 
 The request is ``POST {baseUrl}/chat/completions`` with ``model``, the rendered ``messages`` and the
 optional ``temperature`` and ``max_tokens``; ``baseUrl`` comes from the runner's provider table

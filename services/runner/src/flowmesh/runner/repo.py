@@ -140,11 +140,11 @@ async def load_steps(session: AsyncSession, *, run_id: str) -> dict[str, StepSta
     }
 
 
-async def save(session: AsyncSession, ex: RunState) -> list[dict[str, Any]]:
+async def save(session: AsyncSession, state: RunState) -> list[dict[str, Any]]:
     """Write an execution's changes; returns its new events as published payloads, in ``seq`` order."""
-    r = ex.run
-    now = ex.now
-    if ex.run_changed:
+    r = state.run
+    now = state.now
+    if state.run_changed:
         await session.execute(
             update(runs)
             .where(runs.c.id == r.id)
@@ -159,31 +159,31 @@ async def save(session: AsyncSession, ex: RunState) -> list[dict[str, Any]]:
                 updated_at=now,
             )
         )
-    return await write_changes(await _driver(session), ex)
+    return await write_changes(await _driver(session), state)
 
 
-async def write_changes(conn: Any, ex: RunState) -> list[dict[str, Any]]:
+async def write_changes(conn: Any, state: RunState) -> list[dict[str, Any]]:
     """Write an execution's step changes and events on an asyncpg connection (inside its transaction).
 
     The hot path of every run: two statements, prepared once per connection by asyncpg.
     """
-    r = ex.run
-    if ex.changed:
+    r = state.run
+    if state.changed:
         await conn.executemany(
             _UPSERT_STEPS_SQL,
             [
-                (r.id, step_id, ex.graph.steps[step_id].type, *_step_values(ex.steps[step_id]), ex.now)
-                for step_id in sorted(ex.changed)
+                (r.id, step_id, state.graph.steps[step_id].type, *_step_values(state.steps[step_id]), state.now)
+                for step_id in sorted(state.changed)
             ],
         )
-    if not ex.events:
+    if not state.events:
         return []
-    rows = _event_rows(r, ex)
+    rows = _event_rows(r, state)
     await conn.executemany(_INSERT_EVENTS_SQL, [_event_values(row, _EVENT_COLUMNS) for row in rows])
     return [_event_payload(r, row) for row in rows]
 
 
-def _event_rows(r: RunRecord, ex: RunState) -> list[dict[str, Any]]:
+def _event_rows(r: RunRecord, state: RunState) -> list[dict[str, Any]]:
     return [
         {
             "run_id": r.id,
@@ -195,7 +195,7 @@ def _event_rows(r: RunRecord, ex: RunState) -> list[dict[str, Any]]:
             "attempt": e.attempt,
             "data": e.data.dump(),
         }
-        for e in ex.events
+        for e in state.events
     ]
 
 
@@ -257,7 +257,7 @@ _CREATE_LIMITED_RUN_SQL = _create_run_sql(_E + len(_EVENT_ARRAYS))
 
 
 async def create_run(
-    conn: Any, *, record: RunRecord, values: dict[str, Any], ex: RunState, in_flight_limit: int | None = None
+    conn: Any, *, record: RunRecord, values: dict[str, Any], state: RunState, in_flight_limit: int | None = None
 ) -> list[dict[str, Any]] | None:
     """Insert a run with the steps and events its first execution made, in one statement (asyncpg).
 
@@ -269,13 +269,14 @@ async def create_run(
     limit reached.
     """
     steps = [
-        (step_id, ex.graph.steps[step_id].type, *_step_values(ex.steps[step_id])) for step_id in sorted(ex.changed)
+        (step_id, state.graph.steps[step_id].type, *_step_values(state.steps[step_id]))
+        for step_id in sorted(state.changed)
     ]
-    rows = _event_rows(record, ex)
+    rows = _event_rows(record, state)
     events = [_event_values(row, tuple(c for c, _ in _EVENT_ARRAYS)) for row in rows]
     columns = [list(c) for c in zip(*steps, strict=True)] if steps else [[] for _ in _STEP_ARRAYS]
     event_columns = [list(c) for c in zip(*events, strict=True)] if events else [[] for _ in _EVENT_ARRAYS]
-    args = (*_run_row(record, values), *columns, ex.now, *event_columns)
+    args = (*_run_row(record, values), *columns, state.now, *event_columns)
     if in_flight_limit is None:
         created = await conn.fetchval(_CREATE_RUN_SQL, *args)
     else:

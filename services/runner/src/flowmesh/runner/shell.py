@@ -212,7 +212,7 @@ class Runner:
             await self.versions.save(conn, version, state.run.tenant_id)
             # one statement, one round trip: the run, its steps and its events, or nothing
             return await repo.create_run(
-                conn, record=state.run, values=values, ex=state, in_flight_limit=in_flight_limit
+                conn, record=state.run, values=values, state=state, in_flight_limit=in_flight_limit
             )
 
     async def _repeat(self, tenant: str, req: StartRun, input_hash: str, durable: bool) -> StartRunResult | None:

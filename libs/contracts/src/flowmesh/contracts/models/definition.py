@@ -1,7 +1,8 @@
 """The flow definition: the graph a React Flow canvas saves, step config in each node's ``data``.
 
-Drafts are saved as given (DESIGN §4): nodes and edges keep any extra key a canvas adds and ``type``
-may be any string; only validation judges a definition, using the step models below.
+Drafts are saved as given, so a canvas gets back what it saved: nodes and edges keep any extra key
+a canvas adds and ``type`` may be any string; only validation judges a definition, using the step
+models below and the step-kind registry (:mod:`flowmesh.contracts.steps`).
 """
 
 from __future__ import annotations

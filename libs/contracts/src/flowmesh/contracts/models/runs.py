@@ -1,4 +1,4 @@
-"""Runs, step runs and run events (DESIGN §5)."""
+"""Runs, step runs and run events (each event's ``data``: :mod:`.run_events`)."""
 
 from __future__ import annotations
 

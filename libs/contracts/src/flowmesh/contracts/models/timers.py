@@ -1,4 +1,4 @@
-"""Durable timers (DESIGN §1: the scheduler owns all of time).
+"""Durable timers (the scheduler owns all of time: no other service sleeps on a deadline).
 
 A service arms a timer with ``fm.rpc.scheduler.timers.set``; when it comes due the scheduler
 publishes :class:`TimerFired` on ``fm.timers.fired.<owner>`` (stream ``TIMERS``) with
