@@ -98,6 +98,9 @@ class StepKind:
         )
 
 
+ENTRY_TYPE: Final = "trigger"
+"""The type of a flow's entry node: exactly one per flow, no incoming edges, its output the run input."""
+
 STEP_TYPES: Final[dict[str, StepKind]] = {}
 """Every step type, keyed by ``type``, in catalog order."""
 
@@ -132,7 +135,7 @@ _CHOOSE = {"expression": CONTEXT_NAMES}
 
 for _kind in (
     StepKind(
-        "trigger",
+        ENTRY_TYPE,
         "Trigger",
         "The entry node, exactly one per flow; outputs the run input.",
         TriggerData,

@@ -24,7 +24,7 @@ from flowmesh.contracts.expressions import (
 )
 from flowmesh.contracts.models import FieldError, FlowDefinition, Node
 from flowmesh.contracts.models.definition import ERROR_HANDLE, ChildFlowData, StepData
-from flowmesh.contracts.steps import STEP_TYPES, StepKind, step_kind
+from flowmesh.contracts.steps import ENTRY_TYPE, STEP_TYPES, StepKind, step_kind
 from flowmesh.contracts.strict import json_pointer
 from flowmesh.contracts.subjects import is_safe_subject_part
 
@@ -97,7 +97,7 @@ def _check_graph(report: _Report, d: FlowDefinition, *, flow_id: str | None, pub
         if parsed is not None:
             data[node.id] = parsed
 
-    triggers = [n for n in d.nodes if n.type == "trigger"]
+    triggers = [n for n in d.nodes if n.type == ENTRY_TYPE]
     if not triggers:
         report.add(("nodes",), "a flow needs exactly one trigger node; there is none")
     for extra in triggers[1:]:
@@ -121,7 +121,7 @@ def _check_graph(report: _Report, d: FlowDefinition, *, flow_id: str | None, pub
                 ok = False
         if not ok:
             continue
-        if types[edge.target] == "trigger":
+        if types[edge.target] == ENTRY_TYPE:
             report.add(
                 ("edges", j, "target"),
                 f"edge {edge.id!r} leads into the trigger {edge.target!r}; a trigger has no incoming edges",

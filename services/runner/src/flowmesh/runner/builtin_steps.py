@@ -25,6 +25,7 @@ from flowmesh.contracts.models.definition import (
     case_handle,
 )
 from flowmesh.contracts.models.runs import FINAL_RUN_STATUSES
+from flowmesh.contracts.steps import ENTRY_TYPE
 from flowmesh.contracts.subjects import tenant_token
 from flowmesh.runner.io_steps import run_publish
 from flowmesh.runner.kinds import Context, Joined, StepRunner, StepTools, register_runner
@@ -210,7 +211,7 @@ def _parse_time(value: Any) -> datetime | None:
     return found if found.tzinfo is not None else None
 
 
-register_runner("trigger", StepRunner(compute=_trigger))
+register_runner(ENTRY_TYPE, StepRunner(compute=_trigger))
 register_runner("transform", StepRunner(compute=_transform))
 register_runner("condition", StepRunner(compute=_condition))
 register_runner("switch", StepRunner(compute=_switch))

@@ -16,7 +16,7 @@ from typing import Any, Final
 from flowmesh.contracts.models import FlowDefinition
 from flowmesh.contracts.models.definition import ERROR_HANDLE, RetryPolicy, StepData
 from flowmesh.contracts.models.runs import FINAL_STEP_STATUSES
-from flowmesh.contracts.steps import STEP_TYPES, StepKind
+from flowmesh.contracts.steps import ENTRY_TYPE, STEP_TYPES, StepKind
 
 RAN: Final = frozenset({"succeeded", "failed"})
 
@@ -108,7 +108,7 @@ class Graph:
             edge = Edge(e.id, e.source, e.target, e.source_handle)
             self.steps[e.source].outgoing.append(edge)
             self.steps[e.target].incoming.append(edge)
-        self.trigger = next(s.id for s in self.steps.values() if s.type == "trigger")
+        self.trigger = next(s.id for s in self.steps.values() if s.type == ENTRY_TYPE)
         self.order = list(self.steps)
         self.position = {step_id: i for i, step_id in enumerate(self.order)}
 
