@@ -10,7 +10,6 @@ from pydantic import ValidationError
 
 from flowmesh.contracts.errors import InvalidInput, NotFound, QuotaExceeded, from_problem
 from flowmesh.contracts.models import (
-    STEP_TYPES,
     Flow,
     FlowCreate,
     FlowDefinition,
@@ -22,7 +21,11 @@ from flowmesh.contracts.models import (
 )
 from flowmesh.contracts.models.definition import DelayData, HttpData, TransformData
 from flowmesh.contracts.models.rpc import RpcReply
-from flowmesh.contracts.models.runs import Run
+from flowmesh.contracts.models.run_events import EVENT_DATA, RunQueuedData, StepSucceededData
+from flowmesh.contracts.models.runs import RUN_EVENT_TYPES, Run
+from flowmesh.contracts.models.timers import DeadlinePayload
+from flowmesh.contracts.models.work import StepWork
+from flowmesh.contracts.steps import STEP_TYPES
 from flowmesh.contracts.strict import json_pointer, parse_strict
 
 CANVAS = {
@@ -203,8 +206,8 @@ def test_step_catalog_covers_every_type_and_validates_data() -> None:
         "llm",
         "fail",
     }
-    assert STEP_TYPES["condition"].handles == ["true", "false"]
-    assert "model" not in STEP_TYPES["http"].wire()
+    assert STEP_TYPES["condition"].handles == ("true", "false")
+    assert "model" not in STEP_TYPES["http"].catalog().wire()
     HttpData.model_validate({"url": "https://example.test", "retry": {"maxAttempts": 3, "backoff": "fixed"}})
     with pytest.raises(ValidationError):
         HttpData.model_validate({"url": "https://example.test", "unknown": 1})
@@ -242,3 +245,32 @@ def test_full_dumps_of_a_definition_add_no_null_keys_and_keep_integer_positions(
     wire = FlowDefinition.model_validate(given).wire()
     assert wire == given
     assert isinstance(wire["nodes"][0]["position"]["x"], int)
+
+
+def test_run_event_data_is_read_as_its_type_and_written_with_exactly_its_keys() -> None:
+    base = {"id": "e", "seq": 1, "ts": "2026-03-20T10:00:00.000Z", "tenantId": "t", "runId": "r", "flowId": "f"}
+    queued = {**base, "type": "run.queued", "version": 1, "data": {"status": "queued", "parentRunId": None}}
+    event = RunEvent.model_validate(queued)
+    assert isinstance(event.data, RunQueuedData) and event.data.parent_run_id is None
+    assert event.wire(exclude_none=True) == queued  # the explicit null stays, nothing is added
+    reopened = RunEvent.model_validate({**queued, "data": {"status": "queued", "retryCount": 2}})
+    assert reopened.wire(exclude_none=True)["data"] == {"status": "queued", "retryCount": 2}
+    llm = {"status": "succeeded", "durationMs": 9, "stepType": "llm", "usage": {"inputTokens": 1, "outputTokens": 2}}
+    done = RunEvent.model_validate({**base, "type": "step.succeeded", "version": 1, "data": llm})
+    assert isinstance(done.data, StepSucceededData) and done.data.usage is not None
+    assert done.data.usage.output_tokens == 2 and done.wire()["data"] == llm
+    assert set(EVENT_DATA) == set(RUN_EVENT_TYPES)
+
+
+def test_step_work_names_its_kind_and_reads_the_form_before_it() -> None:
+    assert StepWork(run_id="r", step_id="s", kind="attempt").wire() == {"runId": "r", "stepId": "s", "kind": "attempt"}
+    assert StepWork.model_validate({"runId": "r", "stepId": None}).kind == "advance"
+    assert StepWork.model_validate({"runId": "r", "stepId": "s", "child": True}).kind == "child"
+    assert StepWork(run_id="r", step_id="s", kind="child").wire()["child"] is True
+
+
+def test_a_deadline_payload_is_read_strictly() -> None:
+    body = {"runId": "r", "retryCount": 0, "stepId": "s", "attempt": 1}
+    assert DeadlinePayload.model_validate(body).wire(exclude_none=True) == body
+    with pytest.raises(ValidationError):
+        DeadlinePayload.model_validate({"runId": "r", "retryCount": "0"})

@@ -1,4 +1,4 @@
-"""Graph semantics and the run state machine, without I/O (DESIGN §4, §5)."""
+"""Graph semantics and the run state machine, without I/O."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import pytest
 from flowmesh.contracts.models.definition import RetryPolicy
 from flowmesh.contracts.testing import edge as e
 from flowmesh.contracts.testing import node as n
-from flowmesh.runner.engine import Execution, Outcome, RunRecord
+from flowmesh.runner.engine import Outcome, RunRecord, RunState
 from flowmesh.runner.graph import Graph, retry_delay
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-def execution(nodes: list[dict[str, Any]], edges: list[dict[str, Any]], run_input: Any = None) -> Execution:
+def execution(nodes: list[dict[str, Any]], edges: list[dict[str, Any]], run_input: Any = None) -> RunState:
     graph = Graph({"nodes": [n("start", "trigger"), *nodes], "edges": edges})
     run = RunRecord(
         id="r",
@@ -29,10 +29,10 @@ def execution(nodes: list[dict[str, Any]], edges: list[dict[str, Any]], run_inpu
         input=run_input if run_input is not None else {},
         created_at=NOW,
     )
-    return Execution(run, graph, {}, NOW)
+    return RunState(run, graph, {}, NOW)
 
 
-def statuses(ex: Execution) -> dict[str, str]:
+def statuses(ex: RunState) -> dict[str, str]:
     return {k: v.status for k, v in ex.steps.items()}
 
 

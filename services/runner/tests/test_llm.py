@@ -15,7 +15,7 @@ from flowmesh.contracts.errors import NotFound, ServiceUnavailable
 from flowmesh.contracts.expressions import ExpressionError
 from flowmesh.contracts.models.definition import LlmData
 from flowmesh.contracts.testing import linear, node
-from flowmesh.runner.engine import Execution, Outcome, RunRecord
+from flowmesh.runner.engine import Outcome, RunRecord, RunState
 from flowmesh.runner.graph import Graph
 from flowmesh.runner.io_steps import HttpStep, LlmStep
 from flowmesh.runner.llm import build_request, read_completion, redact
@@ -156,14 +156,14 @@ def test_redact_removes_the_key_from_message_output_and_input() -> None:
 # --- the engine puts the counts in step.succeeded ---------------------------------------------
 
 
-def llm_run() -> Execution:
+def llm_run() -> RunState:
     ask = node("ask", "llm", provider="openai", model="m", messages=[{"role": "user", "content": "hi"}])
     graph = Graph(linear(ask))
     now = datetime(2026, 1, 1, tzinfo=UTC)
     run = RunRecord(
         id="r", tenant_id="t", flow_id="f", version=1, status="queued", trigger_type="manual", input={}, created_at=now
     )
-    ex = Execution(run, graph, {}, now)
+    ex = RunState(run, graph, {}, now)
     ex.advance()
     assert ex.dispatch == ["ask"]
     return ex
@@ -174,14 +174,14 @@ def test_the_token_counts_go_into_the_step_succeeded_event() -> None:
     usage = {"inputTokens": 5, "outputTokens": 2}
     ex.complete("ask", 1, Outcome(ok=True, output={"text": "yo", "usage": usage}, usage=usage))
     succeeded = next(e for e in ex.events if e.type == "step.succeeded" and e.step_id == "ask")
-    assert succeeded.data == {"status": "succeeded", "durationMs": 0, "stepType": "llm", "usage": usage}
+    assert succeeded.data.dump() == {"status": "succeeded", "durationMs": 0, "stepType": "llm", "usage": usage}
     assert ex.run.status == "succeeded" and ex.run.output == {"text": "yo", "usage": usage}
 
 
 def test_other_steps_events_carry_no_usage() -> None:
     ex = llm_run()
     ex.complete("ask", 1, Outcome.failure("nope", "provider-error"))
-    assert all("usage" not in e.data for e in ex.events)
+    assert all("usage" not in e.data.dump() for e in ex.events)
 
 
 # --- settings -------------------------------------------------------------------------------------

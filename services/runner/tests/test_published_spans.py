@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flowmesh.runner.executor import _merged
+from flowmesh.runner.publisher import merged as _merged
 
 
 def test_adjacent_and_overlapping_spans_are_joined_keeping_the_latest_time() -> None:

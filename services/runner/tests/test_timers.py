@@ -1,7 +1,7 @@
 """Time in the run state machine, without I/O: delays, wait and attempt timeouts, run time limits.
 
 The engine records deadlines and says which durable timers to arm or cancel; a fired timer is a
-hint it checks against the run's state (DESIGN §4, §5).
+hint it checks against the run's state.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 from flowmesh.contracts.ids import format_time
 from flowmesh.contracts.testing import edge as e
 from flowmesh.contracts.testing import node as n
-from flowmesh.runner.engine import ATTEMPT_GRACE, Deadline, Execution, Outcome, RunRecord
+from flowmesh.runner.engine import ATTEMPT_GRACE, Deadline, Outcome, RunRecord, RunState
 from flowmesh.runner.graph import Graph
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -22,7 +22,7 @@ def graph(nodes: list[dict[str, Any]], edges: list[dict[str, Any]], **timeouts: 
     return Graph({"nodes": [n("start", "trigger"), *nodes], "edges": edges}, **timeouts)
 
 
-def started(g: Graph, run_input: Any = None, at: datetime = NOW) -> Execution:
+def started(g: Graph, run_input: Any = None, at: datetime = NOW) -> RunState:
     """A new run's first transaction: queued and advanced."""
     run = RunRecord(
         id="r",
@@ -34,26 +34,26 @@ def started(g: Graph, run_input: Any = None, at: datetime = NOW) -> Execution:
         input=run_input if run_input is not None else {},
         created_at=at,
     )
-    ex = Execution(run, g, {}, at)
+    ex = RunState(run, g, {}, at)
     ex.queue()
     ex.advance()
     return ex
 
 
-def later(ex: Execution, by: timedelta) -> Execution:
+def later(ex: RunState, by: timedelta) -> RunState:
     """The next transaction on the same run, ``by`` later (state as committed, no pending writes)."""
-    return Execution(ex.run, ex.graph, dict(ex.steps), ex.now + by)
+    return RunState(ex.run, ex.graph, dict(ex.steps), ex.now + by)
 
 
-def armed(ex: Execution) -> dict[str, datetime]:
+def armed(ex: RunState) -> dict[str, datetime]:
     return {key: op.due_at for key, op in ex.timers.items() if op.due_at is not None}
 
 
-def cancelled(ex: Execution) -> set[str]:
+def cancelled(ex: RunState) -> set[str]:
     return {key for key, op in ex.timers.items() if op.due_at is None}
 
 
-def types(ex: Execution) -> list[str]:
+def types(ex: RunState) -> list[str]:
     return [ev.type for ev in ex.events]
 
 
@@ -67,7 +67,7 @@ def test_a_delay_waits_on_a_durable_timer_and_outputs_when_it_fired() -> None:
     assert ex.steps["wait"].status == "waiting" and ex.steps["wait"].deadline_at == due
     assert ex.run.status == "waiting" and ex.dispatch == []
     assert armed(ex) == {STEP + "wait": due}
-    payload = ex.timers[STEP + "wait"].deadline.payload()
+    payload = ex.timers[STEP + "wait"].deadline.payload().wire(exclude_none=True)
     assert payload == {"runId": "r", "retryCount": 0, "stepId": "wait", "attempt": 1}
     fired = later(ex, timedelta(seconds=2, milliseconds=5))
     fired_at = NOW + timedelta(seconds=2, milliseconds=1)
@@ -197,7 +197,7 @@ def test_a_run_time_limit_times_the_run_out_and_cancels_what_is_open() -> None:
     assert fired.run.status == "timedOut" and fired.run.output is None
     assert fired.run.error == {"message": "the run did not finish within 1500 ms", "stepId": None, "type": "timeout"}
     assert {fired.steps[s].status for s in ("ok", "d")} == {"cancelled"}
-    assert types(fired)[-1] == "run.timedOut" and fired.events[-1].data["status"] == "timedOut"
+    assert types(fired)[-1] == "run.timedOut" and fired.events[-1].data.dump()["status"] == "timedOut"
     assert cancelled(fired) == {STEP + "ok", STEP + "d"}  # the run's own timer fired
     assert fired.expire(Deadline("r", 0), due) is None and len(fired.events) == 1  # once
 

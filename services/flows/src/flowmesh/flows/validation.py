@@ -1,4 +1,7 @@
-"""Judging a flow definition (DESIGN §4): every problem at once, each with a JSON pointer.
+"""Judging a flow definition: every problem at once, each with a JSON pointer.
+
+What is particular to a step type (its data model, expression fields, subject fields, handles,
+whether it runs other flows) is asked of the step-kind registry, :mod:`flowmesh.contracts.steps`.
 
 Pure: the only outside fact it needs, which flows of the tenant are published, is passed in.
 """
@@ -11,39 +14,21 @@ from typing import Any, Final
 from jsonschema.exceptions import SchemaError
 from jsonschema.validators import validator_for
 from pydantic import ValidationError
+from pydantic.alias_generators import to_snake
 
 from flowmesh.contracts.expressions import (
     CONTEXT_NAMES,
-    EVENT_NAMES,
-    FOREACH_NAMES,
     check_expression,
     expression_source,
     iter_templates,
 )
 from flowmesh.contracts.models import FieldError, FlowDefinition, Node
-from flowmesh.contracts.models.definition import (
-    ERROR_HANDLE,
-    STEP_TYPES,
-    ApprovalData,
-    ForeachData,
-    PublishData,
-    StepData,
-    SubflowData,
-    WaitEventData,
-    handles_of,
-)
+from flowmesh.contracts.models.definition import ERROR_HANDLE, ChildFlowData, StepData
+from flowmesh.contracts.steps import ENTRY_TYPE, STEP_TYPES, StepKind, step_kind
 from flowmesh.contracts.strict import json_pointer
 from flowmesh.contracts.subjects import is_safe_subject_part
 
 MAX_NODE_ID: Final = 64
-# fields whose whole value is one CEL expression, and the names it may use beyond input/steps/run
-EXPRESSION_FIELDS: Final = {
-    "condition": {"expression": CONTEXT_NAMES},
-    "switch": {"expression": CONTEXT_NAMES},
-    "foreach": {"items": CONTEXT_NAMES},
-    "waitEvent": {"match": CONTEXT_NAMES | EVENT_NAMES},
-}
-TEMPLATE_NAMES: Final = {("foreach", "input"): CONTEXT_NAMES | FOREACH_NAMES}
 Path = tuple[str | int, ...]
 
 
@@ -60,7 +45,8 @@ def referenced_flows(definition: Any) -> set[str]:
     nodes = definition.get("nodes") if isinstance(definition, dict) else None
     found: set[str] = set()
     for node in nodes if isinstance(nodes, list) else []:
-        if isinstance(node, dict) and node.get("type") in ("subflow", "foreach"):
+        kind = step_kind(str(node.get("type"))) if isinstance(node, dict) else None
+        if isinstance(node, dict) and kind is not None and kind.runs_flows:
             data = node.get("data")
             if isinstance(data, dict) and isinstance(data.get("flowId"), str):
                 found.add(data["flowId"])
@@ -111,7 +97,7 @@ def _check_graph(report: _Report, d: FlowDefinition, *, flow_id: str | None, pub
         if parsed is not None:
             data[node.id] = parsed
 
-    triggers = [n for n in d.nodes if n.type == "trigger"]
+    triggers = [n for n in d.nodes if n.type == ENTRY_TYPE]
     if not triggers:
         report.add(("nodes",), "a flow needs exactly one trigger node; there is none")
     for extra in triggers[1:]:
@@ -135,12 +121,14 @@ def _check_graph(report: _Report, d: FlowDefinition, *, flow_id: str | None, pub
                 ok = False
         if not ok:
             continue
-        if types[edge.target] == "trigger":
+        if types[edge.target] == ENTRY_TYPE:
             report.add(
                 ("edges", j, "target"),
                 f"edge {edge.id!r} leads into the trigger {edge.target!r}; a trigger has no incoming edges",
             )
-        _check_handle(report, j, edge.id, edge.source, types[edge.source], edge.source_handle, data.get(edge.source))
+        _check_handle(
+            report, j, edge.id, edge.source, step_kind(types[edge.source]), edge.source_handle, data.get(edge.source)
+        )
         successors[edge.source].append((edge.target, j))
 
     _check_cycles(report, successors, order=list(index))
@@ -154,40 +142,30 @@ def _check_graph(report: _Report, d: FlowDefinition, *, flow_id: str | None, pub
 def _check_node(
     report: _Report, i: int, node: Node, *, flow_id: str | None, published_flows: Container[str]
 ) -> StepData | None:
-    spec = STEP_TYPES.get(node.type)
-    if spec is None:
+    kind = step_kind(node.type)
+    if kind is None:
         report.add(
             ("nodes", i, "type"),
             f"node {node.id!r} has unknown type {node.type!r}; known types: {', '.join(STEP_TYPES)}",
         )
         return None
     try:
-        data = spec.model.model_validate(node.data)
+        data = kind.model.model_validate(node.data)
     except ValidationError as exc:
         for e in exc.errors():
             field = json_pointer(tuple(e["loc"])) or "/"
             report.add(("nodes", i, "data", *e["loc"]), f"node {node.id!r} ({node.type}) data {field}: {e['msg']}")
         return None
-    expression_fields = EXPRESSION_FIELDS.get(node.type, {})
-    for field, names in expression_fields.items():
-        value = node.data.get(field)
-        if isinstance(value, str):
-            _check_source(report, ("nodes", i, "data", field), node.id, expression_source(value), names)
-    for key, value in node.data.items():
-        if key in expression_fields:
-            continue
-        names = TEMPLATE_NAMES.get((node.type, key), CONTEXT_NAMES)
-        for path, source in iter_templates(value, ("nodes", i, "data", key)):
-            _check_source(report, path, node.id, source, names)
-    if isinstance(data, WaitEventData | PublishData):
-        field, value = ("eventType", data.event_type) if isinstance(data, WaitEventData) else ("name", data.name)
+    _check_expressions(report, i, node, kind)
+    for field in kind.subject_fields:
+        value = getattr(data, to_snake(field))
         if not is_safe_subject_part(value):
             report.add(
                 ("nodes", i, "data", field),
                 f"node {node.id!r}: {field} {value!r} must be tokens of "
                 "letters, digits, '_' or '-' (at most 64 each), joined by dots",
             )
-    if isinstance(data, SubflowData | ForeachData):
+    if kind.runs_flows and isinstance(data, ChildFlowData):
         if flow_id is not None and data.flow_id == flow_id:
             report.add(("nodes", i, "data", "flowId"), f"node {node.id!r}: a flow cannot run itself")
         elif data.flow_id not in published_flows:
@@ -198,6 +176,20 @@ def _check_node(
     return data
 
 
+def _check_expressions(report: _Report, i: int, node: Node, kind: StepKind) -> None:
+    """Whole-expression fields compile with the names the kind allows; so do templates in the others."""
+    for field, names in kind.expressions.items():
+        value = node.data.get(field)
+        if isinstance(value, str):
+            _check_source(report, ("nodes", i, "data", field), node.id, expression_source(value), names)
+    for key, value in node.data.items():
+        if key in kind.expressions:
+            continue
+        names = kind.templates.get(key, CONTEXT_NAMES)
+        for path, source in iter_templates(value, ("nodes", i, "data", key)):
+            _check_source(report, path, node.id, source, names)
+
+
 def _check_source(report: _Report, path: Path, node_id: str, source: str, names: frozenset[str]) -> None:
     problem = check_expression(source, names)
     if problem is not None:
@@ -205,9 +197,9 @@ def _check_source(report: _Report, path: Path, node_id: str, source: str, names:
 
 
 def _check_handle(
-    report: _Report, j: int, edge_id: str, source: str, step_type: str, handle: str | None, data: StepData | None
+    report: _Report, j: int, edge_id: str, source: str, kind: StepKind | None, handle: str | None, data: StepData | None
 ) -> None:
-    if handle is None or data is None:
+    if handle is None or data is None or kind is None:
         return
     if handle == ERROR_HANDLE:
         if data.on_error != "continue":
@@ -216,14 +208,14 @@ def _check_handle(
                 f"edge {edge_id!r}: handle 'error' of {source!r} is only taken when the step has onError: continue",
             )
         return
-    handles = handles_of(step_type, data)
+    handles = kind.handles_of(data)
     if handle not in handles:
         offered = f"its handles are {', '.join(map(repr, handles))}" if handles else "it has no handles"
         report.add(
             ("edges", j, "sourceHandle"),
-            f"edge {edge_id!r}: {step_type} step {source!r} has no handle {handle!r}; {offered}",
+            f"edge {edge_id!r}: {kind.type} step {source!r} has no handle {handle!r}; {offered}",
         )
-    elif handle == "timeout" and isinstance(data, ApprovalData | WaitEventData) and data.timeout_ms is None:
+    elif handle == "timeout" and kind.timeout == "handle" and data.timeout_ms is None:
         report.add(
             ("edges", j, "sourceHandle"),
             f"edge {edge_id!r}: handle 'timeout' of {source!r} is never taken because the step sets no timeoutMs",

@@ -1,20 +1,32 @@
-"""The runner: creates runs and executes their steps durably (DESIGN §1, §5, §9)."""
+"""The runner: creates runs and executes their steps durably.
+
+What it serves: ``fm.rpc.runs.*`` (:data:`handlers.router`); what it consumes: step work, durable
+starts, external events, flow announcements and its fired timers (:mod:`handlers`); what it runs
+in the background: the publisher's flush and the sweep (:mod:`recovery`).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
-import asyncpg
+from nats.aio.msg import Msg
 
+from flowmesh.contracts.streams import RUNNER_EVENTS, RUNNER_FLOWS, RUNNER_STARTS, RUNNER_STEPS, RUNNER_TIMERS
+from flowmesh.contracts.subjects import FLOWS_EVENTS_ALL
 from flowmesh.runner import handlers
-from flowmesh.runner.executor import Executor
+from flowmesh.runner.deps import RunnerDeps
 from flowmesh.runner.io_steps import HttpStep, LlmStep, usage_key_reveal
 from flowmesh.runner.settings import RunnerSettings
+from flowmesh.runner.shell import Runner
+from flowmesh.runtime.consumers import PullOptions
 from flowmesh.runtime.db import create_driver_pool
+from flowmesh.runtime.lifecycle import task_running
 from flowmesh.runtime.quota import QuotaView
 from flowmesh.runtime.rpc import RpcClient
 from flowmesh.runtime.service import ServiceRuntime
@@ -39,7 +51,7 @@ def create_app(settings: RunnerSettings) -> ServiceRuntime:
         default_timeout_ms=settings.llm_step_timeout_ms,
     )
     quotas = QuotaView(rpc)
-    executor = Executor(
+    runner = Runner(
         service.sessions,
         rpc,
         http,
@@ -48,42 +60,86 @@ def create_app(settings: RunnerSettings) -> ServiceRuntime:
         llm=llm,
         quotas=quotas,
     )
-    handlers.register(service.rpc, service.sessions, executor, workers=settings.workers, ack_wait_s=settings.ack_wait_s)
-    sweeper: list[asyncio.Task[None]] = []
-
-    async def sweep_forever() -> None:
-        while True:
-            await asyncio.sleep(settings.sweep_interval_s)
-            try:
-                await executor.sweep(
-                    stalled_run=timedelta(seconds=settings.stalled_run_s),
-                    stalled_step=timedelta(seconds=settings.stalled_step_s),
-                    overdue=timedelta(seconds=settings.timer_fallback_s),
-                )
-            except Exception as exc:
-                log.warning("sweep failed: %s", exc)
-
-    pools: list[asyncpg.Pool] = []
-
-    @service.on_start
-    async def start() -> None:
-        await http.start()
-        pools.append(await create_driver_pool(settings.db_url, size=settings.db_pool_size, application_name="runner"))
-        js = service.broker.connection.jetstream()
-        await quotas.start(js, replicas=settings.stream_replicas)
-        executor.start(js, pools[0])
-        sweeper.append(asyncio.create_task(sweep_forever(), name="sweep"))
-
-    @service.on_stop
-    async def stop() -> None:
-        for task in sweeper:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await executor.stop()
-        await quotas.stop()
-        await http.close()
-        for pool in pools:
-            await pool.close()
-
+    deps = RunnerDeps(service.sessions, runner)
+    service.rpc.include(handlers.router, deps)
+    _consume(service, deps, settings)
+    service.resource(lambda: _http_client(http))
+    service.resource(lambda: quotas.running(service.js, replicas=settings.stream_replicas))
+    service.resource(lambda: _runner_running(service, runner, settings))
+    service.resource(lambda: _forgetting_changed_flows(service, deps))
+    service.resource(lambda: task_running(partial(_sweep_forever, runner, settings), name="sweep"))
     return service
+
+
+def _consume(service: ServiceRuntime, deps: RunnerDeps, settings: RunnerSettings) -> None:
+    """The runner's durable consumers, shared by its replicas."""
+    ack_wait = PullOptions(ack_wait_s=settings.ack_wait_s)
+    consumers = service.consumers
+    consumers.each(RUNNER_STARTS, handlers.start_command, deps, workers=16)
+    consumers.each(
+        RUNNER_EVENTS,
+        handlers.external_event,
+        deps,
+        workers=16,
+        options=PullOptions(ack_wait_s=settings.ack_wait_s, deliver_new=True),
+    )
+    consumers.each(RUNNER_FLOWS, handlers.flow_announced, deps)
+    consumers.each(RUNNER_TIMERS, handlers.timer_fired, deps, workers=16, options=ack_wait)
+    consumers.each(RUNNER_STEPS, handlers.step_work, deps, workers=settings.workers, options=ack_wait)
+
+
+@contextlib.asynccontextmanager
+async def _http_client(http: HttpStep) -> AsyncIterator[HttpStep]:
+    await http.start()
+    try:
+        yield http
+    finally:
+        await http.close()
+
+
+@contextlib.asynccontextmanager
+async def _runner_running(service: ServiceRuntime, runner: Runner, settings: RunnerSettings) -> AsyncIterator[Runner]:
+    """The runner's driver pool (the hot path's statements) and its publisher, for the service's life."""
+    pool = await create_driver_pool(settings.db_url, size=settings.db_pool_size, application_name="runner")
+    try:
+        runner.start(service.js, pool)
+        try:
+            yield runner
+        finally:
+            # anything left unpublished or unrecorded is recovered by the sweep
+            await runner.stop()
+    finally:
+        await pool.close()
+
+
+@contextlib.asynccontextmanager
+async def _forgetting_changed_flows(service: ServiceRuntime, deps: RunnerDeps) -> AsyncIterator[None]:
+    """Every replica hears ``fm.flows.{t}.*`` (no queue group: each keeps its own runnable-flow cache).
+
+    A plain subscription, not a reply: the message is a JetStream publish whose reply subject
+    awaits the stream's acknowledgement, not ours.
+    """
+
+    async def heard(msg: Msg) -> None:
+        handlers.flow_changed(msg, deps)
+
+    sub = await service.broker.connection.subscribe(FLOWS_EVENTS_ALL, cb=heard)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+
+
+async def _sweep_forever(runner: Runner, settings: RunnerSettings) -> None:
+    """Sweep every ``sweep_interval_s`` (the first one after an interval, not at start)."""
+    while True:
+        await asyncio.sleep(settings.sweep_interval_s)
+        try:
+            await runner.sweep(
+                stalled_run=timedelta(seconds=settings.stalled_run_s),
+                stalled_step=timedelta(seconds=settings.stalled_step_s),
+                overdue=timedelta(seconds=settings.timer_fallback_s),
+            )
+        except Exception as exc:
+            log.warning("sweep failed: %s", exc)

@@ -1,13 +1,14 @@
-"""How a run moves (DESIGN §4, §5): the changes one transaction makes to a run. Pure: no I/O.
+"""How a run moves: the changes one transaction makes to a run. Pure: no I/O.
 
-An :class:`Execution` holds a run's state as loaded (under the run's row lock), applies an event
+A :class:`RunState` holds a run's state as loaded (under the run's row lock), applies an event
 (start, a step's outcome, a resume, a cancel), advances the graph as far as it can go without I/O
 (pure steps run inline, so a chain of transforms costs one transaction), and collects what must be
-written: changed steps, new run events in ``seq`` order, and steps to hand to workers.
+written: changed steps, new run events in ``seq`` order, and steps to hand to workers. What each
+step type does comes from the registry (``docs/steps.md``), never from a test of its type here.
 
 Time is data here too: a delay, a wait with ``timeoutMs``, a worker's attempt with ``timeoutMs``
 and the run's time limit each record a deadline with the change, and the change lists the durable
-timers to arm or cancel once it is committed. A fired timer is only a hint: :meth:`Execution.expire`
+timers to arm or cancel once it is committed. A fired timer is only a hint: :meth:`RunState.expire`
 acts on it when it still matches the state.
 """
 
@@ -17,25 +18,36 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Final
 
-from flowmesh.contracts.expressions import ExpressionError, evaluate, expression_source, render
+from pydantic import ValidationError
+
+from flowmesh.contracts.errors import Conflict
+from flowmesh.contracts.expressions import ExpressionError
 from flowmesh.contracts.ids import format_time
-from flowmesh.contracts.models.definition import (
-    ConditionData,
-    DelayData,
-    FailData,
-    ForeachData,
-    SubflowData,
-    SwitchData,
-    TransformData,
-    WaitEventData,
-    case_handle,
+from flowmesh.contracts.models.run_events import (
+    RUN_ENDED,
+    EventData,
+    RunFailure,
+    RunQueuedData,
+    RunResumedData,
+    RunStartedData,
+    RunWaitingData,
+    StepFailedData,
+    StepRetryingData,
+    StepSkippedData,
+    StepStartedData,
+    StepSucceededData,
+    StepWaitingData,
+    TokenUsage,
 )
 from flowmesh.contracts.models.runs import FINAL_RUN_STATUSES
-from flowmesh.contracts.subjects import tenant_token
+from flowmesh.contracts.models.timers import DeadlinePayload
+from flowmesh.runner import builtin_steps
 from flowmesh.runner.graph import Graph, Step, StepState, retry_delay
+from flowmesh.runner.kinds import runner_for
+from flowmesh.runner.outcome import Child, Outcome
 
-WAITING_TYPES: Final = frozenset({"approval", "waitEvent"})
-"""Steps that wait for something from outside once started."""
+__all__ = ["Child", "Deadline", "NewEvent", "Outcome", "RunRecord", "RunState", "TimerOp"]
+
 OPEN_STEP: Final = frozenset({"running", "waiting"})
 """Step statuses an attempt's deadline applies to."""
 ATTEMPT_GRACE: Final = timedelta(seconds=2)
@@ -45,6 +57,7 @@ TIMER_OWNER: Final = "runner"
 """The runner's ``owner`` token for the scheduler's timers."""
 MAX_EARLY_S: Final = 60.0
 """A timer that fires more than this before its deadline (by our clock) is not ours to wait for."""
+_ms = builtin_steps.whole_ms
 
 
 @dataclass(slots=True)
@@ -76,45 +89,11 @@ class RunRecord:
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
-    """How one attempt of a step ended."""
-
-    ok: bool
-    output: Any = None
-    handle: str | None = None
-    message: str = ""
-    error_type: str = "error"
-    retryable: bool = False
-    input: Any = None
-    wait: bool = False
-    """The attempt started something to wait for (child runs): the step waits, it has not ended."""
-    usage: dict[str, int] | None = None
-    """Tokens an ``llm`` attempt used (``{inputTokens, outputTokens}``): put in ``step.succeeded``'s
-    data, where the usage service meters them."""
-
-    @classmethod
-    def failure(cls, message: str, error_type: str = "error", *, retryable: bool = False) -> Outcome:
-        """A failed attempt."""
-        return cls(ok=False, message=message, error_type=error_type, retryable=retryable)
-
-
-@dataclass(frozen=True, slots=True)
-class Child:
-    """A child run of a subflow or foreach step, as its parent sees it."""
-
-    id: str
-    index: int
-    status: str
-    output: Any = None
-    error: dict[str, Any] | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class Deadline:
     """What a durable timer of the runner stands for: a run's deadline, or one step attempt's.
 
     Carried as the timer's payload; whoever fires it is only giving a hint, checked against the
-    run's state under its lock (:meth:`Execution.expire`).
+    run's state under its lock (:meth:`RunState.expire`).
     """
 
     run_id: str
@@ -129,23 +108,22 @@ class Deadline:
             return f"run:{self.run_id}:{self.retry_count}"
         return f"step:{self.run_id}:{self.retry_count}:{self.attempt}:{self.step_id}"
 
-    def payload(self) -> dict[str, Any]:
+    def payload(self) -> DeadlinePayload:
         """The timer's payload."""
-        body: dict[str, Any] = {"runId": self.run_id, "retryCount": self.retry_count}
-        if self.step_id is not None:
-            body.update(stepId=self.step_id, attempt=self.attempt)
-        return body
+        if self.step_id is None:
+            return DeadlinePayload(run_id=self.run_id, retry_count=self.retry_count)
+        return DeadlinePayload(
+            run_id=self.run_id, retry_count=self.retry_count, step_id=self.step_id, attempt=self.attempt
+        )
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> Deadline | None:
         """The deadline a fired timer's payload names, or None when it is not one of ours."""
-        run_id, retry_count = payload.get("runId"), payload.get("retryCount")
-        step_id, attempt = payload.get("stepId"), payload.get("attempt", 0)
-        if not isinstance(run_id, str) or not isinstance(retry_count, int) or not isinstance(attempt, int):
+        try:
+            found = DeadlinePayload.model_validate(payload)
+        except ValidationError:
             return None
-        if step_id is not None and not isinstance(step_id, str):
-            return None
-        return cls(run_id, retry_count, step_id, attempt)
+        return cls(found.run_id, found.retry_count, found.step_id, found.attempt or 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,12 +143,16 @@ class NewEvent:
     ts: datetime
     step_id: str | None
     attempt: int | None
-    data: dict[str, Any]
+    data: EventData
 
 
 @dataclass
-class Execution:
-    """The changes of one transaction to one run."""
+class RunState:
+    """A run's state as one transaction loaded it, and the changes that transaction makes.
+
+    The pure core of the runner: what each step type does comes from the registry
+    (:func:`flowmesh.runner.kinds.runner_for` and the step's :class:`~flowmesh.contracts.steps.StepKind`).
+    """
 
     run: RunRecord
     graph: Graph
@@ -183,16 +165,16 @@ class Execution:
     timers: dict[str, TimerOp] = field(default_factory=dict)
     """Timers to arm or cancel after the commit, by key (the last word for a key wins)."""
     abandoned: list[str] = field(default_factory=list)
-    """Subflow/foreach steps whose attempt timed out: their open child runs are to be cancelled."""
+    """Steps waiting on child runs whose attempt timed out: their open child runs are to be cancelled."""
     _context: dict[str, Any] | None = None
 
     # --- bookkeeping -----------------------------------------------------------------------------
 
-    def emit(self, event_type: str, step_id: str | None = None, attempt: int | None = None, **data: Any) -> None:
-        """Append a run event with the next ``seq``."""
+    def emit(self, data: EventData, step_id: str | None = None, attempt: int | None = None) -> None:
+        """Append a run event of ``data``'s type with the next ``seq``."""
         self.run.last_seq += 1
         self.run_changed = True
-        self.events.append(NewEvent(self.run.last_seq, event_type, self.now, step_id, attempt, data))
+        self.events.append(NewEvent(self.run.last_seq, data.TYPE, self.now, step_id, attempt, data))
 
     def _set(self, step_id: str, state: StepState) -> None:
         old = self.steps.get(step_id)
@@ -226,6 +208,10 @@ class Execution:
     def _duration_ms(self, start: datetime | None) -> int:
         return max(0, int((self.now - (start or self.now)).total_seconds() * 1000))
 
+    def deadline_in(self, timeout_ms: int | None) -> datetime | None:
+        """``timeout_ms`` from now (whole milliseconds), or None without a timeout."""
+        return _ms(self.now + timedelta(milliseconds=timeout_ms)) if timeout_ms else None
+
     # --- timers ----------------------------------------------------------------------------------
 
     def _step_deadline(self, step_id: str, attempt: int) -> Deadline:
@@ -252,11 +238,15 @@ class Execution:
             self._arm(Deadline(self.run.id, self.run.retry_count), self.run.deadline_at)
 
     def _attempt_deadline(self, step: Step) -> datetime | None:
-        """When a worker's attempt of ``step`` (starting now) is given up on, if it has ``timeoutMs``."""
+        """When a worker's attempt of ``step`` (starting now) is given up on, if it has ``timeoutMs``.
+
+        A wait for child runs ends at ``timeoutMs`` exactly; a worker's own attempt gets a grace,
+        since the worker bounds it and the timer is only for a worker that died.
+        """
         timeout_ms = step.data.timeout_ms
         if timeout_ms is None:
             return None
-        grace = timedelta(0) if isinstance(step.data, SubflowData | ForeachData) else ATTEMPT_GRACE
+        grace = timedelta(0) if step.kind.timeout == "children" else ATTEMPT_GRACE
         return _ms(self.now + timedelta(milliseconds=timeout_ms) + grace)
 
     def expire(
@@ -287,34 +277,29 @@ class Execution:
         if deadline.step_id is None or state is None:
             self.time_out()
         else:
-            self._expire_step(deadline.step_id, state, fired_at or self.now)
+            self._expire_step(self.graph.steps[deadline.step_id], state, fired_at or self.now)
         if due_at is not None:
             self.timers.pop(deadline.key, None)  # it fired: nothing left to cancel
         return None
 
-    def _expire_step(self, step_id: str, state: StepState, fired_at: datetime) -> None:
-        step = self.graph.steps[step_id]
-        data = step.data
-        if isinstance(data, DelayData):
-            outcome = Outcome(ok=True, output={"firedAt": format_time(fired_at)}, input=state.input)
-        elif step.type == "approval":
-            outcome = Outcome(ok=True, output={"decision": "timeout"}, handle="timeout")
-        elif step.type == "waitEvent":
-            outcome = Outcome(ok=True, output=None, handle="timeout")
+    def _expire_step(self, step: Step, state: StepState, fired_at: datetime) -> None:
+        expire = runner_for(step.type).expire
+        if step.kind.runs == "wait" and expire is not None:
+            outcome = expire(step, state, fired_at)
         else:
             # a worker's attempt that never reported (its worker died or hung): a retryable timeout,
             # except for a step waiting on child runs, which are cancelled instead of started again
-            children = isinstance(data, SubflowData | ForeachData)
+            children = step.kind.runs == "children"
             if children:
-                self.abandoned.append(step_id)
+                self.abandoned.append(step.id)
             outcome = Outcome(
                 ok=False,
-                message=f"attempt {state.attempt} of step {step_id!r} did not finish within {data.timeout_ms} ms",
+                message=f"attempt {state.attempt} of step {step.id!r} did not finish within {step.data.timeout_ms} ms",
                 error_type="timeout",
                 retryable=not children,
                 input=state.input,
             )
-        self.complete(step_id, state.attempt, outcome)
+        self.complete(step.id, state.attempt, outcome)
 
     def time_out(self) -> None:
         """End the run as timed out: its time limit passed; unfinished steps are cancelled."""
@@ -328,7 +313,16 @@ class Execution:
 
     def queue(self) -> None:
         """A new run: its first event; its time limit starts."""
-        self.emit("run.queued", status="queued", triggerType=self.run.trigger_type, parentRunId=self.run.parent_run_id)
+        self.emit(
+            RunQueuedData(status="queued", trigger_type=self.run.trigger_type, parent_run_id=self.run.parent_run_id)
+        )
+        self.start_clock()
+
+    def requeue(self) -> None:
+        """A failed run reopened in place (its steps reset by the caller): queued again, its time limit anew."""
+        run = self.run
+        run.status, run.error, run.output, run.completed_at = "queued", None, None, None
+        self.emit(RunQueuedData(status="queued", trigger_type=run.trigger_type, retry_count=run.retry_count))
         self.start_clock()
 
     def _finish(self, status: str, *, error: dict[str, Any] | None = None) -> None:
@@ -341,15 +335,15 @@ class Execution:
                 self._set(step_id, _replace(state, status="cancelled", completed_at=self.now))
         if self.graph.run_timer and self.run.deadline_at is not None:
             self._disarm(Deadline(self.run.id, self.run.retry_count))
-        data: dict[str, Any] = {
-            "status": status,
-            "durationMs": self._duration_ms(self.run.started_at),
-            "triggerType": self.run.trigger_type,
-            "parentRunId": self.run.parent_run_id,
-        }
+        data = RUN_ENDED[status](
+            status=status,
+            duration_ms=self._duration_ms(self.run.started_at),
+            trigger_type=self.run.trigger_type,
+            parent_run_id=self.run.parent_run_id,
+        )
         if error is not None:
-            data["error"] = error
-        self.emit(f"run.{status}", **data)
+            data.error = RunFailure.model_validate(error)  # set only when there is one: absent, not null
+        self.emit(data)
 
     def fail(self, message: str, step_id: str | None, error_type: str) -> None:
         """End the run as failed."""
@@ -368,7 +362,7 @@ class Execution:
         if self.run.status == "queued":
             self.run.status = "running"
             self.run.started_at = self.run.started_at or self.now
-            self.emit("run.started", status="running")
+            self.emit(RunStartedData(status="running"))
         candidates: set[str] | None = None  # first look: every step; then only those after what finished
         while not self.run.final:
             ready, skip = self.graph.frontier(self.steps, candidates)
@@ -378,58 +372,42 @@ class Execution:
             for step_id in skip:
                 step = self.graph.steps[step_id]
                 self._set(step_id, StepState(status="skipped", completed_at=self.now))
-                self.emit("step.skipped", step_id, status="skipped", stepType=step.type)
+                self.emit(StepSkippedData(status="skipped", step_type=step.type), step_id)
             for step_id in ready:
                 if self.run.final:
                     break
-                step = self.graph.steps[step_id]
-                self._set(step_id, StepState(status="running", attempt=1, started_at=self.now))
-                self.emit("step.started", step_id, 1, stepType=step.type)
-                if step.pure:
-                    self._record(step, 1, run_pure(step, self.context()))
-                elif isinstance(step.data, DelayData):
-                    self._start_delay(step, step.data)
-                elif step.type in WAITING_TYPES:
-                    wait_for = None
-                    if isinstance(step.data, WaitEventData):
-                        wait_for = f"{tenant_token(self.run.tenant_id)}.{step.data.event_type}"
-                    timeout_ms = step.data.timeout_ms
-                    deadline = _ms(self.now + timedelta(milliseconds=timeout_ms)) if timeout_ms else None
-                    self._set(
-                        step_id,
-                        _replace(self.steps[step_id], status="waiting", wait_for=wait_for, deadline_at=deadline),
-                    )
-                    self.emit("step.waiting", step_id, 1, stepType=step.type)
-                else:
-                    deadline = self._attempt_deadline(step)
-                    if deadline is not None:
-                        self._set(step_id, _replace(self.steps[step_id], deadline_at=deadline))
-                    self.dispatch.append(step_id)
+                self._begin(self.graph.steps[step_id])
         self._settle()
 
-    def _start_delay(self, step: Step, data: DelayData) -> None:
-        """Wait until the delay's time (a durable timer), or go on at once when it has come."""
-        if data.duration_ms is not None:
-            due = self.now + timedelta(milliseconds=data.duration_ms)
+    def _begin(self, step: Step) -> None:
+        """A step's turn came: run it inline, start its wait, or hand it to a worker, as its kind runs."""
+        self._set(step.id, StepState(status="running", attempt=1, started_at=self.now))
+        self.emit(StepStartedData(step_type=step.type), step.id, 1)
+        behaviour = runner_for(step.type)
+        if step.kind.runs == "pure":
+            self.record(step, 1, self._compute(step))
+        elif step.kind.runs == "wait" and behaviour.wait is not None:
+            behaviour.wait(self, step)
         else:
-            try:
-                value = render(data.until, self.context())
-            except ExpressionError as exc:
-                self._record(step, 1, Outcome.failure(f"step {step.id!r}: {exc}", "expression"))
-                return
-            found = _parse_time(value)
-            if found is None:
-                message = f"step {step.id!r}: until gave {value!r}, not an RFC 3339 time with an offset"
-                self._record(step, 1, Outcome.failure(message, "configuration"))
-                return
-            due = found
-        due = _ms(due)
-        waited = {"until": format_time(due)}
-        if due <= self.now:
-            self._record(step, 1, Outcome(ok=True, output={"firedAt": format_time(self.now)}, input=waited))
-            return
-        self._set(step.id, _replace(self.steps[step.id], status="waiting", input=waited, deadline_at=due))
-        self.emit("step.waiting", step.id, 1, stepType=step.type)
+            deadline = self._attempt_deadline(step)
+            if deadline is not None:
+                self._set(step.id, _replace(self.steps[step.id], deadline_at=deadline))
+            self.dispatch.append(step.id)
+
+    def _compute(self, step: Step) -> Outcome:
+        compute = runner_for(step.type).compute
+        if compute is None:
+            return Outcome.failure(f"step type {step.type!r} cannot run inline", "configuration")
+        try:
+            return compute(step, self.context())
+        except ExpressionError as exc:
+            return Outcome.failure(f"step {step.id!r}: {exc}", "expression")
+
+    def wait(self, step: Step, *, deadline: datetime | None, wait_for: str | None = None, input: Any = None) -> None:
+        """The step's attempt waits (for ``deadline``, an event keyed ``wait_for``, or a decision)."""
+        state = _replace(self.steps[step.id], status="waiting", wait_for=wait_for, deadline_at=deadline, input=input)
+        self._set(step.id, state)
+        self.emit(StepWaitingData(step_type=step.type), step.id, state.attempt)
 
     def _settle(self) -> None:
         if self.run.final:
@@ -441,10 +419,10 @@ class Execution:
         waiting = any(s.status == "waiting" for s in self.steps.values())
         if waiting and not busy and self.run.status != "waiting":
             self.run.status = "waiting"
-            self.emit("run.waiting", status="waiting")
+            self.emit(RunWaitingData(status="waiting"))
         elif busy and self.run.status == "waiting":
             self.run.status = "running"
-            self.emit("run.resumed", status="running")
+            self.emit(RunResumedData(status="running"))
 
     # --- outcomes --------------------------------------------------------------------------------
 
@@ -467,27 +445,32 @@ class Execution:
                 deadline_at=self._attempt_deadline(self.graph.steps[step_id]),
             ),
         )
-        self.emit("step.started", step_id, attempt, stepType=self.graph.steps[step_id].type)
+        self.emit(StepStartedData(step_type=self.graph.steps[step_id].type), step_id, attempt)
         self._settle()
         return attempt
 
     def deliver_event(self, step_id: str, attempt: int, payload: Any) -> bool:
-        """Offer an external event to a waiting ``waitEvent`` step; True when its ``match`` took it."""
+        """Offer an external event to a step waiting for one; True when the step took it."""
         state = self.steps.get(step_id)
         step = self.graph.steps.get(step_id)
         if state is None or step is None or state.status != "waiting" or state.attempt != attempt:
             return False
-        data = step.data
-        if not isinstance(data, WaitEventData):
-            return False
-        if data.match:
-            try:
-                matched = evaluate(expression_source(data.match), {**self.context(), "event": payload})
-            except ExpressionError as exc:
-                return self.complete(step_id, attempt, Outcome.failure(f"step {step_id!r}: {exc}", "expression"))
-            if matched is not True:
-                return False
-        return self.complete(step_id, attempt, Outcome(ok=True, output=payload, handle="event"))
+        on_event = runner_for(step.type).on_event
+        outcome = on_event(self, step, payload) if on_event is not None else None
+        return outcome is not None and self.complete(step_id, attempt, outcome)
+
+    def resume(self, step_id: str, decision: str, data: dict[str, Any], by: str) -> None:
+        """A person decided on a step waiting for a decision (an approval): it ends with that decision.
+
+        Raises:
+            Conflict: the run ended, or the step is not waiting for a decision.
+        """
+        state = self.steps.get(step_id)
+        step = self.graph.steps.get(step_id)
+        decide = runner_for(step.type).decide if step is not None else None
+        if self.run.final or state is None or decide is None or state.status != "waiting":
+            raise Conflict(f"step {step_id!r} of run {self.run.id} is not waiting for an approval")
+        self.complete(step_id, state.attempt, decide(decision, data, by))
 
     def complete(self, step_id: str, attempt: int, outcome: Outcome) -> bool:
         """Record how an attempt of a dispatched or waiting step ended, then advance.
@@ -500,168 +483,113 @@ class Execution:
             return False
         if outcome.wait:
             self._set(step_id, _replace(state, status="waiting", input=outcome.input))
-            self.emit("step.waiting", step_id, attempt, stepType=self.graph.steps[step_id].type)
+            self.emit(StepWaitingData(step_type=self.graph.steps[step_id].type), step_id, attempt)
             self._settle()
             return True
-        self._record(self.graph.steps[step_id], attempt, outcome)
+        self.record(self.graph.steps[step_id], attempt, outcome)
         self.advance()
         return True
 
     def children_done(self, step_id: str, children: list[Child]) -> int:
-        """A child run of a subflow or foreach step ended: finish the step, or say how many to start.
+        """A child run of a step waiting on child runs ended: finish the step, or say how many to start.
 
-        Returns how many more children (foreach elements) may start now; 0 when the step is done
-        or still waits for running children.
+        Returns how many more children may start now; 0 when the step is done or still waits for
+        running children.
         """
         state = self.steps.get(step_id)
         step = self.graph.steps.get(step_id)
-        if self.run.final or state is None or step is None or state.status != "waiting":
+        join = runner_for(step.type).join if step is not None else None
+        if self.run.final or state is None or step is None or join is None or state.status != "waiting":
             return 0
         for child in children:
             if child.status in FINAL_RUN_STATUSES and child.status != "succeeded":
                 message = (child.error or {}).get("message", child.status)
-                self.complete(
-                    step_id,
-                    state.attempt,
-                    Outcome.failure(
-                        f"child run {child.id} of step {step_id!r} {child.status}: {message}", "child-failed"
-                    ),
+                failure = Outcome.failure(
+                    f"child run {child.id} of step {step_id!r} {child.status}: {message}", "child-failed"
                 )
+                self.complete(step_id, state.attempt, failure)
                 return 0
-        done = sorted((c for c in children if c.status == "succeeded"), key=lambda c: c.index)
-        if not isinstance(step.data, ForeachData):
-            if done:
-                self.complete(step_id, state.attempt, Outcome(ok=True, output=done[0].output, input=state.input))
+        joined = join(step, state, children)
+        if joined.outcome is not None:
+            self.complete(step_id, state.attempt, joined.outcome)
             return 0
-        total = len((state.input or {}).get("items", []))
-        if len(done) == total:
-            self.complete(step_id, state.attempt, Outcome(ok=True, output=[c.output for c in done], input=state.input))
-            return 0
-        running = sum(1 for c in children if c.status not in FINAL_RUN_STATUSES)
-        return max(0, min(step.data.concurrency - running, total - len(children)))
+        return joined.more
 
-    def _record(self, step: Step, attempt: int, outcome: Outcome) -> None:
-        state = self.steps[step.id]
-        duration = self._duration_ms(state.started_at)
+    def record(self, step: Step, attempt: int, outcome: Outcome) -> None:
+        """Record an attempt's outcome: succeeded, retrying, or failed (handled, or failing the run)."""
         if outcome.ok:
-            if (
-                outcome.handle is not None
-                and step.type in WAITING_TYPES
-                and not step.edges_on(outcome.handle)
-                and outcome.handle != step.handles[0]
-            ):
-                # a rejection or a timeout nobody handles ends the run (DESIGN §4)
-                if outcome.handle == "timeout":
-                    message = (
-                        f"step {step.id!r} timed out after {step.data.timeout_ms} ms"
-                        " and has no edge on its 'timeout' handle"
-                    )
-                else:
-                    message = f"step {step.id!r} ended with {outcome.handle!r} and no edge handles it"
-                outcome = Outcome.failure(message, outcome.handle)
-            else:
-                self._set(
-                    step.id,
-                    _replace(
-                        state,
-                        status="succeeded",
-                        output=outcome.output,
-                        handle=outcome.handle,
-                        input=outcome.input,
-                        completed_at=self.now,
-                    ),
-                )
-                extra = {"usage": outcome.usage} if outcome.usage is not None else {}
-                self.emit(
-                    "step.succeeded",
-                    step.id,
-                    attempt,
-                    status="succeeded",
-                    durationMs=duration,
-                    stepType=step.type,
-                    **extra,
-                )
+            unhandled = self._unhandled(step, outcome)
+            if unhandled is None:
+                self._succeed(step, attempt, outcome)
                 return
+            outcome = unhandled
         error = {"message": outcome.message, "type": outcome.error_type}
         policy = step.data.retry
         if outcome.retryable and policy is not None and attempt < policy.max_attempts:
-            next_at = self.now + retry_delay(policy, attempt)
-            self._set(
-                step.id, _replace(state, status="pending", error=error, input=outcome.input, next_attempt_at=next_at)
+            self._retry(step, attempt, outcome, error)
+        else:
+            self._fail_step(step, attempt, outcome, error)
+
+    @staticmethod
+    def _unhandled(step: Step, outcome: Outcome) -> Outcome | None:
+        """A wait that ended on a handle no edge takes (a rejection, a timeout): the failure it is."""
+        handle = outcome.handle
+        default = step.handles[0] if step.handles else None
+        if handle is None or step.kind.runs != "wait" or step.edges_on(handle) or handle == default:
+            return None
+        if handle == "timeout":
+            message = (
+                f"step {step.id!r} timed out after {step.data.timeout_ms} ms and has no edge on its 'timeout' handle"
             )
-            self.emit(
-                "step.retrying", step.id, attempt, error=error, nextAttemptAt=format_time(next_at), stepType=step.type
-            )
-            self.dispatch.append(step.id)
-            return
-        handled = step.data.on_error == "continue"
-        self._set(
-            step.id,
-            _replace(
-                state,
-                status="failed",
-                error=error,
-                handled=handled,
-                input=outcome.input,
-                output={"error": error} if handled else None,
-                completed_at=self.now,
-            ),
+        else:
+            message = f"step {step.id!r} ended with {handle!r} and no edge handles it"
+        return Outcome.failure(message, handle)
+
+    def _succeed(self, step: Step, attempt: int, outcome: Outcome) -> None:
+        state = self.steps[step.id]
+        duration = self._duration_ms(state.started_at)
+        done = _replace(
+            state,
+            status="succeeded",
+            output=outcome.output,
+            handle=outcome.handle,
+            input=outcome.input,
+            completed_at=self.now,
         )
-        self.emit(
-            "step.failed",
-            step.id,
-            attempt,
+        self._set(step.id, done)
+        data = StepSucceededData(status="succeeded", duration_ms=duration, step_type=step.type)
+        if outcome.usage is not None:
+            data.usage = TokenUsage.model_validate(outcome.usage)  # llm steps only: absent otherwise
+        self.emit(data, step.id, attempt)
+
+    def _retry(self, step: Step, attempt: int, outcome: Outcome, error: dict[str, Any]) -> None:
+        assert step.data.retry is not None
+        next_at = self.now + retry_delay(step.data.retry, attempt)
+        state = self.steps[step.id]
+        self._set(step.id, _replace(state, status="pending", error=error, input=outcome.input, next_attempt_at=next_at))
+        retrying = StepRetryingData(error=error, next_attempt_at=format_time(next_at), step_type=step.type)
+        self.emit(retrying, step.id, attempt)
+        self.dispatch.append(step.id)
+
+    def _fail_step(self, step: Step, attempt: int, outcome: Outcome, error: dict[str, Any]) -> None:
+        state = self.steps[step.id]
+        duration = self._duration_ms(state.started_at)
+        handled = step.data.on_error == "continue"
+        failed_state = _replace(
+            state,
             status="failed",
-            durationMs=duration,
-            stepType=step.type,
             error=error,
             handled=handled,
+            input=outcome.input,
+            output={"error": error} if handled else None,
+            completed_at=self.now,
         )
+        self._set(step.id, failed_state)
+        failed = StepFailedData(status="failed", duration_ms=duration, step_type=step.type, error=error)
+        failed.handled = handled
+        self.emit(failed, step.id, attempt)
         if not handled:
             self.fail(outcome.message, step.id, outcome.error_type)
-
-
-def run_pure(step: Step, context: dict[str, Any]) -> Outcome:
-    """Run a step that needs no I/O: trigger, transform, condition, switch, fail."""
-    data = step.data
-    try:
-        if step.type == "trigger":
-            return Outcome(ok=True, output=context["input"])
-        if isinstance(data, TransformData):
-            return Outcome(ok=True, output=render(data.output, context))
-        if isinstance(data, ConditionData):
-            value = evaluate(expression_source(data.expression), context)
-            if not isinstance(value, bool):
-                return Outcome.failure(f"condition {data.expression!r} gave {value!r}, not a boolean", "expression")
-            return Outcome(ok=True, output={"value": value}, handle="true" if value else "false")
-        if isinstance(data, SwitchData):
-            value = evaluate(expression_source(data.expression), context)
-            handle = case_handle(value) if value in data.cases else "default"
-            return Outcome(ok=True, output={"value": value}, handle=handle)
-        if isinstance(data, FailData):
-            return Outcome.failure(str(render(data.message, context)), "fail")
-    except ExpressionError as exc:
-        return Outcome.failure(f"step {step.id!r}: {exc}", "expression")
-    return Outcome.failure(f"step type {step.type!r} cannot run inline", "configuration")
-
-
-def _ms(value: datetime) -> datetime:
-    """A time cut to whole milliseconds: what the wire carries, so a deadline survives the round trip."""
-    return value.replace(microsecond=value.microsecond - value.microsecond % 1000)
-
-
-def _parse_time(value: Any) -> datetime | None:
-    """An RFC 3339 time with an offset (or a timezone-aware datetime), else None."""
-    if isinstance(value, datetime):
-        found = value
-    elif isinstance(value, str):
-        try:
-            found = datetime.fromisoformat(value.strip())
-        except ValueError:
-            return None
-    else:
-        return None
-    return found if found.tzinfo is not None else None
 
 
 def _replace(state: StepState, **changes: Any) -> StepState:

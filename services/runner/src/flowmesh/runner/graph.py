@@ -1,4 +1,4 @@
-"""A published definition as an executable graph, and the rules of DESIGN §4 over it. Pure.
+"""A published definition as an executable graph, and the graph rules over it. Pure.
 
 An edge is *taken* when its source succeeded (or failed handled) and the edge's handle is the one
 the source chose (plain edges follow the default path). A node waits until every incoming edge is
@@ -14,11 +14,10 @@ from datetime import datetime, timedelta
 from typing import Any, Final
 
 from flowmesh.contracts.models import FlowDefinition
-from flowmesh.contracts.models.definition import ERROR_HANDLE, STEP_TYPES, RetryPolicy, StepData, handles_of
+from flowmesh.contracts.models.definition import ERROR_HANDLE, RetryPolicy, StepData
 from flowmesh.contracts.models.runs import FINAL_STEP_STATUSES
+from flowmesh.contracts.steps import ENTRY_TYPE, STEP_TYPES, StepKind
 
-PURE_TYPES: Final = frozenset({"trigger", "transform", "condition", "switch", "fail"})
-"""Steps computed from the run's state alone: run inline, many per transaction."""
 RAN: Final = frozenset({"succeeded", "failed"})
 
 
@@ -37,16 +36,16 @@ class Step:
     """A node of the graph with its parsed configuration."""
 
     id: str
-    type: str
+    kind: StepKind
     data: StepData
     handles: list[str]
     incoming: list[Edge] = field(default_factory=list)
     outgoing: list[Edge] = field(default_factory=list)
 
     @property
-    def pure(self) -> bool:
-        """Whether it runs inline (no I/O, no waiting)."""
-        return self.type in PURE_TYPES
+    def type(self) -> str:
+        """The step's type (its kind's)."""
+        return self.kind.type
 
     @property
     def has_error_edges(self) -> bool:
@@ -102,14 +101,14 @@ class Graph:
         parsed = FlowDefinition.model_validate(definition)
         self.steps: dict[str, Step] = {}
         for node in parsed.nodes:
-            spec = STEP_TYPES[node.type]
-            data = spec.model.model_validate(node.data)
-            self.steps[node.id] = Step(node.id, node.type, data, handles_of(node.type, data))
+            kind = STEP_TYPES[node.type]
+            data = kind.model.model_validate(node.data)
+            self.steps[node.id] = Step(node.id, kind, data, kind.handles_of(data))
         for e in parsed.edges:
             edge = Edge(e.id, e.source, e.target, e.source_handle)
             self.steps[e.source].outgoing.append(edge)
             self.steps[e.target].incoming.append(edge)
-        self.trigger = next(s.id for s in self.steps.values() if s.type == "trigger")
+        self.trigger = next(s.id for s in self.steps.values() if s.type == ENTRY_TYPE)
         self.order = list(self.steps)
         self.position = {step_id: i for i, step_id in enumerate(self.order)}
 

@@ -23,8 +23,8 @@ from flowmesh.contracts.expressions import ExpressionError, render
 from flowmesh.contracts.models.definition import HttpData, LlmData, PublishData
 from flowmesh.contracts.models.usage import KEYS_REVEAL_ROLE, RevealedKey, RevealKey
 from flowmesh.contracts.subjects import UsageOp, out_message
-from flowmesh.runner.engine import Outcome
 from flowmesh.runner.llm import base_url, build_request, read_completion, redact
+from flowmesh.runner.outcome import Outcome
 from flowmesh.runtime.rpc import RpcClient
 
 MAX_REDIRECTS: Final = 5

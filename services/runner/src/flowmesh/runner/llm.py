@@ -1,4 +1,4 @@
-"""``llm`` steps (DESIGN §4): an OpenAI-compatible chat completion, built and read without I/O.
+"""``llm`` steps: an OpenAI-compatible chat completion, built and read without I/O.
 
 The request is ``POST {baseUrl}/chat/completions`` with ``model``, the rendered ``messages`` and the
 optional ``temperature`` and ``max_tokens``; ``baseUrl`` comes from the runner's provider table
@@ -18,7 +18,7 @@ from typing import Any, Final
 
 from flowmesh.contracts.expressions import render
 from flowmesh.contracts.models.definition import LlmData
-from flowmesh.runner.engine import Outcome
+from flowmesh.runner.outcome import Outcome
 
 DEFAULT_PROVIDERS: Final[Mapping[str, str]] = {"openai": "https://api.openai.com/v1"}
 """Providers known without configuration; ``FLOWMESH_RUNNER_LLM_PROVIDERS`` adds or replaces entries."""

@@ -6,7 +6,8 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import func, select, update
+from sqlalchemy import Table, func, select, update
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -14,28 +15,27 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from flowmesh.contracts.ids import format_time, new_id
 from flowmesh.contracts.models import Run, RunEvent, StepRun
 from flowmesh.contracts.models.rpc import RunListQuery
-from flowmesh.runner.engine import Child, Deadline, Execution, RunRecord
+from flowmesh.contracts.steps import types_that_run
+from flowmesh.runner.engine import Child, Deadline, RunRecord, RunState
 from flowmesh.runner.graph import StepState
 from flowmesh.runner.tables import event_triggers, run_events, runs, step_runs, versions
 
 OPEN = ("queued", "running", "waiting")
-_STEP_FIELDS: tuple[str, ...] = (
-    "status",
-    "attempt",
-    "handle",
-    "handled",
-    "output",
-    "error",
-    "input",
-    "started_at",
-    "completed_at",
-    "next_attempt_at",
-    "wait_for",
-    "deadline_at",
-)
+_STEP_FIELDS: tuple[str, ...] = tuple(f for f in StepState.__slots__ if f in step_runs.c)
+"""The step columns the engine's :class:`StepState` carries (all of them but the keys and derived ones)."""
 
 
-# the two statements every change of a run makes, run on the driver connection (executemany)
+_DIALECT = postgresql.dialect()  # type: ignore[no-untyped-call]  # SQLAlchemy's dialect class is untyped
+
+
+def _pg_type(table: Table, column: str) -> str:
+    """The PostgreSQL type of a column, for casts in the statements below (``text``, ``jsonb``, …)."""
+    return str(table.c[column].type.compile(dialect=_DIALECT)).lower()
+
+
+# The statements every change of a run makes, run on the driver connection (executemany). Their
+# column lists come from tables.py: a column added there is written here, or the runner fails at
+# import (a parameter tuple of the wrong length) and in test_repo_columns.
 _STEP_COLUMNS = ("run_id", "step_id", "type", *_STEP_FIELDS, "duration_ms", "updated_at")
 _UPSERT_STEPS_SQL = (
     f"INSERT INTO runner.step_runs ({', '.join(_STEP_COLUMNS)}) "
@@ -43,9 +43,10 @@ _UPSERT_STEPS_SQL = (
     "ON CONFLICT (run_id, step_id) DO UPDATE SET "
     + ", ".join(f"{c} = EXCLUDED.{c}" for c in (*_STEP_FIELDS, "duration_ms", "updated_at"))
 )
+_EVENT_COLUMNS: tuple[str, ...] = tuple(run_events.c.keys())
 _INSERT_EVENTS_SQL = (
-    "INSERT INTO runner.run_events (run_id, seq, id, type, ts, step_id, attempt, data) "
-    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+    f"INSERT INTO runner.run_events ({', '.join(_EVENT_COLUMNS)}) "
+    f"VALUES ({', '.join(f'${i}' for i in range(1, len(_EVENT_COLUMNS) + 1))})"
 )
 
 
@@ -139,11 +140,11 @@ async def load_steps(session: AsyncSession, *, run_id: str) -> dict[str, StepSta
     }
 
 
-async def save(session: AsyncSession, ex: Execution) -> list[dict[str, Any]]:
+async def save(session: AsyncSession, state: RunState) -> list[dict[str, Any]]:
     """Write an execution's changes; returns its new events as published payloads, in ``seq`` order."""
-    r = ex.run
-    now = ex.now
-    if ex.run_changed:
+    r = state.run
+    now = state.now
+    if state.run_changed:
         await session.execute(
             update(runs)
             .where(runs.c.id == r.id)
@@ -158,46 +159,31 @@ async def save(session: AsyncSession, ex: Execution) -> list[dict[str, Any]]:
                 updated_at=now,
             )
         )
-    return await write_changes(await _driver(session), ex)
+    return await write_changes(await _driver(session), state)
 
 
-async def write_changes(conn: Any, ex: Execution) -> list[dict[str, Any]]:
+async def write_changes(conn: Any, state: RunState) -> list[dict[str, Any]]:
     """Write an execution's step changes and events on an asyncpg connection (inside its transaction).
 
     The hot path of every run: two statements, prepared once per connection by asyncpg.
     """
-    r = ex.run
-    if ex.changed:
+    r = state.run
+    if state.changed:
         await conn.executemany(
             _UPSERT_STEPS_SQL,
             [
-                (r.id, step_id, ex.graph.steps[step_id].type, *_step_values(ex.steps[step_id]), ex.now)
-                for step_id in sorted(ex.changed)
+                (r.id, step_id, state.graph.steps[step_id].type, *_step_values(state.steps[step_id]), state.now)
+                for step_id in sorted(state.changed)
             ],
         )
-    if not ex.events:
+    if not state.events:
         return []
-    rows = _event_rows(r, ex)
-    await conn.executemany(
-        _INSERT_EVENTS_SQL,
-        [
-            (
-                row["run_id"],
-                row["seq"],
-                row["id"],
-                row["type"],
-                row["ts"],
-                row["step_id"],
-                row["attempt"],
-                _json(row["data"]),
-            )
-            for row in rows
-        ],
-    )
+    rows = _event_rows(r, state)
+    await conn.executemany(_INSERT_EVENTS_SQL, [_event_values(row, _EVENT_COLUMNS) for row in rows])
     return [_event_payload(r, row) for row in rows]
 
 
-def _event_rows(r: RunRecord, ex: Execution) -> list[dict[str, Any]]:
+def _event_rows(r: RunRecord, state: RunState) -> list[dict[str, Any]]:
     return [
         {
             "run_id": r.id,
@@ -207,38 +193,13 @@ def _event_rows(r: RunRecord, ex: Execution) -> list[dict[str, Any]]:
             "ts": e.ts,
             "step_id": e.step_id,
             "attempt": e.attempt,
-            "data": e.data,
+            "data": e.data.dump(),
         }
-        for e in ex.events
+        for e in state.events
     ]
 
 
-_RUN_COLUMNS = (
-    "id",
-    "tenant_id",
-    "flow_id",
-    "version",
-    "status",
-    "trigger_type",
-    "trigger_id",
-    "input",
-    "output",
-    "error",
-    "idempotency_key",
-    "input_hash",
-    "parent_run_id",
-    "parent_step_id",
-    "parent_index",
-    "retry_of",
-    "retry_count",
-    "created_at",
-    "started_at",
-    "completed_at",
-    "updated_at",
-    "last_seq",
-    "published_seq",
-    "deadline_at",
-)
+_RUN_COLUMNS: tuple[str, ...] = tuple(runs.c.keys())
 _INSERT_RUN_SQL = (
     f"INSERT INTO runner.runs ({', '.join(_RUN_COLUMNS)}) "
     f"VALUES ({', '.join(f'${i}' for i in range(1, len(_RUN_COLUMNS) + 1))}) "
@@ -249,32 +210,8 @@ _INSERT_RUN_SQL = (
 # a new run, its steps and its events in one statement (one round trip, its own transaction);
 # nothing is written when the idempotency key is taken
 _N_RUN = len(_RUN_COLUMNS)
-_STEP_ARRAYS = (
-    ("step_id", "text"),
-    ("type", "text"),
-    ("status", "text"),
-    ("attempt", "int"),
-    ("handle", "text"),
-    ("handled", "bool"),
-    ("output", "jsonb"),
-    ("error", "jsonb"),
-    ("input", "jsonb"),
-    ("started_at", "timestamptz"),
-    ("completed_at", "timestamptz"),
-    ("next_attempt_at", "timestamptz"),
-    ("wait_for", "text"),
-    ("deadline_at", "timestamptz"),
-    ("duration_ms", "int"),
-)
-_EVENT_ARRAYS = (
-    ("seq", "int"),
-    ("id", "uuid"),
-    ("type", "text"),
-    ("ts", "timestamptz"),
-    ("step_id", "text"),
-    ("attempt", "int"),
-    ("data", "jsonb"),
-)
+_STEP_ARRAYS = tuple((c, _pg_type(step_runs, c)) for c in ("step_id", "type", *_STEP_FIELDS, "duration_ms"))
+_EVENT_ARRAYS = tuple((c, _pg_type(run_events, c)) for c in _EVENT_COLUMNS if c != "run_id")
 
 
 def _unnest(arrays: tuple[tuple[str, str], ...], first: int) -> str:
@@ -320,7 +257,7 @@ _CREATE_LIMITED_RUN_SQL = _create_run_sql(_E + len(_EVENT_ARRAYS))
 
 
 async def create_run(
-    conn: Any, *, record: RunRecord, values: dict[str, Any], ex: Execution, in_flight_limit: int | None = None
+    conn: Any, *, record: RunRecord, values: dict[str, Any], state: RunState, in_flight_limit: int | None = None
 ) -> list[dict[str, Any]] | None:
     """Insert a run with the steps and events its first execution made, in one statement (asyncpg).
 
@@ -332,16 +269,14 @@ async def create_run(
     limit reached.
     """
     steps = [
-        (step_id, ex.graph.steps[step_id].type, *_step_values(ex.steps[step_id])) for step_id in sorted(ex.changed)
+        (step_id, state.graph.steps[step_id].type, *_step_values(state.steps[step_id]))
+        for step_id in sorted(state.changed)
     ]
-    rows = _event_rows(record, ex)
-    events = [
-        (row["seq"], row["id"], row["type"], row["ts"], row["step_id"], row["attempt"], _json(row["data"]))
-        for row in rows
-    ]
+    rows = _event_rows(record, state)
+    events = [_event_values(row, tuple(c for c, _ in _EVENT_ARRAYS)) for row in rows]
     columns = [list(c) for c in zip(*steps, strict=True)] if steps else [[] for _ in _STEP_ARRAYS]
     event_columns = [list(c) for c in zip(*events, strict=True)] if events else [[] for _ in _EVENT_ARRAYS]
-    args = (*_run_row(record, values), *columns, ex.now, *event_columns)
+    args = (*_run_row(record, values), *columns, state.now, *event_columns)
     if in_flight_limit is None:
         created = await conn.fetchval(_CREATE_RUN_SQL, *args)
     else:
@@ -350,32 +285,38 @@ async def create_run(
 
 
 def _run_row(record: RunRecord, values: dict[str, Any]) -> tuple[Any, ...]:
-    return (
-        record.id,
-        record.tenant_id,
-        record.flow_id,
-        record.version,
-        record.status,
-        record.trigger_type,
-        values.get("trigger_id"),
-        _json(record.input),
-        _json(record.output),
-        _json(record.error),
-        values.get("idempotency_key"),
-        values.get("input_hash"),
-        record.parent_run_id,
-        record.parent_step_id,
-        values.get("parent_index"),
-        values.get("retry_of"),
-        0,
-        record.created_at,
-        record.started_at,
-        record.completed_at,
-        record.created_at,
-        record.last_seq,
-        0,
-        record.deadline_at,
-    )
+    row = {
+        "id": record.id,
+        "tenant_id": record.tenant_id,
+        "flow_id": record.flow_id,
+        "version": record.version,
+        "status": record.status,
+        "trigger_type": record.trigger_type,
+        "trigger_id": values.get("trigger_id"),
+        "input": _json(record.input),
+        "output": _json(record.output),
+        "error": _json(record.error),
+        "idempotency_key": values.get("idempotency_key"),
+        "input_hash": values.get("input_hash"),
+        "parent_run_id": record.parent_run_id,
+        "parent_step_id": record.parent_step_id,
+        "parent_index": values.get("parent_index"),
+        "retry_of": values.get("retry_of"),
+        "retry_count": 0,
+        "created_at": record.created_at,
+        "started_at": record.started_at,
+        "completed_at": record.completed_at,
+        "updated_at": record.created_at,
+        "last_seq": record.last_seq,
+        "published_seq": 0,
+        "deadline_at": record.deadline_at,
+    }
+    return tuple(row[c] for c in _RUN_COLUMNS)  # a column of tables.py with no value here: KeyError
+
+
+def _event_values(row: dict[str, Any], columns: tuple[str, ...]) -> tuple[Any, ...]:
+    """An event row's parameters in ``columns`` order (``data`` as JSON text)."""
+    return tuple(_json(row[c]) if c == "data" else row[c] for c in columns)
 
 
 async def insert_version(
@@ -399,22 +340,13 @@ def _json(value: Any) -> str | None:
     return None if value is None else orjson.dumps(value).decode()
 
 
+_JSON_STEP_FIELDS = frozenset(f for f in _STEP_FIELDS if _pg_type(step_runs, f) == "jsonb")
+
+
 def _step_values(state: StepState) -> tuple[Any, ...]:
-    return (
-        state.status,
-        state.attempt,
-        state.handle,
-        state.handled,
-        _json(state.output),
-        _json(state.error),
-        _json(state.input),
-        state.started_at,
-        state.completed_at,
-        state.next_attempt_at,
-        state.wait_for,
-        state.deadline_at,
-        _duration(state),
-    )
+    """A step's ``_STEP_FIELDS`` then ``duration_ms``, as parameters (JSON columns as JSON text)."""
+    fields = (_json(getattr(state, f)) if f in _JSON_STEP_FIELDS else getattr(state, f) for f in _STEP_FIELDS)
+    return (*fields, _duration(state))
 
 
 async def _driver(session: AsyncSession) -> Any:
@@ -594,7 +526,7 @@ async def stalled_parents(session: AsyncSession, *, older_than: datetime, limit:
         .join(child, (child.c.parent_run_id == step_runs.c.run_id) & (child.c.parent_step_id == step_runs.c.step_id))
         .where(
             step_runs.c.status == "waiting",
-            step_runs.c.type.in_(("subflow", "foreach")),
+            step_runs.c.type.in_(types_that_run("children")),
             child.c.status.not_in(OPEN),
             child.c.updated_at < older_than,
         )

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
@@ -28,6 +27,13 @@ from typing import Any, Final
 from flowmesh.contracts.errors import InvalidInput
 from flowmesh.contracts.ids import is_uuid
 from flowmesh.contracts.models import FieldError
+from flowmesh.contracts.models.run_events import (
+    RunEndedData,
+    RunQueuedData,
+    StepFailedData,
+    StepSucceededData,
+    event_data,
+)
 from flowmesh.contracts.models.usage import Plan, TenantQuota, UsageDay, UsageSummary
 
 COUNTERS: Final = (
@@ -152,15 +158,6 @@ class MalformedEvent(ValueError):
     """A message on the run events stream that is not a run event we can read."""
 
 
-def _int(value: Any) -> int | None:
-    """A non-negative whole number (a float is cut), or None for anything else (booleans included)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return int(value) if value >= 0 else None
-
-
 def _time(value: Any) -> datetime:
     if not isinstance(value, str):
         raise MalformedEvent("ts is not a string")
@@ -192,22 +189,19 @@ def read_event(payload: Any) -> Metered:
     if not isinstance(kind, str):
         raise MalformedEvent("type is not a string")
     ts = _time(payload.get("ts"))
-    data = payload.get("data")
-    if not isinstance(data, dict):
-        data = {}
+    data = event_data(kind, payload.get("data"))
     counts = Counts()
     run: RunFact | None = None
-    top_level = data.get("parentRunId") is None
-    if kind == "run.queued" and not data.get("retryCount"):
+    top_level = getattr(data, "parent_run_id", None) is None
+    if isinstance(data, RunQueuedData) and not data.retry_count:
         if top_level:
             counts.runs = 1
         else:
             counts.child_runs = 1
         run = RunFact(run_id, tenant, flow_id, queued_at=ts)
-    elif kind in FINAL_RUN_EVENTS:
+    elif kind in FINAL_RUN_EVENTS and isinstance(data, RunEndedData):
         status = FINAL_RUN_EVENTS[kind]
-        error = data.get("error")
-        if status == "failed" and isinstance(error, dict) and error.get("type") == QUOTA_EXCEEDED:
+        if status == "failed" and data.error is not None and data.error.type == QUOTA_EXCEEDED:
             counts.runs_refused = 1
         else:
             if top_level:
@@ -219,16 +213,16 @@ def read_event(payload: Any) -> Metered:
                 flow_id,
                 final_seq=seq if isinstance(seq, int) and not isinstance(seq, bool) else 0,
                 status=status,
-                duration_ms=_int(data.get("durationMs")),
+                duration_ms=data.duration_ms,
                 completed_at=ts,
             )
-    elif kind in FINAL_STEP_EVENTS and data.get("stepType") != "trigger":
+    elif isinstance(data, StepSucceededData | StepFailedData) and data.step_type != "trigger":
         counts.steps = 1
-        counts.step_ms = _int(data.get("durationMs")) or 0
-        usage = data.get("usage")
-        if isinstance(usage, dict):
-            counts.input_tokens = _int(usage.get("inputTokens")) or 0
-            counts.output_tokens = _int(usage.get("outputTokens")) or 0
+        counts.step_ms = data.duration_ms or 0
+        usage = data.usage if isinstance(data, StepSucceededData) else None
+        if usage is not None:
+            counts.input_tokens = usage.input_tokens or 0
+            counts.output_tokens = usage.output_tokens or 0
     return Metered(event_id, tenant, ts.date(), counts, run)
 
 

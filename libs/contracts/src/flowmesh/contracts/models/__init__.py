@@ -1,7 +1,7 @@
 """Pydantic models of every payload on the wire."""
 
 from flowmesh.contracts.models.base import OpenModel, Timestamp, WireModel
-from flowmesh.contracts.models.definition import STEP_TYPES, Edge, FlowDefinition, Node, Position, StepData
+from flowmesh.contracts.models.definition import Edge, FlowDefinition, Node, Position, StepData
 from flowmesh.contracts.models.flows import (
     Flow,
     FlowCreate,
@@ -26,7 +26,6 @@ from flowmesh.contracts.models.rpc import (
 from flowmesh.contracts.models.runs import Run, RunEvent, RunStart, StepRun
 
 __all__ = [
-    "STEP_TYPES",
     "Edge",
     "FieldError",
     "Flow",

@@ -1,12 +1,12 @@
 """The flow definition: the graph a React Flow canvas saves, step config in each node's ``data``.
 
-Drafts are saved as given (DESIGN §4): nodes and edges keep any extra key a canvas adds and ``type``
-may be any string; only validation judges a definition, using the step models below.
+Drafts are saved as given, so a canvas gets back what it saved: nodes and edges keep any extra key
+a canvas adds and ``type`` may be any string; only validation judges a definition, using the step
+models below and the step-kind registry (:mod:`flowmesh.contracts.steps`).
 """
 
 from __future__ import annotations
 
-import builtins
 import json
 from typing import Annotated, Any, Final, Literal
 
@@ -143,19 +143,23 @@ class WaitEventData(StepData):
     match: str | None = None
 
 
-class ForeachData(StepData):
-    """Runs a published flow once per element of ``items``."""
+class ChildFlowData(StepData):
+    """A step that runs published flow ``flowId`` as child runs."""
 
     flow_id: str = Field(min_length=1)
+
+
+class ForeachData(ChildFlowData):
+    """Runs a published flow once per element of ``items``."""
+
     items: str = Field(min_length=1)
     input: JsonValue = None
     concurrency: int = Field(default=10, ge=1, le=100)
 
 
-class SubflowData(StepData):
+class SubflowData(ChildFlowData):
     """Runs a published flow and waits for it."""
 
-    flow_id: str = Field(min_length=1)
     input: JsonValue = None
 
 
@@ -191,61 +195,19 @@ class FailData(StepData):
     message: str = "failed"
 
 
-class StepType(WireModel):
-    """A catalog entry: what a step type does and which handles it offers."""
-
-    type: str
-    title: str
-    description: str
-    handles: list[str]
-    model: builtins.type[StepData] = Field(exclude=True)
-
-
-def _step(type_: str, title: str, description: str, model: type[StepData], *handles: str) -> StepType:
-    return StepType(type=type_, title=title, description=description, handles=list(handles), model=model)
-
-
-STEP_TYPES: Final[dict[str, StepType]] = {
-    s.type: s
-    for s in (
-        _step("trigger", "Trigger", "The entry node, exactly one per flow; outputs the run input.", TriggerData),
-        _step("transform", "Transform", "Builds JSON from expressions.", TransformData),
-        _step("condition", "Condition", "Branches on a boolean expression.", ConditionData, "true", "false"),
-        _step("switch", "Switch", "Branches on the value of an expression.", SwitchData, "default"),
-        _step("http", "HTTP request", "Calls an HTTP endpoint.", HttpData),
-        _step("delay", "Delay", "Waits for a duration or until a time, durably.", DelayData),
-        _step(
-            "approval",
-            "Approval",
-            "Pauses until a person approves or rejects.",
-            ApprovalData,
-            "approved",
-            "rejected",
-            "timeout",
-        ),
-        _step("waitEvent", "Wait for event", "Waits for an external event.", WaitEventData, "event", "timeout"),
-        _step("foreach", "For each", "Runs a published flow for every item.", ForeachData),
-        _step("subflow", "Subflow", "Runs a published flow and waits for it.", SubflowData),
-        _step("publish", "Publish", "Publishes a message on NATS.", PublishData),
-        _step("llm", "LLM", "Chat completion with the tenant's own API key.", LlmData),
-        _step("fail", "Fail", "Ends the run as failed.", FailData),
-    )
-}
-"""Every step type, keyed by its ``type``. A switch's handles also include each case's string form."""
-
-
 def case_handle(case: JsonValue) -> str:
     """The handle name of a switch case: strings as they are, other JSON values in JSON form."""
     return case if isinstance(case, str) else json.dumps(case, separators=(",", ":"))
 
 
-def handles_of(step_type: str, data: StepData | None) -> list[str]:
-    """The handles a step offers; the first is the one edges without ``sourceHandle`` follow."""
-    if isinstance(data, SwitchData):
-        return [*(case_handle(c) for c in data.cases), "default"]
-    spec = STEP_TYPES.get(step_type)
-    return list(spec.handles) if spec is not None else []
-
-
 ERROR_HANDLE: Final = "error"
 """The handle a step with ``onError: continue`` takes when it failed for good."""
+
+
+def __getattr__(name: str) -> Any:
+    """``STEP_TYPES`` and ``handles_of`` moved to :mod:`flowmesh.contracts.steps` (the step-kind registry)."""
+    if name in ("STEP_TYPES", "handles_of"):
+        from flowmesh.contracts import steps  # here, not at the top: the registry imports this module
+
+        return getattr(steps, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,12 +1,20 @@
-"""Runs, step runs and run events (DESIGN §5)."""
+"""Runs, step runs and run events (each event's ``data``: :mod:`.run_events`)."""
 
 from __future__ import annotations
 
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
-from pydantic import Field, JsonValue
+from pydantic import (
+    Field,
+    JsonValue,
+    SerializerFunctionWrapHandler,
+    WithJsonSchema,
+    model_serializer,
+    model_validator,
+)
 
 from flowmesh.contracts.models.base import MAX_INT4, Timestamp, WireModel
+from flowmesh.contracts.models.run_events import EVENT_DATA, EventData, event_data
 
 RunStatus = Literal["queued", "running", "waiting", "succeeded", "failed", "cancelled", "timedOut"]
 StepStatus = Literal["pending", "running", "waiting", "succeeded", "failed", "skipped", "cancelled"]
@@ -84,7 +92,12 @@ class StepRun(WireModel):
 
 
 class RunEvent(WireModel):
-    """A run lifecycle event, with a per-run gap-free ``seq`` from 1."""
+    """A run lifecycle event, with a per-run gap-free ``seq`` from 1.
+
+    ``data`` is the model of the event's ``type`` (:data:`~flowmesh.contracts.models.run_events.EVENT_DATA`):
+    one ``RunEvent.model_validate`` reads the envelope and its data. Written, ``data`` keeps exactly
+    the keys it was given (nulls included), whatever the envelope's own options.
+    """
 
     id: str
     seq: int = Field(ge=1)
@@ -96,7 +109,28 @@ class RunEvent(WireModel):
     version: int
     step_id: str | None = None
     attempt: int | None = None
-    data: dict[str, Any] = Field(default_factory=dict)
+    # documented as an open object, as before: the per-type models add no required key
+    data: Annotated[EventData, WithJsonSchema({"additionalProperties": True, "type": "object"})] = Field(
+        default_factory=EventData
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _data_of_type(cls, value: Any) -> Any:
+        """Read ``data`` with the model of the event's ``type`` (the union's discriminator is the envelope's)."""
+        if isinstance(value, dict) and not isinstance(value.get("data"), EventData):
+            value = {**value, "data": event_data(str(value.get("type")), value.get("data"))}
+        return value
+
+    @model_serializer(mode="wrap")
+    def _data_as_given(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        if "data" in out:
+            out["data"] = self.data.dump()
+        return out
+
+
+assert set(EVENT_DATA) == set(RUN_EVENT_TYPES), "every run event type has its data model"
 
 
 class RunStart(WireModel):

@@ -1,4 +1,4 @@
-"""Durable timers (DESIGN §1: the scheduler owns all of time).
+"""Durable timers (the scheduler owns all of time: no other service sleeps on a deadline).
 
 A service arms a timer with ``fm.rpc.scheduler.timers.set``; when it comes due the scheduler
 publishes :class:`TimerFired` on ``fm.timers.fired.<owner>`` (stream ``TIMERS``) with
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, StrictInt, StrictStr
 
 from flowmesh.contracts.models.base import Timestamp, WireModel
 
@@ -48,3 +48,18 @@ class TimerFired(TimerSet):
 def timer_msg_id(owner: str, key: str, due_at: str) -> str:
     """``Nats-Msg-Id`` of a fired timer: one message per (timer, due time), whichever replica fires it."""
     return f"timer:{owner}:{key}:{due_at}"
+
+
+class DeadlinePayload(WireModel):
+    """The payload of the runner's timers: a run's time limit, or one step attempt's deadline.
+
+    Whoever fires it only gives a hint: the runner checks it against the run's state under its lock.
+    Read strictly (a number in a string is not a retry count): a payload that is not one of these is
+    not the runner's and is ignored.
+    """
+
+    run_id: StrictStr
+    retry_count: StrictInt
+    step_id: StrictStr | None = None
+    attempt: StrictInt | None = None
+    """The attempt, with ``stepId``; absent for the run's own deadline."""
