@@ -8,12 +8,10 @@ import functools
 import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 
 import nats.errors
-from faststream._internal.context import Context  # the class behind faststream.Context()
 from faststream.nats import NatsBroker, NatsCredentials, NatsSecurity, NatsUserPassword
-from faststream.nats.message import NatsMessage as _NatsMessage
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, BucketNotFoundError
@@ -30,77 +28,6 @@ _T = TypeVar("_T")
 JS_SETUP_TIMEOUT_S = 20.0
 """Timeout of the JetStream API calls that set a service up (creating its durable consumers): on an
 R3 cluster that just formed, with every replica starting at once, one was seen to take over 5 s."""
-
-
-class _MessageContext(Context):
-    """FastStream's message injection, resolved on the event loop.
-
-    ``Context.use`` is synchronous, so fast-depends runs it on a worker thread for every message
-    (a thread hop and a GIL hand-over per delivery); an async ``use`` is awaited in place.
-    """
-
-    async def use(self, /, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
-        resolved: dict[str, Any] = super().use(**kwargs)
-        return resolved
-
-
-# the delivered message, for FastStream handler signatures: ``async def h(body: ..., msg: Message)``.
-# Durable consumers use flowmesh.runtime.consumers instead; this alias, its private FastStream
-# import and the two patches below serve FastStream pull subscribers only, and go with the last one.
-Message = Annotated[_NatsMessage, _MessageContext("message")]
-
-
-def _fetch_times_out_as_nats_says() -> None:
-    """Make a pull ``fetch`` that got nothing raise nats-py's ``TimeoutError``, never asyncio's.
-
-    nats-py 2.x raises either, depending on where the deadline passes; FastStream 0.7.8's pull loop
-    suppresses only nats-py's, so asyncio's escaped it: an ERROR with a traceback in the logs and a
-    restart of the consuming task, on an idle subscription. (nats-py's error subclasses asyncio's,
-    so every other caller catches it as before.)
-    """
-    fetch = JetStreamContext.PullSubscription.fetch
-    if getattr(fetch, "__flowmesh__", False):
-        return
-
-    @functools.wraps(fetch)
-    async def fetch_or_timeout(self: JetStreamContext.PullSubscription, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await fetch(self, *args, **kwargs)
-        except nats.errors.TimeoutError:
-            raise
-        except TimeoutError as exc:
-            raise nats.errors.TimeoutError from exc
-
-    fetch_or_timeout.__flowmesh__ = True  # type: ignore[attr-defined]
-    JetStreamContext.PullSubscription.fetch = fetch_or_timeout  # type: ignore[method-assign]
-
-
-_fetch_times_out_as_nats_says()
-
-
-def _pull_inboxes_follow_the_connection() -> None:
-    """Give FastStream's pull subscriptions the connection's inbox prefix, not a hard-coded ``_INBOX.``.
-
-    FastStream 0.7.8 passes ``inbox_prefix=b"_INBOX."`` to every ``pull_subscribe`` unless a
-    subscriber sets its own, while each Flowmesh user may only subscribe under ``_INBOX.<user>``
-    (so nobody reads another user's replies): with the default left to nats-py, a pull
-    subscription uses the connection's prefix like every other inbox.
-    """
-    pull_subscribe = JetStreamContext.pull_subscribe
-    if getattr(pull_subscribe, "__flowmesh__", False):
-        return
-
-    @functools.wraps(pull_subscribe)
-    async def pull_subscribe_in_own_inbox(self: JetStreamContext, *args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("inbox_prefix") == b"_INBOX.":
-            kwargs["inbox_prefix"] = None
-        return await pull_subscribe(self, *args, **kwargs)
-
-    pull_subscribe_in_own_inbox.__flowmesh__ = True  # type: ignore[attr-defined]
-    JetStreamContext.pull_subscribe = pull_subscribe_in_own_inbox  # type: ignore[method-assign]
-
-
-_pull_inboxes_follow_the_connection()
 
 
 class NatsRefusals:
