@@ -38,7 +38,7 @@ cluster: install ## The distributed shape, no Docker: 3 NATS nodes, PostgreSQL, 
 test: install ## Run the whole test suite (starts its own NATS and PostgreSQL)
 	$(BIN)/pytest
 
-bench: install ## Benchmarks of DESIGN §12 (prints figures, writes bench/results/*.json)
+bench: install ## Benchmarks against their targets (prints figures, writes bench/results/*.json)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 lint: install ## ruff: lint and formatting

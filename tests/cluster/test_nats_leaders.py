@@ -1,4 +1,5 @@
-"""Guarantees 1 to 3 (DESIGN §9) on the cluster shape: SIGKILL the NATS node leading ``STEP_WORK``, then
+"""Guarantees 1 to 3 of docs/architecture.md#guarantees (no accepted run lost, each step recorded once, usage
+exact) on the cluster shape: SIGKILL the NATS node leading ``STEP_WORK``, then
 the one leading ``RUN_EVENTS``, while runs are in flight and more keep starting.
 
 With R3 streams the two nodes left keep a quorum: a new leader is elected and work goes on while the

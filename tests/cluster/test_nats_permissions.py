@@ -1,4 +1,4 @@
-"""Least privilege holds on the NATS cluster the shape runs (DESIGN §8), a few checks of
+"""Least privilege holds on the NATS cluster the shape runs (docs/architecture.md#trust-on-nats), a few checks of
 ``tests/security/test_nats_permissions.py`` again against three nodes with the generated users.
 
 An integrator publishes its own tenant's events (JetStream acknowledges them, on the R3 stream) and

@@ -1,5 +1,5 @@
-"""PostgreSQL is the source of truth (DESIGN §9): SIGKILL it under load and start it again on the same
-port and data directory.
+"""PostgreSQL is the source of truth (docs/architecture.md#guarantees): SIGKILL it under load and start
+it again on the same port and data directory.
 
 Every run accepted with 201, before or after the outage, succeeds; the services heal by themselves
 (every replica ready again, none restarted); a request during the outage may fail, but only with a

@@ -1,4 +1,5 @@
-"""Guarantee 1 (DESIGN §9) with replicas: SIGKILL one replica of each service in turn, under load.
+"""An accepted run is never lost (guarantee 1 of docs/architecture.md#guarantees) with replicas: SIGKILL one
+replica of each service in turn, under load.
 
 While a replica is down the other one carries the service: a batch of runs started after the kill
 all finish before it comes back. A WebSocket watcher whose gateway dies reconnects through the front

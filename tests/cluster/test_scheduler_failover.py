@@ -1,5 +1,5 @@
-"""Guarantee 4 (DESIGN §9) on the cluster shape: a cron trigger firing every second, two schedulers,
-each SIGKILLed in turn.
+"""A cron trigger fires once per due time (guarantee 4 of docs/architecture.md#guarantees) on the cluster shape:
+a trigger firing every second, two schedulers, each SIGKILLed in turn.
 
 The replica left takes over the dead one's claims once their lease passes (``lease_s``, 2 s by
 default): those due times fire late, never twice and never not at all — with the default misfire

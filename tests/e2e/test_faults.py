@@ -1,4 +1,5 @@
-"""Guarantees 1 and 2 (DESIGN §9): SIGKILL the runner, or restart NATS, with 60 runs in flight.
+"""An accepted run is never lost, a step's result is recorded once (guarantees 1 and 2 of
+docs/architecture.md#guarantees): SIGKILL the runner, or restart NATS, with 60 runs in flight.
 
 Every accepted run still reaches the right final state, and no step's result is recorded twice.
 """

@@ -1,4 +1,4 @@
-"""The gateway's HTTP rules of DESIGN §6, end to end: Idempotency-Key, CORS, rate limits, time limits.
+"""The gateway's HTTP rules end to end: Idempotency-Key, CORS, rate limits per plan, request time limits.
 
 Two gateway replicas share the stack's NATS and services: the stack's own (plan ``enterprise`` for
 every tenant) and ``replica`` (plan ``free``: 20 requests/s, and a 2 s request time limit).

@@ -1,4 +1,5 @@
-"""Live runs over WebSocket (DESIGN §7), through the gateway, as a client would use them."""
+"""Live runs over WebSocket (snapshot then events, no gap and no duplicate), through the gateway, as a client would
+use them."""
 
 from __future__ import annotations
 

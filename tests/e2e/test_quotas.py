@@ -1,4 +1,4 @@
-"""Plan limits end to end (DESIGN §6): the flow limit, the free plan's monthly runs, runs in flight.
+"""Plan limits end to end (``flowmesh.contracts.plans``): the flow limit, the free plan's monthly runs, runs in flight.
 
 Each test puts a tenant of its own on the `free` plan through the admin API; the stack's default plan
 is `enterprise`. The free plan allows 20 requests per second, so the tests poll gently.

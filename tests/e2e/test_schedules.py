@@ -1,4 +1,5 @@
-"""Guarantee 4 (DESIGN §9) with real processes: two scheduler replicas, SIGKILL, downtime, timers.
+"""A cron trigger fires once per due time (guarantee 4 of docs/architecture.md#guarantees), with real processes:
+two scheduler replicas, SIGKILL, downtime, timers.
 
 The stack runs on a NATS and a database of its own: a scheduler of another stack on the same
 ``schedules`` table would be a third replica. Its schedulers use a 3 s misfire threshold and a

@@ -1,6 +1,6 @@
 """Time, end to end: delays, approval and waitEvent timeouts, attempt timeouts, run time limits.
 
-The runner arms the scheduler's durable timers (DESIGN §1, §4, §5) and records every deadline in
+The runner arms the scheduler's durable timers (the scheduler owns all of time) and records every deadline in
 its own rows, so the sweep enforces one whose timer was lost. These tests run on their own stack
 (their own NATS) because they kill the scheduler and the runner.
 """

@@ -1,6 +1,6 @@
-"""Usage end to end (DESIGN §6, §8, §9.3): the dashboard, flow statistics and the billing export against
-known runs, exact counters after duplicate events and a SIGKILLed usage service, admin-only plan changes,
-and BYOK keys that are never shown or logged whole."""
+"""Usage end to end (usage is exact: guarantee 3 of docs/architecture.md#guarantees): the dashboard,
+flow statistics and the billing export against known runs, exact counters after duplicate events and
+a SIGKILLed usage service, admin-only plan changes, and BYOK keys that are never shown or logged whole."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CEL expressions in flow definitions (DESIGN §4): where they are, how they compile and render.
+"""CEL expressions in flow definitions: where they are, how they compile and render.
 
 Fields that *are* expressions hold bare CEL or one whole ``{{ expr }}``; inside any other string,
 ``{{ expr }}`` interpolates, and a string that is exactly one ``{{ expr }}`` yields the value itself.

@@ -1,4 +1,4 @@
-"""NATS header names (DESIGN §3)."""
+"""NATS header names: who a message acts for, its contract version, its trace, its de-duplication id."""
 
 from typing import Final
 

@@ -1,4 +1,8 @@
-"""Identifiers and timestamps as they travel on the wire (DESIGN §3)."""
+"""Identifiers and timestamps as they travel on the wire: UUIDv7 strings, RFC 3339 UTC with milliseconds.
+
+UUIDv7 ids are time-ordered, so indexes on them stay append-mostly; one time format on every wire
+lets any client compare and sort times as strings.
+"""
 
 from __future__ import annotations
 

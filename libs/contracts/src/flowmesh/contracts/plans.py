@@ -1,4 +1,4 @@
-"""The billing plans of DESIGN §6, as data.
+"""The billing plans (free, pro, enterprise, high_frequency) and their limits, as data.
 
 These are the plans a fresh installation starts with. The usage service owns plans (its
 ``plans`` table, editable without code) and seeds it from here; until it answers, the gateway reads

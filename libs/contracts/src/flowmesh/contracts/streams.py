@@ -1,4 +1,7 @@
-"""JetStream streams, consumers and KV buckets (DESIGN §3), defined once."""
+"""JetStream streams, consumers and KV buckets, defined once: services and the NATS permissions read them here.
+
+Map of the streams and who produces and consumes each: ``docs/architecture.md#subjects``.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Strict reading of HTTP bodies: unknown top-level fields are refused (DESIGN §3).
+"""Strict reading of HTTP bodies: unknown top-level fields are refused (a typo is a 422, not ignored).
 
 Contract models read tolerantly so NATS messages survive rolling upgrades; HTTP input goes through
 :func:`parse_strict` instead, which also reports every problem at once as JSON-pointer errors.

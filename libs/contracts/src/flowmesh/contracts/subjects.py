@@ -1,6 +1,8 @@
-"""Every NATS subject Flowmesh uses (DESIGN §3), as constants and small builders.
+"""Every NATS subject Flowmesh uses, as constants and small builders.
 
-No other module writes a subject literal: services import these names.
+No other module writes a subject literal: services import these names, and the NATS permissions
+(:mod:`flowmesh.contracts.permissions`) are derived from them, so a subject cannot drift between
+the code that uses it and the user allowed to. The map: ``docs/architecture.md#subjects``.
 """
 
 from __future__ import annotations

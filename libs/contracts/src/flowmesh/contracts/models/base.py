@@ -1,4 +1,7 @@
-"""Base models: camelCase on the wire, snake_case accepted on input (DESIGN §3)."""
+"""Base models: camelCase on every wire (HTTP, WebSocket, NATS), snake_case accepted on input.
+
+Python code keeps its snake_case names; JSON clients (the canvases first) get the camelCase they expect.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Flows, versions and triggers (DESIGN §4, §6)."""
+"""Flows, versions and triggers: the definitions the flows service stores and the API returns."""
 
 from __future__ import annotations
 

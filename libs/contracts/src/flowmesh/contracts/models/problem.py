@@ -1,4 +1,4 @@
-"""RFC 9457 problem details and paginated lists (DESIGN §6)."""
+"""RFC 9457 problem details and paginated lists: the one shape of every error and of every list."""
 
 from __future__ import annotations
 

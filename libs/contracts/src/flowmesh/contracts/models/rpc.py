@@ -155,7 +155,7 @@ class RunListQuery(PageQuery):
     @field_validator("since", "until", mode="before")
     @classmethod
     def _not_a_number(cls, value: Any) -> Any:
-        # pydantic reads a bare number as Unix time; the API speaks RFC 3339 only (DESIGN §3)
+        # pydantic reads a bare number as Unix time; the API speaks RFC 3339 only, so a number is refused
         if isinstance(value, int | float) or (isinstance(value, str) and _NUMBER.fullmatch(value.strip())):
             raise ValueError("expected an RFC 3339 time, e.g. 2026-01-31T12:00:00Z")
         return value

@@ -1,4 +1,4 @@
-"""Cron triggers between the flows service and the scheduler (DESIGN §1, §6, §9 guarantee 4).
+"""Cron triggers between the flows service and the scheduler: one run per due time, whatever fails.
 
 The scheduler learns *that* something changed from the ``fm.flows.{t}.<event>`` announcements and
 reads *what* is true now with ``fm.rpc.flows.schedules`` (no tenant: the scheduler serves every

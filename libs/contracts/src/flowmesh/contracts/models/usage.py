@@ -1,4 +1,4 @@
-"""Usage, plans, stats and API keys (DESIGN §6, §8)."""
+"""Usage, plans, stats and API keys: the usage service's side of the wire (metering reads, plan limits, BYOK)."""
 
 from __future__ import annotations
 

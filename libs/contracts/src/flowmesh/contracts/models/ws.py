@@ -1,4 +1,4 @@
-"""WebSocket messages (DESIGN §7)."""
+"""WebSocket messages of the live streams ``/ws/runs/{runId}`` and ``/ws/flows/{flowId}``."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ class WsClose:
     """Close codes of the live streams."""
 
     TOO_SLOW = 1013
-    """The client fell too far behind (DESIGN §7): reconnect with ``?after=`` the last ``seq`` seen."""
+    """The client fell 1,000 events behind (each watcher's queue in the gateway is bounded): reconnect with
+    ``?after=`` the last ``seq`` seen, which replays the rest from history."""
     GONE = 1001
     """The gateway is stopping: reconnect (to any replica) with ``?after=``."""
 
