@@ -265,7 +265,7 @@ async def timer_fired(fired: TimerFired, msg: Delivery, deps: RunnerDeps) -> Non
 # --- core NATS -----------------------------------------------------------------------------------
 
 
-def flow_changed(msg: Msg, deps: RunnerDeps) -> None:
+async def flow_changed(msg: Msg, deps: RunnerDeps) -> None:
     """A flow changed (``fm.flows.{t}.*``, every replica): its runnable version is asked again."""
     tenant = (msg.headers or {}).get(headers.TENANT)
     try:

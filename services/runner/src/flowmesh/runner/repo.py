@@ -142,7 +142,7 @@ async def load_steps(session: AsyncSession, *, run_id: str) -> dict[str, StepSta
 
 
 async def save(session: AsyncSession, state: RunState) -> list[dict[str, Any]]:
-    """Write an execution's changes; returns its new events as published payloads, in ``seq`` order."""
+    """Write a run state's changes; returns its new events as published payloads, in ``seq`` order."""
     r = state.run
     now = state.now
     if state.run_changed:
@@ -164,7 +164,7 @@ async def save(session: AsyncSession, state: RunState) -> list[dict[str, Any]]:
 
 
 async def write_changes(conn: Any, state: RunState) -> list[dict[str, Any]]:
-    """Write an execution's step changes and events on an asyncpg connection (inside its transaction).
+    """Write a run state's step changes and events on an asyncpg connection (inside its transaction).
 
     The hot path of every run: two statements, prepared once per connection by asyncpg.
     """
@@ -260,7 +260,7 @@ _CREATE_LIMITED_RUN_SQL = _create_run_sql(_E + len(_EVENT_ARRAYS))
 async def create_run(
     conn: Any, *, record: RunRecord, values: dict[str, Any], state: RunState, in_flight_limit: int | None = None
 ) -> list[dict[str, Any]] | None:
-    """Insert a run with the steps and events its first execution made, in one statement (asyncpg).
+    """Insert a run with the steps and events its first change made, in one statement (asyncpg).
 
     With ``in_flight_limit``, only while the tenant has fewer top-level runs queued or running.
     Concurrent starts each count before the others commit, so the tenant can go over the limit by
