@@ -89,3 +89,20 @@ async def test_a_periodic_job_keeps_going_after_a_failure() -> None:
                 break
             await asyncio.sleep(0.01)
     assert calls >= 3
+
+
+async def test_a_periodic_job_that_waits_first_is_not_called_at_start() -> None:
+    calls = 0
+
+    async def job() -> None:
+        nonlocal calls
+        calls += 1
+
+    async with periodic(0.2, job, name="job", wait_first=True):
+        await asyncio.sleep(0.05)
+        assert calls == 0
+        for _ in range(100):
+            if calls:
+                break
+            await asyncio.sleep(0.01)
+    assert calls == 1

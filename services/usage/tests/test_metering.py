@@ -1,5 +1,5 @@
 """Metering against real NATS and PostgreSQL: exact counters under duplicate and redelivered events,
-flow statistics, and the quota snapshots in ``fm_quota`` (DESIGN §6, §9.3)."""
+flow statistics, and the quota snapshots in ``fm_quota`` (usage is exact whatever fails)."""
 
 from __future__ import annotations
 

@@ -33,19 +33,23 @@ async def task_running(
             await task
 
 
-def periodic(seconds: float, fn: Job, *, name: str) -> contextlib.AbstractAsyncContextManager[asyncio.Task[None]]:
-    """Call ``fn`` now and then every ``seconds`` while the block runs.
+def periodic(
+    seconds: float, fn: Job, *, name: str, wait_first: bool = False
+) -> contextlib.AbstractAsyncContextManager[asyncio.Task[None]]:
+    """Call ``fn`` now (or, with ``wait_first``, after ``seconds``) and then every ``seconds`` while the block runs.
 
     A failing call is logged and tried again at the next tick: a periodic chore (pruning, a
-    refresh) must not stop for good because the database was briefly away.
+    refresh, a sweep) must not stop for good because the database was briefly away.
     """
 
     async def repeat() -> None:
+        if wait_first:
+            await asyncio.sleep(seconds)
         while True:
             try:
                 await fn()
             except Exception as exc:
-                log.warning("%s failed (tried again in %.0fs): %s", name, seconds, exc)
+                log.warning("%s failed (tried again in %gs): %s", name, seconds, exc)
             await asyncio.sleep(seconds)
 
     return task_running(repeat, name=name)

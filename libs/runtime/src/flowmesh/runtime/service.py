@@ -102,9 +102,10 @@ class ServiceRuntime:
         self._resources.append(factory)
         return factory
 
-    def every(self, seconds: float, fn: Job, *, name: str) -> None:
-        """Call ``fn`` at start and every ``seconds`` after, until stop (a failure is logged, tried again)."""
-        self.resource(lambda: periodic(seconds, fn, name=name))
+    def every(self, seconds: float, fn: Job, *, name: str, wait_first: bool = False) -> None:
+        """Call ``fn`` at start (or ``seconds`` after it, with ``wait_first``) and every ``seconds``
+        after, until stop (a failure is logged, tried again)."""
+        self.resource(lambda: periodic(seconds, fn, name=name, wait_first=wait_first))
 
     def background(self, fn: Job, *, name: str) -> None:
         """Call ``fn`` once in the background after start (cancelled by stop; a failure is logged)."""

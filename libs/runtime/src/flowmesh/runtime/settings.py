@@ -1,4 +1,4 @@
-"""Settings every service shares (DESIGN §10); each service subclasses with its own env prefix."""
+"""Settings every service shares (``FLOWMESH_*``); each service subclasses with its own env prefix."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Trigger rules (DESIGN §6, §8): config checks, webhook tokens and signing secrets. Pure."""
+"""Trigger rules: config checks, webhook tokens and signing secrets (the public API's trigger configs). Pure."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ CONFIG_MODELS: Final[dict[str, type[BaseModel]]] = {
     "event": EventConfig,
 }
 WEBHOOK_PATH: Final = "/api/v1/hooks/"
-TOKEN_BYTES: Final = 24  # 192 bits, above the 128 DESIGN asks for
+TOKEN_BYTES: Final = 24  # 192 bits: a webhook URL is its only credential, so at least 128 bits must be unguessable
 SECRET_BYTES: Final = 32
 
 

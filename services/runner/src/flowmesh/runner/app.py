@@ -7,15 +7,11 @@ in the background: the publisher's flush and the sweep (:mod:`recovery`).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import logging
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
-
-from nats.aio.msg import Msg
 
 from flowmesh.contracts.streams import RUNNER_EVENTS, RUNNER_FLOWS, RUNNER_STARTS, RUNNER_STEPS, RUNNER_TIMERS
 from flowmesh.contracts.subjects import FLOWS_EVENTS_ALL
@@ -26,13 +22,11 @@ from flowmesh.runner.settings import RunnerSettings
 from flowmesh.runner.shell import Runner
 from flowmesh.runtime.consumers import PullOptions
 from flowmesh.runtime.db import create_driver_pool
-from flowmesh.runtime.lifecycle import task_running
 from flowmesh.runtime.quota import QuotaView
 from flowmesh.runtime.rpc import RpcClient
 from flowmesh.runtime.service import ServiceRuntime
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-log = logging.getLogger(__name__)
 
 
 def create_app(settings: RunnerSettings) -> ServiceRuntime:
@@ -67,7 +61,8 @@ def create_app(settings: RunnerSettings) -> ServiceRuntime:
     service.resource(lambda: quotas.running(service.js, replicas=settings.stream_replicas))
     service.resource(lambda: _runner_running(service, runner, settings))
     service.resource(lambda: _forgetting_changed_flows(service, deps))
-    service.resource(lambda: task_running(partial(_sweep_forever, runner, settings), name="sweep"))
+    # the first sweep one interval after start, not at start
+    service.every(settings.sweep_interval_s, partial(_sweep, runner, settings), name="sweep", wait_first=True)
     return service
 
 
@@ -119,11 +114,7 @@ async def _forgetting_changed_flows(service: ServiceRuntime, deps: RunnerDeps) -
     A plain subscription, not a reply: the message is a JetStream publish whose reply subject
     awaits the stream's acknowledgement, not ours.
     """
-
-    async def heard(msg: Msg) -> None:
-        handlers.flow_changed(msg, deps)
-
-    sub = await service.broker.connection.subscribe(FLOWS_EVENTS_ALL, cb=heard)
+    sub = await service.broker.connection.subscribe(FLOWS_EVENTS_ALL, cb=partial(handlers.flow_changed, deps=deps))
     try:
         yield
     finally:
@@ -131,15 +122,10 @@ async def _forgetting_changed_flows(service: ServiceRuntime, deps: RunnerDeps) -
             await sub.unsubscribe()
 
 
-async def _sweep_forever(runner: Runner, settings: RunnerSettings) -> None:
-    """Sweep every ``sweep_interval_s`` (the first one after an interval, not at start)."""
-    while True:
-        await asyncio.sleep(settings.sweep_interval_s)
-        try:
-            await runner.sweep(
-                stalled_run=timedelta(seconds=settings.stalled_run_s),
-                stalled_step=timedelta(seconds=settings.stalled_step_s),
-                overdue=timedelta(seconds=settings.timer_fallback_s),
-            )
-        except Exception as exc:
-            log.warning("sweep failed: %s", exc)
+async def _sweep(runner: Runner, settings: RunnerSettings) -> None:
+    """Send again what stalled, fire overdue deadlines whose timers were lost (see :mod:`recovery`)."""
+    await runner.sweep(
+        stalled_run=timedelta(seconds=settings.stalled_run_s),
+        stalled_step=timedelta(seconds=settings.stalled_step_s),
+        overdue=timedelta(seconds=settings.timer_fallback_s),
+    )

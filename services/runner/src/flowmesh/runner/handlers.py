@@ -18,7 +18,7 @@ from flowmesh.contracts import headers
 from flowmesh.contracts.errors import Conflict, InvalidInput, NotFound, RateLimited
 from flowmesh.contracts.expressions import ExpressionError, evaluate, expression_source
 from flowmesh.contracts.ids import is_uuid
-from flowmesh.contracts.models import Page, Run, RunEvent, StepRun
+from flowmesh.contracts.models import Page, Run, StepRun
 from flowmesh.contracts.models.flows import FlowEvent
 from flowmesh.contracts.models.rpc import (
     RunEventsQuery,
@@ -37,6 +37,7 @@ from flowmesh.contracts.subjects import EVENTS_ALL, FlowEventType, RunsOp, tenan
 from flowmesh.runner import repo
 from flowmesh.runner.deps import RunnerDeps
 from flowmesh.runtime.consumers import Delivery, Redeliver, Unprocessable
+from flowmesh.runtime.db import snapshot
 from flowmesh.runtime.rpc import RpcContext, RpcRouter
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ async def list_runs(q: RunListQuery, ctx: RpcContext, deps: RunnerDeps) -> Page[
     """A page of the tenant's runs, newest first."""
     if q.flow_id is not None and not is_uuid(q.flow_id):
         return q.page_of([], 0)
-    async with deps.sessions() as s:
+    async with snapshot(deps.sessions) as s:
         items, total = await repo.list_runs(s, tenant=ctx.tenant, q=q)
     return q.page_of(items, total)
 
@@ -79,18 +80,17 @@ async def list_runs(q: RunListQuery, ctx: RpcContext, deps: RunnerDeps) -> Page[
 async def steps(q: RunStepsQuery, ctx: RpcContext, deps: RunnerDeps) -> Page[StepRun]:
     """A page of a run's steps, in the order they started."""
     await _own_run(deps, ctx, q.run_id)
-    async with deps.sessions() as s:
+    async with snapshot(deps.sessions) as s:
         items, total = await repo.list_steps(s, run_id=q.run_id, offset=q.offset, limit=q.page_size)
     return q.page_of(items, total)
 
 
 @router.handler(RunsOp.SNAPSHOT)
-async def snapshot(ref: RunRef, ctx: RpcContext, deps: RunnerDeps) -> WsSnapshot:
+async def run_snapshot(ref: RunRef, ctx: RpcContext, deps: RunnerDeps) -> WsSnapshot:
     """A run, its steps and its last event ``seq``, read at one instant (a WebSocket's first frame)."""
     found = None
     if is_uuid(ref.run_id):
-        async with deps.sessions() as s:
-            await s.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+        async with snapshot(deps.sessions) as s:
             found = await repo.read_snapshot(s, tenant=ctx.tenant, run_id=ref.run_id)
     if found is None:
         raise NotFound(f"run {ref.run_id} not found")
@@ -106,9 +106,8 @@ async def snapshot(ref: RunRef, ctx: RpcContext, deps: RunnerDeps) -> WsSnapshot
 async def events(q: RunEventsQuery, ctx: RpcContext, deps: RunnerDeps) -> dict[str, Any]:
     """A run's events after the cursor ``after`` (so ``page`` is always 1)."""
     run = await _own_run(deps, ctx, q.run_id)
-    async with deps.sessions() as s:
-        items: list[RunEvent] = await repo.list_events(s, run_id=run.id, after=q.after, limit=q.page_size)
-        total = await repo.count_events(s, run_id=run.id, after=q.after)
+    async with snapshot(deps.sessions) as s:
+        items, total = await repo.list_events(s, run_id=run.id, after=q.after, limit=q.page_size)
     return {
         "items": [e.wire(exclude_none=True) for e in items],
         "total": total,
@@ -266,7 +265,7 @@ async def timer_fired(fired: TimerFired, msg: Delivery, deps: RunnerDeps) -> Non
 # --- core NATS -----------------------------------------------------------------------------------
 
 
-def flow_changed(msg: Msg, deps: RunnerDeps) -> None:
+async def flow_changed(msg: Msg, deps: RunnerDeps) -> None:
     """A flow changed (``fm.flows.{t}.*``, every replica): its runnable version is asked again."""
     tenant = (msg.headers or {}).get(headers.TENANT)
     try:

@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Table, func, select, update
+from sqlalchemy import Table, select, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import RowMapping
@@ -19,6 +19,7 @@ from flowmesh.contracts.steps import types_that_run
 from flowmesh.runner.engine import Child, Deadline, RunRecord, RunState
 from flowmesh.runner.graph import StepState
 from flowmesh.runner.tables import event_triggers, run_events, runs, step_runs, versions
+from flowmesh.runtime.db import PAGE_TOTAL, read_page
 
 OPEN = ("queued", "running", "waiting")
 _STEP_FIELDS: tuple[str, ...] = tuple(f for f in StepState.__slots__ if f in step_runs.c)
@@ -141,7 +142,7 @@ async def load_steps(session: AsyncSession, *, run_id: str) -> dict[str, StepSta
 
 
 async def save(session: AsyncSession, state: RunState) -> list[dict[str, Any]]:
-    """Write an execution's changes; returns its new events as published payloads, in ``seq`` order."""
+    """Write a run state's changes; returns its new events as published payloads, in ``seq`` order."""
     r = state.run
     now = state.now
     if state.run_changed:
@@ -163,7 +164,7 @@ async def save(session: AsyncSession, state: RunState) -> list[dict[str, Any]]:
 
 
 async def write_changes(conn: Any, state: RunState) -> list[dict[str, Any]]:
-    """Write an execution's step changes and events on an asyncpg connection (inside its transaction).
+    """Write a run state's step changes and events on an asyncpg connection (inside its transaction).
 
     The hot path of every run: two statements, prepared once per connection by asyncpg.
     """
@@ -259,7 +260,7 @@ _CREATE_LIMITED_RUN_SQL = _create_run_sql(_E + len(_EVENT_ARRAYS))
 async def create_run(
     conn: Any, *, record: RunRecord, values: dict[str, Any], state: RunState, in_flight_limit: int | None = None
 ) -> list[dict[str, Any]] | None:
-    """Insert a run with the steps and events its first execution made, in one statement (asyncpg).
+    """Insert a run with the steps and events its first change made, in one statement (asyncpg).
 
     With ``in_flight_limit``, only while the tenant has fewer top-level runs queued or running.
     Concurrent starts each count before the others commit, so the tenant can go over the limit by
@@ -446,7 +447,7 @@ async def read_snapshot(session: AsyncSession, *, tenant: str, run_id: str) -> t
 
 
 async def list_runs(session: AsyncSession, *, tenant: str, q: RunListQuery) -> tuple[list[Run], int]:
-    """A page of the tenant's runs, newest first, and how many match."""
+    """A page of the tenant's runs, newest first, and how many match (read in a snapshot)."""
     where = [runs.c.tenant_id == tenant]
     if q.flow_id:
         where.append(runs.c.flow_id == q.flow_id)
@@ -456,47 +457,36 @@ async def list_runs(session: AsyncSession, *, tenant: str, q: RunListQuery) -> t
         where.append(runs.c.created_at >= q.since)
     if q.until:
         where.append(runs.c.created_at < q.until)
-    # the page and the count in one statement (a window count is taken before LIMIT): in two, a run
-    # changing status between them gave a page that disagreed with its total
-    page = (
-        select(runs, func.count().over().label("matching"))
-        .where(*where)
-        .order_by(runs.c.created_at.desc(), runs.c.id.desc())
-    )
-    rows = (await session.execute(page.offset(q.offset).limit(q.page_size))).mappings().all()
-    if rows:
-        total = int(rows[0]["matching"])
-    elif q.offset:  # past the last page: no row to carry the count
-        total = (await session.execute(select(func.count()).select_from(runs).where(*where))).scalar_one()
-    else:
-        total = 0
+    page = select(runs).where(*where).order_by(runs.c.created_at.desc(), runs.c.id.desc())
+    rows, total = await read_page(session, page, offset=q.offset, limit=q.page_size)
     return [_run(r) for r in rows], total
 
 
+_STEP_INTERNAL = frozenset({"handle", "updated_at", "wait_for", "deadline_at", PAGE_TOTAL})
+"""Step columns (and the page's window count) that are not part of the :class:`StepRun` clients see."""
+
+
 async def list_steps(session: AsyncSession, *, run_id: str, offset: int, limit: int) -> tuple[list[StepRun], int]:
-    """A page of a run's steps in the order they started."""
-    where = step_runs.c.run_id == run_id
-    stmt = (
+    """A page of a run's steps in the order they started, and how many there are (read in a snapshot)."""
+    page = (
         select(step_runs)
-        .where(where)
+        .where(step_runs.c.run_id == run_id)
         .order_by(step_runs.c.started_at.asc().nulls_last(), step_runs.c.updated_at, step_runs.c.step_id)
     )
-    rows = (await session.execute(stmt.offset(offset).limit(limit))).mappings().all()
-    total = (await session.execute(select(func.count()).select_from(step_runs).where(where))).scalar_one()
-    internal = ("handle", "updated_at", "wait_for", "deadline_at")
-    return [StepRun(**{k: v for k, v in r.items() if k not in internal}) for r in rows], total
+    rows, total = await read_page(session, page, offset=offset, limit=limit)
+    return [StepRun(**{k: v for k, v in r.items() if k not in _STEP_INTERNAL}) for r in rows], total
 
 
-async def list_events(session: AsyncSession, *, run_id: str, after: int, limit: int) -> list[RunEvent]:
-    """A run's events after ``seq``, in order."""
-    stmt = (
+async def list_events(session: AsyncSession, *, run_id: str, after: int, limit: int) -> tuple[list[RunEvent], int]:
+    """A run's first events after ``seq``, in order, and how many there are after it (read in a snapshot)."""
+    page = (
         select(run_events, runs.c.tenant_id, runs.c.flow_id, runs.c.version)
         .join(runs, runs.c.id == run_events.c.run_id)
         .where(run_events.c.run_id == run_id, run_events.c.seq > after)
         .order_by(run_events.c.seq)
-        .limit(limit)
     )
-    return [RunEvent(**r) for r in (await session.execute(stmt)).mappings()]
+    rows, total = await read_page(session, page, offset=0, limit=limit)
+    return [RunEvent(**{k: v for k, v in r.items() if k != PAGE_TOTAL}) for r in rows], total
 
 
 async def children(session: AsyncSession, *, parent_run_id: str, parent_step_id: str) -> list[Child]:
@@ -542,12 +532,6 @@ async def waiting_for(session: AsyncSession, *, key: str) -> list[tuple[str, str
         step_runs.c.wait_for == key, step_runs.c.status == "waiting"
     )
     return [(r.run_id, r.step_id, r.attempt) for r in (await session.execute(stmt)).all()]
-
-
-async def count_events(session: AsyncSession, *, run_id: str, after: int) -> int:
-    """How many events a run has after ``seq``."""
-    stmt = select(func.count()).select_from(run_events).where(run_events.c.run_id == run_id, run_events.c.seq > after)
-    return int((await session.execute(stmt)).scalar_one())
 
 
 async def unpublished_events(session: AsyncSession, *, older_than: datetime, limit: int) -> list[RunEvent]:

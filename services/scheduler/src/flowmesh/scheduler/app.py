@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from functools import partial
 from pathlib import Path
 
 from flowmesh.contracts.streams import SCHEDULER_FLOWS
@@ -34,16 +35,20 @@ def create_app(settings: SchedulerSettings) -> ServiceRuntime:
         malformed=handlers.unreadable_announcement,
     )
 
-    async def catch_up() -> None:
-        # the flows service may not be up yet: keep trying; schedules already known fire meanwhile
-        while True:
-            try:
-                await sync.rebuild_if_behind(service.js)
-                return
-            except Exception as exc:
-                log.warning("checking for missed flow announcements failed, retrying: %s", exc)
-                await asyncio.sleep(REBUILD_RETRY_S)
-
     service.resource(lambda: deps.dispatcher.running(service.js))
-    service.background(catch_up, name="scheduler-catch-up")
+    service.background(partial(_catch_up, service, sync), name="scheduler-catch-up")
     return service
+
+
+async def _catch_up(service: ServiceRuntime, sync: Sync) -> None:
+    """Rebuild the schedules if flow announcements were missed while down.
+
+    The flows service may not be up yet: keep trying; the schedules already known fire meanwhile.
+    """
+    while True:
+        try:
+            await sync.rebuild_if_behind(service.js)
+            return
+        except Exception as exc:
+            log.warning("checking for missed flow announcements failed, retrying: %s", exc)
+            await asyncio.sleep(REBUILD_RETRY_S)

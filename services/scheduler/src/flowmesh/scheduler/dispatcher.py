@@ -6,7 +6,7 @@ until each due time, checks its claims still stand (a change since clears them),
 records the outcome where its claim still stands.
 
 *Confirmed* means JetStream acknowledged the message: the run start is then stored durably in
-``RUN_CMDS`` (DESIGN §9 guarantee 1: a JetStream ack is an accepted run) and the runner turns it
+``RUN_CMDS`` (a JetStream ack is an accepted run, which is never lost) and the runner turns it
 into exactly one run, keyed by ``sched:{triggerId}:{dueTime}``. Only then does a due time count as
 fired. A fire that was not acknowledged keeps its claim until the lease lapses, and then any
 replica fires it again with the same key: JetStream drops the copy within its duplicate window,

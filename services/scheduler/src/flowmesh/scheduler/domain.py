@@ -3,7 +3,8 @@
 A schedule is *runnable* when its trigger is enabled and its flow is active and published. Its
 ``next_due_at`` is the one due time it waits for; firing a due time moves it on. A schedule that
 becomes runnable (new, re-enabled, flow activated or published) or whose cron or zone changes
-starts from its first due time at least one second after the change (DESIGN §6).
+starts from its first due time at least one second after the change (the public API's rule for
+trigger changes: a change never fires a due time in its own second).
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Final
 
@@ -45,20 +46,22 @@ def create_app(settings: UsageSettings) -> ServiceRuntime:
             batch=settings.meter_batch,
         ),
     )
-
-    async def open_snapshots() -> None:
-        snapshots.kv = await ensure_bucket(service.js, QUOTA_BUCKET, ttl_s=0, replicas=settings.stream_replicas)
-
-    async def prune() -> None:
-        """Forget metered event ids once no duplicate of them can arrive any more."""
-        while True:
-            async with service.sessions.begin() as s:
-                before = utcnow() - timedelta(days=settings.dedupe_days)
-                pruned = await repo.prune_metered(s, before=before, limit=PRUNE_CHUNK)
-            if pruned < PRUNE_CHUNK:
-                return
-
-    service.on_start(open_snapshots)
-    service.every(PRUNE_EVERY_S, prune, name="pruning metered event ids")
+    service.on_start(partial(_open_snapshots, service, snapshots, settings))
+    service.every(PRUNE_EVERY_S, partial(_prune_metered, service, settings), name="pruning metered event ids")
     service.background(keys.reseal_all, name="re-sealing stored keys with the current secret (retried at next start)")
     return service
+
+
+async def _open_snapshots(service: ServiceRuntime, snapshots: QuotaSnapshots, settings: UsageSettings) -> None:
+    """The ``fm_quota`` bucket the quota snapshots are written to (made if missing)."""
+    snapshots.kv = await ensure_bucket(service.js, QUOTA_BUCKET, ttl_s=0, replicas=settings.stream_replicas)
+
+
+async def _prune_metered(service: ServiceRuntime, settings: UsageSettings) -> None:
+    """Forget metered event ids once no duplicate of them can arrive any more (in chunks)."""
+    while True:
+        async with service.sessions.begin() as s:
+            before = utcnow() - timedelta(days=settings.dedupe_days)
+            pruned = await repo.prune_metered(s, before=before, limit=PRUNE_CHUNK)
+        if pruned < PRUNE_CHUNK:
+            return

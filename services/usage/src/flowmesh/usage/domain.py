@@ -1,6 +1,6 @@
 """What usage means, without I/O: metering rules, billing periods, plan arithmetic, quota snapshots.
 
-**Metering rules** (what each run event adds; DESIGN §5, §6, §9.3). Every rule reads one event
+**Metering rules** (what each run event adds to the billed usage). Every rule reads one event
 alone, so the counters are sums over events and do not depend on the order of delivery:
 
 - ``run.queued`` of a new run (no ``retryCount``, which only a retry in place carries): a run

@@ -1,4 +1,5 @@
-"""The BYOK key vault (DESIGN §8): keys stored sealed, shown as hints, revealed to the runner only."""
+"""The BYOK key vault: keys stored sealed, shown as hints, revealed to the runner only (a tenant's
+provider keys are secrets: never logged, never returned to a client)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Metering run events exactly (DESIGN §9.3).
+"""Metering run events exactly: after any fault, the counters equal what the runs' events say.
 
 A batch of run events is metered in one transaction: the events' ids are claimed in
 ``metered_events`` (a redelivered or re-published event finds its id taken and adds nothing), the

@@ -22,7 +22,7 @@ SCHEMA = "usage"
 metadata = MetaData(schema=SCHEMA)
 TS = DateTime(timezone=True)
 
-# the plans of DESIGN §6 as data, seeded from flowmesh.contracts.plans; limits NULL = unlimited
+# the plans as data, so they change without a release; seeded from flowmesh.contracts.plans; limits NULL = unlimited
 plans = Table(
     "plans",
     metadata,

@@ -1,4 +1,5 @@
-"""Encryption of stored API keys (DESIGN §8): Fernet, keyed from ``FLOWMESH_USAGE_KEYS_SECRET``.
+"""Encryption of stored API keys: Fernet, keyed from ``FLOWMESH_USAGE_KEYS_SECRET``. Keys are
+encrypted at rest so that a copy of the database does not give away a tenant's provider keys.
 
 Each configured secret (any strong string) is stretched into a Fernet key with HKDF-SHA256. The
 first secret encrypts; every one decrypts (``MultiFernet``), so a secret is rotated by putting the
