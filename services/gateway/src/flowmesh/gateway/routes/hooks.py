@@ -18,9 +18,11 @@ from aiohttp import web
 
 from flowmesh.contracts.errors import NotFound, PayloadTooLarge
 from flowmesh.contracts.models.rpc import StartRun, WebhookLookup, WebhookTarget
+from flowmesh.contracts.models.runs import RunAccepted
 from flowmesh.contracts.subjects import FLOWS_EVENTS_ALL, FlowsOp, RunsOp
 from flowmesh.gateway import keys, webhooks
 from flowmesh.gateway.body import MESSAGE_HEADROOM, check_fits
+from flowmesh.gateway.openapi.operation import Operation, Raw
 from flowmesh.gateway.routes.common import json_response
 from flowmesh.gateway.webhooks import Hook, HookCache
 
@@ -33,6 +35,38 @@ routes = web.RouteTableDef()
 
 
 @routes.post("/api/v1/hooks/{token}")
+@Operation(
+    "deliverWebhook",
+    "Start a run from a webhook (no JWT: the URL's token is the credential)",
+    tag="triggers",
+    responses={202: RunAccepted},
+    errors=(400, 401, 403, 404, 409, 413, 415, 422),
+    notes={
+        400: "A body sent as JSON that is not JSON, a form that is not UTF-8, or a malformed `webhook-id`.",
+        415: "A text body in an unknown charset, or binary.",
+        413: "The body is over 1 MiB, or too large once wrapped as a run input.",
+        422: "The body cannot be kept as a run input (nested over 64 levels, or holding a NUL character).",
+        202: "Accepted: the run is durable and will reach a final state; a redelivery (same `webhook-id`) "
+        "gets the same run.",
+        401: "A signed trigger and a missing, stale (over 5 minutes) or wrong Standard Webhooks signature.",
+        403: "The plan's monthly runs are used up (`quota-exceeded`).",
+        404: "No webhook has this URL.",
+        409: "The trigger is disabled, or the flow is deactivated or has no published version.",
+    },
+    description=(
+        "The run's input is `{body, headers, query}`: `body` is the parsed JSON or form, else the text; "
+        "`headers` a safe subset. A signed trigger needs the Standard Webhooks headers."
+    ),
+    body=Raw(
+        {
+            "application/json": {},
+            "application/x-www-form-urlencoded": {"type": "object", "additionalProperties": {"type": "string"}},
+            "text/plain": {"type": "string"},
+        }
+    ),
+    headers=("WebhookId", "WebhookTimestamp", "WebhookSignature"),
+    public=True,
+)
 async def deliver(request: web.Request) -> web.Response:
     """Accept one delivery: 202 ``{runId}`` (the same run again for a redelivered ``webhook-id``)."""
     hook = await _hook(request, request.match_info["token"])

@@ -10,14 +10,30 @@ from pydantic import BaseModel, Field
 
 from flowmesh.contracts import subjects
 from flowmesh.contracts.errors import FlowmeshError
+from flowmesh.contracts.models import WireModel
 from flowmesh.gateway import keys
 from flowmesh.gateway.body import read_query
+from flowmesh.gateway.openapi.operation import Operation, Raw
 from flowmesh.runtime.health import metrics_response
 
 routes = web.RouteTableDef()
 
 
+class Health(WireModel):
+    """``GET /healthz``: the process serves requests."""
+
+    status: Literal["ok"]
+
+
+class Readiness(WireModel):
+    """``GET /readyz``: NATS and every service, each ``true`` when it answered."""
+
+    status: Literal["ok", "unavailable", "draining"]
+    checks: dict[str, bool]
+
+
 @routes.get("/healthz")
+@Operation("healthz", "Liveness", tag="operations", responses={200: Health}, public=True, calls_service=False)
 async def healthz(_: web.Request) -> web.Response:
     """Liveness: the process serves requests."""
     return web.json_response({"status": "ok"})
@@ -34,6 +50,16 @@ class ReadinessQuery(BaseModel):
 
 
 @routes.get("/readyz")
+@Operation(
+    "readyz",
+    "Readiness: NATS and every service reachable",
+    tag="operations",
+    responses={200: Readiness, 503: Readiness},
+    query=ReadinessQuery,
+    notes={503: "Something is not reachable (`checks` says what), or the replica is draining before it stops."},
+    public=True,
+    calls_service=False,
+)
 async def readyz(request: web.Request) -> web.Response:
     """Readiness: NATS is connected and every service answers its ping (``?scope=self``: this replica only)."""
     if request.app[keys.DRAINING].is_set():
@@ -64,6 +90,14 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 @routes.get("/metrics")
+@Operation(
+    "metrics",
+    "Prometheus metrics",
+    tag="operations",
+    responses={200: Raw({"text/plain": {"type": "string"}})},
+    public=True,
+    calls_service=False,
+)
 async def metrics(_: web.Request) -> web.Response:
     """Prometheus metrics."""
     return metrics_response()
