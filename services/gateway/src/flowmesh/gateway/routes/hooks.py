@@ -72,19 +72,34 @@ async def deliver(request: web.Request) -> web.Response:
     hook = await _hook(request, request.match_info["token"])
     await request.app[keys.LIMITER].admit(hook.tenant_id)  # the tenant's plan limits its webhooks too
     raw = await _body(request)
-    msg_id: str | None
-    if hook.signed:
-        msg_id = webhooks.verify(
-            hook.keys,
-            msg_id=request.headers.get(webhooks.WEBHOOK_ID),
-            timestamp=request.headers.get(webhooks.WEBHOOK_TIMESTAMP),
-            signature=request.headers.get(webhooks.WEBHOOK_SIGNATURE),
-            body=raw,
-            now=time.time(),
-        )
-    else:
-        msg_id = webhooks.delivery_id(request.headers.get(webhooks.WEBHOOK_ID))
+    msg_id = _delivery_id(request, hook, raw)
     hook.check_accepting()
+    result = await request.app[keys.RPC].call(
+        RunsOp.START,
+        _start_run(request, hook, raw, msg_id),
+        tenant=hook.tenant_id,
+        sub=f"webhook:{hook.trigger_id}",
+        traceparent=request[keys.TRACEPARENT],
+    )
+    return json_response({"runId": result["run"]["id"]}, status=202)
+
+
+def _delivery_id(request: web.Request, hook: Hook, raw: bytes) -> str | None:
+    """The delivery's ``webhook-id``; a signed trigger's signature and timestamp are checked first (401)."""
+    if not hook.signed:
+        return webhooks.delivery_id(request.headers.get(webhooks.WEBHOOK_ID))
+    return webhooks.verify(
+        hook.keys,
+        msg_id=request.headers.get(webhooks.WEBHOOK_ID),
+        timestamp=request.headers.get(webhooks.WEBHOOK_TIMESTAMP),
+        signature=request.headers.get(webhooks.WEBHOOK_SIGNATURE),
+        body=raw,
+        now=time.time(),
+    )
+
+
+def _start_run(request: web.Request, hook: Hook, raw: bytes, msg_id: str | None) -> StartRun:
+    """The run to start: the delivery as ``{body, headers, query}``, keyed by its ``webhook-id`` when given."""
     run_input = webhooks.run_input(
         webhooks.parse_body(raw, request.content_type, request.charset),
         webhooks.safe_headers(request.headers.items()),
@@ -95,21 +110,13 @@ async def deliver(request: web.Request) -> web.Response:
         request.app[keys.BROKER].connection.max_payload - MESSAGE_HEADROOM,
         "the run input (body, headers and query)",
     )
-    req = StartRun(
+    return StartRun(
         flow_id=hook.flow_id,
         input=run_input,
         idempotency_key=webhooks.idempotency_key(hook.trigger_id, msg_id),
         trigger_type="webhook",
         trigger_id=hook.trigger_id,
     )
-    result = await request.app[keys.RPC].call(
-        RunsOp.START,
-        req,
-        tenant=hook.tenant_id,
-        sub=f"webhook:{hook.trigger_id}",
-        traceparent=request[keys.TRACEPARENT],
-    )
-    return json_response({"runId": result["run"]["id"]}, status=202)
 
 
 class Lookups:

@@ -66,14 +66,21 @@ async def readyz(request: web.Request) -> web.Response:
         return web.json_response({"status": "draining", "checks": {}}, status=503)
     query = read_query(request, ReadinessQuery)
     broker = request.app[keys.BROKER]
-    rpc = request.app[keys.RPC]
-    timeout = request.app[keys.SETTINGS].ready_timeout_s
     connected = broker.connection is not None and broker.connection.is_connected
-    if query.scope == "self":
-        return web.json_response(
-            {"status": "ok" if connected else "unavailable", "checks": {"nats": connected}},
-            status=200 if connected else 503,
-        )
+    checks = {"nats": connected}
+    if query.scope == "all":
+        checks |= await _services_answer(request.app, connected=connected)
+    ok = all(checks.values())
+    return web.json_response({"status": "ok" if ok else "unavailable", "checks": checks}, status=200 if ok else 503)
+
+
+async def _services_answer(app: web.Application, *, connected: bool) -> dict[str, bool]:
+    """Each service, ``True`` when it answered its ping in time (all ``False`` without NATS: none can)."""
+    names = list(subjects.RPC_PREFIXES)
+    if not connected:
+        return dict.fromkeys(names, False)
+    rpc = app[keys.RPC]
+    timeout = app[keys.SETTINGS].ready_timeout_s
 
     async def ping(service: str) -> bool:
         try:
@@ -82,11 +89,8 @@ async def readyz(request: web.Request) -> web.Response:
             return False
         return True
 
-    names = list(subjects.RPC_PREFIXES)
-    results = await asyncio.gather(*(ping(n) for n in names)) if connected else [False] * len(names)
-    checks = {"nats": connected, **dict(zip(names, results, strict=True))}
-    ok = all(checks.values())
-    return web.json_response({"status": "ok" if ok else "unavailable", "checks": checks}, status=200 if ok else 503)
+    results = await asyncio.gather(*(ping(n) for n in names))
+    return dict(zip(names, results, strict=True))
 
 
 @routes.get("/metrics")

@@ -107,7 +107,7 @@ async def watch_run(request: web.Request) -> web.StreamResponse:
     run = await call(request, RunsOp.GET, RunRef(run_id=run_id))  # 404 for another tenant's run
     subject = subjects.run_events_of_run(run["tenantId"], run["flowId"], run_id)
     ws = _socket()
-    watcher = Watcher(ws.send_str, _direct(request, ws), _history(request), flusher=request.app[keys.FLUSHER])
+    watcher = _watcher(request, ws)
     hub = request.app[keys.HUB]
     try:
         # live first, then the state: nothing published after the snapshot's read is missed (and
@@ -166,7 +166,7 @@ async def watch_flow(request: web.Request) -> web.StreamResponse:
     await call(request, FlowsOp.GET, FlowRef(flow_id=flow_id))  # 404 for another tenant's flow
     subject = subjects.run_events_of_flow(request[keys.PRINCIPAL].tenant, flow_id)
     ws = _socket()
-    watcher = Watcher(ws.send_str, _direct(request, ws), _history(request), flusher=request.app[keys.FLUSHER])
+    watcher = _watcher(request, ws)
     hub = request.app[keys.HUB]
     replay = None
     try:
@@ -230,6 +230,11 @@ def _socket() -> web.WebSocketResponse:
     return web.WebSocketResponse(
         protocols=(SUBPROTOCOL,), heartbeat=HEARTBEAT_S, max_msg_size=64 * 1024, compress=False
     )
+
+
+def _watcher(request: web.Request, ws: web.WebSocketResponse) -> Watcher:
+    """What writes events to ``ws``: straight to the connection when it can, filling gaps from run history."""
+    return Watcher(ws.send_str, _direct(request, ws), _history(request), flusher=request.app[keys.FLUSHER])
 
 
 async def _open(request: web.Request, ws: web.WebSocketResponse) -> None:
