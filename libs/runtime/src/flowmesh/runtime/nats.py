@@ -43,7 +43,9 @@ class _MessageContext(Context):
         return resolved
 
 
-# the delivered message, for handler signatures: ``async def h(body: ..., msg: Message)``
+# the delivered message, for FastStream handler signatures: ``async def h(body: ..., msg: Message)``.
+# Durable consumers use flowmesh.runtime.consumers instead; this alias, its private FastStream
+# import and the two patches below serve FastStream pull subscribers only, and go with the last one.
 Message = Annotated[_NatsMessage, _MessageContext("message")]
 
 

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 from nats.js import JetStreamContext
@@ -72,6 +73,15 @@ class OutboxRelay:
         """Run in the background until :meth:`stop`."""
         self._js = js
         self._task = asyncio.create_task(self._run(js), name="outbox-relay")
+
+    @contextlib.asynccontextmanager
+    async def running(self, js: JetStreamContext) -> AsyncIterator[OutboxRelay]:
+        """Relay in the background for the duration of the block (a service resource)."""
+        self.start(js)
+        try:
+            yield self
+        finally:
+            await self.stop()
 
     async def publish_now(self) -> None:
         """Publish what is pending before going on (so a reply follows its announcement); never raises."""

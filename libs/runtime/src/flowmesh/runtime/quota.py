@@ -1,4 +1,4 @@
-"""Tenants' plan limits where a start is decided, without a round trip per start (DESIGN §6).
+"""Tenants' plan limits where a start is decided, without a round trip per start.
 
 The usage service keeps a :class:`TenantQuota` snapshot per tenant in the ``fm_quota`` KV bucket,
 refreshed after every metered batch and at once on a plan change. :class:`QuotaView` follows the
@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
+from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Final
 
@@ -28,6 +28,7 @@ from flowmesh.contracts.ids import utcnow
 from flowmesh.contracts.models.usage import TenantQuota
 from flowmesh.contracts.streams import QUOTA_BUCKET
 from flowmesh.contracts.subjects import UsageOp
+from flowmesh.runtime.cache import TtlCache
 from flowmesh.runtime.nats import ensure_bucket
 from flowmesh.runtime.rpc import RpcClient
 
@@ -50,10 +51,11 @@ class QuotaView:
 
     def __init__(self, rpc: RpcClient, *, ask_ttl_s: float = 30.0) -> None:
         self._rpc = rpc
-        self._ask_ttl = ask_ttl_s
         self._watched: dict[str, TenantQuota] = {}
-        self._asked: dict[str, tuple[float, TenantQuota | None]] = {}
-        self._asking: dict[str, asyncio.Future[TenantQuota | None]] = {}
+        # an answer is kept until the watch brings a newer one or ask_ttl_s passes; "unknown" shortly
+        self._asked: TtlCache[str, TenantQuota | None] = TtlCache(
+            ask_ttl_s, ttl_of=lambda q: ask_ttl_s if q is not None else UNKNOWN_RETRY_S
+        )
         self._watcher: KeyValue.KeyWatcher | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -62,6 +64,15 @@ class QuotaView:
         kv = await ensure_bucket(js, QUOTA_BUCKET, ttl_s=0, replicas=replicas)
         self._watcher = await kv.watchall()
         self._task = asyncio.create_task(self._follow(self._watcher), name="quota-watch")
+
+    @contextlib.asynccontextmanager
+    async def running(self, js: JetStreamContext, *, replicas: int = 1) -> AsyncIterator[QuotaView]:
+        """Follow the bucket for the duration of the block (a service resource)."""
+        await self.start(js, replicas=replicas)
+        try:
+            yield self
+        finally:
+            await self.stop()
 
     async def stop(self) -> None:
         """Stop following the bucket."""
@@ -83,33 +94,22 @@ class QuotaView:
                 log.warning("unreadable quota snapshot %r: %s", entry.key, exc)
                 continue
             self._watched[quota.tenant_id] = quota  # the usage service only ever moves a snapshot forward
-            self._asked.pop(quota.tenant_id, None)
+            self._asked.discard(quota.tenant_id)
 
     async def get(self, tenant: str) -> TenantQuota | None:
         """The tenant's quota, or None when nobody can say right now (the start goes ahead)."""
         if (quota := self._watched.get(tenant)) is not None:
             return quota
-        asked = self._asked.get(tenant)
-        if asked is not None and time.monotonic() < asked[0]:
-            return asked[1]
-        asking = self._asking.get(tenant)
-        if asking is None:  # one question per tenant at a time, however many starts wait for it
-            asking = self._asking[tenant] = asyncio.ensure_future(self._ask(tenant))
-            asking.add_done_callback(lambda _: self._asking.pop(tenant, None))
-        answer = await asyncio.shield(asking)
+        # one question per tenant at a time, however many starts wait for it
+        answer = await self._asked.get(tenant, lambda: self._ask(tenant))
         return self._watched.get(tenant, answer)
 
     async def _ask(self, tenant: str) -> TenantQuota | None:
         try:
-            answer = TenantQuota.model_validate(
-                await self._rpc.call(UsageOp.QUOTA, tenant=tenant, timeout=ASK_TIMEOUT_S)
-            )
+            return TenantQuota.model_validate(await self._rpc.call(UsageOp.QUOTA, tenant=tenant, timeout=ASK_TIMEOUT_S))
         except (FlowmeshError, ValidationError) as exc:
             log.warning("quota of tenant %r unknown, not enforced for %.0fs: %s", tenant, UNKNOWN_RETRY_S, exc)
-            self._asked[tenant] = (time.monotonic() + UNKNOWN_RETRY_S, None)
             return None
-        self._asked[tenant] = (time.monotonic() + self._ask_ttl, answer)
-        return answer
 
     def refuses_runs(self, quota: TenantQuota | None) -> bool:
         """Whether ``quota`` refuses a new run now."""

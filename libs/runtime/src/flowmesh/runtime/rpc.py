@@ -1,7 +1,9 @@
 """Request/reply over core NATS (``fm.rpc.<service>.<op>``) with the shared error vocabulary.
 
-Servers register handlers with :class:`RpcServer`: each gets the caller's context and the decoded
-body, returns JSON-able data or raises a :class:`FlowmeshError`; the reply is ``{"data": ...}`` or
+A service declares its operations on an :class:`RpcRouter` as module-level functions typed by their
+contract (``async def create(req: FlowCreate, ctx: RpcContext, deps: FlowsDeps) -> Flow``) and
+includes the router in its :class:`RpcServer` with its dependencies object. A handler returns
+JSON-able data or raises a :class:`FlowmeshError`; the reply is ``{"data": ...}`` or
 ``{"error": <problem>}``. Clients call :meth:`RpcClient.call`, which raises the same error again.
 """
 
@@ -9,18 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar, get_type_hints
 
 import nats.errors
 import orjson
 from faststream.nats import NatsBroker
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from flowmesh.contracts import headers
 from flowmesh.contracts.errors import (
@@ -49,6 +52,10 @@ class RpcContext:
 
 
 Handler = Callable[[RpcContext, Any], Awaitable[Any]]
+"""A raw handler: the caller's context and the decoded JSON body (see :class:`RpcRouter` for typed ones)."""
+
+DepsT = TypeVar("DepsT")
+TypedHandler = TypeVar("TypedHandler", bound=Callable[..., Awaitable[Any]])
 
 
 def _dump(data: Any, *, exclude_unset: bool = False) -> Any:
@@ -57,6 +64,93 @@ def _dump(data: Any, *, exclude_unset: bool = False) -> Any:
     if isinstance(data, list):
         return [_dump(d, exclude_unset=exclude_unset) for d in data]
     return data
+
+
+def request_parser(fn: Callable[..., Any]) -> Callable[[Any], Any]:
+    """How to turn a decoded body into the request of ``fn``, read once from its first parameter's annotation.
+
+    A pydantic model is validated with ``model_validate``, any other type through a ``TypeAdapter``;
+    ``Any`` (or ``object``) hands the decoded body over as it is, for operations that take no body.
+    Built at registration, so serving a request inspects nothing.
+
+    Raises:
+        TypeError: ``fn`` has no parameters, or its first one is not annotated.
+    """
+    params = list(inspect.signature(fn).parameters)
+    if not params:
+        raise TypeError(f"{fn.__qualname__}: an RPC handler takes the request as its first parameter")
+    hints = get_type_hints(fn)
+    if params[0] not in hints:
+        raise TypeError(f"{fn.__qualname__}: annotate the request parameter {params[0]!r} with its contract model")
+    wanted = hints[params[0]]
+    if wanted is Any or wanted is object:
+        return _as_is
+    if isinstance(wanted, type) and issubclass(wanted, BaseModel):
+        return wanted.model_validate
+    return TypeAdapter(wanted).validate_python
+
+
+def _as_is(body: Any) -> Any:
+    return body
+
+
+@dataclass(frozen=True, slots=True)
+class Route(Generic[DepsT]):
+    """One operation of a router: its subject, its handler and how its request is parsed."""
+
+    subject: str
+    handler: Callable[[Any, RpcContext, DepsT], Awaitable[Any]]
+    parse: Callable[[Any], Any]
+    tenant_required: bool
+    guard: Callable[[RpcContext], None] | None = None
+
+    def bind(self, deps: DepsT) -> Handler:
+        """The raw handler that parses the body and calls this route's handler with ``deps``."""
+        handler, parse, guard = self.handler, self.parse, self.guard
+        if guard is None:
+
+            async def call(ctx: RpcContext, body: Any) -> Any:
+                return await handler(parse(body), ctx, deps)
+
+            return call
+
+        async def guarded(ctx: RpcContext, body: Any) -> Any:
+            guard(ctx)  # who may call is answered before what was asked is read
+            return await handler(parse(body), ctx, deps)
+
+        return guarded
+
+
+class RpcRouter(Generic[DepsT]):
+    """A service's operations as module-level functions, typed by their contract.
+
+    ``@router.handler(FlowsOp.CREATE) async def create(req: FlowCreate, ctx: RpcContext, deps: FlowsDeps)``:
+    the request is validated from the annotation of the first parameter (a validation error answers
+    ``InvalidInput`` with the field errors), the reply is the returned value (a model is dumped by
+    alias). The collaborators come as one dependencies object, given when the router is included
+    in a server (:meth:`RpcServer.include`), so a handler can be called, and tested, on its own.
+    """
+
+    def __init__(self) -> None:
+        self.routes: list[Route[DepsT]] = []
+
+    def handler(
+        self, subject: str, *, tenant_required: bool = True, guard: Callable[[RpcContext], None] | None = None
+    ) -> Callable[[TypedHandler], TypedHandler]:
+        """Decorator: serve ``subject`` with the decorated ``async def op(req, ctx, deps)``.
+
+        Args:
+            subject: The request subject (``fm.rpc.<service>.<op>``).
+            tenant_required: Refuse a request without the tenant header (lookups by other services say False).
+            guard: Called with the caller's context before the request is parsed; raises to refuse
+                (a caller without the role gets Forbidden whatever it sent).
+        """
+
+        def register(fn: TypedHandler) -> TypedHandler:
+            self.routes.append(Route(subject, fn, request_parser(fn), tenant_required, guard))
+            return fn
+
+        return register
 
 
 class RpcServer:
@@ -79,53 +173,33 @@ class RpcServer:
         self._slots: asyncio.Semaphore | None = None
 
     def handler(self, subject: str, *, tenant_required: bool = True) -> Callable[[Handler], Handler]:
-        """Decorator: serve ``subject`` with the decorated coroutine."""
+        """Decorator: serve ``subject`` with the decorated ``async def op(ctx, body)`` (body: decoded JSON)."""
 
         def register(fn: Handler) -> Handler:
-            op = subject.rsplit(".", 1)[-1]
-
-            async def serve(msg: Msg) -> None:
-                started = time.perf_counter()
-                outcome = "ok"
-                h = msg.headers or {}
-                tenant = h.get(headers.TENANT, "")
-                try:
-                    if tenant_required and not tenant:
-                        raise InvalidInput(f"missing {headers.TENANT} header")
-                    ctx = RpcContext(
-                        tenant=tenant,
-                        role=h.get(headers.ROLE, "member"),
-                        subject=h.get(headers.SUBJECT, ""),
-                        traceparent=h.get(headers.TRACEPARENT),
-                    )
-                    reply = _data_reply(await fn(ctx, _decode(msg.data)))
-                except FlowmeshError as exc:
-                    outcome = exc.code
-                    reply = _error_reply(exc)
-                except ValidationError as exc:
-                    outcome = "validation-error"
-                    reply = _error_reply(InvalidInput("the request is not valid", errors=field_errors(exc)))
-                except Exception as exc:
-                    if database_unavailable(exc):
-                        # PostgreSQL down or restarting is not a bug of the request: a 503 the client
-                        # may retry (with the same Idempotency-Key), not a 500 with a traceback
-                        outcome = "unavailable"
-                        log.warning("rpc %s: the database is unavailable: %s", subject, exc)
-                        reply = _error_reply(ServiceUnavailable("the database is unavailable right now; retry shortly"))
-                    else:
-                        outcome = "internal-error"
-                        log.exception("rpc %s failed", subject)
-                        reply = _error_reply(FlowmeshError())
-                if msg.reply:
-                    with contextlib.suppress(nats.errors.Error):
-                        await msg.respond(reply)
-                RPC_SERVED.labels(self.service, op, outcome).inc()
-                RPC_SECONDS.labels(self.service, op).observe(time.perf_counter() - started)
-
-            self._routes.append((subject, serve))
+            self.add(subject, fn, tenant_required=tenant_required)
             return fn
 
         return register
+
+    def include(self, router: RpcRouter[DepsT], deps: DepsT) -> None:
+        """Serve every operation of ``router``, its handlers given ``deps``."""
+        for route in router.routes:
+            self.add(route.subject, route.bind(deps), tenant_required=route.tenant_required)
+
+    def add(self, subject: str, fn: Handler, *, tenant_required: bool = True) -> None:
+        """Serve ``subject`` with the raw handler ``fn``."""
+        op = subject.rsplit(".", 1)[-1]
+
+        async def serve(msg: Msg) -> None:
+            started = time.perf_counter()
+            reply, outcome = await _answer(subject, fn, msg, tenant_required)
+            if msg.reply:
+                with contextlib.suppress(nats.errors.Error):
+                    await msg.respond(reply)
+            RPC_SERVED.labels(self.service, op, outcome).inc()
+            RPC_SECONDS.labels(self.service, op).observe(time.perf_counter() - started)
+
+        self._routes.append((subject, serve))
 
     async def start(self) -> None:
         """Subscribe every handler (in the service's queue group) on the broker's connection."""
@@ -157,6 +231,40 @@ class RpcServer:
                 await asyncio.wait_for(sub.drain(), timeout)  # type: ignore[no-untyped-call]
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=timeout)
+
+
+def _context(msg: Msg, *, tenant_required: bool) -> RpcContext:
+    h = msg.headers or {}
+    tenant = h.get(headers.TENANT, "")
+    if tenant_required and not tenant:
+        raise InvalidInput(f"missing {headers.TENANT} header")
+    return RpcContext(
+        tenant=tenant,
+        role=h.get(headers.ROLE, "member"),
+        subject=h.get(headers.SUBJECT, ""),
+        traceparent=h.get(headers.TRACEPARENT),
+    )
+
+
+async def _answer(subject: str, fn: Handler, msg: Msg, tenant_required: bool) -> tuple[bytes, str]:
+    """The reply to ``msg`` and the outcome label of the metrics: data, or the error it came to."""
+    try:
+        ctx = _context(msg, tenant_required=tenant_required)
+        return _data_reply(await fn(ctx, _decode(msg.data))), "ok"
+    except FlowmeshError as exc:
+        return _error_reply(exc), exc.code
+    except ValidationError as exc:
+        return _error_reply(InvalidInput("the request is not valid", errors=field_errors(exc))), "validation-error"
+    except Exception as exc:
+        if database_unavailable(exc):
+            # PostgreSQL down or restarting is not a bug of the request: a 503 the client
+            # may retry (with the same Idempotency-Key), not a 500 with a traceback
+            log.warning("rpc %s: the database is unavailable: %s", subject, exc)
+            return _error_reply(
+                ServiceUnavailable("the database is unavailable right now; retry shortly")
+            ), "unavailable"
+        log.exception("rpc %s failed", subject)
+        return _error_reply(FlowmeshError()), "internal-error"
 
 
 def _decode(data: bytes) -> Any:

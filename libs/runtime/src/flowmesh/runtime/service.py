@@ -1,9 +1,10 @@
 """The life of a NATS-only service process: connect, migrate, serve, and stop gracefully.
 
 ``ServiceRuntime.running()`` is what both ``python -m flowmesh.<name>`` and in-process tests use:
-logs, database engine and migrations, broker (FastStream subscribers) and streams, health server.
-On SIGTERM/SIGINT the broker stops taking messages, in-flight handlers finish (or their JetStream
-messages are handed back by not being acked), then connections close.
+logs, database engine and migrations, broker, RPC server, durable consumers and streams, health
+server, and the service's own resources. On SIGTERM/SIGINT requests and consumers stop taking
+messages, in-flight handlers finish (or their JetStream messages are handed back by not being
+acked), resources stop in reverse order, then connections close.
 """
 
 from __future__ import annotations
@@ -15,18 +16,22 @@ import re
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import nats.errors
 from faststream.nats import NatsBroker
+from nats.js import JetStreamContext
 from pydantic import ValidationError
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from flowmesh.contracts import subjects
+from flowmesh.runtime.consumers import Consumers
 from flowmesh.runtime.db import create_engine, create_sessionmaker
 from flowmesh.runtime.health import HealthServer
+from flowmesh.runtime.lifecycle import Job, hooks, once, periodic
 from flowmesh.runtime.logs import configure_logging
 from flowmesh.runtime.memory import freeze_startup_objects
 from flowmesh.runtime.migrate import migrate
@@ -43,6 +48,8 @@ from flowmesh.runtime.settings import BaseServiceSettings
 log = logging.getLogger(__name__)
 
 Hook = Callable[[], Awaitable[None]]
+ResourceFactory = Callable[[], AbstractAsyncContextManager[Any]]
+_F = TypeVar("_F", bound=ResourceFactory)
 
 
 class ServiceRuntime:
@@ -57,14 +64,14 @@ class ServiceRuntime:
         self.refusals = NatsRefusals(login.user or name)
         self.broker = create_broker(settings.nats_url, name=name, login=login, refusals=self.refusals)
         self.rpc = RpcServer(self.broker, name)
+        self.consumers = Consumers(name)
         # the engine connects lazily: nothing opens before running()
         self._engine: AsyncEngine | None = None
         self._sessions: async_sessionmaker[AsyncSession] | None = None
         if migrations is not None:
             self._engine = create_engine(settings.db_url, pool_size=settings.db_pool_size, application_name=name)
             self._sessions = create_sessionmaker(self._engine)
-        self._on_start: list[Hook] = []
-        self._on_stop: list[Hook] = []
+        self._resources: list[ResourceFactory] = []
         self.health: HealthServer | None = None
 
         if name in subjects.RPC_PREFIXES:
@@ -80,14 +87,37 @@ class ServiceRuntime:
             raise RuntimeError(f"{self.name} has no database")
         return self._sessions
 
+    @property
+    def js(self) -> JetStreamContext:
+        """A JetStream context on the service's connection (once connected: in resources and handlers)."""
+        return self.broker.connection.jetstream()
+
+    def resource(self, factory: _F) -> _F:
+        """Enter ``factory()`` once connected and migrated, before taking messages; leave it at stop.
+
+        Resources are entered in the order they were declared and left in reverse, after the
+        broker stopped taking messages; one whose entry failed (and those after it) is not left.
+        Usable as a decorator on an ``asynccontextmanager`` function.
+        """
+        self._resources.append(factory)
+        return factory
+
+    def every(self, seconds: float, fn: Job, *, name: str) -> None:
+        """Call ``fn`` at start and every ``seconds`` after, until stop (a failure is logged, tried again)."""
+        self.resource(lambda: periodic(seconds, fn, name=name))
+
+    def background(self, fn: Job, *, name: str) -> None:
+        """Call ``fn`` once in the background after start (cancelled by stop; a failure is logged)."""
+        self.resource(lambda: once(fn, name=name))
+
     def on_start(self, hook: Hook) -> Hook:
-        """Run ``hook`` once connected and migrated, before taking messages."""
-        self._on_start.append(hook)
+        """Run ``hook`` once connected and migrated, before taking messages (a resource with no stop)."""
+        self.resource(lambda: hooks(start=hook))
         return hook
 
     def on_stop(self, hook: Hook) -> Hook:
-        """Run ``hook`` after the broker stopped taking messages."""
-        self._on_stop.append(hook)
+        """Run ``hook`` after the broker stopped taking messages (a resource with no start)."""
+        self.resource(lambda: hooks(stop=hook))
         return hook
 
     async def _ready(self) -> dict[str, bool]:
@@ -107,14 +137,16 @@ class ServiceRuntime:
         s = self.settings
         if self._engine is not None and self.migrations is not None:
             await migrate(self._engine, schema=self.schema, script_location=self.migrations)
+        resources = contextlib.AsyncExitStack()
         try:
             async with starting(self.name, s, self.refusals):
                 await self.broker.connect()
                 check_authenticated(self.broker, s)
                 await provision_streams(self.broker.connection.jetstream(), replicas=s.stream_replicas)
-                for hook in self._on_start:
-                    await hook()
+                for factory in self._resources:
+                    await resources.enter_async_context(factory())
                 await self.broker.start()
+                await self.consumers.start(s.nats_url, login=s.nats_login, error_cb=self.refusals.on_error)
                 await self.rpc.start()
                 await settled(self.broker)
             if health:
@@ -128,9 +160,9 @@ class ServiceRuntime:
             if self.health is not None:
                 await self.health.stop()
             await self.rpc.stop()
+            await self.consumers.stop()
             await stop_broker(self.broker)
-            for hook in reversed(self._on_stop):
-                await hook()
+            await resources.aclose()
             if self._engine is not None:
                 await self._engine.dispose()
             log.info("%s stopped", self.name)

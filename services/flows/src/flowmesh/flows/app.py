@@ -1,10 +1,11 @@
-"""The flows service: definitions, versions, triggers (DESIGN §1)."""
+"""The flows service: definitions, versions, triggers."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from flowmesh.flows import handlers
+from flowmesh.flows.deps import FlowsDeps
 from flowmesh.flows.settings import FlowsSettings
 from flowmesh.flows.tables import outbox
 from flowmesh.runtime.outbox import OutboxRelay
@@ -20,14 +21,7 @@ def create_app(settings: FlowsSettings) -> ServiceRuntime:
     service = ServiceRuntime("flows", settings, migrations=MIGRATIONS)
     relay = OutboxRelay(service.sessions, outbox)
     quotas = QuotaView(RpcClient(service.broker, timeout=settings.rpc_timeout_s))
-    handlers.register(service.rpc, service.sessions, relay, quotas)
-
-    @service.on_start
-    async def start() -> None:
-        js = service.broker.connection.jetstream()
-        await quotas.start(js, replicas=settings.stream_replicas)
-        relay.start(js)
-
-    service.on_stop(relay.stop)
-    service.on_stop(quotas.stop)
+    service.rpc.include(handlers.router, FlowsDeps(service.sessions, relay, quotas))
+    service.resource(lambda: quotas.running(service.js, replicas=settings.stream_replicas))
+    service.resource(lambda: relay.running(service.js))
     return service

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from flowmesh.contracts.errors import Conflict, InvalidInput, NotFound, QuotaExceeded
 from flowmesh.contracts.ids import is_uuid, new_id, utcnow
@@ -45,10 +45,21 @@ from flowmesh.contracts.models.schedules import ScheduleSources, ScheduleSources
 from flowmesh.contracts.models.usage import TenantQuota
 from flowmesh.contracts.subjects import FlowEventType, FlowsOp, flow_event
 from flowmesh.flows import domain, repo, triggers
+from flowmesh.flows.deps import FlowsDeps
 from flowmesh.flows.validation import referenced_flows, validate_flow
-from flowmesh.runtime.outbox import OutboxRelay
-from flowmesh.runtime.quota import QuotaView
-from flowmesh.runtime.rpc import RpcContext, RpcServer
+from flowmesh.runtime.rpc import RpcContext, RpcRouter
+
+router: RpcRouter[FlowsDeps] = RpcRouter()
+"""Every flows operation; served with the service's :class:`FlowsDeps`."""
+
+
+class VersionsQuery(FlowRef, PageQuery):
+    """A flow, and which page of its versions to read."""
+
+
+class RollbackRequest(FlowRef, Rollback):
+    """A flow, and the version to make active again."""
+
 
 CATALOG = [
     CatalogStep(
@@ -113,355 +124,354 @@ async def _validate(session: AsyncSession, ctx: RpcContext, flow: Flow) -> list[
     return validate_flow(flow.definition, flow.input_schema, flow_id=flow.id, published_flows=targets)
 
 
-def register(
-    rpc: RpcServer,
-    sessions: async_sessionmaker[AsyncSession],
-    relay: OutboxRelay,
-    quotas: QuotaView | None = None,
-) -> None:
-    """Serve every flows operation on ``rpc``, with sessions from ``sessions``.
+# --- drafts ----------------------------------------------------------------------------------
 
-    With ``quotas``, a new flow (create, duplicate, import) is refused at the plan's flow limit.
-    """
 
-    # --- drafts ----------------------------------------------------------------------------------
+async def _quota(ctx: RpcContext, deps: FlowsDeps) -> TenantQuota | None:
+    # asked before the transaction: no connection is held while the usage service answers
+    return await deps.quotas.get(ctx.tenant) if deps.quotas is not None else None
 
-    async def _quota(ctx: RpcContext) -> TenantQuota | None:
-        # asked before the transaction: no connection is held while the usage service answers
-        return await quotas.get(ctx.tenant) if quotas is not None else None
 
-    async def _new_flow(
-        s: AsyncSession, ctx: RpcContext, quota: TenantQuota | None, values: dict[str, Any], now: datetime
-    ) -> Flow:
-        limit = quota.flows_limit if quota is not None else None
-        if quota is not None and limit is not None and await repo.count_flows_locked(s, tenant=ctx.tenant) >= limit:
-            raise QuotaExceeded(
-                f"the {quota.plan} plan allows {limit} flow{'s' if limit != 1 else ''} and this tenant has "
-                f"{'them' if limit != 1 else 'it'}; delete a flow or upgrade the plan"
+async def _new_flow(
+    s: AsyncSession, ctx: RpcContext, quota: TenantQuota | None, values: dict[str, Any], now: datetime
+) -> Flow:
+    limit = quota.flows_limit if quota is not None else None
+    if quota is not None and limit is not None and await repo.count_flows_locked(s, tenant=ctx.tenant) >= limit:
+        raise QuotaExceeded(
+            f"the {quota.plan} plan allows {limit} flow{'s' if limit != 1 else ''} and this tenant has "
+            f"{'them' if limit != 1 else 'it'}; delete a flow or upgrade the plan"
+        )
+    return await repo.insert_flow(s, flow_id=new_id(), tenant=ctx.tenant, values=values, now=now)
+
+
+@router.handler(FlowsOp.CREATE)
+async def create(flow: FlowCreate, ctx: RpcContext, deps: FlowsDeps) -> Flow:
+    quota = await _quota(ctx, deps)
+    async with deps.sessions.begin() as s:
+        return await _new_flow(s, ctx, quota, domain.draft_values(flow), utcnow())
+
+
+@router.handler(FlowsOp.LIST)
+async def list_(q: FlowListQuery, ctx: RpcContext, deps: FlowsDeps) -> Page[Any]:
+    async with deps.sessions() as s:
+        items, total = await repo.list_flows(
+            s, tenant=ctx.tenant, status=q.status, q=q.q, offset=q.offset, limit=q.page_size
+        )
+    return q.page_of(items, total)
+
+
+@router.handler(FlowsOp.GET)
+async def get(ref: FlowRef, ctx: RpcContext, deps: FlowsDeps) -> Flow:
+    async with deps.sessions() as s:
+        return await _flow(s, ctx, ref.flow_id)
+
+
+@router.handler(FlowsOp.UPDATE)
+async def update(req: FlowPatchRequest, ctx: RpcContext, deps: FlowsDeps) -> Flow:
+    values = domain.patch_values(FlowUpdate.model_validate(req.patch))
+    async with deps.sessions.begin() as s:
+        flow = await _flow(s, ctx, req.flow_id, lock=True)
+        domain.check_if_match(req.if_match, flow.revision)
+        if not values:
+            return flow
+        return await repo.update_flow(s, tenant=ctx.tenant, flow_id=flow.id, values=values, now=utcnow())
+
+
+@router.handler(FlowsOp.REPLACE)
+async def replace(req: FlowReplaceRequest, ctx: RpcContext, deps: FlowsDeps) -> Flow:
+    async with deps.sessions.begin() as s:
+        flow = await _flow(s, ctx, req.flow_id, lock=True)
+        domain.check_if_match(req.if_match, flow.revision)
+        return await repo.update_flow(
+            s, tenant=ctx.tenant, flow_id=flow.id, values=domain.draft_values(req.flow), now=utcnow()
+        )
+
+
+@router.handler(FlowsOp.DELETE)
+async def delete(req: FlowDeleteRequest, ctx: RpcContext, deps: FlowsDeps) -> None:
+    async with deps.sessions.begin() as s:
+        flow = await _flow(s, ctx, req.flow_id, lock=True)
+        domain.check_if_match(req.if_match, flow.revision)
+        if flow.latest_version is not None and not req.force:
+            raise Conflict(
+                f"flow {flow.id} has published versions; deactivate it, or delete with ?force=true "
+                "(keeps its run history)"
             )
-        return await repo.insert_flow(s, flow_id=new_id(), tenant=ctx.tenant, values=values, now=now)
+        await repo.delete_flow(s, tenant=ctx.tenant, flow_id=flow.id, now=utcnow())
+        await _announce(s, flow.model_copy(update={"active": False}), FlowEventType.DELETED)
+    await deps.relay.publish_now()
 
-    @rpc.handler(FlowsOp.CREATE)
-    async def create(ctx: RpcContext, body: Any) -> Flow:
-        flow = FlowCreate.model_validate(body)
-        quota = await _quota(ctx)
-        async with sessions.begin() as s:
-            return await _new_flow(s, ctx, quota, domain.draft_values(flow), utcnow())
 
-    @rpc.handler(FlowsOp.LIST)
-    async def list_(ctx: RpcContext, body: Any) -> Page[Any]:
-        q = FlowListQuery.model_validate(body)
-        async with sessions() as s:
-            items, total = await repo.list_flows(
-                s, tenant=ctx.tenant, status=q.status, q=q.q, offset=q.offset, limit=q.page_size
-            )
-        return q.page_of(items, total)
+@router.handler(FlowsOp.DUPLICATE)
+async def duplicate(ref: FlowRef, ctx: RpcContext, deps: FlowsDeps) -> Flow:
+    quota = await _quota(ctx, deps)
+    async with deps.sessions.begin() as s:
+        flow = await _flow(s, ctx, ref.flow_id)
+        values = {
+            "name": domain.copy_name(flow.name),
+            "description": flow.description,
+            "definition": flow.definition,
+            "input_schema": flow.input_schema,
+            "settings": flow.settings,
+        }
+        return await _new_flow(s, ctx, quota, values, utcnow())
 
-    @rpc.handler(FlowsOp.GET)
-    async def get(ctx: RpcContext, body: Any) -> Flow:
-        async with sessions() as s:
-            return await _flow(s, ctx, FlowRef.model_validate(body).flow_id)
 
-    @rpc.handler(FlowsOp.UPDATE)
-    async def update(ctx: RpcContext, body: Any) -> Flow:
-        req = FlowPatchRequest.model_validate(body)
-        values = domain.patch_values(FlowUpdate.model_validate(req.patch))
-        async with sessions.begin() as s:
-            flow = await _flow(s, ctx, req.flow_id, lock=True)
-            domain.check_if_match(req.if_match, flow.revision)
-            if not values:
-                return flow
-            return await repo.update_flow(s, tenant=ctx.tenant, flow_id=flow.id, values=values, now=utcnow())
+# --- validation, versions ----------------------------------------------------------------------
 
-    @rpc.handler(FlowsOp.REPLACE)
-    async def replace(ctx: RpcContext, body: Any) -> Flow:
-        req = FlowReplaceRequest.model_validate(body)
-        async with sessions.begin() as s:
-            flow = await _flow(s, ctx, req.flow_id, lock=True)
-            domain.check_if_match(req.if_match, flow.revision)
-            return await repo.update_flow(
-                s, tenant=ctx.tenant, flow_id=flow.id, values=domain.draft_values(req.flow), now=utcnow()
-            )
 
-    @rpc.handler(FlowsOp.DELETE)
-    async def delete(ctx: RpcContext, body: Any) -> None:
-        req = FlowDeleteRequest.model_validate(body)
-        async with sessions.begin() as s:
-            flow = await _flow(s, ctx, req.flow_id, lock=True)
-            domain.check_if_match(req.if_match, flow.revision)
-            if flow.latest_version is not None and not req.force:
-                raise Conflict(
-                    f"flow {flow.id} has published versions; deactivate it, or delete with ?force=true "
-                    "(keeps its run history)"
-                )
-            await repo.delete_flow(s, tenant=ctx.tenant, flow_id=flow.id, now=utcnow())
-            await _announce(s, flow.model_copy(update={"active": False}), FlowEventType.DELETED)
-        await relay.publish_now()
+@router.handler(FlowsOp.VALIDATE)
+async def validate(ref: FlowRef, ctx: RpcContext, deps: FlowsDeps) -> ValidationReport:
+    async with deps.sessions() as s:
+        flow = await _flow(s, ctx, ref.flow_id)
+        errors = await _validate(s, ctx, flow)
+    return ValidationReport(valid=not errors, errors=errors)
 
-    @rpc.handler(FlowsOp.DUPLICATE)
-    async def duplicate(ctx: RpcContext, body: Any) -> Flow:
-        ref = FlowRef.model_validate(body)
-        quota = await _quota(ctx)
-        async with sessions.begin() as s:
-            flow = await _flow(s, ctx, ref.flow_id)
-            values = {
-                "name": domain.copy_name(flow.name),
-                "description": flow.description,
-                "definition": flow.definition,
-                "input_schema": flow.input_schema,
-                "settings": flow.settings,
-            }
-            return await _new_flow(s, ctx, quota, values, utcnow())
 
-    # --- validation, versions ----------------------------------------------------------------------
-
-    @rpc.handler(FlowsOp.VALIDATE)
-    async def validate(ctx: RpcContext, body: Any) -> ValidationReport:
-        async with sessions() as s:
-            flow = await _flow(s, ctx, FlowRef.model_validate(body).flow_id)
-            errors = await _validate(s, ctx, flow)
-        return ValidationReport(valid=not errors, errors=errors)
-
-    @rpc.handler(FlowsOp.PUBLISH)
-    async def publish(ctx: RpcContext, body: Any) -> PublishResult:
-        async with sessions.begin() as s:
-            flow = await _flow(s, ctx, FlowRef.model_validate(body).flow_id, lock=True)
-            errors = await _validate(s, ctx, flow)
-            if errors:
-                raise InvalidInput(f"the flow has {len(errors)} problem(s); fix them and publish again", errors=errors)
-            if flow.active_version is not None:
-                active = await repo.get_version(s, tenant=ctx.tenant, flow_id=flow.id, version=flow.active_version)
-                if active is not None and domain.same_content(flow, active):
-                    return PublishResult(version=active, created=False)
-            number = (flow.latest_version or 0) + 1
-            version = await repo.insert_version(s, flow=flow, version=number, now=utcnow())
-            flow = await repo.update_flow(
-                s,
-                tenant=ctx.tenant,
-                flow_id=flow.id,
-                values={"latest_version": number, "active_version": number},
-                now=utcnow(),
-            )
-            await _announce(s, flow, FlowEventType.PUBLISHED)
-        await relay.publish_now()
-        return PublishResult(version=version, created=True)
-
-    @rpc.handler(FlowsOp.VERSIONS)
-    async def versions(ctx: RpcContext, body: Any) -> Page[FlowVersion]:
-        ref = FlowRef.model_validate(body)
-        page = PageQuery.model_validate(body)
-        async with sessions() as s:
-            await _flow(s, ctx, ref.flow_id)
-            items, total = await repo.list_versions(
-                s, tenant=ctx.tenant, flow_id=ref.flow_id, offset=page.offset, limit=page.page_size
-            )
-        return page.page_of(items, total)
-
-    @rpc.handler(FlowsOp.VERSION)
-    async def version(ctx: RpcContext, body: Any) -> FlowVersion:
-        ref = VersionRef.model_validate(body)
-        async with sessions() as s:
-            flow = await _flow(s, ctx, ref.flow_id)
-            number = ref.version or flow.active_version
-            found = await repo.get_version(s, tenant=ctx.tenant, flow_id=flow.id, version=number) if number else None
-        if found is None:
-            raise NotFound(f"flow {flow.id} has no version {ref.version or '(none published)'}")
-        return found
-
-    @rpc.handler(FlowsOp.ROLLBACK)
-    async def rollback(ctx: RpcContext, body: Any) -> Flow:
-        ref = FlowRef.model_validate(body)
-        target = Rollback.model_validate(body).version
-        async with sessions.begin() as s:
-            flow = await _flow(s, ctx, ref.flow_id, lock=True)
-            if await repo.get_version(s, tenant=ctx.tenant, flow_id=flow.id, version=target) is None:
-                raise NotFound(f"flow {flow.id} has no version {target}")
-            if flow.active_version == target:
-                return flow
-            flow = await repo.update_flow(
-                s, tenant=ctx.tenant, flow_id=flow.id, values={"active_version": target}, now=utcnow()
-            )
-            await _announce(s, flow, FlowEventType.ROLLED_BACK)
-        await relay.publish_now()
-        return flow
-
-    async def set_active(ctx: RpcContext, body: Any, active: bool) -> Flow:
-        async with sessions.begin() as s:
-            flow = await _flow(s, ctx, FlowRef.model_validate(body).flow_id, lock=True)
-            if flow.active == active:
-                return flow
-            flow = await repo.update_flow(
-                s, tenant=ctx.tenant, flow_id=flow.id, values={"active": active}, now=utcnow()
-            )
-            await _announce(s, flow, FlowEventType.ACTIVATED if active else FlowEventType.DEACTIVATED)
-        await relay.publish_now()
-        return flow
-
-    @rpc.handler(FlowsOp.ACTIVATE)
-    async def activate(ctx: RpcContext, body: Any) -> Flow:
-        return await set_active(ctx, body, True)
-
-    @rpc.handler(FlowsOp.DEACTIVATE)
-    async def deactivate(ctx: RpcContext, body: Any) -> Flow:
-        return await set_active(ctx, body, False)
-
-    # --- export, import, catalog -------------------------------------------------------------------
-
-    @rpc.handler(FlowsOp.EXPORT)
-    async def export(ctx: RpcContext, body: Any) -> FlowExport:
-        async with sessions() as s:
-            flow = await _flow(s, ctx, FlowRef.model_validate(body).flow_id)
-            return domain.export_document(flow, await repo.list_triggers(s, tenant=ctx.tenant, flow_id=flow.id))
-
-    @rpc.handler(FlowsOp.IMPORT)
-    async def import_(ctx: RpcContext, body: Any) -> dict[str, Any]:
-        doc = FlowExport.model_validate(body)
-        configs = []
-        errors: list[FieldError] = []
-        for i, t in enumerate(doc.flow.triggers):
-            try:
-                configs.append(triggers.check_config(t.type, t.config))
-            except InvalidInput as exc:
-                errors += [FieldError(path=f"/flow/triggers/{i}{e.path}", message=e.message) for e in exc.errors or []]
+@router.handler(FlowsOp.PUBLISH)
+async def publish(ref: FlowRef, ctx: RpcContext, deps: FlowsDeps) -> PublishResult:
+    async with deps.sessions.begin() as s:
+        flow = await _flow(s, ctx, ref.flow_id, lock=True)
+        errors = await _validate(s, ctx, flow)
         if errors:
-            raise InvalidInput("the document has invalid triggers", errors=errors)
-        draft = FlowCreate(
-            name=doc.flow.name,
-            description=doc.flow.description,
-            definition=doc.flow.definition,
-            input_schema=doc.flow.input_schema,
-            settings=doc.flow.settings,
+            raise InvalidInput(f"the flow has {len(errors)} problem(s); fix them and publish again", errors=errors)
+        if flow.active_version is not None:
+            active = await repo.get_version(s, tenant=ctx.tenant, flow_id=flow.id, version=flow.active_version)
+            if active is not None and domain.same_content(flow, active):
+                return PublishResult(version=active, created=False)
+        number = (flow.latest_version or 0) + 1
+        version = await repo.insert_version(s, flow=flow, version=number, now=utcnow())
+        flow = await repo.update_flow(
+            s,
+            tenant=ctx.tenant,
+            flow_id=flow.id,
+            values={"latest_version": number, "active_version": number},
+            now=utcnow(),
         )
-        quota = await _quota(ctx)
-        async with sessions.begin() as s:
-            flow = await _new_flow(s, ctx, quota, domain.draft_values(draft), utcnow())
-            created = [
-                await _insert_trigger(s, ctx, flow, t.type, t.name, config, t.enabled)
-                for t, config in zip(doc.flow.triggers, configs, strict=True)
-            ]
-        if created:
-            await relay.publish_now()
-        return {**flow.wire(), "triggers": [t.wire(exclude_none=True) for t in created]}
+        await _announce(s, flow, FlowEventType.PUBLISHED)
+    await deps.relay.publish_now()
+    return PublishResult(version=version, created=True)
 
-    @rpc.handler(FlowsOp.CATALOG, tenant_required=False)
-    async def catalog(_: RpcContext, __: Any) -> dict[str, Any]:
-        return {"items": [c.wire() for c in CATALOG]}
 
-    # --- triggers ----------------------------------------------------------------------------------
-
-    async def _insert_trigger(
-        s: AsyncSession, ctx: RpcContext, flow: Flow, type_: str, name: str, config: dict[str, Any], enabled: bool
-    ) -> Trigger:
-        values: dict[str, Any] = {"type": type_, "name": name, "config": config, "enabled": enabled}
-        token = secret = None
-        if type_ == "webhook":
-            token = triggers.new_webhook_token()
-            values["token_hash"] = triggers.hash_token(token)
-            if config.get("signed"):
-                secret = values["signing_secret"] = triggers.new_signing_secret()
-        trigger = await repo.insert_trigger(
-            s, trigger_id=new_id(), tenant=ctx.tenant, flow_id=flow.id, values=values, now=utcnow()
+@router.handler(FlowsOp.VERSIONS)
+async def versions(q: VersionsQuery, ctx: RpcContext, deps: FlowsDeps) -> Page[FlowVersion]:
+    async with deps.sessions() as s:
+        await _flow(s, ctx, q.flow_id)
+        items, total = await repo.list_versions(
+            s, tenant=ctx.tenant, flow_id=q.flow_id, offset=q.offset, limit=q.page_size
         )
-        await _announce(s, flow, FlowEventType.TRIGGER_CHANGED, trigger=trigger)
-        return trigger.model_copy(update={"url": triggers.WEBHOOK_PATH + token if token else None, "secret": secret})
+    return q.page_of(items, total)
 
-    @rpc.handler(FlowsOp.TRIGGERS)
-    async def list_triggers(ctx: RpcContext, body: Any) -> dict[str, Any]:
-        async with sessions() as s:
-            flow = await _flow(s, ctx, FlowRef.model_validate(body).flow_id)
-            items = await repo.list_triggers(s, tenant=ctx.tenant, flow_id=flow.id)
-        return {"items": [t.wire(exclude_none=True) for t in items]}
 
-    @rpc.handler(FlowsOp.TRIGGER_CREATE)
-    async def create_trigger(ctx: RpcContext, body: Any) -> Trigger:
-        req = TriggerCreateRequest.model_validate(body)
-        config = triggers.check_config(req.trigger.type, req.trigger.config)
-        async with sessions.begin() as s:
-            flow = await _flow(s, ctx, req.flow_id, lock=True)
-            created = await _insert_trigger(
-                s, ctx, flow, req.trigger.type, req.trigger.name, config, req.trigger.enabled
-            )
-        await relay.publish_now()
-        return created
+@router.handler(FlowsOp.VERSION)
+async def version(ref: VersionRef, ctx: RpcContext, deps: FlowsDeps) -> FlowVersion:
+    async with deps.sessions() as s:
+        flow = await _flow(s, ctx, ref.flow_id)
+        number = ref.version or flow.active_version
+        found = await repo.get_version(s, tenant=ctx.tenant, flow_id=flow.id, version=number) if number else None
+    if found is None:
+        raise NotFound(f"flow {flow.id} has no version {ref.version or '(none published)'}")
+    return found
 
-    @rpc.handler(FlowsOp.TRIGGER_UPDATE)
-    async def update_trigger(ctx: RpcContext, body: Any) -> Trigger:
-        req = TriggerPatchRequest.model_validate(body)
-        patch = TriggerUpdate.model_validate(req.patch)
-        async with sessions.begin() as s:
-            trigger = await _trigger(s, ctx, req.trigger_id)
-            values: dict[str, Any] = {}
-            if patch.name is not None:
-                values["name"] = patch.name
-            if patch.enabled is not None:
-                values["enabled"] = patch.enabled
-            if patch.config is not None:
-                values["config"] = triggers.check_config(trigger.type, patch.config)
-                if trigger.type == "webhook" and values["config"].get("signed") != trigger.config.get("signed"):
-                    raise InvalidInput(
-                        "a webhook cannot change between signed and unsigned; create a new trigger",
-                        errors=[FieldError(path="/config/signed", message="cannot be changed")],
-                    )
-            if not values:
-                return trigger
-            trigger = await repo.update_trigger(
-                s, tenant=ctx.tenant, trigger_id=trigger.id, values=values, now=utcnow()
-            )
-            await _announce(s, await _flow(s, ctx, trigger.flow_id), FlowEventType.TRIGGER_CHANGED, trigger=trigger)
-        await relay.publish_now()
-        return trigger
 
-    @rpc.handler(FlowsOp.TRIGGER_DELETE)
-    async def delete_trigger(ctx: RpcContext, body: Any) -> None:
-        async with sessions.begin() as s:
-            trigger = await _trigger(s, ctx, TriggerRef.model_validate(body).trigger_id)
-            await repo.delete_trigger(s, tenant=ctx.tenant, trigger_id=trigger.id)
-            await _announce(
-                s,
-                await _flow(s, ctx, trigger.flow_id),
-                FlowEventType.TRIGGER_CHANGED,
-                trigger=trigger,
-                trigger_deleted=True,
-            )
-        await relay.publish_now()
+@router.handler(FlowsOp.ROLLBACK)
+async def rollback(ref: RollbackRequest, ctx: RpcContext, deps: FlowsDeps) -> Flow:
+    target = ref.version
+    async with deps.sessions.begin() as s:
+        flow = await _flow(s, ctx, ref.flow_id, lock=True)
+        if await repo.get_version(s, tenant=ctx.tenant, flow_id=flow.id, version=target) is None:
+            raise NotFound(f"flow {flow.id} has no version {target}")
+        if flow.active_version == target:
+            return flow
+        flow = await repo.update_flow(
+            s, tenant=ctx.tenant, flow_id=flow.id, values={"active_version": target}, now=utcnow()
+        )
+        await _announce(s, flow, FlowEventType.ROLLED_BACK)
+    await deps.relay.publish_now()
+    return flow
 
-    # --- lookups for other services ----------------------------------------------------------------
 
-    @rpc.handler(FlowsOp.RUNNABLE)
-    async def runnable(ctx: RpcContext, body: Any) -> RunnableFlow:
-        ref = VersionRef.model_validate(body)
-        async with sessions() as s:
-            flow = await _flow(s, ctx, ref.flow_id)
-            if flow.active_version is None:
-                raise Conflict(f"flow {flow.id} has no published version; publish it first")
-            number = ref.version or flow.active_version
-            found = await repo.get_version(s, tenant=ctx.tenant, flow_id=flow.id, version=number)
-        if found is None:
-            raise NotFound(f"flow {flow.id} has no version {number}")
-        return RunnableFlow(flow_id=flow.id, tenant_id=flow.tenant_id, active=flow.active, version=found)
+async def _set_active(ref: FlowRef, ctx: RpcContext, deps: FlowsDeps, active: bool) -> Flow:
+    async with deps.sessions.begin() as s:
+        flow = await _flow(s, ctx, ref.flow_id, lock=True)
+        if flow.active == active:
+            return flow
+        flow = await repo.update_flow(s, tenant=ctx.tenant, flow_id=flow.id, values={"active": active}, now=utcnow())
+        await _announce(s, flow, FlowEventType.ACTIVATED if active else FlowEventType.DEACTIVATED)
+    await deps.relay.publish_now()
+    return flow
 
-    @rpc.handler(FlowsOp.WEBHOOK, tenant_required=False)
-    async def webhook(_: RpcContext, body: Any) -> WebhookTarget:
-        lookup = WebhookLookup.model_validate(body)
-        async with sessions() as s:
-            found = await repo.webhook_by_token_hash(s, token_hash=triggers.hash_token(lookup.token))
-        if found is None or found[1]["deleted_at"] is not None:
-            raise NotFound("no webhook has this URL")
-        trigger, row = found
-        return WebhookTarget(
+
+@router.handler(FlowsOp.ACTIVATE)
+async def activate(ref: FlowRef, ctx: RpcContext, deps: FlowsDeps) -> Flow:
+    return await _set_active(ref, ctx, deps, True)
+
+
+@router.handler(FlowsOp.DEACTIVATE)
+async def deactivate(ref: FlowRef, ctx: RpcContext, deps: FlowsDeps) -> Flow:
+    return await _set_active(ref, ctx, deps, False)
+
+
+# --- export, import, catalog -------------------------------------------------------------------
+
+
+@router.handler(FlowsOp.EXPORT)
+async def export(ref: FlowRef, ctx: RpcContext, deps: FlowsDeps) -> FlowExport:
+    async with deps.sessions() as s:
+        flow = await _flow(s, ctx, ref.flow_id)
+        return domain.export_document(flow, await repo.list_triggers(s, tenant=ctx.tenant, flow_id=flow.id))
+
+
+@router.handler(FlowsOp.IMPORT)
+async def import_(doc: FlowExport, ctx: RpcContext, deps: FlowsDeps) -> dict[str, Any]:
+    configs = []
+    errors: list[FieldError] = []
+    for i, t in enumerate(doc.flow.triggers):
+        try:
+            configs.append(triggers.check_config(t.type, t.config))
+        except InvalidInput as exc:
+            errors += [FieldError(path=f"/flow/triggers/{i}{e.path}", message=e.message) for e in exc.errors or []]
+    if errors:
+        raise InvalidInput("the document has invalid triggers", errors=errors)
+    draft = FlowCreate(
+        name=doc.flow.name,
+        description=doc.flow.description,
+        definition=doc.flow.definition,
+        input_schema=doc.flow.input_schema,
+        settings=doc.flow.settings,
+    )
+    quota = await _quota(ctx, deps)
+    async with deps.sessions.begin() as s:
+        flow = await _new_flow(s, ctx, quota, domain.draft_values(draft), utcnow())
+        created = [
+            await _insert_trigger(s, ctx, flow, t.type, t.name, config, t.enabled)
+            for t, config in zip(doc.flow.triggers, configs, strict=True)
+        ]
+    if created:
+        await deps.relay.publish_now()
+    return {**flow.wire(), "triggers": [t.wire(exclude_none=True) for t in created]}
+
+
+@router.handler(FlowsOp.CATALOG, tenant_required=False)
+async def catalog(_: object, __: RpcContext, deps: FlowsDeps) -> dict[str, Any]:
+    return {"items": [c.wire() for c in CATALOG]}
+
+
+# --- triggers ----------------------------------------------------------------------------------
+
+
+async def _insert_trigger(
+    s: AsyncSession, ctx: RpcContext, flow: Flow, type_: str, name: str, config: dict[str, Any], enabled: bool
+) -> Trigger:
+    values: dict[str, Any] = {"type": type_, "name": name, "config": config, "enabled": enabled}
+    token = secret = None
+    if type_ == "webhook":
+        token = triggers.new_webhook_token()
+        values["token_hash"] = triggers.hash_token(token)
+        if config.get("signed"):
+            secret = values["signing_secret"] = triggers.new_signing_secret()
+    trigger = await repo.insert_trigger(
+        s, trigger_id=new_id(), tenant=ctx.tenant, flow_id=flow.id, values=values, now=utcnow()
+    )
+    await _announce(s, flow, FlowEventType.TRIGGER_CHANGED, trigger=trigger)
+    return trigger.model_copy(update={"url": triggers.WEBHOOK_PATH + token if token else None, "secret": secret})
+
+
+@router.handler(FlowsOp.TRIGGERS)
+async def list_triggers(ref: FlowRef, ctx: RpcContext, deps: FlowsDeps) -> dict[str, Any]:
+    async with deps.sessions() as s:
+        flow = await _flow(s, ctx, ref.flow_id)
+        items = await repo.list_triggers(s, tenant=ctx.tenant, flow_id=flow.id)
+    return {"items": [t.wire(exclude_none=True) for t in items]}
+
+
+@router.handler(FlowsOp.TRIGGER_CREATE)
+async def create_trigger(req: TriggerCreateRequest, ctx: RpcContext, deps: FlowsDeps) -> Trigger:
+    config = triggers.check_config(req.trigger.type, req.trigger.config)
+    async with deps.sessions.begin() as s:
+        flow = await _flow(s, ctx, req.flow_id, lock=True)
+        created = await _insert_trigger(s, ctx, flow, req.trigger.type, req.trigger.name, config, req.trigger.enabled)
+    await deps.relay.publish_now()
+    return created
+
+
+@router.handler(FlowsOp.TRIGGER_UPDATE)
+async def update_trigger(req: TriggerPatchRequest, ctx: RpcContext, deps: FlowsDeps) -> Trigger:
+    patch = TriggerUpdate.model_validate(req.patch)
+    async with deps.sessions.begin() as s:
+        trigger = await _trigger(s, ctx, req.trigger_id)
+        values: dict[str, Any] = {}
+        if patch.name is not None:
+            values["name"] = patch.name
+        if patch.enabled is not None:
+            values["enabled"] = patch.enabled
+        if patch.config is not None:
+            values["config"] = triggers.check_config(trigger.type, patch.config)
+            if trigger.type == "webhook" and values["config"].get("signed") != trigger.config.get("signed"):
+                raise InvalidInput(
+                    "a webhook cannot change between signed and unsigned; create a new trigger",
+                    errors=[FieldError(path="/config/signed", message="cannot be changed")],
+                )
+        if not values:
+            return trigger
+        trigger = await repo.update_trigger(s, tenant=ctx.tenant, trigger_id=trigger.id, values=values, now=utcnow())
+        await _announce(s, await _flow(s, ctx, trigger.flow_id), FlowEventType.TRIGGER_CHANGED, trigger=trigger)
+    await deps.relay.publish_now()
+    return trigger
+
+
+@router.handler(FlowsOp.TRIGGER_DELETE)
+async def delete_trigger(ref: TriggerRef, ctx: RpcContext, deps: FlowsDeps) -> None:
+    async with deps.sessions.begin() as s:
+        trigger = await _trigger(s, ctx, ref.trigger_id)
+        await repo.delete_trigger(s, tenant=ctx.tenant, trigger_id=trigger.id)
+        await _announce(
+            s,
+            await _flow(s, ctx, trigger.flow_id),
+            FlowEventType.TRIGGER_CHANGED,
             trigger=trigger,
-            tenant_id=row["tenant_id"],
-            flow_active=row["active"],
-            published=row["latest_version"] is not None,
-            signing_secrets=[row["signing_secret"]] if row["signing_secret"] else [],
+            trigger_deleted=True,
         )
+    await deps.relay.publish_now()
 
-    @rpc.handler(FlowsOp.SCHEDULES, tenant_required=False)
-    async def schedules(_: RpcContext, body: Any) -> ScheduleSources:
-        q = ScheduleSourcesQuery.model_validate(body)
-        async with sessions() as s:
-            if q.flow_ids is not None:
-                return ScheduleSources(flows=await repo.flow_states(s, flow_ids=[i for i in q.flow_ids if is_uuid(i)]))
-            ids = None if q.trigger_ids is None else [i for i in q.trigger_ids if is_uuid(i)]
-            after = q.after if q.after is not None and is_uuid(q.after) else None
-            return ScheduleSources(items=await repo.schedule_sources(s, trigger_ids=ids, after=after, limit=q.limit))
+
+# --- lookups for other services ----------------------------------------------------------------
+
+
+@router.handler(FlowsOp.RUNNABLE)
+async def runnable(ref: VersionRef, ctx: RpcContext, deps: FlowsDeps) -> RunnableFlow:
+    async with deps.sessions() as s:
+        flow = await _flow(s, ctx, ref.flow_id)
+        if flow.active_version is None:
+            raise Conflict(f"flow {flow.id} has no published version; publish it first")
+        number = ref.version or flow.active_version
+        found = await repo.get_version(s, tenant=ctx.tenant, flow_id=flow.id, version=number)
+    if found is None:
+        raise NotFound(f"flow {flow.id} has no version {number}")
+    return RunnableFlow(flow_id=flow.id, tenant_id=flow.tenant_id, active=flow.active, version=found)
+
+
+@router.handler(FlowsOp.WEBHOOK, tenant_required=False)
+async def webhook(lookup: WebhookLookup, _: RpcContext, deps: FlowsDeps) -> WebhookTarget:
+    async with deps.sessions() as s:
+        found = await repo.webhook_by_token_hash(s, token_hash=triggers.hash_token(lookup.token))
+    if found is None or found[1]["deleted_at"] is not None:
+        raise NotFound("no webhook has this URL")
+    trigger, row = found
+    return WebhookTarget(
+        trigger=trigger,
+        tenant_id=row["tenant_id"],
+        flow_active=row["active"],
+        published=row["latest_version"] is not None,
+        signing_secrets=[row["signing_secret"]] if row["signing_secret"] else [],
+    )
+
+
+@router.handler(FlowsOp.SCHEDULES, tenant_required=False)
+async def schedules(q: ScheduleSourcesQuery, _: RpcContext, deps: FlowsDeps) -> ScheduleSources:
+    async with deps.sessions() as s:
+        if q.flow_ids is not None:
+            return ScheduleSources(flows=await repo.flow_states(s, flow_ids=[i for i in q.flow_ids if is_uuid(i)]))
+        ids = None if q.trigger_ids is None else [i for i in q.trigger_ids if is_uuid(i)]
+        after = q.after if q.after is not None and is_uuid(q.after) else None
+        return ScheduleSources(items=await repo.schedule_sources(s, trigger_ids=ids, after=after, limit=q.limit))

@@ -1,15 +1,16 @@
-"""The scheduler service: all of time (DESIGN §1) — cron triggers and durable timers."""
+"""The scheduler service: all of time — cron triggers and durable timers."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from pathlib import Path
 
+from flowmesh.contracts.streams import SCHEDULER_FLOWS
 from flowmesh.runtime.rpc import RpcClient
 from flowmesh.runtime.service import ServiceRuntime
 from flowmesh.scheduler import handlers
+from flowmesh.scheduler.deps import SchedulerDeps
 from flowmesh.scheduler.dispatcher import Dispatcher
 from flowmesh.scheduler.settings import SchedulerSettings
 from flowmesh.scheduler.sync import Sync
@@ -23,31 +24,26 @@ def create_app(settings: SchedulerSettings) -> ServiceRuntime:
     """The scheduler service, ready to run (``async with service.running(): ...``)."""
     service = ServiceRuntime("scheduler", settings, migrations=MIGRATIONS)
     sync = Sync(service.sessions, RpcClient(service.broker, timeout=settings.rpc_timeout_s))
-    dispatcher = Dispatcher(service.sessions, settings)
-    handlers.register(service.rpc, service.sessions, sync, dispatcher, event_workers=settings.event_workers)
-    background: list[asyncio.Task[None]] = []
+    deps = SchedulerDeps(service.sessions, sync, Dispatcher(service.sessions, settings))
+    service.rpc.include(handlers.router, deps)
+    service.consumers.each(
+        SCHEDULER_FLOWS,
+        handlers.flow_announced,
+        deps,
+        workers=settings.event_workers,
+        malformed=handlers.unreadable_announcement,
+    )
 
     async def catch_up() -> None:
         # the flows service may not be up yet: keep trying; schedules already known fire meanwhile
         while True:
             try:
-                await sync.rebuild_if_behind(service.broker.connection.jetstream())
+                await sync.rebuild_if_behind(service.js)
                 return
             except Exception as exc:
                 log.warning("checking for missed flow announcements failed, retrying: %s", exc)
                 await asyncio.sleep(REBUILD_RETRY_S)
 
-    @service.on_start
-    async def start() -> None:
-        dispatcher.start(service.broker.connection.jetstream())
-        background.append(asyncio.create_task(catch_up(), name="scheduler-catch-up"))
-
-    @service.on_stop
-    async def stop() -> None:
-        for task in background:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await dispatcher.stop()
-
+    service.resource(lambda: deps.dispatcher.running(service.js))
+    service.background(catch_up, name="scheduler-catch-up")
     return service

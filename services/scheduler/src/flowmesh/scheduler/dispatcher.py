@@ -21,7 +21,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Final
@@ -116,6 +116,15 @@ class Dispatcher:
         """Claim and fire in the background until :meth:`stop`."""
         self._js = js
         self._loop = asyncio.create_task(self._run(), name="scheduler-dispatch")
+
+    @contextlib.asynccontextmanager
+    async def running(self, js: JetStreamContext) -> AsyncIterator[Dispatcher]:
+        """Claim and fire for the duration of the block (a service resource)."""
+        self.start(js)
+        try:
+            yield self
+        finally:
+            await self.stop()
 
     def wake(self) -> None:
         """Something comes due sooner than the next poll (a timer set for now): claim at once."""

@@ -4,77 +4,48 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC
-from typing import Any
-
-from faststream import AckPolicy
-from faststream.nats import JStream, PullSub
-from pydantic import ValidationError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from flowmesh.contracts.ids import utcnow
 from flowmesh.contracts.models.flows import FlowEvent
 from flowmesh.contracts.models.timers import TimerCancelled, TimerRef, TimerSet
-from flowmesh.contracts.streams import FLOWS, SCHEDULER_FLOWS
-from flowmesh.contracts.subjects import FLOWS_EVENTS_ALL, SchedulerOp
-from flowmesh.runtime.nats import Message
-from flowmesh.runtime.rpc import RpcContext, RpcServer
+from flowmesh.contracts.subjects import SchedulerOp
+from flowmesh.runtime.consumers import Delivery
+from flowmesh.runtime.rpc import RpcContext, RpcRouter
 from flowmesh.scheduler import repo
-from flowmesh.scheduler.dispatcher import Dispatcher
-from flowmesh.scheduler.sync import Sync
+from flowmesh.scheduler.deps import SchedulerDeps
 
 log = logging.getLogger(__name__)
 
+router: RpcRouter[SchedulerDeps] = RpcRouter()
+"""The timer operations; served with the service's :class:`SchedulerDeps`."""
 
-def register(
-    rpc: RpcServer,
-    sessions: async_sessionmaker[AsyncSession],
-    sync: Sync,
-    dispatcher: Dispatcher,
-    *,
-    event_workers: int,
-) -> None:
-    """Serve the timer operations and consume flow announcements (shared durable consumer)."""
 
-    @rpc.handler(SchedulerOp.TIMER_SET, tenant_required=False)
-    async def timer_set(_: RpcContext, body: Any) -> TimerSet:
-        """Arm or move a timer; stored (committed) before the reply, so it survives any crash after."""
-        timer = TimerSet.model_validate(body)
-        due_at = timer.due_at if timer.due_at.tzinfo is not None else timer.due_at.replace(tzinfo=UTC)
-        async with sessions.begin() as s:
-            await repo.set_timer(
-                s, owner=timer.owner, key=timer.key, due_at=due_at, payload=timer.payload, now=utcnow()
-            )
-        if due_at <= utcnow() + dispatcher.lookahead:
-            dispatcher.wake()
-        return timer.model_copy(update={"due_at": due_at})
+@router.handler(SchedulerOp.TIMER_SET, tenant_required=False)
+async def timer_set(timer: TimerSet, _: RpcContext, deps: SchedulerDeps) -> TimerSet:
+    """Arm or move a timer; stored (committed) before the reply, so it survives any crash after."""
+    due_at = timer.due_at if timer.due_at.tzinfo is not None else timer.due_at.replace(tzinfo=UTC)
+    async with deps.sessions.begin() as s:
+        await repo.set_timer(s, owner=timer.owner, key=timer.key, due_at=due_at, payload=timer.payload, now=utcnow())
+    if due_at <= utcnow() + deps.dispatcher.lookahead:
+        deps.dispatcher.wake()
+    return timer.model_copy(update={"due_at": due_at})
 
-    @rpc.handler(SchedulerOp.TIMER_CANCEL, tenant_required=False)
-    async def timer_cancel(_: RpcContext, body: Any) -> TimerCancelled:
-        ref = TimerRef.model_validate(body)
-        async with sessions.begin() as s:
-            return TimerCancelled(cancelled=await repo.cancel_timer(s, owner=ref.owner, key=ref.key))
 
-    @rpc.broker.subscriber(
-        FLOWS_EVENTS_ALL,
-        stream=JStream(FLOWS.name, declare=False),
-        durable=SCHEDULER_FLOWS.durable,
-        pull_sub=PullSub(batch_size=16, timeout=1.0),
-        max_workers=event_workers,
-        ack_policy=AckPolicy.MANUAL,
-    )
-    async def flow_announced(body: dict[str, Any], msg: Message) -> None:
-        """A flow or trigger changed: reconcile the schedules it may concern."""
-        seq = msg.raw_message.metadata.sequence.stream
-        try:
-            try:
-                event = FlowEvent.model_validate(body)
-            except ValidationError as exc:
-                log.warning("ignoring a malformed flow announcement: %s", exc)
-                await sync.passed(seq=seq)
-            else:
-                await sync.announced(event, seq=seq)
-        except Exception as exc:
-            log.warning("applying flow announcement %s failed, it will be redelivered: %s", seq, exc)
-            await msg.nack(delay=1.0)
-            return
-        await msg.ack()
+@router.handler(SchedulerOp.TIMER_CANCEL, tenant_required=False)
+async def timer_cancel(ref: TimerRef, _: RpcContext, deps: SchedulerDeps) -> TimerCancelled:
+    """Disarm a timer (whether it was armed or not)."""
+    async with deps.sessions.begin() as s:
+        return TimerCancelled(cancelled=await repo.cancel_timer(s, owner=ref.owner, key=ref.key))
+
+
+async def flow_announced(event: FlowEvent, msg: Delivery, deps: SchedulerDeps) -> None:
+    """A flow or trigger changed: reconcile the schedules it may concern (shared durable consumer)."""
+    await deps.sync.announced(event, seq=msg.seq)
+
+
+async def unreadable_announcement(msg: Delivery, deps: SchedulerDeps) -> None:
+    """An announcement that cannot be read is passed over, but its place in the stream is recorded.
+
+    The sequence is how the scheduler knows, at start, whether it missed announcements.
+    """
+    await deps.sync.passed(seq=msg.seq)

@@ -1,4 +1,4 @@
-"""Plans as data, and the per-tenant quota snapshots kept in the ``fm_quota`` KV bucket (DESIGN §6).
+"""Plans as data, and the per-tenant quota snapshots kept in the ``fm_quota`` KV bucket.
 
 A snapshot is a :class:`TenantQuota`: the tenant's limits and this month's metered runs. The
 metering refreshes it after every batch that started runs of the tenant, and a plan change right
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Iterable, Sequence
 from typing import Final
 
@@ -30,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from flowmesh.contracts.ids import utcnow
 from flowmesh.contracts.models.usage import Plan, TenantQuota, quota_key
+from flowmesh.runtime.cache import TtlCache
 from flowmesh.usage import repo
 from flowmesh.usage.domain import Period, merge_quota, month_of
 from flowmesh.usage.domain import tenant_quota as build_quota
@@ -45,17 +45,16 @@ class PlanBook:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], *, default: str, ttl_s: float) -> None:
         self._sessions = sessions
         self.default = default
-        self._ttl = ttl_s
-        self._plans: dict[str, Plan] = {}
-        self._until = 0.0
+        # an empty table is not kept: read again until the plans are there
+        self._plans: TtlCache[None, dict[str, Plan]] = TtlCache(ttl_s, ttl_of=lambda plans: ttl_s if plans else 0)
 
     async def plans(self) -> dict[str, Plan]:
         """Every plan by name."""
-        if time.monotonic() >= self._until or not self._plans:
-            async with self._sessions() as s:
-                self._plans = await repo.load_plans(s)
-            self._until = time.monotonic() + self._ttl
-        return self._plans
+        return await self._plans.get(None, self._load)
+
+    async def _load(self) -> dict[str, Plan]:
+        async with self._sessions() as s:
+            return await repo.load_plans(s)
 
     async def plan(self, name: str) -> Plan:
         """A plan by name; a name the table no longer has reads as the default plan."""

@@ -1,0 +1,22 @@
+"""What the usage service's handlers work with, built once per process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from flowmesh.usage.keys import KeyStore
+from flowmesh.usage.meter import Meter
+from flowmesh.usage.quota import PlanBook, QuotaSnapshots
+
+
+@dataclass(frozen=True, slots=True)
+class UsageDeps:
+    """The usage service's collaborators, given to every handler."""
+
+    sessions: async_sessionmaker[AsyncSession]
+    plans: PlanBook
+    snapshots: QuotaSnapshots
+    keys: KeyStore
+    meter: Meter
