@@ -8,10 +8,9 @@ so that a redelivery answers the first run and starts none.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any, Final
 
 from aiohttp import web
@@ -22,9 +21,10 @@ from flowmesh.contracts.models.runs import RunAccepted
 from flowmesh.contracts.subjects import FLOWS_EVENTS_ALL, FlowsOp, RunsOp
 from flowmesh.gateway import keys, webhooks
 from flowmesh.gateway.body import MESSAGE_HEADROOM, check_fits
+from flowmesh.gateway.hookcache import HookCache
 from flowmesh.gateway.openapi.operation import Operation, Raw
 from flowmesh.gateway.routes.common import json_response
-from flowmesh.gateway.webhooks import Hook, HookCache
+from flowmesh.gateway.webhooks import Hook
 
 log = logging.getLogger(__name__)
 
@@ -119,46 +119,7 @@ def _start_run(request: web.Request, hook: Hook, raw: bytes, msg_id: str | None)
     )
 
 
-class Lookups:
-    """Tokens to hooks: cached, and at most one question to the flows service per token at a time.
-
-    Without the single flight, every delivery in flight when an entry expires would ask again.
-    """
-
-    def __init__(self, cache: HookCache) -> None:
-        self.cache = cache
-        self._pending: dict[str, asyncio.Task[Hook]] = {}
-
-    async def get(self, token: str, ask: Callable[[], Awaitable[Any]]) -> Hook:
-        """The hook of ``token``; ``ask()`` fetches the flows service's answer on a miss."""
-        hook = self.cache.get(token, time.monotonic())
-        if hook is not None:
-            return hook
-        task = self._pending.get(token)
-        if task is None:
-            task = asyncio.create_task(self._fetch(token, ask))
-            self._pending[token] = task
-            task.add_done_callback(lambda t: self._done(token, t))
-        # shielded: a sender hanging up does not cancel the lookup others wait for
-        return await asyncio.shield(task)
-
-    async def _fetch(self, token: str, ask: Callable[[], Awaitable[Any]]) -> Hook:
-        generation = self.cache.generation
-        try:
-            found = await ask()
-        except NotFound as exc:
-            raise webhooks.not_found() from exc
-        hook = Hook.of(WebhookTarget.model_validate(found))
-        self.cache.put(token, hook, time.monotonic(), generation=generation)
-        return hook
-
-    def _done(self, token: str, task: asyncio.Task[Hook]) -> None:
-        self._pending.pop(token, None)
-        if not task.cancelled():
-            task.exception()  # retrieved: waiters raise it; none left is not an unhandled error
-
-
-HOOKS: Final = web.AppKey("hooks", Lookups)
+HOOKS: Final = web.AppKey("hooks", HookCache)
 
 
 async def _hook(request: web.Request, token: str) -> Hook:
@@ -166,10 +127,14 @@ async def _hook(request: web.Request, token: str) -> Hook:
     if not webhooks.plausible_token(token):
         raise webhooks.not_found()
 
-    def ask() -> Awaitable[Any]:
-        return request.app[keys.RPC].call(
-            FlowsOp.WEBHOOK, WebhookLookup(token=token), tenant="", traceparent=request[keys.TRACEPARENT]
-        )
+    async def ask() -> Hook:
+        try:
+            found = await request.app[keys.RPC].call(
+                FlowsOp.WEBHOOK, WebhookLookup(token=token), tenant="", traceparent=request[keys.TRACEPARENT]
+            )
+        except NotFound as exc:
+            raise webhooks.not_found() from exc
+        return Hook.of(WebhookTarget.model_validate(found))
 
     return await request.app[HOOKS].get(token, ask)
 
@@ -186,7 +151,7 @@ async def _body(request: web.Request) -> bytes:
 
 async def _watch_flows(app: web.Application) -> AsyncIterator[None]:
     """Drop cached lookups of a flow as soon as the flows service announces a change to it."""
-    cache = app[HOOKS].cache
+    cache = app[HOOKS]
     subscriber = app[keys.BROKER].subscriber(
         FLOWS_EVENTS_ALL, persistent=False, no_reply=True
     )  # every replica: no queue
@@ -206,6 +171,6 @@ async def _watch_flows(app: web.Application) -> AsyncIterator[None]:
 
 def setup(app: web.Application) -> None:
     """Add the webhook route, its lookup cache and the cache's invalidation (after NATS connects)."""
-    app[HOOKS] = Lookups(HookCache(ttl_s=LOOKUP_TTL_S))
+    app[HOOKS] = HookCache(ttl_s=LOOKUP_TTL_S)
     app.cleanup_ctx.append(_watch_flows)
     app.add_routes(routes)
