@@ -286,14 +286,17 @@ async def export_flow(request: web.Request) -> web.Response:
 )
 async def import_flow(request: web.Request) -> web.Response:
     """A new draft from an export document; webhook triggers get new URLs (shown once, here)."""
-    raw = await read_json(request)
+    flow = await call(request, FlowsOp.IMPORT, _export_document(await read_json(request)))
+    for trigger in flow.get("triggers", []):
+        absolute_url(request, trigger)
+    return _with_etag(flow, status=201)
+
+
+def _export_document(raw: object) -> FlowExport:
+    """An export document read strictly; another ``formatVersion`` is refused by name before its fields."""
     if isinstance(raw, dict) and "formatVersion" in raw and raw["formatVersion"] != 1:
         raise InvalidInput(
             f"unsupported formatVersion {raw['formatVersion']!r}; this server reads formatVersion 1",
             errors=[FieldError(path="/formatVersion", message="must be 1")],
         )
-    doc = parse_strict(FlowExport, raw)
-    flow = await call(request, FlowsOp.IMPORT, doc)
-    for trigger in flow.get("triggers", []):
-        absolute_url(request, trigger)
-    return _with_etag(flow, status=201)
+    return parse_strict(FlowExport, raw)

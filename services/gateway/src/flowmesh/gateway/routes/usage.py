@@ -158,13 +158,19 @@ async def set_tenant_plan(request: web.Request) -> web.Response:
     if not request[keys.PRINCIPAL].is_admin:
         raise Forbidden("only a platform admin (role admin) may change a tenant's plan")
     body = await read_body(request, PlanAssignment)
+    ref = PlanRef(tenant_id=_tenant_id(request), plan=body.plan)
+    return json_response(await call(request, UsageOp.PLAN_SET, ref))
+
+
+def _tenant_id(request: web.Request) -> str:
+    """The tenant of the path, refused (422) when longer than a tenant id can be."""
     tenant_id = request.match_info["tenant_id"]
     if len(tenant_id) > MAX_TENANT_ID:
         raise InvalidInput(
             f"a tenant id has at most {MAX_TENANT_ID} characters",
             errors=[FieldError(path="/tenantId", message=f"at most {MAX_TENANT_ID} characters")],
         )
-    return json_response(await call(request, UsageOp.PLAN_SET, PlanRef(tenant_id=tenant_id, plan=body.plan)))
+    return tenant_id
 
 
 def plan_lookup(app: web.Application) -> PlanLookup:
