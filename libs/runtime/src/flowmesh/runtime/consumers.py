@@ -47,6 +47,7 @@ from pydantic import ValidationError
 from flowmesh.contracts.errors import FlowmeshError
 from flowmesh.contracts.streams import ALL_STREAMS, ConsumerSpec
 from flowmesh.runtime.db import database_unavailable
+from flowmesh.runtime.nats import JS_SETUP_TIMEOUT_S
 from flowmesh.runtime.rpc import request_parser
 from flowmesh.runtime.settings import NatsLogin
 
@@ -63,8 +64,6 @@ IDLE_WAIT_S: Final = 5.0
 MIN_FETCH_S: Final = 0.01
 RETRY_S: Final = 1.0
 """Pause before binding a consumer again after a failed pull (NATS restarting, the consumer gone)."""
-JS_SETUP_TIMEOUT_S: Final = 20.0
-"""Timeout of creating a consumer: a Raft proposal, slow on a cluster that just formed."""
 STOP_GRACE_S: Final = 10.0
 """How long stopping waits for the handlers in flight."""
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
 import asyncpg
 import orjson
-from sqlalchemy.engine import make_url
+from sqlalchemy import Select, func, select
+from sqlalchemy.engine import RowMapping, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
@@ -84,3 +89,39 @@ def database_unavailable(exc: BaseException) -> bool:
         orig = getattr(current, "orig", None)
         current = orig if isinstance(orig, BaseException) else (current.__cause__ or current.__context__)
     return False
+
+
+@contextlib.asynccontextmanager
+async def snapshot(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
+    """A read-only session whose statements all see one snapshot of the database (REPEATABLE READ).
+
+    Under READ COMMITTED each statement sees the rows committed before it began: a page read in
+    one statement and its total in another can disagree when a write lands between them.
+    """
+    async with sessions() as session:
+        await session.connection(execution_options={"isolation_level": "REPEATABLE READ", "postgresql_readonly": True})
+        yield session
+
+
+PAGE_TOTAL = "page_total_"
+"""The label of the window count :func:`read_page` adds to the page's columns."""
+
+
+async def read_page(
+    session: AsyncSession, items: Select[Any], *, offset: int, limit: int
+) -> tuple[Sequence[RowMapping], int]:
+    """One page of ``items`` (a select with its ORDER BY) and how many rows match, from one snapshot.
+
+    The page and the count are one statement (a window count is taken before OFFSET/LIMIT). A page
+    past the end has no row to carry the count: it is counted apart, which agrees with the empty
+    page only within one snapshot, so read lists in a :func:`snapshot` session.
+    The rows carry the count under :data:`PAGE_TOTAL` too; callers ignore it.
+    """
+    counted = items.add_columns(func.count().over().label(PAGE_TOTAL)).offset(offset).limit(limit)
+    rows = (await session.execute(counted)).mappings().all()
+    if rows:
+        return rows, int(rows[0][PAGE_TOTAL])
+    if not offset:
+        return rows, 0
+    matching = items.order_by(None).subquery()
+    return rows, int((await session.execute(select(func.count()).select_from(matching))).scalar_one())

@@ -47,6 +47,7 @@ from flowmesh.contracts.subjects import FlowEventType, FlowsOp, flow_event
 from flowmesh.flows import domain, repo, triggers
 from flowmesh.flows.deps import FlowsDeps
 from flowmesh.flows.validation import referenced_flows, validate_flow
+from flowmesh.runtime.db import snapshot
 from flowmesh.runtime.rpc import RpcContext, RpcRouter
 
 router: RpcRouter[FlowsDeps] = RpcRouter()
@@ -153,7 +154,7 @@ async def create(flow: FlowCreate, ctx: RpcContext, deps: FlowsDeps) -> Flow:
 
 @router.handler(FlowsOp.LIST)
 async def list_(q: FlowListQuery, ctx: RpcContext, deps: FlowsDeps) -> Page[Any]:
-    async with deps.sessions() as s:
+    async with snapshot(deps.sessions) as s:
         items, total = await repo.list_flows(
             s, tenant=ctx.tenant, status=q.status, q=q.q, offset=q.offset, limit=q.page_size
         )
@@ -255,7 +256,7 @@ async def publish(ref: FlowRef, ctx: RpcContext, deps: FlowsDeps) -> PublishResu
 
 @router.handler(FlowsOp.VERSIONS)
 async def versions(q: VersionsQuery, ctx: RpcContext, deps: FlowsDeps) -> Page[FlowVersion]:
-    async with deps.sessions() as s:
+    async with snapshot(deps.sessions) as s:
         await _flow(s, ctx, q.flow_id)
         items, total = await repo.list_versions(
             s, tenant=ctx.tenant, flow_id=q.flow_id, offset=q.offset, limit=q.page_size

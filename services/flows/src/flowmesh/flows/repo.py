@@ -13,6 +13,7 @@ from flowmesh.contracts.models import Flow, FlowSummary, FlowVersion, Trigger
 from flowmesh.contracts.models.schedules import FlowState, ScheduleSource
 from flowmesh.flows.domain import status_of
 from flowmesh.flows.tables import flow_versions, flows, outbox, triggers
+from flowmesh.runtime.db import read_page
 from flowmesh.runtime.outbox import enqueue
 
 _SUMMARY_COLUMNS = [c for c in flows.c if c.name not in ("definition", "input_schema", "settings", "deleted_at")]
@@ -74,7 +75,7 @@ async def get_flow(session: AsyncSession, *, tenant: str, flow_id: str, for_upda
 async def list_flows(
     session: AsyncSession, *, tenant: str, status: str | None, q: str | None, offset: int, limit: int
 ) -> tuple[list[FlowSummary], int]:
-    """One page of the tenant's flows, newest update first, and the total matching."""
+    """One page of the tenant's flows, newest update first, and the total matching (read in a snapshot)."""
     where = [flows.c.tenant_id == tenant, flows.c.deleted_at.is_(None)]
     if status == "draft":
         where.append(flows.c.latest_version.is_(None))
@@ -83,15 +84,8 @@ async def list_flows(
     if q:
         escaped = q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         where.append(flows.c.name.ilike(f"%{escaped}%", escape="\\"))
-    page = (
-        select(*_SUMMARY_COLUMNS)
-        .where(*where)
-        .order_by(flows.c.updated_at.desc(), flows.c.id.desc())
-        .offset(offset)
-        .limit(limit)
-    )
-    rows = (await session.execute(page)).mappings().all()
-    total = (await session.execute(select(func.count()).select_from(flows).where(*where))).scalar_one()
+    page = select(*_SUMMARY_COLUMNS).where(*where).order_by(flows.c.updated_at.desc(), flows.c.id.desc())
+    rows, total = await read_page(session, page, offset=offset, limit=limit)
     return [FlowSummary(**_summary_fields(r)) for r in rows], total
 
 
@@ -158,18 +152,10 @@ async def get_version(session: AsyncSession, *, tenant: str, flow_id: str, versi
 async def list_versions(
     session: AsyncSession, *, tenant: str, flow_id: str, offset: int, limit: int
 ) -> tuple[list[FlowVersion], int]:
-    """A page of a flow's versions, newest first, and how many there are."""
+    """A page of a flow's versions, newest first, and how many there are (read in a snapshot)."""
     where = (flow_versions.c.flow_id == flow_id, flow_versions.c.tenant_id == tenant)
-    rows = (
-        (
-            await session.execute(
-                select(flow_versions).where(*where).order_by(flow_versions.c.version.desc()).offset(offset).limit(limit)
-            )
-        )
-        .mappings()
-        .all()
-    )
-    total = (await session.execute(select(func.count()).select_from(flow_versions).where(*where))).scalar_one()
+    page = select(flow_versions).where(*where).order_by(flow_versions.c.version.desc())
+    rows, total = await read_page(session, page, offset=offset, limit=limit)
     return [_version(r) for r in rows], total
 
 
