@@ -13,16 +13,9 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from flowmesh.gateway import middleware
 from flowmesh.gateway.app import create_app
-from flowmesh.gateway.openapi import (
-    ERRORS,
-    OPERATIONS,
-    PROBLEM_JSON,
-    REGENERATE,
-    UndocumentedRoute,
-    app_operations,
-    build_openapi,
-    dumps,
-)
+from flowmesh.gateway.openapi.components import ERRORS, PROBLEM_JSON, REGENERATE
+from flowmesh.gateway.openapi.document import IMPLICIT_METHODS, UndocumentedRoute, app_routes, build_openapi, dumps
+from flowmesh.gateway.openapi.operation import Operation, Undocumented, documentation_of
 from flowmesh.gateway.routes import docs
 from flowmesh.gateway.settings import GatewaySettings
 
@@ -40,11 +33,19 @@ def document(app: web.Application) -> dict[str, Any]:
     return build_openapi(app)
 
 
-def test_every_route_has_an_entry_and_every_entry_a_route(app: web.Application) -> None:
-    entries = {(op.method, op.path) for op in OPERATIONS}
-    served = app_operations(app)
-    assert not served - entries, f"routes without an OpenAPI entry: {sorted(served - entries)}"
-    assert not entries - served, f"OpenAPI entries for routes the app does not serve: {sorted(entries - served)}"
+def test_every_route_documents_itself_and_the_document_has_each_once(
+    app: web.Application, document: dict[str, Any]
+) -> None:
+    served = {
+        (r.method, r.resource.canonical): documentation_of(r.handler)
+        for r in app.router.routes()
+        if r.resource is not None and r.method not in IMPLICIT_METHODS
+    }
+    bare = sorted(key for key, doc in served.items() if doc is None)
+    assert not bare, f"routes whose handler has no @Operation: {bare}"
+    documented = {key for key, doc in served.items() if isinstance(doc, Operation)}
+    assert {(r.method, r.path) for r in app_routes(app)} == documented
+    assert sum(len(item) for item in document["paths"].values()) == len(documented)
 
 
 def test_an_undocumented_route_is_refused(app: web.Application) -> None:
@@ -53,6 +54,22 @@ def test_an_undocumented_route_is_refused(app: web.Application) -> None:
 
     app.router.add_post("/api/v1/secret-door", handler)
     with pytest.raises(UndocumentedRoute, match="POST /api/v1/secret-door"):
+        build_openapi(app)
+
+
+def test_a_route_left_out_says_why_and_is_not_in_the_document(document: dict[str, Any]) -> None:
+    reason = documentation_of(docs.docs_asset)
+    assert isinstance(reason, Undocumented) and "assets" in reason.reason
+    assert not any(path.startswith("/docs/static") for path in document["paths"])
+
+
+def test_two_routes_with_one_operation_id_are_refused(app: web.Application) -> None:
+    @Operation("getRun", "A copy of getRun", tag="runs", responses={200: None})
+    async def handler(_: web.Request) -> web.Response:
+        return web.Response()
+
+    app.router.add_get("/api/v1/runs-again", handler)
+    with pytest.raises(ValueError, match="getRun"):
         build_openapi(app)
 
 

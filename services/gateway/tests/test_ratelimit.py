@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from flowmesh.contracts.errors import RateLimited
@@ -144,3 +146,20 @@ async def test_a_tenant_whose_plan_changes_gets_the_new_rate() -> None:
     plans["acme"] = "pro"
     for _ in range(200):
         await limiter.admit("acme")
+
+
+async def test_concurrent_requests_of_a_tenant_ask_its_plan_once() -> None:
+    asked: list[str] = []
+    release = asyncio.Event()
+
+    async def lookup(tenant: str) -> str:
+        asked.append(tenant)
+        await release.wait()
+        return "pro"
+
+    source = PlanSource("free", lookup, ttl_s=60)
+    waiting = [asyncio.create_task(source.plan_of("acme")) for _ in range(5)]
+    await asyncio.sleep(0)
+    release.set()
+    assert {p.name for p in await asyncio.gather(*waiting)} == {"pro"}
+    assert asked == ["acme"]

@@ -17,6 +17,7 @@ from typing import Final
 from flowmesh.contracts.errors import RateLimited
 from flowmesh.contracts.models.usage import Plan
 from flowmesh.contracts.plans import PLANS
+from flowmesh.runtime.cache import TtlCache
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,8 @@ PlanLookup = Callable[[str], Awaitable[str]]
 BURST_S: Final = 1.0
 """A bucket holds this many seconds of its rate: a client may send one second's worth at once."""
 PRUNE_EVERY_S: Final = 60.0
+MAX_TENANTS: Final = 10_000
+"""Plans remembered at most (memory stays bounded however many tenants send requests)."""
 
 
 @dataclass(slots=True)
@@ -68,11 +71,12 @@ def retry_after(wait_s: float) -> int:
 
 
 class PlanSource:
-    """A tenant's plan, remembered for ``ttl_s``.
+    """A tenant's plan, remembered for ``ttl_s``, asked once at a time per tenant.
 
     Until the usage service answers plans (P6), every tenant is on ``default``; give ``lookup`` to
     ask it instead. A failing lookup never fails the request: the last known plan, or the default,
-    is used (logged).
+    is used (logged) and remembered like an answer, so a usage service that is down is not asked
+    again on every request.
     """
 
     def __init__(
@@ -80,31 +84,29 @@ class PlanSource:
     ) -> None:
         self._default = PLANS[default]
         self._lookup = lookup or self._answer_default
-        self._ttl = ttl_s
-        self._clock = clock
-        self._cache: dict[str, tuple[Plan, float]] = {}
+        self._plans: TtlCache[str, Plan] = TtlCache(ttl_s, maxsize=MAX_TENANTS, clock=clock)
+        self._known: dict[str, Plan] = {}
+        """The last plan each tenant was answered, kept past its time to live for when the lookup fails."""
 
     async def plan_of(self, tenant: str) -> Plan:
         """The tenant's plan."""
-        now = self._clock()
-        cached = self._cache.get(tenant)
-        if cached is not None and cached[1] > now:
-            return cached[0]
-        plan = await self._ask(tenant, cached[0] if cached is not None else self._default)
-        if len(self._cache) > 10_000:
-            self._cache = {t: c for t, c in self._cache.items() if c[1] > now}
-        self._cache[tenant] = (plan, now + self._ttl)
-        return plan
+        return await self._plans.get(tenant, lambda: self._ask(tenant))
 
     async def _answer_default(self, _: str) -> str:
         return self._default.name
 
-    async def _ask(self, tenant: str, fallback: Plan) -> Plan:
+    async def _ask(self, tenant: str) -> Plan:
+        fallback = self._known.get(tenant, self._default)
         try:
-            return PLANS[await self._lookup(tenant)]
+            plan = PLANS[await self._lookup(tenant)]
         except Exception:
             log.warning("the plan of tenant %r is unknown; using %s", tenant, fallback.name, exc_info=True)
             return fallback
+        self._known.pop(tenant, None)
+        self._known[tenant] = plan
+        if len(self._known) > MAX_TENANTS:
+            del self._known[next(iter(self._known))]  # the tenant answered longest ago
+        return plan
 
 
 class RateLimiter:

@@ -1,4 +1,4 @@
-"""Public webhooks (DESIGN §6 ``/hooks/{token}``, §8): signatures, run input, the lookup cache. Pure.
+"""Public webhooks (DESIGN §6 ``/hooks/{token}``, §8): signatures, run input, what a trigger accepts. Pure.
 
 A signed trigger follows Standard Webhooks: ``webhook-signature`` carries one or more
 space-separated ``v1,<base64 HMAC-SHA256 of "{webhook-id}.{webhook-timestamp}.{raw body}">``,
@@ -405,47 +405,6 @@ class Hook:
             raise Conflict(
                 "this webhook's flow is deactivated; its owner can activate it with POST /api/v1/flows/{id}/activate"
             )
-
-
-class HookCache:
-    """Token → :class:`Hook` for a few seconds, dropped early when the flow is announced as changed.
-
-    ``generation`` guards the race of a lookup answered before a change but stored after its
-    announcement: a lookup started before any invalidation is not stored.
-    """
-
-    def __init__(self, *, ttl_s: float, max_entries: int = 10_000) -> None:
-        self.ttl_s = ttl_s
-        self.max_entries = max_entries
-        self.generation = 0
-        self._entries: dict[str, tuple[float, Hook]] = {}
-
-    def get(self, token: str, now: float) -> Hook | None:
-        """The cached hook of a token, if still fresh."""
-        hit = self._entries.get(token)
-        if hit is None:
-            return None
-        if hit[0] <= now:
-            del self._entries[token]
-            return None
-        return hit[1]
-
-    def put(self, token: str, hook: Hook, now: float, *, generation: int) -> None:
-        """Remember a lookup started at ``generation`` (skipped if the cache was invalidated since)."""
-        if generation != self.generation:
-            return
-        if len(self._entries) >= self.max_entries:
-            self._entries.clear()
-        self._entries[token] = (now + self.ttl_s, hook)
-
-    def forget_flow(self, flow_id: str) -> None:
-        """A flow or one of its triggers changed: its hooks are looked up again."""
-        self.generation += 1
-        for token in [t for t, (_, hook) in self._entries.items() if hook.flow_id == flow_id]:
-            del self._entries[token]
-
-    def __len__(self) -> int:
-        return len(self._entries)
 
 
 def not_found() -> NotFound:

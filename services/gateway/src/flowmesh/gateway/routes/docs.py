@@ -15,7 +15,8 @@ from typing import Final
 from aiohttp import web
 
 from flowmesh.contracts.errors import NotFound
-from flowmesh.gateway.openapi import build_openapi
+from flowmesh.gateway.openapi.document import build_openapi
+from flowmesh.gateway.openapi.operation import Operation, Raw, Undocumented
 
 routes = web.RouteTableDef()
 
@@ -61,6 +62,14 @@ def static_dir() -> Path:
 
 
 @routes.get("/openapi.json")
+@Operation(
+    "openapi",
+    "This document",
+    tag="operations",
+    responses={200: Raw({"application/json": {"type": "object"}})},
+    public=True,
+    calls_service=False,
+)
 async def openapi_json(request: web.Request) -> web.Response:
     """The OpenAPI 3.1 document of this gateway (built once per application)."""
     body = _documents.get(request.app)
@@ -71,12 +80,21 @@ async def openapi_json(request: web.Request) -> web.Response:
 
 
 @routes.get("/docs")
+@Operation(
+    "docs",
+    "Interactive documentation of this API (Swagger UI, served locally)",
+    tag="operations",
+    responses={200: Raw({"text/html": {"type": "string"}})},
+    public=True,
+    calls_service=False,
+)
 async def docs(_: web.Request) -> web.Response:
     """Swagger UI over ``/openapi.json``."""
     return web.Response(text=PAGE, content_type="text/html")
 
 
 @routes.get("/docs/static/{name}")
+@Undocumented("the docs page's own assets (Swagger UI's script, style and icons)")
 async def docs_asset(request: web.Request) -> web.FileResponse:
     """One of the docs page's assets."""
     name = request.match_info["name"]

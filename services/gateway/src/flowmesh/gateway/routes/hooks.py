@@ -8,21 +8,23 @@ so that a redelivery answers the first run and starts none.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any, Final
 
 from aiohttp import web
 
 from flowmesh.contracts.errors import NotFound, PayloadTooLarge
 from flowmesh.contracts.models.rpc import StartRun, WebhookLookup, WebhookTarget
+from flowmesh.contracts.models.runs import RunAccepted
 from flowmesh.contracts.subjects import FLOWS_EVENTS_ALL, FlowsOp, RunsOp
 from flowmesh.gateway import keys, webhooks
 from flowmesh.gateway.body import MESSAGE_HEADROOM, check_fits
+from flowmesh.gateway.hookcache import HookCache
+from flowmesh.gateway.openapi.operation import Operation, Raw
 from flowmesh.gateway.routes.common import json_response
-from flowmesh.gateway.webhooks import Hook, HookCache
+from flowmesh.gateway.webhooks import Hook
 
 log = logging.getLogger(__name__)
 
@@ -33,24 +35,71 @@ routes = web.RouteTableDef()
 
 
 @routes.post("/api/v1/hooks/{token}")
+@Operation(
+    "deliverWebhook",
+    "Start a run from a webhook (no JWT: the URL's token is the credential)",
+    tag="triggers",
+    responses={202: RunAccepted},
+    errors=(400, 401, 403, 404, 409, 413, 415, 422),
+    notes={
+        400: "A body sent as JSON that is not JSON, a form that is not UTF-8, or a malformed `webhook-id`.",
+        415: "A text body in an unknown charset, or binary.",
+        413: "The body is over 1 MiB, or too large once wrapped as a run input.",
+        422: "The body cannot be kept as a run input (nested over 64 levels, or holding a NUL character).",
+        202: "Accepted: the run is durable and will reach a final state; a redelivery (same `webhook-id`) "
+        "gets the same run.",
+        401: "A signed trigger and a missing, stale (over 5 minutes) or wrong Standard Webhooks signature.",
+        403: "The plan's monthly runs are used up (`quota-exceeded`).",
+        404: "No webhook has this URL.",
+        409: "The trigger is disabled, or the flow is deactivated or has no published version.",
+    },
+    description=(
+        "The run's input is `{body, headers, query}`: `body` is the parsed JSON or form, else the text; "
+        "`headers` a safe subset. A signed trigger needs the Standard Webhooks headers."
+    ),
+    body=Raw(
+        {
+            "application/json": {},
+            "application/x-www-form-urlencoded": {"type": "object", "additionalProperties": {"type": "string"}},
+            "text/plain": {"type": "string"},
+        }
+    ),
+    headers=("WebhookId", "WebhookTimestamp", "WebhookSignature"),
+    public=True,
+)
 async def deliver(request: web.Request) -> web.Response:
     """Accept one delivery: 202 ``{runId}`` (the same run again for a redelivered ``webhook-id``)."""
     hook = await _hook(request, request.match_info["token"])
     await request.app[keys.LIMITER].admit(hook.tenant_id)  # the tenant's plan limits its webhooks too
     raw = await _body(request)
-    msg_id: str | None
-    if hook.signed:
-        msg_id = webhooks.verify(
-            hook.keys,
-            msg_id=request.headers.get(webhooks.WEBHOOK_ID),
-            timestamp=request.headers.get(webhooks.WEBHOOK_TIMESTAMP),
-            signature=request.headers.get(webhooks.WEBHOOK_SIGNATURE),
-            body=raw,
-            now=time.time(),
-        )
-    else:
-        msg_id = webhooks.delivery_id(request.headers.get(webhooks.WEBHOOK_ID))
+    msg_id = _delivery_id(request, hook, raw)
     hook.check_accepting()
+    result = await request.app[keys.RPC].call(
+        RunsOp.START,
+        _start_run(request, hook, raw, msg_id),
+        tenant=hook.tenant_id,
+        sub=f"webhook:{hook.trigger_id}",
+        traceparent=request[keys.TRACEPARENT],
+    )
+    return json_response({"runId": result["run"]["id"]}, status=202)
+
+
+def _delivery_id(request: web.Request, hook: Hook, raw: bytes) -> str | None:
+    """The delivery's ``webhook-id``; a signed trigger's signature and timestamp are checked first (401)."""
+    if not hook.signed:
+        return webhooks.delivery_id(request.headers.get(webhooks.WEBHOOK_ID))
+    return webhooks.verify(
+        hook.keys,
+        msg_id=request.headers.get(webhooks.WEBHOOK_ID),
+        timestamp=request.headers.get(webhooks.WEBHOOK_TIMESTAMP),
+        signature=request.headers.get(webhooks.WEBHOOK_SIGNATURE),
+        body=raw,
+        now=time.time(),
+    )
+
+
+def _start_run(request: web.Request, hook: Hook, raw: bytes, msg_id: str | None) -> StartRun:
+    """The run to start: the delivery as ``{body, headers, query}``, keyed by its ``webhook-id`` when given."""
     run_input = webhooks.run_input(
         webhooks.parse_body(raw, request.content_type, request.charset),
         webhooks.safe_headers(request.headers.items()),
@@ -61,63 +110,16 @@ async def deliver(request: web.Request) -> web.Response:
         request.app[keys.BROKER].connection.max_payload - MESSAGE_HEADROOM,
         "the run input (body, headers and query)",
     )
-    req = StartRun(
+    return StartRun(
         flow_id=hook.flow_id,
         input=run_input,
         idempotency_key=webhooks.idempotency_key(hook.trigger_id, msg_id),
         trigger_type="webhook",
         trigger_id=hook.trigger_id,
     )
-    result = await request.app[keys.RPC].call(
-        RunsOp.START,
-        req,
-        tenant=hook.tenant_id,
-        sub=f"webhook:{hook.trigger_id}",
-        traceparent=request[keys.TRACEPARENT],
-    )
-    return json_response({"runId": result["run"]["id"]}, status=202)
 
 
-class Lookups:
-    """Tokens to hooks: cached, and at most one question to the flows service per token at a time.
-
-    Without the single flight, every delivery in flight when an entry expires would ask again.
-    """
-
-    def __init__(self, cache: HookCache) -> None:
-        self.cache = cache
-        self._pending: dict[str, asyncio.Task[Hook]] = {}
-
-    async def get(self, token: str, ask: Callable[[], Awaitable[Any]]) -> Hook:
-        """The hook of ``token``; ``ask()`` fetches the flows service's answer on a miss."""
-        hook = self.cache.get(token, time.monotonic())
-        if hook is not None:
-            return hook
-        task = self._pending.get(token)
-        if task is None:
-            task = asyncio.create_task(self._fetch(token, ask))
-            self._pending[token] = task
-            task.add_done_callback(lambda t: self._done(token, t))
-        # shielded: a sender hanging up does not cancel the lookup others wait for
-        return await asyncio.shield(task)
-
-    async def _fetch(self, token: str, ask: Callable[[], Awaitable[Any]]) -> Hook:
-        generation = self.cache.generation
-        try:
-            found = await ask()
-        except NotFound as exc:
-            raise webhooks.not_found() from exc
-        hook = Hook.of(WebhookTarget.model_validate(found))
-        self.cache.put(token, hook, time.monotonic(), generation=generation)
-        return hook
-
-    def _done(self, token: str, task: asyncio.Task[Hook]) -> None:
-        self._pending.pop(token, None)
-        if not task.cancelled():
-            task.exception()  # retrieved: waiters raise it; none left is not an unhandled error
-
-
-HOOKS: Final = web.AppKey("hooks", Lookups)
+HOOKS: Final = web.AppKey("hooks", HookCache)
 
 
 async def _hook(request: web.Request, token: str) -> Hook:
@@ -125,10 +127,14 @@ async def _hook(request: web.Request, token: str) -> Hook:
     if not webhooks.plausible_token(token):
         raise webhooks.not_found()
 
-    def ask() -> Awaitable[Any]:
-        return request.app[keys.RPC].call(
-            FlowsOp.WEBHOOK, WebhookLookup(token=token), tenant="", traceparent=request[keys.TRACEPARENT]
-        )
+    async def ask() -> Hook:
+        try:
+            found = await request.app[keys.RPC].call(
+                FlowsOp.WEBHOOK, WebhookLookup(token=token), tenant="", traceparent=request[keys.TRACEPARENT]
+            )
+        except NotFound as exc:
+            raise webhooks.not_found() from exc
+        return Hook.of(WebhookTarget.model_validate(found))
 
     return await request.app[HOOKS].get(token, ask)
 
@@ -145,7 +151,7 @@ async def _body(request: web.Request) -> bytes:
 
 async def _watch_flows(app: web.Application) -> AsyncIterator[None]:
     """Drop cached lookups of a flow as soon as the flows service announces a change to it."""
-    cache = app[HOOKS].cache
+    cache = app[HOOKS]
     subscriber = app[keys.BROKER].subscriber(
         FLOWS_EVENTS_ALL, persistent=False, no_reply=True
     )  # every replica: no queue
@@ -165,6 +171,6 @@ async def _watch_flows(app: web.Application) -> AsyncIterator[None]:
 
 def setup(app: web.Application) -> None:
     """Add the webhook route, its lookup cache and the cache's invalidation (after NATS connects)."""
-    app[HOOKS] = Lookups(HookCache(ttl_s=LOOKUP_TTL_S))
+    app[HOOKS] = HookCache(ttl_s=LOOKUP_TTL_S)
     app.cleanup_ctx.append(_watch_flows)
     app.add_routes(routes)

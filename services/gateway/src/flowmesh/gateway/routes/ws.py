@@ -18,13 +18,14 @@ from flowmesh.contracts.errors import BadRequest, Forbidden, Unauthorized
 from flowmesh.contracts.models import FlowRef
 from flowmesh.contracts.models.base import MAX_INT4
 from flowmesh.contracts.models.rpc import RunEventsQuery, RunRef
-from flowmesh.contracts.models.ws import BEARER_PREFIX, SUBPROTOCOL, WsClose, WsTicket
+from flowmesh.contracts.models.ws import BEARER_PREFIX, SUBPROTOCOL, WsClose, WsEvent, WsSnapshot, WsTicket
 from flowmesh.contracts.streams import WS_TICKET_TTL_S
 from flowmesh.contracts.subjects import FlowsOp, RunsOp
 from flowmesh.gateway import keys
 from flowmesh.gateway.auth import Principal
 from flowmesh.gateway.cors import CorsPolicy
 from flowmesh.gateway.live import FILL_PAGE, Watcher
+from flowmesh.gateway.openapi.operation import Operation
 from flowmesh.gateway.routes.common import call, json_response
 
 routes = web.RouteTableDef()
@@ -36,7 +37,27 @@ DIRECT_WRITE_LIMIT = 64 * 1024
 """Above this many bytes waiting in the connection, frames queue and are sent with flow control."""
 
 
+def _handshake(messages: str) -> str:
+    """The OpenAPI description of a live route: its handshake, then the ``messages`` it sends."""
+    return (
+        f"A WebSocket handshake (DESIGN §7). Offer the subprotocols `{SUBPROTOCOL}` and `{BEARER_PREFIX}<token>` "
+        "(browsers cannot set an Authorization header on a WebSocket), or pass `?ticket=` from "
+        f"`POST /api/v1/ws-tickets`; the server selects `{SUBPROTOCOL}`. `Origin`, when sent, must be one of the "
+        "CORS origins. A refused handshake is an ordinary problem+json response, never a stream. Messages (server "
+        f"to client, JSON text frames): {messages}. Keep-alive is WebSocket ping frames every 20 s; a client that "
+        "falls 1,000 events behind is closed with code 1013 and reconnects with `?after=<last seq>`; a stopping "
+        "gateway closes with 1001."
+    )
+
+
 @routes.post("/api/v1/ws-tickets")
+@Operation(
+    "createWsTicket",
+    "A single-use, 30-second credential for a browser's WebSocket (`?ticket=`)",
+    tag="live",
+    responses={201: WsTicket},
+    calls_service=False,
+)
 async def create_ticket(request: web.Request) -> web.Response:
     """A single-use, 30-second credential for a browser's WebSocket (``?ticket=``)."""
     principal = request[keys.PRINCIPAL]
@@ -48,6 +69,36 @@ async def create_ticket(request: web.Request) -> web.Response:
 
 
 @routes.get("/ws/runs/{run_id}")
+@Operation(
+    "watchRun",
+    "Live run: a snapshot, then every event (WebSocket)",
+    tag="live",
+    responses={101: None},
+    errors=(400, 401, 403, 404),
+    notes={
+        101: "Switching to the WebSocket protocol `flowmesh.v1`.",
+        400: "`after` is not an integer ≥ 0.",
+        401: "No credentials, or an invalid token or ticket.",
+        403: "The `Origin` is not allowed.",
+    },
+    description=_handshake(
+        "without `after`, first `WsSnapshot` (`{type: snapshot, run, steps, seq}`), then `WsEvent` "
+        "(`{type: event, seq, event}`) for every event with a greater `seq`; with `?after=k`, no snapshot, "
+        "every event after `k` from history then live — never a gap or a duplicate"
+    ),
+    query_params=(
+        {
+            "name": "after",
+            "in": "query",
+            "required": False,
+            "description": "Replay the events after this `seq` instead of sending a snapshot.",
+            "schema": {"type": "integer", "minimum": 0, "maximum": MAX_INT4},
+        },
+    ),
+    headers=("SecWebSocketProtocol",),
+    websocket=True,
+    messages=(WsSnapshot, WsEvent),
+)
 async def watch_run(request: web.Request) -> web.StreamResponse:
     """A run's snapshot then its live events; with ``?after=seq``, its events after ``seq`` then live."""
     after = _after(request)
@@ -56,7 +107,7 @@ async def watch_run(request: web.Request) -> web.StreamResponse:
     run = await call(request, RunsOp.GET, RunRef(run_id=run_id))  # 404 for another tenant's run
     subject = subjects.run_events_of_run(run["tenantId"], run["flowId"], run_id)
     ws = _socket()
-    watcher = Watcher(ws.send_str, _direct(request, ws), _history(request), flusher=request.app[keys.FLUSHER])
+    watcher = _watcher(request, ws)
     hub = request.app[keys.HUB]
     try:
         # live first, then the state: nothing published after the snapshot's read is missed (and
@@ -78,6 +129,35 @@ async def watch_run(request: web.Request) -> web.StreamResponse:
 
 
 @routes.get("/ws/flows/{flow_id}")
+@Operation(
+    "watchFlow",
+    "Live flow: every event of every run of the flow (WebSocket)",
+    tag="live",
+    responses={101: None},
+    errors=(400, 401, 403, 404),
+    notes={
+        101: "Switching to the WebSocket protocol `flowmesh.v1`.",
+        400: "`since` is not an RFC 3339 time with a zone.",
+        401: "No credentials, or an invalid token or ticket.",
+        403: "The `Origin` is not allowed.",
+    },
+    description=_handshake(
+        "`WsEvent` (`{type: event, seq, event}`, the event carries its `runId`) for every event of every "
+        "run of the flow from the moment of connecting; `?since=` first replays the history from then"
+    ),
+    query_params=(
+        {
+            "name": "since",
+            "in": "query",
+            "required": False,
+            "description": "First replay the flow's events since this time (RFC 3339 with a zone).",
+            "schema": {"type": "string", "format": "date-time"},
+        },
+    ),
+    headers=("SecWebSocketProtocol",),
+    websocket=True,
+    messages=(WsEvent,),
+)
 async def watch_flow(request: web.Request) -> web.StreamResponse:
     """Every event of every run of a flow from now on; ``?since=<RFC 3339>`` first replays history."""
     since = _since(request)
@@ -86,7 +166,7 @@ async def watch_flow(request: web.Request) -> web.StreamResponse:
     await call(request, FlowsOp.GET, FlowRef(flow_id=flow_id))  # 404 for another tenant's flow
     subject = subjects.run_events_of_flow(request[keys.PRINCIPAL].tenant, flow_id)
     ws = _socket()
-    watcher = Watcher(ws.send_str, _direct(request, ws), _history(request), flusher=request.app[keys.FLUSHER])
+    watcher = _watcher(request, ws)
     hub = request.app[keys.HUB]
     replay = None
     try:
@@ -150,6 +230,11 @@ def _socket() -> web.WebSocketResponse:
     return web.WebSocketResponse(
         protocols=(SUBPROTOCOL,), heartbeat=HEARTBEAT_S, max_msg_size=64 * 1024, compress=False
     )
+
+
+def _watcher(request: web.Request, ws: web.WebSocketResponse) -> Watcher:
+    """What writes events to ``ws``: straight to the connection when it can, filling gaps from run history."""
+    return Watcher(ws.send_str, _direct(request, ws), _history(request), flusher=request.app[keys.FLUSHER])
 
 
 async def _open(request: web.Request, ws: web.WebSocketResponse) -> None:
