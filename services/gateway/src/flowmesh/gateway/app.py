@@ -1,4 +1,4 @@
-"""The gateway: the only public door (DESIGN §1, §6 to §8)."""
+"""The gateway: the only public door: HTTP and WebSocket, JWT, the only thing clients reach."""
 
 from __future__ import annotations
 

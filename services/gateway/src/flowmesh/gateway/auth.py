@@ -1,4 +1,4 @@
-"""JWT verification (DESIGN §8): HS256 with a secret, RS256/ES256 from a JWKS with ``kid`` rotation.
+"""JWT verification: HS256 with a secret, RS256/ES256 from a JWKS with ``kid`` rotation.
 
 The key is chosen by the token's algorithm family, and each family only ever uses its own key
 source, so a token signed with HS256 using the public RSA key (algorithm confusion) and ``alg=none``

@@ -1,4 +1,4 @@
-"""Reading request bodies and queries into contract models, strictly (DESIGN §3, §6)."""
+"""Reading request bodies and queries into contract models, strictly: unknown fields and loose types are refused, not ignored."""
 
 from __future__ import annotations
 

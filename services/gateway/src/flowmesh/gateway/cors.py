@@ -1,4 +1,4 @@
-"""CORS (DESIGN §6): allowed origins from ``FLOWMESH_CORS_ORIGINS``, a small middleware.
+"""CORS: allowed origins from ``FLOWMESH_CORS_ORIGINS``, a small middleware.
 
 aiohttp-cors wants every route registered with it and is barely maintained; our needs are one
 origin list for every route, which these few lines cover.

@@ -1,4 +1,4 @@
-"""Request rate limits per tenant, by plan (DESIGN §6): a token bucket per tenant in each gateway replica.
+"""Request rate limits per tenant, by plan: a token bucket per tenant in each gateway replica.
 
 Buckets live in the replica's memory, so with N replicas behind a load balancer a tenant gets up to
 N times its plan's rate. Sharing them (a KV round trip per request) would cost more than the limit

@@ -1,4 +1,4 @@
-"""Settings of the gateway (DESIGN §8, §10)."""
+"""Settings of the gateway: authentication, limits, CORS, where the services answer."""
 
 from __future__ import annotations
 

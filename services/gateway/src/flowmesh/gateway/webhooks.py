@@ -1,4 +1,4 @@
-"""Public webhooks (DESIGN §6 ``/hooks/{token}``, §8): signatures, run input, what a trigger accepts. Pure.
+"""Public webhooks (``/hooks/{token}``, no JWT): signatures, run input, what a trigger accepts. Pure.
 
 A signed trigger follows Standard Webhooks: ``webhook-signature`` carries one or more
 space-separated ``v1,<base64 HMAC-SHA256 of "{webhook-id}.{webhook-timestamp}.{raw body}">``,
@@ -335,7 +335,7 @@ def _check_storable(value: JsonValue, where: str) -> None:
 
 
 def run_input(body: JsonValue, headers: dict[str, str], query: dict[str, JsonValue]) -> dict[str, JsonValue]:
-    """The input of the run a delivery starts (DESIGN §6).
+    """The input of the run a delivery starts: the body, the headers and the query, as the flow's ``input``.
 
     Raises:
         InvalidInput: a header or query value holds a NUL character.

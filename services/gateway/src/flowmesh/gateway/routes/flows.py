@@ -1,4 +1,4 @@
-"""``/api/v1/flows``: flow CRUD, forwarded to the flows service (DESIGN §6)."""
+"""``/api/v1/flows``: flow CRUD, forwarded to the flows service."""
 
 from __future__ import annotations
 

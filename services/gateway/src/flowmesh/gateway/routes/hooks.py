@@ -1,4 +1,4 @@
-"""``POST /api/v1/hooks/{token}``: public webhooks start runs, no JWT (DESIGN §6, §8).
+"""``POST /api/v1/hooks/{token}``: public webhooks start runs, no JWT.
 
 The token decides the tenant. Checks, in order: the token names a webhook (404), the body is
 within the limit (413), a signed trigger's signature and timestamp (401), the trigger and its

@@ -1,4 +1,4 @@
-"""``/api/v1/flows/{id}/runs`` and ``/api/v1/runs``: start, read and control runs (DESIGN §5, §6)."""
+"""``/api/v1/flows/{id}/runs`` and ``/api/v1/runs``: start, read and control runs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Usage, flow statistics, BYOK keys and plans: forwarded to the usage service (DESIGN §6, §8)."""
+"""Usage, flow statistics, BYOK keys and plans: forwarded to the usage service."""
 
 from __future__ import annotations
 

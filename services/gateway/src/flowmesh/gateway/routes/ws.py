@@ -1,4 +1,4 @@
-"""Live runs over WebSocket (DESIGN §7): ``/ws/runs/{runId}``, ``/ws/flows/{flowId}``, and tickets."""
+"""Live runs over WebSocket: ``/ws/runs/{runId}``, ``/ws/flows/{flowId}``, and tickets."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from flowmesh.gateway.routes.common import call, json_response
 routes = web.RouteTableDef()
 
 HEARTBEAT_S = 20.0
-"""WebSocket ping frames (no JSON pings), DESIGN §7."""
+"""WebSocket ping frames (no JSON pings): browsers answer them without any code."""
 SEND_BUFFER_BYTES = 64 * 1024
 DIRECT_WRITE_LIMIT = 64 * 1024
 """Above this many bytes waiting in the connection, frames queue and are sent with flow control."""
@@ -40,7 +40,7 @@ DIRECT_WRITE_LIMIT = 64 * 1024
 def _handshake(messages: str) -> str:
     """The OpenAPI description of a live route: its handshake, then the ``messages`` it sends."""
     return (
-        f"A WebSocket handshake (DESIGN §7). Offer the subprotocols `{SUBPROTOCOL}` and `{BEARER_PREFIX}<token>` "
+        f"A WebSocket handshake. Offer the subprotocols `{SUBPROTOCOL}` and `{BEARER_PREFIX}<token>` "
         "(browsers cannot set an Authorization header on a WebSocket), or pass `?ticket=` from "
         f"`POST /api/v1/ws-tickets`; the server selects `{SUBPROTOCOL}`. `Origin`, when sent, must be one of the "
         "CORS origins. A refused handshake is an ordinary problem+json response, never a stream. Messages (server "
