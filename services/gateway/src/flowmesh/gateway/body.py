@@ -1,4 +1,7 @@
-"""Reading request bodies and queries into contract models, strictly: unknown fields and loose types are refused, not ignored."""
+"""Reading request bodies and queries into contract models, strictly.
+
+Unknown fields and loose types are refused, not ignored: a typo is an error the client sees.
+"""
 
 from __future__ import annotations
 

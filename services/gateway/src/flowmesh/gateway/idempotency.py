@@ -245,8 +245,9 @@ SERVICE_ANSWERS_REPEATS: Final = frozenset({"/api/v1/flows/{flow_id}/runs"})
 """Routes whose service de-duplicates by the same key itself, durably, and answers a repeat on its own.
 
 A run start passes the key to the runner, which keeps it with the run for ever and answers a repeat
-200 with the run as it is now (a retried start must never start a second run). Here the gateway record only guards the key: a concurrent
-duplicate is a 409 and another request with the key a 422; a completed one is forwarded, not replayed.
+200 with the run as it is now (a retried start must never start a second run). Here the gateway
+record only guards the key: a concurrent duplicate is a 409 and another request with the key a 422;
+a completed one is forwarded, not replayed.
 """
 IN_FLIGHT_MARGIN_S: Final = 10.0
 """An in-flight claim lasts this much longer than the request timeout (replicas' clocks may differ a little)."""

@@ -28,7 +28,8 @@ from flowmesh.contracts.streams import RUN_EVENTS
 log = logging.getLogger(__name__)
 
 MAX_BEHIND: Final = 1000
-"""A watcher this many messages behind is closed with 1013 (try again later): each watcher's queue is bounded, so one slow client never holds the gateway's memory."""
+"""A watcher this many messages behind is closed with 1013 (try again later):
+each watcher's queue is bounded, so one slow client never holds the gateway's memory."""
 FLUSH_DELAY_S: Final = 0.003
 """How long frames collect before they are written (one change's events usually arrive within it)."""
 GAP_WAIT_S: Final = 0.2

@@ -7,9 +7,8 @@ from typing import Annotated, Any, Final, Literal
 from pydantic import (
     Field,
     JsonValue,
-    SerializerFunctionWrapHandler,
     WithJsonSchema,
-    model_serializer,
+    field_serializer,
     model_validator,
 )
 
@@ -92,12 +91,11 @@ class StepRun(WireModel):
 
 
 class RunEvent(WireModel):
-    """A run lifecycle event, with a per-run gap-free ``seq`` from 1.
+    """A run lifecycle event, with a per-run gap-free ``seq`` from 1."""
 
-    ``data`` is the model of the event's ``type`` (:data:`~flowmesh.contracts.models.run_events.EVENT_DATA`):
-    one ``RunEvent.model_validate`` reads the envelope and its data. Written, ``data`` keeps exactly
-    the keys it was given (nulls included), whatever the envelope's own options.
-    """
+    # ``data`` is read as the model of the event's ``type`` (run_events.EVENT_DATA), so one
+    # ``RunEvent.model_validate`` reads the envelope and its data; written, ``data`` keeps exactly the
+    # keys it was given (nulls included), whatever the envelope's own dump options.
 
     id: str
     seq: int = Field(ge=1)
@@ -122,12 +120,9 @@ class RunEvent(WireModel):
             value = {**value, "data": event_data(str(value.get("type")), value.get("data"))}
         return value
 
-    @model_serializer(mode="wrap")
-    def _data_as_given(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        out: dict[str, Any] = handler(self)
-        if "data" in out:
-            out["data"] = self.data.dump()
-        return out
+    @field_serializer("data")
+    def _data_as_given(self, data: EventData) -> dict[str, Any]:
+        return data.dump()
 
 
 assert set(EVENT_DATA) == set(RUN_EVENT_TYPES), "every run event type has its data model"

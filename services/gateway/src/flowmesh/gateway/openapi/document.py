@@ -41,6 +41,7 @@ BODY_ERRORS: Final = (400, 413, 415, 422)
 """What reading a JSON body can answer: unreadable, too large, not JSON, not valid."""
 
 _PARAM = re.compile(r"\{([^}:]+)(?::[^}]*)?\}")
+_REF = re.compile(r"#/components/schemas/([^\"]+)")
 
 Refs = Mapping[tuple[type[BaseModel], JsonSchemaMode], JsonSchema]
 """A model (in a mode) to its ``$ref`` in ``components.schemas``."""
@@ -161,7 +162,20 @@ def _model_schemas(routes: list[Route]) -> tuple[Refs, JsonSchema]:
         name = refs[(model, "validation")]["$ref"].rsplit("/", 1)[1]
         defs[name] = {**defs[name], "additionalProperties": False}
     typed = {(m, mode): ref for (m, mode), ref in refs.items() if issubclass(m, BaseModel)}
-    return typed, dict(sorted(defs.items()))
+    return typed, _used(defs, {ref["$ref"] for ref in typed.values()})
+
+
+def _used(defs: JsonSchema, roots: set[str]) -> JsonSchema:
+    """The schemas reachable from ``roots``: pydantic also emits a model whose schema a field replaced."""
+    seen: set[str] = set()
+    todo = [r.rsplit("/", 1)[1] for r in roots]
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in defs:
+            continue
+        seen.add(name)
+        todo += _REF.findall(json.dumps(defs[name]))
+    return {name: defs[name] for name in sorted(seen)}
 
 
 def _openapi_path(path: str) -> str:
