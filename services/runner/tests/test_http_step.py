@@ -12,7 +12,8 @@ import pytest
 
 from flowmesh.contracts.models.definition import HttpData
 from flowmesh.runner import io_steps
-from flowmesh.runner.io_steps import HttpStep, forbidden_address
+from flowmesh.runner.addresses import forbidden_address
+from flowmesh.runner.io_steps import HttpStep
 
 
 @pytest.fixture(scope="module")

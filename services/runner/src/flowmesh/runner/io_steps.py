@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import socket
 from collections.abc import Awaitable, Callable, Mapping
@@ -23,8 +22,10 @@ from flowmesh.contracts.expressions import ExpressionError, render
 from flowmesh.contracts.models.definition import HttpData, LlmData, PublishData
 from flowmesh.contracts.models.usage import KEYS_REVEAL_ROLE, RevealedKey, RevealKey
 from flowmesh.contracts.subjects import UsageOp, out_message
+from flowmesh.runner.addresses import forbidden_address
 from flowmesh.runner.llm import base_url, build_request, read_completion, redact
 from flowmesh.runner.outcome import Outcome
+from flowmesh.runner.urls import render_url, same_origin, without_credentials
 from flowmesh.runtime.rpc import RpcClient
 
 MAX_REDIRECTS: Final = 5
@@ -34,14 +35,6 @@ SAFE_RESPONSE_HEADERS: Final = ("content-type", "content-length", "etag", "last-
 
 class PrivateAddressError(OSError):
     """The target resolves to an address http steps may not reach."""
-
-
-def forbidden_address(address: str) -> bool:
-    """Private, loopback, link-local, multicast, reserved or unspecified: not for http steps by default."""
-    ip = ipaddress.ip_address(address)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved or ip.is_unspecified
 
 
 class UnsupportedUrl(ValueError):
@@ -98,18 +91,21 @@ class HttpStep:
         """One attempt; network errors, timeouts, 408, 429 and 5xx are retryable."""
         assert self._session is not None
         try:
-            url = str(render(data.url, context))
+            target = render_url(data.url, context)
             headers = {str(k): str(v) for k, v in render(data.headers, context).items()}
             query = {str(k): str(v) for k, v in render(data.query, context).items()}
             body = render(data.body, context)
         except ExpressionError as exc:
             return Outcome.failure(str(exc), "expression")
+        except ValueError as exc:
+            return Outcome.failure(f"the URL is not valid: {exc}", "configuration")
+        url = str(target)
         headers["Idempotency-Key"] = idempotency_key
         request = {"method": data.method, "url": url, "headers": headers, "query": query}
         timeout = (data.timeout_ms or self.default_timeout_ms) / 1000
         try:
             async with asyncio.timeout(timeout):
-                status, resp_headers, payload = await self._follow(data.method, url, headers, query, body)
+                status, resp_headers, payload = await self._follow(data.method, target, headers, query, body)
         except TimeoutError:
             return _with_input(
                 Outcome.failure(f"no response from {url} within {timeout:g}s", "timeout", retryable=True), request
@@ -119,6 +115,8 @@ class HttpStep:
         except UnsupportedUrl as exc:
             return _with_input(Outcome.failure(str(exc), "configuration"), request)
         except (aiohttp.ClientError, OSError, ValueError) as exc:
+            if refused := _refused(exc):
+                return _with_input(Outcome.failure(str(refused), "forbidden-address"), request)
             return _with_input(Outcome.failure(f"request to {url} failed: {exc}", "network", retryable=True), request)
         output = {"status": status, "headers": resp_headers, "body": payload}
         if isinstance(payload, _TooLarge):
@@ -141,17 +139,21 @@ class HttpStep:
         return failure
 
     async def _follow(
-        self, method: str, url: str, headers: dict[str, str], query: dict[str, str], body: Any
+        self, method: str, url: URL, headers: dict[str, str], query: dict[str, str], body: Any
     ) -> tuple[int, dict[str, str], Any]:
+        """The request and its redirects; once one leaves the first origin, credentials stay behind."""
         assert self._session is not None
+        origin = url
         for _ in range(MAX_REDIRECTS + 1):
-            self._check_literal(url)
+            self._check_literal(str(url))
             kwargs: dict[str, Any] = {"headers": headers, "params": query or None, "allow_redirects": False}
             if body is not None and method not in ("GET", "HEAD"):
                 kwargs["json"] = body
             async with self._session.request(method, url, **kwargs) as resp:
                 if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
-                    url = urljoin(str(resp.url), resp.headers["Location"])
+                    url = URL(urljoin(str(resp.url), resp.headers["Location"]))
+                    if not same_origin(url, origin):
+                        headers = without_credentials(headers)
                     if resp.status == 303 or (resp.status in (301, 302) and method == "POST"):
                         method, body = "GET", None
                     query = {}
@@ -195,6 +197,13 @@ class HttpStep:
             return  # a name: the resolver checks what it resolves to
         if literal:
             raise PrivateAddressError(f"{host} is a private address; http and llm steps may not reach it")
+
+
+def _refused(exc: BaseException) -> PrivateAddressError | None:
+    """The guard's refusal behind a connection error (aiohttp wraps what the resolver raises), or None."""
+    if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(exc.os_error, PrivateAddressError):
+        return exc.os_error
+    return None
 
 
 async def _read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
@@ -293,7 +302,10 @@ class LlmStep:
         except ResponseTooLarge as exc:
             outcome = Outcome.failure(str(exc), "response-too-large")
         except (aiohttp.ClientError, OSError, ValueError) as exc:
-            outcome = Outcome.failure(f"request to {request.url} failed: {exc}", "network", retryable=True)
+            if refused := _refused(exc):
+                outcome = Outcome.failure(str(refused), "forbidden-address")
+            else:
+                outcome = Outcome.failure(f"request to {request.url} failed: {exc}", "network", retryable=True)
         return redact(_with_input(outcome, request.record), key)
 
     async def _key(self, tenant: str, provider: str) -> str | Outcome:
