@@ -1,11 +1,13 @@
 """The SSRF guard against every special-purpose range (IANA registries), with a stubbed resolver.
 
 No packet leaves the process: a name "resolves" to the address under test through a stand-in for
-the system resolver, and a refused address ends the request before any connection.
+the system resolver, a refused address ends the request before any connection, and the event
+loop's ``sock_connect`` fails the test should the guard ever let one through.
 """
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
@@ -125,9 +127,15 @@ class StubResolver:
         pass
 
 
+async def no_connect(sock: socket.socket, address: Any) -> None:
+    raise AssertionError(f"the guard let a connection to {address} through")
+
+
 @pytest.fixture
 async def guarded(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[HttpStep]:
     monkeypatch.setattr(io_steps, "DefaultResolver", StubResolver)
+    # should the guard let an address through, the test fails here instead of sending a packet
+    monkeypatch.setattr(asyncio.get_running_loop(), "sock_connect", no_connect)
     s = HttpStep(allow_private=False, max_bytes=1024, default_timeout_ms=2000)
     await s.start()
     try:
