@@ -30,6 +30,7 @@ from flowmesh.contracts.errors import (
     FlowmeshError,
     GatewayTimeout,
     InvalidInput,
+    ReplyTooLarge,
     ServiceUnavailable,
     from_problem,
 )
@@ -194,12 +195,36 @@ class RpcServer:
             started = time.perf_counter()
             reply, outcome = await _answer(subject, fn, msg, tenant_required)
             if msg.reply:
-                with contextlib.suppress(nats.errors.Error):
-                    await msg.respond(reply)
+                outcome = await self._respond(subject, msg.reply, reply, outcome)
             RPC_SERVED.labels(self.service, op, outcome).inc()
             RPC_SECONDS.labels(self.service, op).observe(time.perf_counter() - started)
 
         self._routes.append((subject, serve))
+
+    async def _respond(self, subject: str, inbox: str, reply: bytes, outcome: str) -> str:
+        """Send ``reply`` to ``inbox``; a reply that cannot be sent becomes an error answer, never silence.
+
+        The caller would otherwise wait out its timeout and see a 504, every time it asks again.
+        Replies carry no headers (the client reads only the body), so the body alone is held to the
+        connection's ``max_payload``, which the server enforces on headers and body together.
+        """
+        nc = self.broker.connection
+        if len(reply) > nc.max_payload:
+            log.warning("rpc %s: the reply is %d bytes, over max_payload %d", subject, len(reply), nc.max_payload)
+            detail = (
+                f"the answer is {len(reply)} bytes, over the messaging limit of {nc.max_payload} bytes; "
+                "ask for a smaller page"
+            )
+            reply, outcome = _error_reply(ReplyTooLarge(detail)), ReplyTooLarge.code
+        try:
+            await nc.publish(inbox, reply)
+        except nats.errors.Error as exc:
+            log.warning("rpc %s: the reply could not be sent: %r", subject, exc)
+            with contextlib.suppress(nats.errors.Error):  # the connection itself is gone: nothing more to do
+                failed = ServiceUnavailable(f"the answer could not be sent ({type(exc).__name__}); retry shortly")
+                await nc.publish(inbox, _error_reply(failed))
+            return "unsent"
+        return outcome
 
     async def start(self) -> None:
         """Subscribe every handler (in the service's queue group) on the broker's connection."""
