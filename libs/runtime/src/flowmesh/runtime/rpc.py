@@ -41,6 +41,9 @@ from flowmesh.runtime.metrics import RPC_CALLS, RPC_SECONDS, RPC_SERVED
 
 log = logging.getLogger(__name__)
 
+DEFAULT_REPLY_LIMIT = 1024 * 1024
+"""NATS's default ``max_payload``: the reply limit of a context built without a connection."""
+
 
 @dataclass(frozen=True, slots=True)
 class RpcContext:
@@ -50,6 +53,17 @@ class RpcContext:
     role: str
     subject: str
     traceparent: str | None
+    reply_limit: int = DEFAULT_REPLY_LIMIT
+    """The largest reply the connection can send (the server's ``max_payload``)."""
+
+    @property
+    def reply_budget(self) -> int:
+        """What a reply that may grow with what runs hold (pages, a run) should stay within.
+
+        Well under :attr:`reply_limit`: the reply is re-encoded on its way (the gateway's HTTP
+        answer), and a handler's measure need not be exact.
+        """
+        return self.reply_limit * 3 // 4
 
 
 Handler = Callable[[RpcContext, Any], Awaitable[Any]]
@@ -193,7 +207,8 @@ class RpcServer:
 
         async def serve(msg: Msg) -> None:
             started = time.perf_counter()
-            reply, outcome = await _answer(subject, fn, msg, tenant_required)
+            limit = self.broker.connection.max_payload
+            reply, outcome = await _answer(subject, fn, msg, tenant_required, limit)
             if msg.reply:
                 outcome = await self._respond(subject, msg.reply, reply, outcome)
             RPC_SERVED.labels(self.service, op, outcome).inc()
@@ -258,7 +273,7 @@ class RpcServer:
             await asyncio.wait(set(self._tasks), timeout=timeout)
 
 
-def _context(msg: Msg, *, tenant_required: bool) -> RpcContext:
+def _context(msg: Msg, *, tenant_required: bool, reply_limit: int = DEFAULT_REPLY_LIMIT) -> RpcContext:
     h = msg.headers or {}
     tenant = h.get(headers.TENANT, "")
     if tenant_required and not tenant:
@@ -268,13 +283,16 @@ def _context(msg: Msg, *, tenant_required: bool) -> RpcContext:
         role=h.get(headers.ROLE, "member"),
         subject=h.get(headers.SUBJECT, ""),
         traceparent=h.get(headers.TRACEPARENT),
+        reply_limit=reply_limit,
     )
 
 
-async def _answer(subject: str, fn: Handler, msg: Msg, tenant_required: bool) -> tuple[bytes, str]:
+async def _answer(
+    subject: str, fn: Handler, msg: Msg, tenant_required: bool, reply_limit: int = DEFAULT_REPLY_LIMIT
+) -> tuple[bytes, str]:
     """The reply to ``msg`` and the outcome label of the metrics: data, or the error it came to."""
     try:
-        ctx = _context(msg, tenant_required=tenant_required)
+        ctx = _context(msg, tenant_required=tenant_required, reply_limit=reply_limit)
         return _data_reply(await fn(ctx, _decode(msg.data))), "ok"
     except FlowmeshError as exc:
         return _error_reply(exc), exc.code
