@@ -144,6 +144,14 @@ class ServiceUnavailable(FlowmeshError):
     title = "Service unavailable"
 
 
+class ReplyTooLarge(FlowmeshError):
+    """A service's answer was too large to send over NATS (over the connection's ``max_payload``)."""
+
+    status = 502
+    code = "reply-too-large"
+    title = "Reply too large"
+
+
 class GatewayTimeout(FlowmeshError):
     """A service did not answer in time."""
 
@@ -169,6 +177,7 @@ _BY_CODE: dict[str, type[FlowmeshError]] = {
         InvalidInput,
         RateLimited,
         ServiceUnavailable,
+        ReplyTooLarge,
         GatewayTimeout,
     )
 }

@@ -30,6 +30,7 @@ from flowmesh.contracts.errors import (
     FlowmeshError,
     GatewayTimeout,
     InvalidInput,
+    ReplyTooLarge,
     ServiceUnavailable,
     from_problem,
 )
@@ -40,6 +41,9 @@ from flowmesh.runtime.metrics import RPC_CALLS, RPC_SECONDS, RPC_SERVED
 
 log = logging.getLogger(__name__)
 
+DEFAULT_REPLY_LIMIT = 1024 * 1024
+"""NATS's default ``max_payload``: the reply limit of a context built without a connection."""
+
 
 @dataclass(frozen=True, slots=True)
 class RpcContext:
@@ -49,6 +53,17 @@ class RpcContext:
     role: str
     subject: str
     traceparent: str | None
+    reply_limit: int = DEFAULT_REPLY_LIMIT
+    """The largest reply the connection can send (the server's ``max_payload``)."""
+
+    @property
+    def reply_budget(self) -> int:
+        """What a reply that may grow with what runs hold (pages, a run) should stay within.
+
+        Well under :attr:`reply_limit`: the reply is re-encoded on its way (the gateway's HTTP
+        answer), and a handler's measure need not be exact.
+        """
+        return self.reply_limit * 3 // 4
 
 
 Handler = Callable[[RpcContext, Any], Awaitable[Any]]
@@ -192,14 +207,39 @@ class RpcServer:
 
         async def serve(msg: Msg) -> None:
             started = time.perf_counter()
-            reply, outcome = await _answer(subject, fn, msg, tenant_required)
+            limit = self.broker.connection.max_payload
+            reply, outcome = await _answer(subject, fn, msg, tenant_required, limit)
             if msg.reply:
-                with contextlib.suppress(nats.errors.Error):
-                    await msg.respond(reply)
+                outcome = await self._respond(subject, msg.reply, reply, outcome)
             RPC_SERVED.labels(self.service, op, outcome).inc()
             RPC_SECONDS.labels(self.service, op).observe(time.perf_counter() - started)
 
         self._routes.append((subject, serve))
+
+    async def _respond(self, subject: str, inbox: str, reply: bytes, outcome: str) -> str:
+        """Send ``reply`` to ``inbox``; a reply that cannot be sent becomes an error answer, never silence.
+
+        The caller would otherwise wait out its timeout and see a 504, every time it asks again.
+        Replies carry no headers (the client reads only the body), so the body alone is held to the
+        connection's ``max_payload``, which the server enforces on headers and body together.
+        """
+        nc = self.broker.connection
+        if len(reply) > nc.max_payload:
+            log.warning("rpc %s: the reply is %d bytes, over max_payload %d", subject, len(reply), nc.max_payload)
+            detail = (
+                f"the answer is {len(reply)} bytes, over the messaging limit of {nc.max_payload} bytes; "
+                "ask for a smaller page"
+            )
+            reply, outcome = _error_reply(ReplyTooLarge(detail)), ReplyTooLarge.code
+        try:
+            await nc.publish(inbox, reply)
+        except nats.errors.Error as exc:
+            log.warning("rpc %s: the reply could not be sent: %r", subject, exc)
+            with contextlib.suppress(nats.errors.Error):  # the connection itself is gone: nothing more to do
+                failed = ServiceUnavailable(f"the answer could not be sent ({type(exc).__name__}); retry shortly")
+                await nc.publish(inbox, _error_reply(failed))
+            return "unsent"
+        return outcome
 
     async def start(self) -> None:
         """Subscribe every handler (in the service's queue group) on the broker's connection."""
@@ -233,7 +273,7 @@ class RpcServer:
             await asyncio.wait(set(self._tasks), timeout=timeout)
 
 
-def _context(msg: Msg, *, tenant_required: bool) -> RpcContext:
+def _context(msg: Msg, *, tenant_required: bool, reply_limit: int = DEFAULT_REPLY_LIMIT) -> RpcContext:
     h = msg.headers or {}
     tenant = h.get(headers.TENANT, "")
     if tenant_required and not tenant:
@@ -243,13 +283,16 @@ def _context(msg: Msg, *, tenant_required: bool) -> RpcContext:
         role=h.get(headers.ROLE, "member"),
         subject=h.get(headers.SUBJECT, ""),
         traceparent=h.get(headers.TRACEPARENT),
+        reply_limit=reply_limit,
     )
 
 
-async def _answer(subject: str, fn: Handler, msg: Msg, tenant_required: bool) -> tuple[bytes, str]:
+async def _answer(
+    subject: str, fn: Handler, msg: Msg, tenant_required: bool, reply_limit: int = DEFAULT_REPLY_LIMIT
+) -> tuple[bytes, str]:
     """The reply to ``msg`` and the outcome label of the metrics: data, or the error it came to."""
     try:
-        ctx = _context(msg, tenant_required=tenant_required)
+        ctx = _context(msg, tenant_required=tenant_required, reply_limit=reply_limit)
         return _data_reply(await fn(ctx, _decode(msg.data))), "ok"
     except FlowmeshError as exc:
         return _error_reply(exc), exc.code

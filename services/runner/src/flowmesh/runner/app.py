@@ -17,6 +17,7 @@ from flowmesh.contracts.streams import RUNNER_EVENTS, RUNNER_FLOWS, RUNNER_START
 from flowmesh.contracts.subjects import FLOWS_EVENTS_ALL
 from flowmesh.runner import handlers
 from flowmesh.runner.deps import RunnerDeps
+from flowmesh.runner.engine import OutputLimits
 from flowmesh.runner.io_steps import HttpStep, LlmStep, usage_key_reveal
 from flowmesh.runner.settings import RunnerSettings
 from flowmesh.runner.shell import Runner
@@ -53,6 +54,7 @@ def create_app(settings: RunnerSettings) -> ServiceRuntime:
         default_run_timeout_ms=settings.default_run_timeout_ms or None,
         llm=llm,
         quotas=quotas,
+        limits=OutputLimits(settings.step_output_max_bytes, settings.run_output_max_bytes),
     )
     deps = RunnerDeps(service.sessions, runner)
     service.rpc.include(handlers.router, deps)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Final
 
+import orjson
 from pydantic import ValidationError
 
 from flowmesh.contracts.errors import Conflict
@@ -59,6 +60,9 @@ MAX_EARLY_S: Final = 60.0
 """A timer that fires more than this before its deadline (by our clock) is not ours to wait for."""
 _ms = builtin_steps.whole_ms
 
+OUTPUT_TOO_LARGE: Final = "output-too-large"
+"""The error type of a step or a run whose output is over its limit (:class:`OutputLimits`)."""
+
 
 @dataclass(slots=True)
 class RunRecord:
@@ -86,6 +90,30 @@ class RunRecord:
     def final(self) -> bool:
         """Succeeded, failed, cancelled or timed out."""
         return self.status in FINAL_RUN_STATUSES
+
+
+@dataclass(frozen=True, slots=True)
+class OutputLimits:
+    """The largest output, as JSON, a step may record and a run may end with (0: no limit).
+
+    An output over its limit is not recorded: the step (or the run) fails with ``output-too-large``.
+    Every value a run holds then stays readable whole (a reply holds one NATS message), and a
+    template that multiplies its input cannot fill the database.
+    """
+
+    step_bytes: int = 1024 * 1024
+    run_bytes: int = 1024 * 1024
+
+    @staticmethod
+    def excess(value: Any, limit: int) -> int | None:
+        """The size of ``value`` as JSON when it is over ``limit`` bytes, else None."""
+        if limit <= 0 or value is None:
+            return None
+        try:
+            size = len(orjson.dumps(value))
+        except TypeError:  # not JSON: the store refuses it with its own error
+            return None
+        return size if size > limit else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +194,7 @@ class RunState:
     """Timers to arm or cancel after the commit, by key (the last word for a key wins)."""
     abandoned: list[str] = field(default_factory=list)
     """Steps waiting on child runs whose attempt timed out: their open child runs are to be cancelled."""
+    limits: OutputLimits = field(default_factory=OutputLimits)
     _context: dict[str, Any] | None = None
 
     # --- bookkeeping -----------------------------------------------------------------------------
@@ -326,10 +355,14 @@ class RunState:
         self.start_clock()
 
     def _finish(self, status: str, *, error: dict[str, Any] | None = None) -> None:
+        output = self.graph.output(self.steps) if status == "succeeded" else None
+        if (size := self.limits.excess(output, self.limits.run_bytes)) is not None:
+            message = f"the run's output is {size} bytes, over the limit of {self.limits.run_bytes} bytes"
+            status, output, error = "failed", None, {"message": message, "stepId": None, "type": OUTPUT_TOO_LARGE}
         self.run.status = status
         self.run.completed_at = self.now
         self.run.error = error
-        self.run.output = self.graph.output(self.steps) if status == "succeeded" else None
+        self.run.output = output
         for step_id, state in list(self.steps.items()):
             if not state.final:
                 self._set(step_id, _replace(state, status="cancelled", completed_at=self.now))
@@ -517,6 +550,9 @@ class RunState:
 
     def record(self, step: Step, attempt: int, outcome: Outcome) -> None:
         """Record an attempt's outcome: succeeded, retrying, or failed (handled, or failing the run)."""
+        if outcome.ok and (size := self.limits.excess(outcome.output, self.limits.step_bytes)) is not None:
+            message = f"step {step.id!r}: its output is {size} bytes, over the limit of {self.limits.step_bytes} bytes"
+            outcome = Outcome(ok=False, message=message, error_type=OUTPUT_TOO_LARGE, input=outcome.input)
         if outcome.ok:
             unhandled = self._unhandled(step, outcome)
             if unhandled is None:

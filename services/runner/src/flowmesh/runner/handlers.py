@@ -34,7 +34,7 @@ from flowmesh.contracts.models.timers import TimerFired
 from flowmesh.contracts.models.work import StepWork
 from flowmesh.contracts.models.ws import WsSnapshot
 from flowmesh.contracts.subjects import EVENTS_ALL, FlowEventType, RunsOp, tenant_token
-from flowmesh.runner import repo
+from flowmesh.runner import replies, repo
 from flowmesh.runner.deps import RunnerDeps
 from flowmesh.runtime.consumers import Delivery, Redeliver, Unprocessable
 from flowmesh.runtime.db import snapshot
@@ -61,32 +61,34 @@ async def _own_run(deps: RunnerDeps, ctx: RpcContext, run_id: str) -> Run:
 
 
 @router.handler(RunsOp.GET)
-async def get(ref: RunRef, ctx: RpcContext, deps: RunnerDeps) -> Run:
-    """One run of the caller's tenant."""
-    return await _own_run(deps, ctx, ref.run_id)
+async def get(ref: RunRef, ctx: RpcContext, deps: RunnerDeps) -> dict[str, Any]:
+    """One run of the caller's tenant (a value too large for a reply is left out: :mod:`.replies`)."""
+    return replies.run_reply(await _own_run(deps, ctx, ref.run_id), ctx.reply_budget)
 
 
 @router.handler(RunsOp.LIST)
-async def list_runs(q: RunListQuery, ctx: RpcContext, deps: RunnerDeps) -> Page[Run]:
-    """A page of the tenant's runs, newest first."""
-    if q.flow_id is not None and not is_uuid(q.flow_id):
-        return q.page_of([], 0)
-    async with snapshot(deps.sessions) as s:
-        items, total = await repo.list_runs(s, tenant=ctx.tenant, q=q)
-    return q.page_of(items, total)
+async def list_runs(q: RunListQuery, ctx: RpcContext, deps: RunnerDeps) -> dict[str, Any]:
+    """A page of the tenant's runs, newest first, within the reply budget (:mod:`.replies`)."""
+    page: Page[Run] = q.page_of([], 0)
+    if q.flow_id is None or is_uuid(q.flow_id):
+        async with snapshot(deps.sessions) as s:
+            items, total = await repo.list_runs(s, tenant=ctx.tenant, q=q)
+        page = q.page_of(items, total)
+    return replies.runs_page(page, ctx.reply_budget)
 
 
 @router.handler(RunsOp.STEPS)
-async def steps(q: RunStepsQuery, ctx: RpcContext, deps: RunnerDeps) -> Page[StepRun]:
-    """A page of a run's steps, in the order they started."""
+async def steps(q: RunStepsQuery, ctx: RpcContext, deps: RunnerDeps) -> dict[str, Any]:
+    """A page of a run's steps, in the order they started, within the reply budget (:mod:`.replies`)."""
     await _own_run(deps, ctx, q.run_id)
     async with snapshot(deps.sessions) as s:
         items, total = await repo.list_steps(s, run_id=q.run_id, offset=q.offset, limit=q.page_size)
-    return q.page_of(items, total)
+    page: Page[StepRun] = q.page_of(items, total)
+    return replies.steps_page(page, q.run_id, q.offset, ctx.reply_budget)
 
 
 @router.handler(RunsOp.SNAPSHOT)
-async def run_snapshot(ref: RunRef, ctx: RpcContext, deps: RunnerDeps) -> WsSnapshot:
+async def run_snapshot(ref: RunRef, ctx: RpcContext, deps: RunnerDeps) -> dict[str, Any]:
     """A run, its steps and its last event ``seq``, read at one instant (a WebSocket's first frame)."""
     found = None
     if is_uuid(ref.run_id):
@@ -95,11 +97,12 @@ async def run_snapshot(ref: RunRef, ctx: RpcContext, deps: RunnerDeps) -> WsSnap
     if found is None:
         raise NotFound(f"run {ref.run_id} not found")
     run, seq, step_runs = found
-    return WsSnapshot(
+    snap = WsSnapshot(
         run=run,
         steps={st.step_id: st.wire(exclude_none=True, exclude={"run_id", "step_id"}) for st in step_runs},
         seq=seq,
     )
+    return replies.snapshot_reply(snap, ctx.reply_budget)
 
 
 @router.handler(RunsOp.EVENTS)
@@ -121,30 +124,30 @@ async def events(q: RunEventsQuery, ctx: RpcContext, deps: RunnerDeps) -> dict[s
 
 
 @router.handler(RunsOp.START)
-async def start(req: StartRun, ctx: RpcContext, deps: RunnerDeps) -> StartRunResult:
+async def start(req: StartRun, ctx: RpcContext, deps: RunnerDeps) -> dict[str, Any]:
     """Start a run (201, or 200 with the first run for a repeated idempotency key)."""
-    return await deps.runner.start_run(ctx.tenant, req)
+    return replies.start_reply(await deps.runner.start_run(ctx.tenant, req), ctx.reply_budget)
 
 
 @router.handler(RunsOp.CANCEL)
-async def cancel(ref: RunRef, ctx: RpcContext, deps: RunnerDeps) -> Run:
+async def cancel(ref: RunRef, ctx: RpcContext, deps: RunnerDeps) -> dict[str, Any]:
     """Cancel a run that has not ended, and its child runs."""
     await _own_run(deps, ctx, ref.run_id)
     await deps.runner.cancel(ref.run_id, tenant=ctx.tenant)
-    return await _own_run(deps, ctx, ref.run_id)
+    return replies.run_reply(await _own_run(deps, ctx, ref.run_id), ctx.reply_budget)
 
 
 @router.handler(RunsOp.RESUME)
-async def resume(req: RunResumeRequest, ctx: RpcContext, deps: RunnerDeps) -> Run:
+async def resume(req: RunResumeRequest, ctx: RpcContext, deps: RunnerDeps) -> dict[str, Any]:
     """A decision on a waiting approval step."""
     await _own_run(deps, ctx, req.run_id)
     by = ctx.subject or ctx.tenant
     await deps.runner.resume(req.run_id, req.step_id, req.decision, req.data, by=by, tenant=ctx.tenant)
-    return await _own_run(deps, ctx, req.run_id)
+    return replies.run_reply(await _own_run(deps, ctx, req.run_id), ctx.reply_budget)
 
 
 @router.handler(RunsOp.RETRY)
-async def retry(req: RunRetryRequest, ctx: RpcContext, deps: RunnerDeps) -> StartRunResult:
+async def retry(req: RunRetryRequest, ctx: RpcContext, deps: RunnerDeps) -> dict[str, Any]:
     """Retry a failed run: reopened in place (``fromFailed``), or as a new run (``fromStart``)."""
     run = await _own_run(deps, ctx, req.run_id)
     if run.status != "failed":
@@ -157,9 +160,10 @@ async def retry(req: RunRetryRequest, ctx: RpcContext, deps: RunnerDeps) -> Star
             retry_of=run.id,
             version=run.version if req.version == "same" else None,
         )
-        return await deps.runner.start_run(ctx.tenant, start_req)
+        return replies.start_reply(await deps.runner.start_run(ctx.tenant, start_req), ctx.reply_budget)
     await deps.runner.reopen(run.id, tenant=ctx.tenant)
-    return StartRunResult(run=await _own_run(deps, ctx, run.id), created=False)
+    reopened = StartRunResult(run=await _own_run(deps, ctx, run.id), created=False)
+    return replies.start_reply(reopened, ctx.reply_budget)
 
 
 # --- durable consumers ---------------------------------------------------------------------------

@@ -25,6 +25,16 @@ class RunnerSettings(BaseServiceSettings):
         description="let http and llm steps reach private, loopback and link-local addresses (default: only in dev)",
     )
     http_step_max_bytes: int = Field(default=1024 * 1024, ge=1024, description="response body cap of http steps")
+    step_output_max_bytes: int = Field(
+        default=1024 * 1024,
+        ge=0,
+        description="largest output (as JSON) a step may record; over it the step fails output-too-large (0: none)",
+    )
+    run_output_max_bytes: int = Field(
+        default=1024 * 1024,
+        ge=0,
+        description="largest output (as JSON) a run may end with; over it the run fails output-too-large (0: none)",
+    )
     http_step_timeout_ms: int = Field(default=30_000, ge=1, description="per-attempt timeout when a step sets none")
     llm_providers: dict[str, str] = Field(
         default_factory=dict,

@@ -34,7 +34,7 @@ from flowmesh.contracts.models.work import StepWork
 from flowmesh.runner import repo
 from flowmesh.runner.children import ChildRuns
 from flowmesh.runner.commands import Advance, Cancel, ClaimRetry, Command, Complete, DeliverEvent, Expire, Resume
-from flowmesh.runner.engine import TIMER_OWNER, Deadline, RunRecord, RunState
+from flowmesh.runner.engine import TIMER_OWNER, Deadline, OutputLimits, RunRecord, RunState
 from flowmesh.runner.flow_cache import RunnableFlows, Versions
 from flowmesh.runner.graph import Step
 from flowmesh.runner.io_steps import HttpStep, LlmStep
@@ -70,8 +70,10 @@ class Runner:
         default_run_timeout_ms: int | None = None,
         llm: LlmStep | None = None,
         quotas: QuotaView | None = None,
+        limits: OutputLimits | None = None,
     ) -> None:
         self.sessions = sessions
+        self.limits = limits or OutputLimits()
         self.http = http
         self.llm = llm
         self.quotas = quotas
@@ -184,7 +186,7 @@ class Runner:
             parent_run_id=req.parent_run_id,
             parent_step_id=req.parent_step_id,
         )
-        state = RunState(record, self.versions.graph_of(version), {}, now)
+        state = RunState(record, self.versions.graph_of(version), {}, now, limits=self.limits)
         if refusal is not None:
             state.fail(refusal.detail, None, refusal.code)  # one event, run.failed: never queued, not billed
         else:
@@ -246,7 +248,7 @@ class Runner:
             if record is None:
                 raise NotFound(f"run {run_id} not found")
             graph = await self.versions.graph(s, record.flow_id, record.version)
-            state = RunState(record, graph, await repo.load_steps(s, run_id=run_id), utcnow())
+            state = RunState(record, graph, await repo.load_steps(s, run_id=run_id), utcnow(), limits=self.limits)
             was_final = record.final
             result = command.apply(state)
             events = await repo.save(s, state)
@@ -270,7 +272,7 @@ class Runner:
             graph = await self.versions.graph(s, record.flow_id, record.version)
             kept = {k: v for k, v in (await repo.load_steps(s, run_id=run_id)).items() if v.status == "succeeded"}
             record.retry_count = await repo.reset_for_retry(s, run_id=run_id, keep=set(kept), now=now)
-            state = RunState(record, graph, kept, now)
+            state = RunState(record, graph, kept, now, limits=self.limits)
             state.requeue()
             events = await repo.save(s, state)
         self.timers.send(state.timers.values())
@@ -328,7 +330,7 @@ class Runner:
             if record is None:
                 return None
             graph = await self.versions.graph(s, record.flow_id, record.version)
-            return RunState(record, graph, await repo.load_steps(s, run_id=run_id), utcnow())
+            return RunState(record, graph, await repo.load_steps(s, run_id=run_id), utcnow(), limits=self.limits)
 
     async def execute(self, run_id: str, step_id: str, heartbeat: Callable[[], Awaitable[None]]) -> float | None:
         """Run one attempt of a dispatched step and record it; returns a delay when it is not due yet.
