@@ -67,7 +67,9 @@ def test_time_zones_that_cannot_be_opened_are_refused_naming_the_field(alice: ht
         json={"type": "schedule", "name": "t", "config": {"cron": "0 * * * *", "timezone": "Europe/Paris"}},
     )
     assert made.status_code == 201, made.text
-    body = problem(alice.patch(f"/triggers/{made.json()['id']}", json={"config": {"cron": "0 * * * *", "timezone": "Europe"}}), 422)
+    body = problem(
+        alice.patch(f"/triggers/{made.json()['id']}", json={"config": {"cron": "0 * * * *", "timezone": "Europe"}}), 422
+    )
     assert paths(body) == {"/config/timezone"}
     assert [t["config"]["timezone"] for t in triggers(alice, flow_id)] == ["Europe/Paris"]
 
@@ -81,7 +83,9 @@ def test_a_cron_that_never_fires_is_refused(alice: httpx.Client) -> None:
         )
         assert paths(body) == {"/config/cron"}, (cron, body)
         assert "never" in body["errors"][0]["message"]
-    leap = alice.post(f"/flows/{flow_id}/triggers", json={"type": "schedule", "name": "t", "config": {"cron": "0 0 29 2 *"}})
+    leap = alice.post(
+        f"/flows/{flow_id}/triggers", json={"type": "schedule", "name": "t", "config": {"cron": "0 0 29 2 *"}}
+    )
     assert leap.status_code == 201, leap.text  # once every four years still fires
     assert len(triggers(alice, flow_id)) == 1
 
@@ -133,7 +137,9 @@ def test_booleans_are_strict(alice: httpx.Client) -> None:
     flow_id = publish_flow(alice, ECHO)
     for loose in ("yes", "true", 1, 0, "on"):
         body = problem(
-            alice.post(f"/flows/{flow_id}/triggers", json={"type": "webhook", "name": "h", "config": {"signed": loose}}),
+            alice.post(
+                f"/flows/{flow_id}/triggers", json={"type": "webhook", "name": "h", "config": {"signed": loose}}
+            ),
             422,
         )
         assert paths(body) == {"/config/signed"}, (loose, body)
