@@ -104,7 +104,10 @@ def test_a_nul_in_a_path_or_query_is_refused_before_it_reaches_a_service(alice: 
     problem(alice.get("/runs", params={"flowId": f"{flow_id}\u0000"}), 422)
     problem(alice.get("/runs", params={"status": "x\u0000"}), 422)
     problem(alice.delete("/api-keys/openai%00"), 422)
-    problem(alice.get(f"/flows/{flow_id}/stats", params={"from": "2026-01-01\u0000"}), 422)
+    problem(alice.get("/flows", params={"q": "a\u0000b"}), 422)
+    problem(alice.get("/flows", params={"status": "draft\u0000"}), 422)
+    problem(alice.get(f"/runs/{flow_id}%00/events"), 422)
+    assert alice.get(f"/flows/{flow_id}", params={"ignored": "\u0000"}).status_code == 200  # not read: not refused
 
 
 @pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e309", "-1e309", "18446744073709551616"])

@@ -74,7 +74,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
             cors_middleware(settings.cors_origin_list),
             middleware.problems,
             middleware.authenticate,
-            body.storable_url,
+            body.storable_path,
             middleware.rate_limit,
             middleware.idempotent,
             middleware.deadline,

@@ -17,7 +17,7 @@ from pydantic.alias_generators import to_camel
 
 from flowmesh.contracts.errors import BadRequest, InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from flowmesh.contracts.models import FieldError
-from flowmesh.contracts.strict import field_errors, json_pointer, parse_strict
+from flowmesh.contracts.strict import accepted_keys, field_errors, json_pointer, parse_strict
 from flowmesh.gateway import keys
 
 M = TypeVar("M", bound=BaseModel)
@@ -125,8 +125,8 @@ def _too_deep(loc: tuple[str | int, ...]) -> InvalidInput:
 
 
 @web.middleware
-async def storable_url(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Refuse (422) a path parameter or query parameter holding NUL or a lone surrogate.
+async def storable_path(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse (422) a path parameter holding NUL or a lone surrogate (query parameters: :func:`read_query`).
 
     PostgreSQL text refuses ``\\u0000``: an id such as ``/admin/tenants/a%00b/plan`` would otherwise
     reach a service's SQL and fail there as a 500.
@@ -135,11 +135,6 @@ async def storable_url(request: web.Request, handler: Handler) -> web.StreamResp
         FieldError(path=f"/{to_camel(name)}", message=_UNSTORABLE_MESSAGE)
         for name, value in request.match_info.items()
         if _UNSTORABLE.search(value)
-    ]
-    errors += [
-        FieldError(path=json_pointer(("query", name)), message=_UNSTORABLE_MESSAGE)
-        for name, value in request.query.items()
-        if _UNSTORABLE.search(name) or _UNSTORABLE.search(value)
     ]
     if errors:
         raise InvalidInput(f"{errors[0].path} {_UNSTORABLE_MESSAGE}", errors=errors)
@@ -152,7 +147,18 @@ async def read_body(request: web.Request, model: type[M]) -> M:
 
 
 def read_query(request: web.Request, model: type[M], **path: str) -> M:
-    """Query parameters (plus path parameters) as ``model``; unknown parameters are ignored."""
+    """Query parameters (plus path parameters) as ``model``; unknown parameters are ignored.
+
+    Raises:
+        InvalidInput: a parameter is not valid for ``model``, or holds NUL or a lone surrogate.
+    """
+    unstorable = [
+        FieldError(path=json_pointer(("query", name)), message=_UNSTORABLE_MESSAGE)
+        for name, value in request.query.items()
+        if _UNSTORABLE.search(value) and (name in path or name in accepted_keys(model))
+    ]
+    if unstorable:
+        raise InvalidInput(f"{unstorable[0].path} {_UNSTORABLE_MESSAGE}", errors=unstorable)
     try:
         return model.model_validate({**request.query, **path})
     except ValidationError as exc:
