@@ -35,6 +35,14 @@ def test_valid_schedules_get_defaults(config: dict[str, str], expected: dict[str
         ({"cron": "* * * * *", "misfire": "sometimes"}, "/config/misfire"),
         ({"timezone": "UTC"}, "/config/cron"),
         ({"cron": "* * * * *", "extra": 1}, "/config/extra"),
+        ({"cron": "* * * * *", "timezone": "A" * 300}, "/config/timezone"),
+        ({"cron": "* * * * *", "timezone": "Europe"}, "/config/timezone"),
+        ({"cron": "* * * * *", "timezone": "Europe/" + "x" * 260}, "/config/timezone"),
+        ({"cron": "* * * * *", "timezone": "zone.tab"}, "/config/timezone"),
+        ({"cron": "0 0 31 2 *"}, "/config/cron"),
+        ({"cron": "0 0 0 30 2 *"}, "/config/cron"),
+        ({"cron": "0 0 31 4,6,9,11 *"}, "/config/cron"),
+        ({"cron": "* * * * *", "misfire": 1}, "/config/misfire"),
     ],
 )
 def test_invalid_schedules_name_the_field(config: dict[str, str], path: str) -> None:
@@ -74,3 +82,15 @@ def test_signing_secrets_follow_standard_webhooks() -> None:
     secret = triggers.new_signing_secret()
     assert secret.startswith("whsec_")
     assert len(base64.b64decode(secret.removeprefix("whsec_"))) >= 24
+
+
+@pytest.mark.parametrize("cron", ["0 0 29 2 *", "0 0 29 2 1", "0 0 31 * *", "0 0 0 1 1 *"])
+def test_rare_crons_still_fire(cron: str) -> None:
+    assert triggers.check_config("schedule", {"cron": cron})["cron"] == cron
+
+
+@pytest.mark.parametrize("signed", ["yes", "true", 1, 0, None, "on"])
+def test_webhook_signed_is_a_strict_boolean(signed: object) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        triggers.check_config("webhook", {"signed": signed})
+    assert [e.path for e in caught.value.errors or []] == ["/config/signed"]

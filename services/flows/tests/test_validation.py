@@ -262,3 +262,16 @@ def test_a_back_edge_is_always_reported_as_a_cycle_naming_its_nodes(
         assert c[0] == c[-1] and steps <= edges  # a real cycle of this graph, named node by node
         # the graph was acyclic before, so every cycle goes through the added edge
         assert (path[j], path[i]) in steps, (c, path[j], path[i])
+
+
+def test_step_data_is_read_with_strict_json_types() -> None:
+    d = flow(
+        node("wait", "delay", durationMs="5"),
+        node("ask", "llm", provider="openai", model="m", messages=[{"role": "user", "content": "hi"}], maxTokens="9"),
+        node("call", "http", url="https://example.test/", retry={"maxAttempts": "3"}),
+        edges=[edge("start", "wait"), edge("wait", "ask"), edge("ask", "call")],
+    )
+    found = problems(d)
+    assert {"/nodes/1/data/durationMs", "/nodes/2/data/maxTokens", "/nodes/3/data/retry/maxAttempts"} <= set(found), (
+        found
+    )

@@ -257,3 +257,9 @@ def test_last_due_finds_the_latest_without_walking_a_week_of_seconds() -> None:
     assert last_due(yearly, utc(2024, 6, 1), not_before=utc(2020, 1, 1)) == utc(2024, 1, 1)
     assert last_due(yearly, utc(2024, 6, 1), not_before=utc(2024, 1, 1)) == utc(2024, 1, 1)
     assert last_due(yearly, utc(2024, 6, 1), not_before=utc(2024, 1, 1, 0, 0, 1)) is None
+
+
+@pytest.mark.parametrize("tz", ["A" * 300, "Europe", "America/Argentina", "Europe/" + "x" * 260, "zone.tab", "../UTC"])
+def test_zones_the_database_cannot_open_are_invalid_not_an_os_error(tz: str) -> None:
+    with pytest.raises(InvalidCron, match="IANA"):
+        parse("* * * * *", tz)

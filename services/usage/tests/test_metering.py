@@ -275,4 +275,7 @@ async def test_plan_changes_are_for_admins_and_known_plans(client: RpcClient, te
     with pytest.raises(InvalidInput) as refused:
         await client.call(UsageOp.PLAN_SET, {"tenantId": tenant, "plan": "gold"}, tenant="ops", role="admin")
     assert refused.value.errors and refused.value.errors[0].path == "/plan"
+    for bad in ({"tenantId": f"{tenant}\u0000", "plan": "pro"}, {"tenantId": tenant, "plan": "pro\u0000"}):
+        with pytest.raises(InvalidInput):  # PostgreSQL text holds no NUL: a 422, not a 500
+            await client.call(UsageOp.PLAN_SET, bad, tenant="ops", role="admin")
     assert await client.call(UsageOp.PLAN, tenant=tenant) == {"tenantId": tenant, "plan": "free", "assigned": False}

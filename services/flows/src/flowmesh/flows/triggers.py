@@ -5,10 +5,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import secrets
+from datetime import UTC, datetime
 from typing import Any, Final
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
+from croniter.croniter import CroniterBadDateError
 from pydantic import BaseModel, ValidationError
 
 from flowmesh.contracts.errors import InvalidInput
@@ -17,6 +18,7 @@ from flowmesh.contracts.models import FieldError
 from flowmesh.contracts.models.flows import EventConfig, ScheduleConfig, TriggerType, WebhookConfig
 from flowmesh.contracts.strict import json_pointer
 from flowmesh.contracts.subjects import is_safe_subject_part
+from flowmesh.contracts.timezones import zone_problem
 
 CONFIG_MODELS: Final[dict[str, type[BaseModel]]] = {
     "webhook": WebhookConfig,
@@ -26,6 +28,8 @@ CONFIG_MODELS: Final[dict[str, type[BaseModel]]] = {
 WEBHOOK_PATH: Final = "/api/v1/hooks/"
 TOKEN_BYTES: Final = 24  # 192 bits: a webhook URL is its only credential, so at least 128 bits must be unguessable
 SECRET_BYTES: Final = 32
+FIRE_WITHIN_YEARS: Final = 9
+"""A cron must match a time within this many years: February 29th is 8 years apart across 2100."""
 
 
 def new_webhook_token() -> str:
@@ -49,6 +53,22 @@ def cron_fields(expression: str) -> tuple[int, bool]:
     return n, n == 6
 
 
+def fires(expression: str, seconds_first: bool) -> bool:
+    """Whether a valid cron expression matches some time in the next :data:`FIRE_WITHIN_YEARS` years.
+
+    ``0 0 31 2 *`` (February 31st) is valid syntax but never fires. croniter looks day by day and
+    gives up past the years it is given, so the answer is quick whatever the expression.
+    """
+    start = datetime.now(UTC).replace(tzinfo=None)
+    try:
+        croniter(
+            expression, start, max_years_between_matches=FIRE_WITHIN_YEARS, second_at_beginning=seconds_first
+        ).get_next(datetime)
+    except CroniterBadDateError:
+        return False
+    return True
+
+
 def check_config(trigger_type: TriggerType, config: dict[str, Any]) -> dict[str, Any]:
     """The trigger's config, checked and with defaults filled in.
 
@@ -57,7 +77,7 @@ def check_config(trigger_type: TriggerType, config: dict[str, Any]) -> dict[str,
     """
     model = CONFIG_MODELS[trigger_type]
     try:
-        parsed = model.model_validate(config)
+        parsed = model.model_validate(config, strict=True)  # no "yes" for true: JSON types as written
     except ValidationError as exc:
         raise InvalidInput(
             f"invalid {trigger_type} trigger config",
@@ -75,14 +95,16 @@ def check_config(trigger_type: TriggerType, config: dict[str, Any]) -> dict[str,
             )
         elif not croniter.is_valid(parsed.cron, second_at_beginning=seconds_first):
             errors.append(FieldError(path="/config/cron", message=f"cron {parsed.cron!r} is not a valid expression"))
-        try:
-            ZoneInfo(parsed.timezone)
-        except (ZoneInfoNotFoundError, ValueError):
+        elif not fires(parsed.cron, seconds_first):
             errors.append(
                 FieldError(
-                    path="/config/timezone", message=f"timezone {parsed.timezone!r} is not an IANA time zone name"
+                    path="/config/cron",
+                    message=f"cron {parsed.cron!r} never fires (no time matches in the next {FIRE_WITHIN_YEARS} years)",
                 )
             )
+        problem = zone_problem(parsed.timezone)
+        if problem is not None:
+            errors.append(FieldError(path="/config/timezone", message=problem))
     elif isinstance(parsed, EventConfig):
         if not is_safe_subject_part(parsed.event_type):
             errors.append(

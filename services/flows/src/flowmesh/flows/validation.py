@@ -150,7 +150,7 @@ def _check_node(
         )
         return None
     try:
-        data = kind.model.model_validate(node.data)
+        data = kind.model.model_validate(node.data, strict=True)  # JSON types as written: no "5" for 5, no "yes"
     except ValidationError as exc:
         for e in exc.errors():
             field = json_pointer(tuple(e["loc"])) or "/"

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from flowmesh.contracts.models.ws import WsClose
 from flowmesh.contracts.streams import IDEMPOTENCY_BUCKET, IDEMPOTENCY_TTL_S, WS_TICKET_TTL_S, WS_TICKETS_BUCKET
-from flowmesh.gateway import keys, middleware
+from flowmesh.gateway import body, keys, middleware
 from flowmesh.gateway.auth import JwtVerifier
 from flowmesh.gateway.cors import cors_middleware
 from flowmesh.gateway.idempotency import IN_FLIGHT_MARGIN_S, IdempotencyStore
@@ -74,6 +74,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
             cors_middleware(settings.cors_origin_list),
             middleware.problems,
             middleware.authenticate,
+            body.storable_path,
             middleware.rate_limit,
             middleware.idempotent,
             middleware.deadline,

@@ -23,7 +23,7 @@ import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 from urllib.parse import parse_qsl
 
 from pydantic import JsonValue
@@ -38,6 +38,7 @@ from flowmesh.contracts.errors import (
 )
 from flowmesh.contracts.models import FieldError
 from flowmesh.contracts.models.rpc import WebhookTarget
+from flowmesh.gateway.body import number_problem, parse_constant
 
 WEBHOOK_ID: Final = "webhook-id"
 """Standard Webhooks: the delivery's id, the same on every attempt (de-duplication key)."""
@@ -270,13 +271,9 @@ def parse_body(raw: bytes, content_type: str, charset: str | None) -> JsonValue:
     return value
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 def _json(raw: bytes) -> JsonValue:
     try:
-        value: JsonValue = json.loads(raw, parse_constant=_reject_constant)
+        value: JsonValue = json.loads(raw, parse_constant=parse_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"the body is sent as JSON but is not valid JSON: {exc}") from exc
     except RecursionError as exc:
@@ -310,7 +307,7 @@ def _form(text: str) -> dict[str, JsonValue]:
 
 
 def _check_storable(value: JsonValue, where: str) -> None:
-    """Refuse what PostgreSQL ``jsonb`` cannot hold (NUL) and nesting beyond :data:`MAX_DEPTH`."""
+    """Refuse what PostgreSQL ``jsonb`` cannot hold (NUL), numbers not finite or beyond 64 bits, deep nesting."""
     stack: list[tuple[JsonValue, int]] = [(value, 0)]
     while stack:
         item, depth = stack.pop()
@@ -321,6 +318,10 @@ def _check_storable(value: JsonValue, where: str) -> None:
                     "remove it",
                     errors=[FieldError(path=f"/{where}", message="contains \\u0000")],
                 )
+        elif (problem := number_problem(item)) is not None:
+            raise InvalidInput(
+                f"the {where} holds a number that {problem}", errors=[FieldError(path=f"/{where}", message=problem)]
+            )
         elif isinstance(item, dict | list):
             if depth >= MAX_DEPTH:
                 raise InvalidInput(

@@ -25,10 +25,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Final
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 from croniter import croniter
 from croniter.croniter import CroniterBadDateError
+
+from flowmesh.contracts.timezones import open_zone
 
 SECOND: Final = timedelta(seconds=1)
 MAX_SHIFT: Final = timedelta(hours=3)
@@ -68,9 +70,9 @@ def parse(expression: str, timezone: str = "UTC") -> CronSpec:
     if not croniter.is_valid(expression, second_at_beginning=seconds_first):
         raise InvalidCron(f"cron {expression!r} is not a valid expression")
     try:
-        zone = ZoneInfo(timezone)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
-        raise InvalidCron(f"timezone {timezone!r} is not an IANA time zone name") from exc
+        zone = open_zone(timezone)
+    except ValueError as exc:
+        raise InvalidCron(str(exc)) from exc
     hour = fields[2 if seconds_first else 1]
     return CronSpec(expression, timezone, seconds_first, hour.startswith("*"), zone)
 

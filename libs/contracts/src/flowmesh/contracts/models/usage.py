@@ -207,7 +207,8 @@ class TenantQuota(WireModel):
 class PlanRef(WireModel):
     """Body of ``fm.rpc.usage.adminPlan``: set a tenant's plan (admin only)."""
 
-    tenant_id: Annotated[str, Field(min_length=1, max_length=255)]
+    # PostgreSQL text holds no NUL: refused here (422), not by the database (500)
+    tenant_id: Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[^\x00]+$")]
     plan: str
 
 

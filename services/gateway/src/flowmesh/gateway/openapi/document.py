@@ -209,7 +209,7 @@ def _error_statuses(route: Route) -> list[int]:
     if op.calls_service:
         statuses.update((503, 504))
     if _path_names(route.path):
-        statuses.add(404)
+        statuses.update((404, 422))  # 422: a path parameter holding NUL (``body.storable_path``)
     if isinstance(op.body, type):
         statuses.update(BODY_ERRORS)
     if op.query is not None:
