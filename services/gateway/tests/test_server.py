@@ -96,3 +96,25 @@ async def test_answers_and_404s_carry_the_security_headers(port: int) -> None:
         assert got == status
         _assert_secure(headers)
         assert headers["content-security-policy"].startswith("default-src 'none'")
+
+
+async def test_an_error_that_escapes_every_middleware_is_a_500_problem(caplog: pytest.LogCaptureFixture) -> None:
+    async def broken(_: web.Request) -> web.Response:
+        raise RuntimeError("a bug")
+
+    app = web.Application()  # no problems middleware: the error reaches the server
+    app.router.add_get("/broken", broken)
+    runner = GatewayRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        status, headers, body = await _raw(
+            runner.addresses[0][1], b"GET /broken HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+    finally:
+        await runner.cleanup()
+    assert status == 500 and headers["content-type"].startswith("application/problem+json")
+    assert json.loads(body)["type"] == "internal-error" and b"a bug" not in body
+    _assert_secure(headers)
+    assert any(r.exc_info is not None for r in caplog.records)  # a bug keeps its traceback
