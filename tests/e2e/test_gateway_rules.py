@@ -7,6 +7,8 @@ every tenant) and ``replica`` (plan ``free``: 20 requests/s, and a 2 s request t
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import signal
 import time
@@ -16,12 +18,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
+import jwt
 import nats
 import pytest
 
 from flowmesh.contracts.streams import IDEMPOTENCY_BUCKET
 from flowmesh.gateway.idempotency import InFlight, encode, fingerprint, storage_key
-from stack import ProcessStack, chain, publish_flow, token
+from stack import SECRET, ProcessStack, chain, publish_flow, token
 
 SPA = "http://localhost:5173"
 REPLICA_TIMEOUT_S = 2
@@ -306,3 +309,192 @@ def test_each_request_is_logged_with_its_request_id(stack: ProcessStack, main: h
                 line = json.loads(raw)
         time.sleep(0.05)
     assert line["requestId"] == rid and line["status"] == 200 and line["path"] == "/api/v1/flows"
+
+
+# --- security headers -----------------------------------------------------------------------------
+
+
+def assert_secure(r: httpx.Response) -> None:
+    assert r.headers["X-Content-Type-Options"] == "nosniff", r.url
+    assert r.headers["X-Frame-Options"] == "DENY", r.url
+    assert "frame-ancestors 'none'" in r.headers["Content-Security-Policy"], r.url
+    assert r.headers["Server"] == "flowmesh", r.url  # no Python or aiohttp version
+
+
+def test_every_answer_carries_the_security_headers(stack: ProcessStack, main: httpx.Client) -> None:
+    answers = [
+        main.get("/flows"),  # 200
+        main.post("/flows", json={"name": "x"}),  # 201
+        main.get("/flows/nope"),  # 404 from the service
+        main.put("/flows", json={}),  # 405
+        main.post("/flows", content=b"{", headers={"Content-Type": "application/json"}),  # 400
+        httpx.get(stack.base + "/api/v1/flows"),  # 401
+        httpx.get(stack.base + "/nowhere"),  # 404 of no route
+        httpx.get(stack.base + "/healthz"),
+        httpx.get(stack.base + "/openapi.json"),
+        httpx.options(stack.base + "/api/v1/flows", headers={"Origin": SPA, "Access-Control-Request-Method": "GET"}),
+    ]
+    assert sorted({r.status_code for r in answers}) == [200, 201, 204, 400, 401, 404, 405]
+    for r in answers:
+        assert_secure(r)
+        assert r.headers["Content-Security-Policy"].startswith("default-src 'none'; frame-ancestors 'none'")
+
+
+def test_the_docs_page_may_load_swagger_ui_from_its_own_origin_only(stack: ProcessStack) -> None:
+    r = httpx.get(stack.base + "/docs")
+    assert r.status_code == 200
+    assert_secure(r)
+    csp = dict(d.strip().split(" ", 1) for d in r.headers["Content-Security-Policy"].split(";"))
+    assert csp["default-src"] == "'none'" and csp["connect-src"] == "'self'"
+    assert csp["script-src"].startswith("'self' 'sha256-")  # the page's one inline script, by hash
+    assert "unsafe-eval" not in csp["script-src"] and "http" not in r.headers["Content-Security-Policy"]
+    # the script the hash allows is the one the page has
+    inline = r.text.split("<script>", 1)[1].split("</script>", 1)[0]
+    digest = base64.b64encode(hashlib.sha256(inline.encode()).digest()).decode()
+    assert f"'sha256-{digest}'" in csp["script-src"]
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
+        assert_secure(httpx.get(f"{stack.base}/docs/static/{asset}"))
+
+
+# --- JWT claims -----------------------------------------------------------------------------------
+
+BAD_CLAIMS = {
+    "sub-nul": {"sub": "ali\x00ce"},
+    "tenant-nul": {"tenant": "acme\x00"},
+    "sub-lone-surrogate": {"sub": "ali\ud800ce"},
+    "tenant-lone-surrogate": {"tenant": "\udfffacme"},
+    "tenant-newline": {"tenant": "acme\r\nFm-Role: admin"},
+    "sub-escape": {"sub": "alice\x1b[31m"},
+    "tenant-line-separator": {"tenant": "acme\u2028"},
+    "tenant-padded": {"tenant": " acme"},
+    "sub-too-long": {"sub": "a" * 256},
+    "tenant-too-long": {"tenant": "t" * 1000},
+    "tenant-empty": {"tenant": ""},
+    "tenant-not-a-string": {"tenant": 42},
+    "role-upper": {"role": "ADMIN"},
+    "role-title": {"role": "Admin"},
+    "role-service": {"role": "service:runner"},
+    "role-unknown": {"role": "owner"},
+    "role-empty": {"role": ""},
+    "role-list": {"role": ["admin"]},
+}
+
+
+def signed(claims: dict[str, Any]) -> str:
+    """A valid token but for ``claims`` (written as given: ``token()`` would replace an empty tenant)."""
+    now = int(time.time())
+    base = {"sub": f"claims-{uuid.uuid4().hex[:8]}", "iss": "flowmesh", "aud": "flowmesh", "iat": now, "exp": now + 600}
+    return jwt.encode({**base, **claims}, SECRET, algorithm="HS256")
+
+
+@pytest.mark.parametrize("claims", list(BAD_CLAIMS.values()), ids=list(BAD_CLAIMS))
+def test_a_token_with_a_bad_sub_tenant_or_role_is_refused_on_every_route(
+    stack: ProcessStack, claims: dict[str, Any]
+) -> None:
+    bearer = {"Authorization": "Bearer " + signed(dict(claims))}
+    with httpx.Client(base_url=stack.base + "/api/v1", headers=bearer, timeout=15) as c:
+        answers = [
+            c.get("/flows"),
+            c.post("/flows", json={"name": "x"}),
+            c.get("/runs"),
+            c.get("/usage"),
+            c.get("/api-keys"),
+            c.post("/ws-tickets"),
+            c.put("/admin/tenants/acme/plan", json={"plan": "free"}),
+        ]
+    for r in answers:
+        assert r.status_code == 401, (r.request.url, r.status_code, r.text)
+        assert r.headers["content-type"].startswith("application/problem+json")
+        assert r.json()["type"] == "unauthorized"
+    ws = httpx.get(
+        stack.base + "/ws/flows/whatever",
+        headers={
+            "Connection": "Upgrade",
+            "Upgrade": "websocket",
+            "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+            "Sec-WebSocket-Protocol": "flowmesh.v1, bearer." + bearer["Authorization"].removeprefix("Bearer "),
+        },
+    )
+    assert ws.status_code == 401 and ws.json()["type"] == "unauthorized"
+
+
+def test_the_known_roles_spelled_exactly_are_accepted(stack: ProcessStack) -> None:
+    tenant = f"roles-{uuid.uuid4().hex[:8]}"
+    for extra in ({}, {"role": "member"}, {"role": None}):
+        r = httpx.get(stack.base + "/api/v1/flows", headers={"Authorization": "Bearer " + token(tenant, **extra)})
+        assert r.status_code == 200, (extra, r.text)
+    member = httpx.put(
+        f"{stack.base}/api/v1/admin/tenants/{tenant}/plan",
+        json={"plan": "free"},
+        headers={"Authorization": "Bearer " + token(tenant)},
+    )
+    assert member.status_code == 403
+    admin = httpx.put(
+        f"{stack.base}/api/v1/admin/tenants/{tenant}/plan",
+        json={"plan": "enterprise"},
+        headers={"Authorization": "Bearer " + token("operator", role="admin")},
+    )
+    assert admin.status_code == 200, admin.text
+    unicode_tenant = httpx.get(stack.base + "/api/v1/flows", headers={"Authorization": "Bearer " + token("ünïcode-✓")})
+    assert unicode_tenant.status_code == 200, unicode_tenant.text
+
+
+# --- nothing of a token in the logs ---------------------------------------------------------------
+
+
+def gateway_log_since(stack: ProcessStack, offset: int) -> str:
+    time.sleep(0.3)  # the gateway writes its log lines as it answers; give the file a moment
+    with (stack.workdir / "gateway.log").open("rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")
+
+
+def log_size(stack: ProcessStack) -> int:
+    return (stack.workdir / "gateway.log").stat().st_size
+
+
+def test_an_overlong_header_is_a_problem_and_logs_nothing_of_it(stack: ProcessStack) -> None:
+    marker = uuid.uuid4().hex
+    start = log_size(stack)
+    for headers in (
+        {"Authorization": f"Bearer {marker}" + "x" * 9000},
+        {"X-Anything": marker * 300},
+    ):
+        r = httpx.get(stack.base + "/api/v1/flows", headers=headers)
+        assert r.status_code == 431, r.text
+        assert r.headers["content-type"].startswith("application/problem+json")
+        assert r.json()["type"] == "headers-too-large" and marker not in r.text
+        assert_secure(r)
+    r = httpx.get(f"{stack.base}/api/v1/flows?{marker}=" + "y" * 9000)
+    assert r.status_code == 431 and marker not in r.text
+    logged = gateway_log_since(stack, start)
+    assert "LineTooLong" in logged  # it is logged, as a warning ...
+    assert marker not in logged and "xxxxxxxx" not in logged  # ... quoting none of it
+    assert "Traceback" not in logged
+    levels = {json.loads(line).get("level", "").upper() for line in logged.splitlines() if line.startswith("{")}
+    assert not levels & {"ERROR", "CRITICAL"}, levels
+
+
+def test_a_websocket_offer_without_our_subprotocol_is_refused_and_logs_no_token(
+    stack: ProcessStack, main: httpx.Client
+) -> None:
+    flow_id = main.post("/flows", json={"name": "ws"}).json()["id"]
+    jwt_ = str(main.headers["Authorization"]).removeprefix("Bearer ")
+    start = log_size(stack)
+    r = httpx.get(
+        f"{stack.base}/ws/flows/{flow_id}",
+        headers={
+            "Connection": "Upgrade",
+            "Upgrade": "websocket",
+            "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+            "Sec-WebSocket-Protocol": "bearer." + jwt_,
+        },
+    )
+    assert r.status_code == 400, r.text
+    assert r.json()["type"] == "bad-request" and "flowmesh.v1" in r.json()["detail"]
+    assert jwt_ not in r.text
+    logged = gateway_log_since(stack, start)
+    for part in jwt_.split("."):
+        assert part not in logged

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from flowmesh.gateway import keys
 from flowmesh.gateway.app import create_app
+from flowmesh.gateway.server import GatewayRunner
 from flowmesh.gateway.settings import GatewaySettings
 from flowmesh.runtime.logs import configure_logging
 from flowmesh.runtime.memory import freeze_startup_objects
@@ -27,7 +28,7 @@ async def serve(settings: GatewaySettings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     app = create_app(settings)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=10)
+    runner = GatewayRunner(app, access_log=None, shutdown_timeout=10)
     # a signal while still starting (NATS gone, start-up retrying) gives up starting
     setup = asyncio.ensure_future(runner.setup())
     stopping = asyncio.ensure_future(stop.wait())

@@ -87,6 +87,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     )
     app[keys.SOCKETS] = set()
     app[keys.DRAINING] = asyncio.Event()
+    app.on_response_prepare.append(middleware.secure_headers)
     app.on_response_prepare.append(_close_connections_when_draining)
     app[keys.FLUSHER] = Flusher()
     app.cleanup_ctx.append(_nats)

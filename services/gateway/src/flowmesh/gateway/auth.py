@@ -8,6 +8,7 @@ are refused.
 from __future__ import annotations
 
 import asyncio
+import unicodedata
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -19,6 +20,15 @@ from flowmesh.gateway.settings import GatewaySettings
 HMAC_ALGORITHMS: Final = ("HS256",)
 JWKS_ALGORITHMS: Final = ("RS256", "ES256")
 REQUIRED_CLAIMS: Final = ["exp", "iss", "aud", "sub"]
+ROLES: Final = frozenset({"member", "admin"})
+"""The roles a token may carry, spelled exactly: ``member``, and ``admin``, the platform operator.
+
+Services' own roles (``service:runner``) are given by their NATS users, never by a token."""
+MAX_IDENTITY_CHARS: Final = 255
+"""The longest ``sub`` or ``tenant`` (a tenant id is stored and shown; 255 is what the admin routes accept)."""
+_FORBIDDEN_CATEGORIES: Final = frozenset({"Cc", "Cs", "Zl", "Zp"})
+"""Control characters (NUL, CR, LF…), lone surrogates and line separators: an id travels in NATS headers,
+SQL text and log lines, where each of them breaks something."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,12 +100,40 @@ class JwtVerifier:
             )
         except jwt.PyJWTError as exc:
             raise Unauthorized(f"invalid token: {exc}") from exc
-        sub = claims["sub"]
-        tenant = claims.get("tenant") or sub
-        role = claims.get("role") or "member"
-        if not all(isinstance(v, str) and v for v in (sub, tenant, role)):
-            raise Unauthorized("sub, tenant and role must be non-empty strings")
-        return Principal(sub=sub, tenant=tenant, role=role)
+        sub = _identity("sub", claims["sub"])
+        tenant = _identity("tenant", claims["tenant"]) if claims.get("tenant") is not None else sub
+        return Principal(sub=sub, tenant=tenant, role=_role(claims.get("role")))
+
+
+def _identity(claim: str, value: object) -> str:
+    """A ``sub`` or ``tenant`` claim as it may be used: a short, printable string.
+
+    Raises:
+        Unauthorized: not a string, empty, too long, padded with spaces, or with a control character,
+            a lone surrogate or a line separator (the value itself is never echoed).
+    """
+    if not isinstance(value, str) or not value:
+        raise Unauthorized(f"the {claim} claim must be a non-empty string")
+    if len(value) > MAX_IDENTITY_CHARS:
+        raise Unauthorized(f"the {claim} claim has more than {MAX_IDENTITY_CHARS} characters")
+    if value != value.strip():
+        raise Unauthorized(f"the {claim} claim must not start or end with white space")
+    if any(unicodedata.category(c) in _FORBIDDEN_CATEGORIES for c in value):
+        raise Unauthorized(f"the {claim} claim contains a control character, a lone surrogate or a line separator")
+    return value
+
+
+def _role(value: object) -> str:
+    """The ``role`` claim: ``member`` when absent, else one of :data:`ROLES` exactly as spelled there.
+
+    Raises:
+        Unauthorized: any other value (``ADMIN``, ``service:runner``, a number…).
+    """
+    if value is None:
+        return "member"
+    if not isinstance(value, str) or value not in ROLES:
+        raise Unauthorized(f"the role claim must be one of {', '.join(sorted(ROLES))} (exactly so spelled)")
+    return value
 
 
 def bearer_token(authorization: str | None) -> str:

@@ -1,5 +1,6 @@
 """Request pipeline: request id and trace context, metrics and access log, errors as problems,
-authentication, rate limits, ``Idempotency-Key``, and a time limit on each request.
+authentication, rate limits, ``Idempotency-Key``, and a time limit on each request; and the
+security headers every response carries (:func:`secure_headers`, an ``on_response_prepare`` hook).
 
 In ``create_app`` they run in this order (CORS, from ``cors.py``, goes right after ``observe`` so
 that error responses carry CORS headers too):
@@ -13,6 +14,8 @@ that error responses carry CORS headers too):
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import logging
 import re
 import time
@@ -27,6 +30,7 @@ from flowmesh.contracts.errors import FlowmeshError, GatewayTimeout, RateLimited
 from flowmesh.gateway import idempotency, keys
 from flowmesh.gateway.auth import bearer_token
 from flowmesh.gateway.problems import from_http_exception, problem_response
+from flowmesh.gateway.routes.docs import PAGE as DOCS_PAGE
 from flowmesh.runtime.tracing import new_traceparent, valid_traceparent
 
 log = logging.getLogger(__name__)
@@ -43,6 +47,52 @@ HTTP_SECONDS: Final = Histogram(
 API_PREFIX: Final = "/api/v1"
 PUBLIC_API_PREFIXES: Final = (f"{API_PREFIX}/hooks/",)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+SERVER: Final = "flowmesh"
+"""The ``Server`` header: no library or Python version for a scanner to match against known flaws."""
+API_CSP: Final = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+"""JSON answers load nothing and are never framed: a browser that renders one runs and shows nothing."""
+
+
+def _docs_csp(page: str) -> str:
+    """The docs page's policy: Swagger UI's script, style and icons from this origin, its one inline
+    script by hash, ``openapi.json`` and "try it out" requests to this origin; ``data:`` images are
+    the icons inside Swagger UI's stylesheet, and its components set inline styles."""
+    inline = re.findall(r"<script>(.*?)</script>", page, flags=re.DOTALL)
+    hashes = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(s.encode()).digest()).decode()}'" for s in inline)
+    return (
+        f"default-src 'none'; script-src 'self' {hashes}; style-src 'self' 'unsafe-inline'; "
+        "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+    )
+
+
+DOCS_CSP: Final = _docs_csp(DOCS_PAGE)
+SECURITY_HEADERS: Final = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": API_CSP,
+    "Server": SERVER,
+}
+
+
+def add_security_headers(response: web.StreamResponse, path: str) -> None:
+    """``nosniff``, no framing, a content security policy and a ``Server`` that names no versions."""
+    response.headers.update(SECURITY_HEADERS)
+    if path == "/docs":
+        response.headers["Content-Security-Policy"] = DOCS_CSP
+
+
+async def secure_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: every answer of the application, errors and 404s included."""
+    add_security_headers(response, request.path)
+
+
+def logged_path(request: web.BaseRequest) -> str:
+    """The path as logs show it: a webhook's URL token is its credential, so it is left out."""
+    path = request.path
+    if path.startswith(PUBLIC_API_PREFIXES):
+        return f"{API_PREFIX}/hooks/{{token}}"
+    return path
 
 
 def _route_label(request: web.Request) -> str:
@@ -77,14 +127,15 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
 def _log_access(request: web.Request, status: int, elapsed: float) -> None:
     rid = request[keys.REQUEST_ID]
     ms = round(elapsed * 1000, 2)
+    path = logged_path(request)
     access_log.info(
         "%s %s %s %.1fms request_id=%s",
         request.method,
-        request.path,
+        path,
         status,
         ms,
         rid,
-        extra={"requestId": rid, "method": request.method, "path": request.path, "status": status, "durationMs": ms},
+        extra={"requestId": rid, "method": request.method, "path": path, "status": status, "durationMs": ms},
     )
 
 
@@ -94,7 +145,7 @@ def error_response(exc: FlowmeshError, request: web.Request) -> web.Response:
         log.warning(
             "%s %s -> %s: %s (request %s)",
             request.method,
-            request.path,
+            logged_path(request),
             exc.status,
             exc.detail,
             request.get(keys.REQUEST_ID),
@@ -116,7 +167,7 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
         return problem_response(from_http_exception(exc), request, headers=_allow(exc))
     except Exception:
         log.exception(
-            "unhandled error on %s %s (request %s)", request.method, request.path, request.get(keys.REQUEST_ID)
+            "unhandled error on %s %s (request %s)", request.method, logged_path(request), request.get(keys.REQUEST_ID)
         )
         return problem_response(FlowmeshError("an unexpected error occurred; it has been logged"), request)
 

@@ -77,7 +77,7 @@ async def create_ticket(request: web.Request) -> web.Response:
     errors=(400, 401, 403, 404),
     notes={
         101: "Switching to the WebSocket protocol `flowmesh.v1`.",
-        400: "`after` is not an integer ≥ 0.",
+        400: "`after` is not an integer ≥ 0, or `Sec-WebSocket-Protocol` does not offer `flowmesh.v1`.",
         401: "No credentials, or an invalid token or ticket.",
         403: "The `Origin` is not allowed.",
     },
@@ -137,7 +137,7 @@ async def watch_run(request: web.Request) -> web.StreamResponse:
     errors=(400, 401, 403, 404),
     notes={
         101: "Switching to the WebSocket protocol `flowmesh.v1`.",
-        400: "`since` is not an RFC 3339 time with a zone.",
+        400: "`since` is not an RFC 3339 time with a zone, or `Sec-WebSocket-Protocol` does not offer `flowmesh.v1`.",
         401: "No credentials, or an invalid token or ticket.",
         403: "The `Origin` is not allowed.",
     },
@@ -197,6 +197,9 @@ async def _authenticate(request: web.Request) -> None:
     if origin is not None and not CorsPolicy(request.app[keys.SETTINGS].cors_origin_list).allows(origin):
         raise Forbidden(f"origin {origin} is not allowed; add it to FLOWMESH_CORS_ORIGINS")
     offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+    if offered and SUBPROTOCOL not in offered:
+        # refused here, naming nothing offered: aiohttp would log the offer, token included, at WARNING
+        raise BadRequest(f"offer the subprotocol `{SUBPROTOCOL}` (with `{BEARER_PREFIX}<token>` or a ?ticket=)")
     token = next((p[len(BEARER_PREFIX) :] for p in offered if p.startswith(BEARER_PREFIX)), None)
     ticket = request.query.get("ticket")
     if token:
