@@ -187,8 +187,9 @@ async def test_an_integrator_publishes_its_own_events_and_reads_its_own_runs(con
     await acme.nc.flush()
     await ops.nc.publish(subjects.run_event("acme", "f1", "r1", "run.queued"), b"{}")
     await ops.nc.publish(subjects.out_message("acme", "report"), b"{}")
-    assert (await got.next_msg(timeout=2)).subject.endswith("run.queued")
-    assert (await out.next_msg(timeout=2)).subject == "fm.out.acme.report"
+    await ops.nc.flush()  # both are at the server, so waiting measures delivery only
+    assert (await got.next_msg(timeout=10)).subject.endswith("run.queued")
+    assert (await out.next_msg(timeout=10)).subject == "fm.out.acme.report"
     assert not acme.refused
 
 
