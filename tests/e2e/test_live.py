@@ -132,6 +132,16 @@ def test_a_flow_stream_carries_every_run_and_since_replays(stack: ProcessStack, 
     assert all(seqs == list(range(1, len(seqs) + 1)) for seqs in replayed.values())
 
 
+def test_a_since_still_to_come_replays_nothing(stack: ProcessStack, alice: httpx.Client) -> None:
+    flow_id = publish_flow(alice, chain(1))
+    wait_run(alice, alice.post(f"/flows/{flow_id}/runs", json={"input": {"v": 0}}).json()["id"])
+    with open_ws(stack, f"/ws/flows/{flow_id}?since=2365-05-02T21:47:16%2B12:10", alice) as ws:
+        rid = alice.post(f"/flows/{flow_id}/runs", json={"input": {"v": 1}}).json()["id"]
+        wait_run(alice, rid)
+        seen = [receive(ws) for _ in history(alice, rid)]
+    assert {m["event"]["runId"] for m in seen} == {rid}, "only the run started after connecting"
+
+
 def test_handshakes_without_credentials_or_for_another_tenant_are_refused(
     stack: ProcessStack, alice: httpx.Client, mallory: httpx.Client
 ) -> None:
@@ -145,6 +155,7 @@ def test_handshakes_without_credentials_or_for_another_tenant_are_refused(
     assert refused(stack, f"/ws/runs/{rid}", good, origin="https://evil.example") == 403
     assert refused(stack, f"/ws/runs/{rid}?after=x", good) == 400
     assert refused(stack, f"/ws/flows/{flow_id}?since=yesterday", good) == 400
+    assert refused(stack, f"/ws/flows/{flow_id}", ["chat", "bearer." + bearer(alice)]) == 400
     with open_ws(stack, f"/ws/runs/{rid}", alice, origin="http://localhost:5173") as ws:
         assert receive(ws)["type"] == "snapshot"
 

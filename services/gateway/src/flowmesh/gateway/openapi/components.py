@@ -6,6 +6,7 @@ by its aiohttp name); the builder turns the names into parameters and ``$ref`` s
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -118,8 +119,8 @@ HEADER_PARAMS: Final[Mapping[str, JsonSchema]] = {
         "name": "Sec-WebSocket-Protocol",
         "in": "header",
         "required": False,
-        "description": f"`{SUBPROTOCOL}, {BEARER_PREFIX}<token>` (or use `?ticket=`).",
-        "schema": {"type": "string"},
+        "description": f"`{SUBPROTOCOL}, {BEARER_PREFIX}<token>` (or use `?ticket=`); it must offer `{SUBPROTOCOL}`.",
+        "schema": {"type": "string", "pattern": rf"^(.*,)?[ \t]*{re.escape(SUBPROTOCOL)}[ \t]*(,.*)?$"},
     },
 }
 

@@ -150,7 +150,10 @@ async def watch_run(request: web.Request) -> web.StreamResponse:
             "name": "since",
             "in": "query",
             "required": False,
-            "description": "First replay the flow's events since this time (RFC 3339 with a zone).",
+            "description": (
+                "First replay the flow's events since this time (RFC 3339 with a zone); a time still to come "
+                "replays nothing."
+            ),
             "schema": {"type": "string", "format": "date-time"},
         },
     ),
@@ -170,7 +173,8 @@ async def watch_flow(request: web.Request) -> web.StreamResponse:
     hub = request.app[keys.HUB]
     replay = None
     try:
-        if since is None:
+        if since is None or since >= datetime.now(UTC):
+            # a ``since`` still to come has no history: live from now (JetStream would replay it all)
             await hub.watch(subject, watcher)
         else:
             # the stream's history from ``since`` and then live, on one consumer of its own
