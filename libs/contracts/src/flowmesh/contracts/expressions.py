@@ -17,6 +17,8 @@ from typing import Any, Final
 
 import cel
 
+from flowmesh.contracts.expression_cost import COST_LIMIT, Analysis, CostError, analyse, free_names
+
 _TEMPLATE: Final = re.compile(r"\{\{(.*?)\}\}", re.S)
 _WHOLE: Final = re.compile(r"^\s*\{\{(.*?)\}\}\s*$", re.S)
 
@@ -26,15 +28,28 @@ FOREACH_NAMES: Final = frozenset({"item", "index"})
 """Extra names inside a ``foreach`` step's ``input``."""
 EVENT_NAMES: Final = frozenset({"event"})
 """Extra names of a ``waitEvent`` ``match`` and of an event trigger's ``filter``."""
+MAX_SOURCE: Final = 10_000
+"""Longest expression, in characters (CEL's evaluator recurses: a long enough chain of ``+``
+overflows its stack and ends the process)."""
+_ALL_NAMES: Final = CONTEXT_NAMES | FOREACH_NAMES | EVENT_NAMES
 
 
 class ExpressionError(ValueError):
     """An expression that does not compile, or failed to evaluate."""
 
+    error_type = "expression"
+    """The error type of a step that fails with it."""
+
     def __init__(self, source: str, message: str) -> None:
         super().__init__(f"expression {source!r}: {message}")
         self.source = source
         self.message = message
+
+
+class ExpressionTooCostly(ExpressionError):
+    """An expression that could cost more than the limit: refused before it runs."""
+
+    error_type = "expression-too-costly"
 
 
 def expression_source(value: str) -> str:
@@ -61,26 +76,40 @@ def iter_templates(value: Any, path: tuple[str | int, ...] = ()) -> Iterator[tup
             yield from iter_templates(item, (*path, i))
 
 
-@lru_cache(maxsize=4096)
 def compile_expression(source: str) -> cel.Program:
     """A compiled CEL program, cached by its source.
 
     Raises:
         ExpressionError: empty, or does not parse.
+        ExpressionTooCostly: too long, nests too deep, or too costly whatever its input.
     """
+    return _compiled(source)[0]
+
+
+@lru_cache(maxsize=4096)
+def _compiled(source: str) -> tuple[cel.Program, Analysis]:
+    """The program and what is known of its cost, once per source."""
     if not source:
         raise ExpressionError(source, "is empty")
+    if len(source) > MAX_SOURCE:
+        raise ExpressionTooCostly(source[:40] + "…", f"is {len(source):,} characters long (at most {MAX_SOURCE:,})")
     try:
-        return cel.compile(source)
+        program = cel.compile(source)
     except ValueError as exc:
         # the parser's message spans lines (source and caret); its first line says it all
         first = str(exc).replace(f"Failed to parse expression '{source}': ", "").splitlines()[0]
         raise ExpressionError(source, first.replace("ERROR: <input>:", "at ")) from None
+    try:
+        return program, analyse(source, _ALL_NAMES)
+    except CostError as exc:
+        raise ExpressionTooCostly(source, f"too costly: {exc}") from None
 
 
 def unknown_names(program: cel.Program, allowed: frozenset[str]) -> list[str]:
-    """Top-level names an expression reads that its context will not have."""
-    return sorted(set(program.variables()) - allowed)
+    """Top-level names an expression reads that its context will not have (macro variables aside)."""
+    tree = _compiled(program.source)[1].tree
+    names = program.variables() if tree is None else free_names(tree)
+    return sorted(set(names) - allowed)
 
 
 def check_expression(source: str, allowed: frozenset[str] = CONTEXT_NAMES) -> str | None:
@@ -132,8 +161,9 @@ def evaluate(source: str, context: Mapping[str, Any]) -> Any:
 
     Raises:
         ExpressionError: it does not compile, reads a missing field, or fails (type mismatch, …).
+        ExpressionTooCostly: it could cost more than the limit, on any input or on this one.
     """
-    program = compile_expression(source)
+    program, analysis = _compiled(source)
     names = program.variables()
     scope = {name: context[name] for name in names if name in context}
     steps = scope.get("steps")
@@ -141,12 +171,25 @@ def evaluate(source: str, context: Mapping[str, Any]) -> Any:
         wanted = referenced_steps(source)
         if wanted is not None:
             scope["steps"] = {k: steps[k] for k in wanted if k in steps}
+    if analysis.checked:
+        _within_budget(source, analysis, scope)
     try:
         return to_json(program.execute(scope))
     except KeyError as exc:
         raise ExpressionError(source, f"no such field {exc.args[0]!r} (use has() to test presence)") from None
     except Exception as exc:
         raise ExpressionError(source, str(exc)) from None
+
+
+def _within_budget(source: str, analysis: Analysis, scope: Mapping[str, Any]) -> None:
+    """Refuse to run an expression that could cost more than the limit on these values."""
+    cost = analysis.cost(scope)
+    if cost > COST_LIMIT:
+        raise ExpressionTooCostly(
+            source,
+            f"too costly: it could cost {cost:,} units on this input (at most {COST_LIMIT:,}); "
+            "map and filter cost the square of their list's size, and nested macros multiply",
+        )
 
 
 def render(value: Any, context: Mapping[str, Any]) -> Any:

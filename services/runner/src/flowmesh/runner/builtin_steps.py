@@ -83,7 +83,7 @@ def _delay(state: RunState, step: Step) -> None:
         try:
             value = render(data.until, state.context())
         except ExpressionError as exc:
-            state.record(step, 1, Outcome.failure(f"step {step.id!r}: {exc}", "expression"))
+            state.record(step, 1, Outcome.failure(f"step {step.id!r}: {exc}", exc.error_type))
             return
         found = _parse_time(value)
         if found is None:
@@ -133,7 +133,7 @@ def _event_offered(state: RunState, step: Step, payload: Any) -> Outcome | None:
         try:
             matched = evaluate(expression_source(data.match), {**state.context(), "event": payload})
         except ExpressionError as exc:
-            return Outcome.failure(f"step {step.id!r}: {exc}", "expression")
+            return Outcome.failure(f"step {step.id!r}: {exc}", exc.error_type)
         if matched is not True:
             return None
     return Outcome(ok=True, output=payload, handle="event")

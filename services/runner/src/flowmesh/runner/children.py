@@ -40,7 +40,7 @@ class ChildRuns:
         try:
             child_input = render(data.input, state.context()) if data.input is not None else {}
         except ExpressionError as exc:
-            return Outcome.failure(f"step {step.id!r}: {exc}", "expression")
+            return Outcome.failure(f"step {step.id!r}: {exc}", exc.error_type)
         failure = await self._start(state.run, step, 0, child_input)
         return failure or Outcome(ok=True, wait=True, input={"flowId": data.flow_id, "input": child_input})
 
@@ -51,7 +51,7 @@ class ChildRuns:
         try:
             items = evaluate(expression_source(data.items), state.context())
         except ExpressionError as exc:
-            return Outcome.failure(f"step {step.id!r}: {exc}", "expression")
+            return Outcome.failure(f"step {step.id!r}: {exc}", exc.error_type)
         if not isinstance(items, list):
             return Outcome.failure(f"step {step.id!r}: items gave {type(items).__name__}, not a list", "expression")
         if not items:
@@ -69,7 +69,7 @@ class ChildRuns:
             scope = {**state.context(), "item": items[index], "index": index}
             child_input = render(data.input, scope) if data.input is not None else {"item": items[index]}
         except ExpressionError as exc:
-            return Outcome.failure(f"step {step.id!r}, item {index}: {exc}", "expression")
+            return Outcome.failure(f"step {step.id!r}, item {index}: {exc}", exc.error_type)
         return await self._start(state.run, step, index, child_input)
 
     async def _start(self, run: RunRecord, step: Step, index: int, child_input: Any) -> Outcome | None:

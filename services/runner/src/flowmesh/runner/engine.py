@@ -434,7 +434,7 @@ class RunState:
         try:
             return compute(step, self.context())
         except ExpressionError as exc:
-            return Outcome.failure(f"step {step.id!r}: {exc}", "expression")
+            return Outcome.failure(f"step {step.id!r}: {exc}", exc.error_type)
 
     def wait(self, step: Step, *, deadline: datetime | None, wait_for: str | None = None, input: Any = None) -> None:
         """The step's attempt waits (for ``deadline``, an event keyed ``wait_for``, or a decision)."""

@@ -96,7 +96,7 @@ class HttpStep:
             query = {str(k): str(v) for k, v in render(data.query, context).items()}
             body = render(data.body, context)
         except ExpressionError as exc:
-            return Outcome.failure(str(exc), "expression")
+            return Outcome.failure(str(exc), exc.error_type)
         except ValueError as exc:
             return Outcome.failure(f"the URL is not valid: {exc}", "configuration")
         url = str(target)
@@ -281,7 +281,7 @@ class LlmStep:
         try:
             request = build_request(data, context, base)
         except ExpressionError as exc:
-            return Outcome.failure(str(exc), "expression")
+            return Outcome.failure(str(exc), exc.error_type)
         key = ""
         timeout = (data.timeout_ms or self.default_timeout_ms) / 1000
         try:
@@ -332,7 +332,7 @@ async def run_publish(
     try:
         payload = render(data.payload, context)
     except ExpressionError as exc:
-        return Outcome.failure(str(exc), "expression")
+        return Outcome.failure(str(exc), exc.error_type)
     try:
         ack = await js.publish(
             out_message(tenant, data.name),
