@@ -100,6 +100,37 @@ async def test_an_invalid_draft_is_not_published(rpc: RpcClient, tenant: str) ->
     assert (await rpc.call(FlowsOp.GET, {"flowId": flow["id"]}, tenant=tenant))["latestVersion"] is None
 
 
+async def test_a_draft_with_a_too_costly_expression_is_refused_with_the_expression_named(
+    rpc: RpcClient, tenant: str
+) -> None:
+    nested = "input.a.map(x, x.b.map(y, y.c.map(z, z.d.exists(w, w == 1))))"
+    ok = "input.a.filter(x, x > 1).map(x, x * 2)"
+    definition = {
+        "nodes": [
+            {"id": "start", "type": "trigger", "data": {}},
+            {"id": "fine", "type": "transform", "data": {"output": {"v": "{{ " + ok + " }}"}}},
+            {"id": "costly", "type": "condition", "data": {"expression": nested}},
+        ],
+        "edges": [
+            {"id": "e1", "source": "start", "target": "fine"},
+            {"id": "e2", "source": "fine", "target": "costly"},
+        ],
+    }
+    flow = await new_flow(rpc, tenant, definition=definition)
+    with pytest.raises(InvalidInput) as err:
+        await rpc.call(FlowsOp.PUBLISH, {"flowId": flow["id"]}, tenant=tenant)
+    assert err.value.status == 422
+    assert [(e.path, e.message) for e in err.value.errors or []] == [
+        (
+            "/nodes/2/data/expression",
+            f"node 'costly': expression {nested!r} is too costly: nests macros more than 3 deep",
+        )
+    ]
+    definition["nodes"].pop()
+    definition["edges"].pop()
+    assert (await published(rpc, tenant, definition=definition))["activeVersion"] == 1
+
+
 async def test_subflow_targets_are_looked_up_in_the_tenant(rpc: RpcClient, tenant: str) -> None:
     target = await published(rpc, tenant)
     other_tenants = await published(rpc, tenant + "-x")

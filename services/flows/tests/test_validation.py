@@ -275,3 +275,28 @@ def test_step_data_is_read_with_strict_json_types() -> None:
     assert {"/nodes/1/data/durationMs", "/nodes/2/data/maxTokens", "/nodes/3/data/retry/maxAttempts"} <= set(found), (
         found
     )
+
+
+def test_a_flow_using_macros_is_valid() -> None:
+    d = flow(
+        node("pick", "transform", output={"ids": "{{ input.items.filter(i, i.ok).map(i, i.id) }}"}),
+        node("any", "condition", expression="steps.pick.output.ids.exists(id, id > 2)"),
+        node("all", "condition", expression="input.items.all(i, has(i.id))"),
+        edges=[edge("start", "pick"), edge("pick", "any"), edge("any", "all", "true")],
+    )
+    assert problems(d) == {}
+
+
+def test_an_expression_too_costly_whatever_its_input_is_named() -> None:
+    nested = "input.a.map(x, x.b.map(y, y.c.map(z, z.d.exists(w, w == 1))))"
+    deep = "1" + " + 1" * 200
+    d = flow(
+        node("nested", "condition", expression=nested),
+        node("deep", "transform", output={"v": "{{ " + deep + " }}"}),
+        edges=[edge("start", "nested"), edge("nested", "deep", "true")],
+    )
+    p = problems(d)
+    assert p["/nodes/1/data/expression"] == (
+        f"node 'nested': expression {nested!r} is too costly: nests macros more than 3 deep"
+    )
+    assert p["/nodes/2/data/output/v"] == f"node 'deep': expression {deep!r} is too costly: nests more than 128 deep"

@@ -31,6 +31,8 @@ EVENT_NAMES: Final = frozenset({"event"})
 MAX_SOURCE: Final = 10_000
 """Longest expression, in characters (CEL's evaluator recurses: a long enough chain of ``+``
 overflows its stack and ends the process)."""
+TOO_COSTLY: Final = "too costly: "
+"""How the message of an expression refused for its cost begins."""
 _ALL_NAMES: Final = CONTEXT_NAMES | FOREACH_NAMES | EVENT_NAMES
 
 
@@ -92,7 +94,9 @@ def _compiled(source: str) -> tuple[cel.Program, Analysis]:
     if not source:
         raise ExpressionError(source, "is empty")
     if len(source) > MAX_SOURCE:
-        raise ExpressionTooCostly(source[:40] + "…", f"is {len(source):,} characters long (at most {MAX_SOURCE:,})")
+        raise ExpressionTooCostly(
+            source[:40] + "…", f"{TOO_COSTLY}is {len(source):,} characters long (at most {MAX_SOURCE:,})"
+        )
     try:
         program = cel.compile(source)
     except ValueError as exc:
@@ -102,7 +106,7 @@ def _compiled(source: str) -> tuple[cel.Program, Analysis]:
     try:
         return program, analyse(source, _ALL_NAMES)
     except CostError as exc:
-        raise ExpressionTooCostly(source, f"too costly: {exc}") from None
+        raise ExpressionTooCostly(source, f"{TOO_COSTLY}{exc}") from None
 
 
 def unknown_names(program: cel.Program, allowed: frozenset[str]) -> list[str]:
@@ -113,7 +117,10 @@ def unknown_names(program: cel.Program, allowed: frozenset[str]) -> list[str]:
 
 
 def check_expression(source: str, allowed: frozenset[str] = CONTEXT_NAMES) -> str | None:
-    """Why an expression would fail at compile time (syntax, unknown names), or ``None``."""
+    """Why an expression would fail at compile time (syntax, unknown names, cost), or ``None``.
+
+    A problem of cost starts with ``too costly:``.
+    """
     try:
         program = compile_expression(source)
     except ExpressionError as exc:
@@ -187,7 +194,7 @@ def _within_budget(source: str, analysis: Analysis, scope: Mapping[str, Any]) ->
     if cost > COST_LIMIT:
         raise ExpressionTooCostly(
             source,
-            f"too costly: it could cost {cost:,} units on this input (at most {COST_LIMIT:,}); "
+            f"{TOO_COSTLY}it could cost {cost:,} units on this input (at most {COST_LIMIT:,}); "
             "map and filter cost the square of their list's size, and nested macros multiply",
         )
 

@@ -13,7 +13,7 @@ from croniter.croniter import CroniterBadDateError
 from pydantic import BaseModel, ValidationError
 
 from flowmesh.contracts.errors import InvalidInput
-from flowmesh.contracts.expressions import EVENT_NAMES, check_expression, expression_source
+from flowmesh.contracts.expressions import EVENT_NAMES, TOO_COSTLY, check_expression, expression_source
 from flowmesh.contracts.models import FieldError
 from flowmesh.contracts.models.flows import EventConfig, ScheduleConfig, TriggerType, WebhookConfig
 from flowmesh.contracts.strict import json_pointer
@@ -117,7 +117,14 @@ def check_config(trigger_type: TriggerType, config: dict[str, Any]) -> dict[str,
         if parsed.filter is not None:
             problem = check_expression(expression_source(parsed.filter), EVENT_NAMES)
             if problem is not None:
-                errors.append(FieldError(path="/config/filter", message=f"filter does not compile: {problem}"))
+                errors.append(
+                    FieldError(
+                        path="/config/filter",
+                        message=f"filter is {problem}"
+                        if problem.startswith(TOO_COSTLY)
+                        else f"filter does not compile: {problem}",
+                    )
+                )
     if errors:
         raise InvalidInput(f"invalid {trigger_type} trigger config", errors=errors)
     return parsed.model_dump(mode="json", by_alias=True, exclude_none=True)

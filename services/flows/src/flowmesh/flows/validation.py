@@ -18,6 +18,7 @@ from pydantic.alias_generators import to_snake
 
 from flowmesh.contracts.expressions import (
     CONTEXT_NAMES,
+    TOO_COSTLY,
     check_expression,
     expression_source,
     iter_templates,
@@ -193,7 +194,10 @@ def _check_expressions(report: _Report, i: int, node: Node, kind: StepKind) -> N
 def _check_source(report: _Report, path: Path, node_id: str, source: str, names: frozenset[str]) -> None:
     problem = check_expression(source, names)
     if problem is not None:
-        report.add(path, f"node {node_id!r}: expression {source!r} does not compile: {problem}")
+        if problem.startswith(TOO_COSTLY):
+            report.add(path, f"node {node_id!r}: expression {source!r} is {problem}")
+        else:
+            report.add(path, f"node {node_id!r}: expression {source!r} does not compile: {problem}")
 
 
 def _check_handle(
