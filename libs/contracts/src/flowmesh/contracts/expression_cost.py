@@ -71,6 +71,7 @@ class Shape:
 
 SCALAR: Final = Shape(1, 1, leaf=True)
 _EMPTY: Final = Shape(0, 0, leaf=True)
+_SCALARS: Final = frozenset({int, float, bool, type(None)})
 
 
 def loose(weight: int) -> Shape:
@@ -117,6 +118,8 @@ def shape_of(value: Any) -> Shape:
     if isinstance(value, str | bytes):
         return _text(len(value))
     if isinstance(value, list | tuple):
+        if value and all(type(v) in _SCALARS for v in value):  # the common case, without a Shape each
+            return Shape(len(value), 1 + len(value), SCALAR)
         items = [shape_of(v) for v in value]
         return Shape(len(items), 1 + sum(s.weight for s in items), _join_all(items))
     if isinstance(value, Mapping):
