@@ -73,6 +73,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
             middleware.observe,
             cors_middleware(settings.cors_origin_list),
             middleware.problems,
+            middleware.placement,
             middleware.authenticate,
             body.storable_path,
             middleware.rate_limit,
@@ -86,6 +87,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
         PlanSource(settings.default_plan, usage.plan_lookup(app), ttl_s=settings.plan_cache_s)
     )
     app[keys.SOCKETS] = set()
+    app[keys.LISTENERS] = keys.Listeners()
     app[keys.DRAINING] = asyncio.Event()
     app.on_response_prepare.append(middleware.secure_headers)
     app.on_response_prepare.append(_close_connections_when_draining)
