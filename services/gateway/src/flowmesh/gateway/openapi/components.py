@@ -52,6 +52,11 @@ ERRORS: Final[Mapping[int, tuple[str, str]]] = {
     415: ("UnsupportedMediaType", "The body is not JSON and was not sent as JSON."),
     422: ("ValidationError", "The input is not valid (unknown fields too); `errors` says where, as JSON pointers."),
     429: ("RateLimited", "Too many requests for the tenant's plan; retry after `Retry-After` seconds."),
+    502: (
+        "ReplyTooLarge",
+        "A service's answer is over the message size limit and could not be delivered (`reply-too-large`); "
+        "read smaller pages, or the one resource the `$omitted` marker names.",
+    ),
     503: ("ServiceUnavailable", "A service the request needs is not reachable; retry later."),
     504: ("Timeout", "A service did not answer in time; retry later."),
 }

@@ -207,7 +207,7 @@ def _error_statuses(route: Route) -> list[int]:
         if not op.public:
             statuses.add(401)
     if op.calls_service:
-        statuses.update((503, 504))
+        statuses.update((502, 503, 504))
     if _path_names(route.path):
         statuses.update((404, 422))  # 422: a path parameter holding NUL (``body.storable_path``)
     if isinstance(op.body, type):

@@ -76,7 +76,8 @@ async def openapi_json(request: web.Request) -> web.Response:
     body = _documents.get(request.app)
     if body is None:
         document = build_openapi(request.app)
-        if request.app[keys.SETTINGS].metrics_placement != "public":
+        settings = request.app.get(keys.SETTINGS)
+        if settings is not None and settings.metrics_placement != "public":
             document["paths"].pop("/metrics", None)  # not an operation of the public API here
         body = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
         _documents[request.app] = body
