@@ -74,6 +74,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
             cors_middleware(settings.cors_origin_list),
             middleware.problems,
             middleware.placement,
+            middleware.readable_headers,
             middleware.authenticate,
             body.storable_path,
             middleware.rate_limit,

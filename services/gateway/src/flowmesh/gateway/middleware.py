@@ -26,7 +26,7 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 from prometheus_client import Counter, Histogram
 
-from flowmesh.contracts.errors import FlowmeshError, GatewayTimeout, NotFound, RateLimited
+from flowmesh.contracts.errors import BadRequest, FlowmeshError, GatewayTimeout, NotFound, RateLimited
 from flowmesh.gateway import idempotency, keys
 from flowmesh.gateway.auth import bearer_token
 from flowmesh.gateway.problems import from_http_exception, problem_response
@@ -211,6 +211,22 @@ async def placement(request: web.Request, handler: Handler) -> web.StreamRespons
         served = where == "public"
     if not served:
         raise NotFound(f"{request.path} is not served here")
+    return await handler(request)
+
+
+@web.middleware
+async def readable_headers(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse (400) a header whose bytes are not UTF-8.
+
+    aiohttp hands such bytes on as lone surrogates, which no JSON body, KV key or log line can hold:
+    an ``If-Match`` or ``Idempotency-Key`` of them was a 500.
+    """
+    for name, value in request.headers.items():
+        if not value.isascii():
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                raise BadRequest(f"the {name} header is not UTF-8") from None
     return await handler(request)
 
 

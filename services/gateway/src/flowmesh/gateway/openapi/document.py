@@ -202,6 +202,7 @@ def _error_statuses(route: Route) -> list[int]:
     """The route's own error statuses and those its kind has: auth, limits, services, parameters, bodies."""
     op = route.op
     statuses = set(op.errors)
+    statuses.add(400)  # a header whose bytes are not UTF-8 (``middleware.readable_headers``), on any route
     if route.path.startswith(API_PREFIX):
         statuses.add(429)
         if not op.public:
