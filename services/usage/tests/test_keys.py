@@ -83,4 +83,4 @@ async def test_rotation_reseals_every_key_with_the_new_secret(usage_service: Ser
     assert await KeyStore(usage_service.sessions, Vault([new])).reveal(tenant, "mistral") == key
     with pytest.raises(Exception, match="cannot be read"):
         await KeyStore(usage_service.sessions, Vault([old])).reveal(tenant, "mistral")
-    await rotated.delete(tenant, "mistral")
+    await rotated.delete(tenant, "mistral", actor="test")
