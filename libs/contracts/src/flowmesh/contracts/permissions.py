@@ -90,6 +90,7 @@ CALLS: Final[dict[str, tuple[str, ...]]] = {
         FlowsOp.TRIGGER_UPDATE,
         FlowsOp.TRIGGER_DELETE,
         FlowsOp.WEBHOOK,
+        FlowsOp.AUDIT,
         RunsOp.START,
         RunsOp.GET,
         RunsOp.LIST,
@@ -107,6 +108,7 @@ CALLS: Final[dict[str, tuple[str, ...]]] = {
         UsageOp.KEYS_LIST,
         UsageOp.KEYS_PUT,
         UsageOp.KEYS_DELETE,
+        UsageOp.AUDIT,
         # /readyz asks every service
         *(subjects.ping(name) for name in subjects.RPC_PREFIXES),
     ),

@@ -100,6 +100,8 @@ class FlowsOp:
     """For the gateway: the trigger a webhook token belongs to (no tenant: the token decides)."""
     SCHEDULES: Final = rpc(RPC_FLOWS, "schedules")
     """For the scheduler (no tenant): schedule triggers and their flows' state as they are now."""
+    AUDIT: Final = rpc(RPC_FLOWS, "audit")
+    """``GET /audit``: the flows service's audit entries (``AuditRead`` → ``AuditEntries``)."""
     PING: Final = rpc(RPC_FLOWS, "ping")
 
 
@@ -152,6 +154,8 @@ class UsageOp:
     """Forget a provider's key (``ApiKeyRef``); unknown → not-found."""
     KEYS_REVEAL: Final = rpc(RPC_USAGE, "keys.reveal")
     """For the runner only: a tenant's plaintext API key of one provider (``RevealKey`` → ``RevealedKey``)."""
+    AUDIT: Final = rpc(RPC_USAGE, "audit")
+    """``GET /audit``: the usage service's audit entries (``AuditRead`` → ``AuditEntries``)."""
     PING: Final = rpc(RPC_USAGE, "ping")
 
 

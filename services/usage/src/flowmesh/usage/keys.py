@@ -25,13 +25,14 @@ class KeyStore:
         self.sessions = sessions
         self.vault = vault
 
-    async def put(self, tenant: str, provider: str, api_key: str) -> ApiKeyInfo:
-        """Store a provider's key (replacing the one before); its public description."""
+    async def put(self, tenant: str, provider: str, api_key: str, *, actor: str) -> ApiKeyInfo:
+        """Store a provider's key (replacing the one before), recorded in the audit log as ``actor``'s;
+        its public description."""
         provider = provider_name(provider)
         key = clean_key(api_key)
         sealed = self.vault.seal(tenant=tenant, provider=provider, api_key=key)
         async with self.sessions.begin() as s:
-            return await repo.put_key(
+            info = await repo.put_key(
                 s,
                 tenant=tenant,
                 provider=provider,
@@ -40,14 +41,16 @@ class KeyStore:
                 hint=key_hint(key),
                 now=utcnow(),
             )
+            await repo.audit(s, tenant=tenant, actor=actor, action="apiKey.put", target=("apiKey", provider))
+        return info
 
     async def list(self, tenant: str) -> list[ApiKeyInfo]:
         """The tenant's keys, hints only."""
         async with self.sessions() as s:
             return await repo.list_keys(s, tenant=tenant)
 
-    async def delete(self, tenant: str, provider: str) -> None:
-        """Forget a provider's key.
+    async def delete(self, tenant: str, provider: str, *, actor: str) -> None:
+        """Forget a provider's key, recorded in the audit log as ``actor``'s.
 
         Raises:
             NotFound: no key of that provider is stored.
@@ -56,6 +59,7 @@ class KeyStore:
         async with self.sessions.begin() as s:
             if not await repo.delete_key(s, tenant=tenant, provider=provider):
                 raise NotFound(f"no {provider} key is stored")
+            await repo.audit(s, tenant=tenant, actor=actor, action="apiKey.deleted", target=("apiKey", provider))
 
     async def reveal(self, tenant: str, provider: str) -> str:
         """The plaintext key, marking it used.

@@ -14,7 +14,10 @@ from sqlalchemy import bindparam, delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from flowmesh.contracts.ids import utcnow
+from flowmesh.contracts.models.audit import AuditAction, AuditEntry, AuditRead, AuditTarget, AuditTargetType
 from flowmesh.contracts.models.usage import ApiKeyInfo, FlowStats, Plan, UsageDay
+from flowmesh.runtime import audit as audit_log
 from flowmesh.usage.domain import COUNTERS, Counts, RunFact
 from flowmesh.usage.tables import (
     api_keys,
@@ -24,6 +27,9 @@ from flowmesh.usage.tables import (
     tenants,
     usage_daily,
     usage_monthly,
+)
+from flowmesh.usage.tables import (
+    audit as audit_table,
 )
 
 # --- metering ---------------------------------------------------------------------------------------
@@ -156,6 +162,12 @@ async def tenant_plans(session: AsyncSession, *, tenant_ids: Iterable[str]) -> d
         return {}
     stmt = select(tenants.c.tenant_id, tenants.c.plan, tenants.c.plan_revision).where(tenants.c.tenant_id.in_(ids))
     return {r.tenant_id: (r.plan, r.plan_revision) for r in await session.execute(stmt)}
+
+
+async def own_plan_locked(session: AsyncSession, *, tenant: str) -> str | None:
+    """The plan a tenant was given (None: it has the default), its row locked until the transaction ends."""
+    stmt = select(tenants.c.plan).where(tenants.c.tenant_id == tenant).with_for_update()
+    return (await session.execute(stmt)).scalar_one_or_none()
 
 
 async def set_plan(session: AsyncSession, *, tenant: str, plan: str, now: datetime) -> int:
@@ -294,3 +306,37 @@ async def reseal_key(session: AsyncSession, *, tenant: str, provider: str, old: 
         .values(ciphertext=new, key_id=key_id)
     )
     return bool((await session.execute(stmt)).rowcount)  # type: ignore[attr-defined]
+
+
+# --- audit --------------------------------------------------------------------------------------------
+
+
+async def audit(
+    session: AsyncSession,
+    *,
+    tenant: str,
+    actor: str,
+    action: AuditAction,
+    target: tuple[AuditTargetType, str],
+    details: dict[str, Any] | None = None,
+) -> AuditEntry:
+    """Record a change in the audit log inside the caller's transaction (the change's own), e.g.
+    ``await repo.audit(s, tenant=t, actor=ctx.subject, action="secret.put", target=("secret", name))``.
+
+    ``target`` is (type, id); ``details`` must never hold a secret or key value.
+    """
+    return await audit_log.append(
+        session,
+        audit_table,
+        tenant=tenant,
+        actor=actor,
+        action=action,
+        target=AuditTarget(type=target[0], id=target[1]),
+        details=details,
+        now=utcnow(),
+    )
+
+
+async def read_audit(session: AsyncSession, *, tenant: str | None, q: AuditRead) -> list[AuditEntry]:
+    """A page of audit entries of ``tenant`` (every tenant's when None), newest first."""
+    return await audit_log.read(session, audit_table, tenant=tenant, q=q)

@@ -16,6 +16,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import UUID
 
+from flowmesh.runtime.audit import audit_table
 from flowmesh.usage.domain import COUNTERS
 
 SCHEMA = "usage"
@@ -103,3 +104,6 @@ api_keys = Table(
     Column("last_used_at", TS),
     PrimaryKeyConstraint("tenant_id", "provider"),
 )
+
+audit = audit_table(metadata)
+"""Append-only: who stored or removed provider keys and secrets, who changed plans (``flowmesh.runtime.audit``)."""

@@ -82,6 +82,7 @@ TAGS: Final = (
     {"name": "catalog", "description": "The step types a canvas can offer."},
     {"name": "live", "description": "Runs as they happen, over WebSocket."},
     {"name": "usage", "description": "Metered usage against the plan, billing export, plans and stored provider keys."},
+    {"name": "audit", "description": "Who created, changed, published or deleted what, and when (append-only)."},
     {"name": "operations", "description": "Health, readiness, metrics and this documentation."},
 )
 
