@@ -22,6 +22,12 @@ from flowmesh.contracts.models.usage import (
     PlanRef,
     RevealedKey,
     RevealKey,
+    RevealSecrets,
+    RevealedSecrets,
+    SecretCreate,
+    SecretInfo,
+    SecretList,
+    SecretRef,
     TenantPlan,
     TenantQuota,
     UsageExport,
@@ -143,6 +149,36 @@ async def keys_delete(req: ApiKeyRef, ctx: RpcContext, deps: UsageDeps) -> dict[
 async def keys_reveal(req: RevealKey, ctx: RpcContext, deps: UsageDeps) -> RevealedKey:
     provider = domain.provider_name(req.provider)
     return RevealedKey(provider=provider, api_key=await deps.keys.reveal(ctx.tenant, provider))
+
+
+# --- tenant secrets -------------------------------------------------------------------------------
+
+
+def _runner_only_secrets(ctx: RpcContext) -> None:
+    if ctx.role != KEYS_REVEAL_ROLE:
+        log.warning("refused to reveal secrets to a caller with role %r (tenant %r)", ctx.role, ctx.tenant)
+        raise Forbidden("only the runner may read a stored secret")
+
+
+@router.handler(UsageOp.SECRETS_LIST)
+async def secrets_list(_: object, ctx: RpcContext, deps: UsageDeps) -> SecretList:
+    return SecretList(items=await deps.secrets.list(ctx.tenant))
+
+
+@router.handler(UsageOp.SECRETS_PUT)
+async def secrets_put(req: SecretCreate, ctx: RpcContext, deps: UsageDeps) -> SecretInfo:
+    return await deps.secrets.put(ctx.tenant, req.name, req.value)
+
+
+@router.handler(UsageOp.SECRETS_DELETE)
+async def secrets_delete(req: SecretRef, ctx: RpcContext, deps: UsageDeps) -> dict[str, bool]:
+    await deps.secrets.delete(ctx.tenant, req.name)
+    return {"deleted": True}
+
+
+@router.handler(UsageOp.SECRETS_REVEAL, guard=_runner_only_secrets)
+async def secrets_reveal(req: RevealSecrets, ctx: RpcContext, deps: UsageDeps) -> RevealedSecrets:
+    return await deps.secrets.reveal(ctx.tenant, req.names)
 
 
 async def meter_batch(batch: list[Delivery], deps: UsageDeps) -> None:

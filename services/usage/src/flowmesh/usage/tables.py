@@ -103,3 +103,16 @@ api_keys = Table(
     Column("last_used_at", TS),
     PrimaryKeyConstraint("tenant_id", "provider"),
 )
+
+secrets = Table(
+    "secrets",
+    metadata,
+    Column("tenant_id", Text, nullable=False),
+    Column("name", Text, nullable=False),
+    Column("ciphertext", LargeBinary, nullable=False),
+    Column("key_id", Text, nullable=False),
+    Column("hint", Text, nullable=False),
+    Column("created_at", TS, nullable=False),
+    Column("updated_at", TS, nullable=False),
+    PrimaryKeyConstraint("tenant_id", "name"),
+)

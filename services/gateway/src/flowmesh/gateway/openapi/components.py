@@ -72,6 +72,7 @@ TAGS: Final = (
     {"name": "catalog", "description": "The step types a canvas can offer."},
     {"name": "live", "description": "Runs as they happen, over WebSocket."},
     {"name": "usage", "description": "Metered usage against the plan, billing export, plans and stored provider keys."},
+    {"name": "secrets", "description": "Named secrets `http` and `llm` steps read as `{{ secrets.NAME }}`."},
     {"name": "operations", "description": "Health, readiness, metrics and this documentation."},
 )
 
