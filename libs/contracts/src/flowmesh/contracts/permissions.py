@@ -8,7 +8,8 @@ gets what it needs and nothing more:
   ``allow_responses``); it may publish only the operations it calls. This is what makes the
   privileged headers safe: ``Flowmesh-Role: admin`` can only arrive on ``fm.rpc.usage.plan.set``
   from the gateway (which sets it from a verified token), and ``Flowmesh-Role: service:runner``
-  only on ``fm.rpc.usage.keys.reveal`` and ``fm.rpc.usage.secrets.reveal`` from the runner, because nobody else may publish there;
+  only on ``fm.rpc.usage.keys.reveal`` and ``fm.rpc.usage.secrets.reveal`` from the runner,
+  because nobody else may publish there;
 - replies: every user has an inbox prefix of its own (``_INBOX.<user>``) and may subscribe only
   under it, so nobody can read another user's replies (a revealed API key or secret travels in one);
 - JetStream: each service may manage only the streams of the mesh (create, update, read; never

@@ -159,7 +159,7 @@ class UsageOp:
     SECRETS_DELETE: Final = rpc(RPC_USAGE, "secrets.delete")
     """Forget a secret (``SecretRef``); unknown → not-found."""
     SECRETS_REVEAL: Final = rpc(RPC_USAGE, "secrets.reveal")
-    """For the runner only: plaintext values of the named secrets of a tenant (``RevealSecrets`` → ``RevealedSecrets``)."""
+    """For the runner only: a tenant's plaintext secrets by name (``RevealSecrets`` → ``RevealedSecrets``)."""
     PING: Final = rpc(RPC_USAGE, "ping")
 
 

@@ -16,9 +16,9 @@ from flowmesh.runtime.service import ServiceRuntime
 from flowmesh.usage import domain, handlers, repo
 from flowmesh.usage.deps import UsageDeps
 from flowmesh.usage.keys import KeyStore
-from flowmesh.usage.secrets import SecretStore
 from flowmesh.usage.meter import Meter
 from flowmesh.usage.quota import PlanBook, QuotaSnapshots
+from flowmesh.usage.secrets import SecretStore
 from flowmesh.usage.settings import UsageSettings
 from flowmesh.usage.vault import Vault
 

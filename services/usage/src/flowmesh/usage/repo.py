@@ -336,9 +336,7 @@ async def sealed_secrets(session: AsyncSession, *, tenant: str, names: Sequence[
     return {r.name: bytes(r.ciphertext) for r in await session.execute(stmt)}
 
 
-async def secrets_sealed_with_other(
-    session: AsyncSession, *, key_id: str, limit: int
-) -> list[tuple[str, str, bytes]]:
+async def secrets_sealed_with_other(session: AsyncSession, *, key_id: str, limit: int) -> list[tuple[str, str, bytes]]:
     """Up to ``limit`` secret rows sealed under another key than ``key_id`` (to re-seal after a rotation)."""
     stmt = (
         select(secrets.c.tenant_id, secrets.c.name, secrets.c.ciphertext)
