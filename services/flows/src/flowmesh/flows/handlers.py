@@ -46,7 +46,7 @@ from flowmesh.contracts.models.usage import TenantQuota
 from flowmesh.contracts.subjects import FlowEventType, FlowsOp, flow_event
 from flowmesh.flows import domain, repo, triggers
 from flowmesh.flows.deps import FlowsDeps
-from flowmesh.flows.validation import referenced_flows, validate_flow
+from flowmesh.flows.validation import credential_warnings, referenced_flows, validate_flow
 from flowmesh.runtime.db import snapshot
 from flowmesh.runtime.rpc import RpcContext, RpcRouter
 
@@ -149,7 +149,13 @@ async def _new_flow(
 async def create(flow: FlowCreate, ctx: RpcContext, deps: FlowsDeps) -> Flow:
     quota = await _quota(ctx, deps)
     async with deps.sessions.begin() as s:
-        return await _new_flow(s, ctx, quota, domain.draft_values(flow), utcnow())
+        return _warned(await _new_flow(s, ctx, quota, domain.draft_values(flow), utcnow()))
+
+
+def _warned(flow: Flow) -> Flow:
+    """The flow with the warnings its draft deserves (literal credentials), as create and update answer."""
+    warnings = credential_warnings(flow.definition)
+    return flow.model_copy(update={"warnings": warnings}) if warnings else flow
 
 
 @router.handler(FlowsOp.LIST)
@@ -174,8 +180,8 @@ async def update(req: FlowPatchRequest, ctx: RpcContext, deps: FlowsDeps) -> Flo
         flow = await _flow(s, ctx, req.flow_id, lock=True)
         domain.check_if_match(req.if_match, flow.revision)
         if not values:
-            return flow
-        return await repo.update_flow(s, tenant=ctx.tenant, flow_id=flow.id, values=values, now=utcnow())
+            return _warned(flow)
+        return _warned(await repo.update_flow(s, tenant=ctx.tenant, flow_id=flow.id, values=values, now=utcnow()))
 
 
 @router.handler(FlowsOp.REPLACE)
@@ -183,8 +189,10 @@ async def replace(req: FlowReplaceRequest, ctx: RpcContext, deps: FlowsDeps) -> 
     async with deps.sessions.begin() as s:
         flow = await _flow(s, ctx, req.flow_id, lock=True)
         domain.check_if_match(req.if_match, flow.revision)
-        return await repo.update_flow(
-            s, tenant=ctx.tenant, flow_id=flow.id, values=domain.draft_values(req.flow), now=utcnow()
+        return _warned(
+            await repo.update_flow(
+                s, tenant=ctx.tenant, flow_id=flow.id, values=domain.draft_values(req.flow), now=utcnow()
+            )
         )
 
 
@@ -226,7 +234,7 @@ async def validate(ref: FlowRef, ctx: RpcContext, deps: FlowsDeps) -> Validation
     async with deps.sessions() as s:
         flow = await _flow(s, ctx, ref.flow_id)
         errors = await _validate(s, ctx, flow)
-    return ValidationReport(valid=not errors, errors=errors)
+    return ValidationReport(valid=not errors, errors=errors, warnings=credential_warnings(flow.definition))
 
 
 @router.handler(FlowsOp.PUBLISH)

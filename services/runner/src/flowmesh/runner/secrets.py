@@ -7,10 +7,10 @@ encoded forms a URL, a JSON text or a Basic header give it) with ``[secret:NAME]
 attempt reports, whatever an echoing server sent back.
 
 Literal credentials are kept out of records too (:func:`redact_request`): the recorded value of a
-header whose name :data:`~flowmesh.runner.urls.CREDENTIAL_HEADER` matches (``Authorization``,
-``Cookie``, ``Proxy-Authorization``, ``X-Api-Key``, …) and of a query parameter with a key-like name
-(:data:`CREDENTIAL_PARAM`) is ``[redacted]``, unless it is made of secrets (then it shows their
-``[secret:NAME]``).
+header with a credential's name (``Authorization``, ``Cookie``, ``Proxy-Authorization``,
+``X-Api-Key``, …) and of a query parameter with a key-like name (``api_key``, ``access_token``,
+``key``, …; both rules in :mod:`flowmesh.contracts.credentials`) is ``[redacted]``, unless it holds
+secrets (then it shows their ``[secret:NAME]``).
 """
 
 from __future__ import annotations
@@ -25,19 +25,16 @@ from urllib.parse import quote, quote_plus
 
 from yarl import URL
 
+from flowmesh.contracts.credentials import CREDENTIAL_HEADER, CREDENTIAL_PARAM
 from flowmesh.contracts.errors import FlowmeshError, GatewayTimeout, ServiceUnavailable
 from flowmesh.contracts.expressions import iter_templates, referenced_secrets
 from flowmesh.contracts.models.usage import KEYS_REVEAL_ROLE, RevealedSecrets, RevealSecrets
 from flowmesh.contracts.subjects import UsageOp
 from flowmesh.runner.outcome import Outcome
-from flowmesh.runner.urls import CREDENTIAL_HEADER
 from flowmesh.runtime.rpc import RpcClient
 
 REDACTED: Final = "[redacted]"
 _PLACEHOLDER: Final = "[secret:"
-CREDENTIAL_PARAM: Final = re.compile(rf"{CREDENTIAL_HEADER.pattern}|^(key|sig|code)$", re.I)
-"""Query parameter names whose values a recorded URL hides: the credential header names, and
-``key``, ``sig``, ``code`` (``?api_key=``, ``?access_token=``, ``?key=``, ``?X-Amz-Signature=``)."""
 
 SecretReveal = Callable[[str, list[str]], Awaitable[RevealedSecrets]]
 """``(tenant, names) -> values and missing names``: the tenant's stored secrets."""

@@ -32,6 +32,11 @@ PATH_PARAMS: Final[Mapping[str, tuple[str, JsonSchema, str]]] = {
         {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
         "The LLM provider a key is for (case-insensitive).",
     ),
+    "name": (
+        "name",
+        {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]{0,63}$"},
+        "The secret's name, as steps read it: `{{ secrets.NAME }}`.",
+    ),
     "tenant_id": (
         "tenantId",
         {"type": "string", "minLength": 1, "maxLength": 255},
