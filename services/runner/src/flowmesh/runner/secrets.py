@@ -16,6 +16,7 @@ secrets (then it shows their ``[secret:NAME]``).
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -35,6 +36,9 @@ from flowmesh.runtime.rpc import RpcClient
 
 REDACTED: Final = "[redacted]"
 _PLACEHOLDER: Final = "[secret:"
+MIN_LITERAL: Final = 8
+"""Literal credentials shorter than this are hidden in the recorded request only: removing every
+occurrence of a short string from a response would garble it (secrets are removed whatever their size)."""
 
 SecretReveal = Callable[[str, list[str]], Awaitable[RevealedSecrets]]
 """``(tenant, names) -> values and missing names``: the tenant's stored secrets."""
@@ -83,6 +87,8 @@ class Redactor:
     """Replaces the values of a step's secrets with ``[secret:NAME]`` in whatever it is given."""
 
     values: Mapping[str, str] = field(default_factory=dict)
+    literals: tuple[str, ...] = ()
+    """Literal credentials the step sent (written in its definition): replaced with ``[redacted]``."""
     _placeholders: dict[str, str] = field(default_factory=dict, init=False)
     _pattern: list[re.Pattern[str]] = field(default_factory=list, init=False)
 
@@ -91,6 +97,10 @@ class Redactor:
             for form in _forms(value):
                 if form:
                     self._placeholders.setdefault(form, f"[secret:{name}]")
+        for literal in self.literals:
+            for form in _forms(literal):
+                if len(form) >= MIN_LITERAL:
+                    self._placeholders.setdefault(form, REDACTED)
         if self._placeholders:
             # one pass, longest first: a value holding another secret's value is replaced whole, and
             # a placeholder already put in is never read again (a one-letter secret cannot garble it)
@@ -122,13 +132,22 @@ class Redactor:
         return self.scrub(record)
 
     def outcome(self, outcome: Outcome) -> Outcome:
-        """The outcome with its output, input and message redacted (a server may echo a secret)."""
+        """The outcome with its output, input and message redacted (a server may echo a secret).
+
+        The literal credentials of the request (see :func:`redact_request`) are removed from the
+        output and the message too, as ``[redacted]``.
+        """
+        literals = tuple(v for v in credential_literals(outcome.input) if not self._holds(v))
+        redactor = Redactor(self.values, literals) if literals else self
         return replace(
             outcome,
-            output=self.scrub(outcome.output),
-            input=redact_request(self._scrub_record(outcome.input)),
-            message=self.text(outcome.message),
+            output=redactor.scrub(outcome.output),
+            input=redact_request(redactor._scrub_record(outcome.input)),
+            message=redactor.text(outcome.message),
         )
+
+    def _holds(self, value: str) -> bool:
+        return bool(self._pattern) and self._pattern[0].search(value) is not None
 
 
 def redact_request(record: Any) -> Any:
@@ -147,6 +166,25 @@ def redact_request(record: Any) -> Any:
     if isinstance(found.get("url"), str):
         found["url"] = redact_url(found["url"])
     return found
+
+
+def credential_literals(record: Any) -> list[str]:
+    """The values a recorded request sent as credentials: credential headers (and the token after
+    an ``Authorization`` scheme), key-like query parameters, in its query or in its URL."""
+    if not isinstance(record, dict):
+        return []
+    found: list[str] = []
+    headers = record.get("headers")
+    for name, value in headers.items() if isinstance(headers, dict) else ():
+        if CREDENTIAL_HEADER.search(name) and isinstance(value, str):
+            found += [value, value.partition(" ")[2]]
+    query = record.get("query")
+    pairs = list(query.items()) if isinstance(query, dict) else []
+    if isinstance(record.get("url"), str):
+        with contextlib.suppress(ValueError):
+            pairs += list(URL(record["url"]).query.items())
+    found += [v for k, v in pairs if CREDENTIAL_PARAM.search(k) and isinstance(v, str)]
+    return [v for v in found if len(v) >= MIN_LITERAL]
 
 
 def redact_url(url: str) -> str:
