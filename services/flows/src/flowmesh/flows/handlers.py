@@ -47,7 +47,7 @@ from flowmesh.contracts.models.usage import TenantQuota
 from flowmesh.contracts.subjects import FlowEventType, FlowsOp, flow_event
 from flowmesh.flows import domain, repo, triggers
 from flowmesh.flows.deps import FlowsDeps
-from flowmesh.flows.validation import referenced_flows, validate_flow
+from flowmesh.flows.validation import credential_warnings, referenced_flows, validate_flow
 from flowmesh.runtime import audit as audit_log
 from flowmesh.runtime.db import snapshot
 from flowmesh.runtime.rpc import RpcContext, RpcRouter
@@ -167,7 +167,13 @@ async def create(flow: FlowCreate, ctx: RpcContext, deps: FlowsDeps) -> Flow:
     async with deps.sessions.begin() as s:
         created = await _new_flow(s, ctx, quota, domain.draft_values(flow), utcnow())
         await _audit(s, ctx, "flow.created", created)
-    return created
+    return _warned(created)
+
+
+def _warned(flow: Flow) -> Flow:
+    """The flow with the warnings its draft deserves (literal credentials), as create and update answer."""
+    warnings = credential_warnings(flow.definition)
+    return flow.model_copy(update={"warnings": warnings}) if warnings else flow
 
 
 @router.handler(FlowsOp.LIST)
@@ -192,8 +198,8 @@ async def update(req: FlowPatchRequest, ctx: RpcContext, deps: FlowsDeps) -> Flo
         flow = await _flow(s, ctx, req.flow_id, lock=True)
         domain.check_if_match(req.if_match, flow.revision)
         if not values:
-            return flow
-        return await _updated(s, ctx, flow, values)
+            return _warned(flow)
+        return _warned(await _updated(s, ctx, flow, values))
 
 
 @router.handler(FlowsOp.REPLACE)
@@ -201,7 +207,7 @@ async def replace(req: FlowReplaceRequest, ctx: RpcContext, deps: FlowsDeps) -> 
     async with deps.sessions.begin() as s:
         flow = await _flow(s, ctx, req.flow_id, lock=True)
         domain.check_if_match(req.if_match, flow.revision)
-        return await _updated(s, ctx, flow, domain.draft_values(req.flow))
+        return _warned(await _updated(s, ctx, flow, domain.draft_values(req.flow)))
 
 
 async def _updated(s: AsyncSession, ctx: RpcContext, flow: Flow, values: dict[str, Any]) -> Flow:
@@ -251,7 +257,7 @@ async def validate(ref: FlowRef, ctx: RpcContext, deps: FlowsDeps) -> Validation
     async with deps.sessions() as s:
         flow = await _flow(s, ctx, ref.flow_id)
         errors = await _validate(s, ctx, flow)
-    return ValidationReport(valid=not errors, errors=errors)
+    return ValidationReport(valid=not errors, errors=errors, warnings=credential_warnings(flow.definition))
 
 
 @router.handler(FlowsOp.PUBLISH)

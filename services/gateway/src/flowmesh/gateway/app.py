@@ -16,7 +16,7 @@ from flowmesh.gateway.cors import cors_middleware
 from flowmesh.gateway.idempotency import IN_FLIGHT_MARGIN_S, IdempotencyStore
 from flowmesh.gateway.live import Flusher, Hub
 from flowmesh.gateway.ratelimit import PlanSource, RateLimiter
-from flowmesh.gateway.routes import audit, catalog, docs, flows, hooks, ops, runs, triggers, usage, ws
+from flowmesh.gateway.routes import audit, catalog, docs, flows, hooks, ops, runs, secrets, triggers, usage, ws
 from flowmesh.gateway.settings import GatewaySettings
 from flowmesh.runtime.nats import NatsRefusals, create_broker, ensure_bucket, stop_broker
 from flowmesh.runtime.rpc import RpcClient
@@ -102,6 +102,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app.add_routes(runs.routes)
     app.add_routes(usage.routes)
     app.add_routes(audit.routes)
+    app.add_routes(secrets.routes)
     app.add_routes(ws.routes)
     app.add_routes(docs.routes)
     hooks.setup(app)

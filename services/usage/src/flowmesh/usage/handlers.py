@@ -22,7 +22,13 @@ from flowmesh.contracts.models.usage import (
     FlowStatsRequest,
     PlanRef,
     RevealedKey,
+    RevealedSecrets,
     RevealKey,
+    RevealSecrets,
+    SecretCreate,
+    SecretInfo,
+    SecretList,
+    SecretRef,
     TenantPlan,
     TenantQuota,
     UsageExport,
@@ -165,6 +171,36 @@ async def audit(q: AuditRead, ctx: RpcContext, deps: UsageDeps) -> AuditEntries:
     async with deps.sessions() as s:
         items = await repo.read_audit(s, tenant=audit_log.scope(tenant=ctx.tenant, role=ctx.role, q=q), q=q)
     return AuditEntries(items=items)
+
+
+# --- tenant secrets -------------------------------------------------------------------------------
+
+
+def _runner_only_secrets(ctx: RpcContext) -> None:
+    if ctx.role != KEYS_REVEAL_ROLE:
+        log.warning("refused to reveal secrets to a caller with role %r (tenant %r)", ctx.role, ctx.tenant)
+        raise Forbidden("only the runner may read a stored secret")
+
+
+@router.handler(UsageOp.SECRETS_LIST)
+async def secrets_list(_: object, ctx: RpcContext, deps: UsageDeps) -> SecretList:
+    return SecretList(items=await deps.secrets.list(ctx.tenant))
+
+
+@router.handler(UsageOp.SECRETS_PUT)
+async def secrets_put(req: SecretCreate, ctx: RpcContext, deps: UsageDeps) -> SecretInfo:
+    return await deps.secrets.put(ctx.tenant, req.name, req.value, actor=ctx.subject)
+
+
+@router.handler(UsageOp.SECRETS_DELETE)
+async def secrets_delete(req: SecretRef, ctx: RpcContext, deps: UsageDeps) -> dict[str, bool]:
+    await deps.secrets.delete(ctx.tenant, req.name, actor=ctx.subject)
+    return {"deleted": True}
+
+
+@router.handler(UsageOp.SECRETS_REVEAL, guard=_runner_only_secrets)
+async def secrets_reveal(req: RevealSecrets, ctx: RpcContext, deps: UsageDeps) -> RevealedSecrets:
+    return await deps.secrets.reveal(ctx.tenant, req.names)
 
 
 async def meter_batch(batch: list[Delivery], deps: UsageDeps) -> None:

@@ -4,6 +4,7 @@ provider keys are secrets: never logged, never returned to a client)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -84,26 +85,48 @@ class KeyStore:
 
         Rows no configured secret opens are left as they are (logged): they need their secret back.
         """
-        done = 0
-        skipped: set[tuple[str, str]] = set()
-        while True:
-            async with self.sessions() as s:
-                rows = await repo.keys_sealed_with_other(s, key_id=self.vault.key_id, limit=RESEAL_BATCH + len(skipped))
-            rows = [r for r in rows if (r[0], r[1]) not in skipped]
-            if not rows:
-                break
-            async with self.sessions.begin() as s:
-                for tenant, provider, old in rows:
-                    try:
-                        new = self.vault.reseal(old)
-                    except VaultError:
-                        log.error("the %s key of tenant %r opens with no configured secret", provider, tenant)
-                        skipped.add((tenant, provider))
-                        continue
-                    if await repo.reseal_key(
-                        s, tenant=tenant, provider=provider, old=old, new=new, key_id=self.vault.key_id
-                    ):
-                        done += 1
-        if done:
-            log.info("re-sealed %d stored keys with the current secret", done)
-        return done
+        return await reseal_rows(
+            self.sessions,
+            self.vault,
+            what="key",
+            fetch=repo.keys_sealed_with_other,
+            write=lambda s, tenant, provider, old, new: repo.reseal_key(
+                s, tenant=tenant, provider=provider, old=old, new=new, key_id=self.vault.key_id
+            ),
+        )
+
+
+Fetch = Callable[..., Awaitable[list[tuple[str, str, bytes]]]]
+"""``(session, *, key_id, limit)``: rows ``(tenant, name, ciphertext)`` sealed under another key."""
+Write = Callable[[AsyncSession, str, str, bytes, bytes], Awaitable[bool]]
+"""``(session, tenant, name, old, new)``: replace a row's ciphertext if still ``old``; whether it was."""
+
+
+async def reseal_rows(
+    sessions: async_sessionmaker[AsyncSession], vault: Vault, *, what: str, fetch: Fetch, write: Write
+) -> int:
+    """Re-seal, batch by batch, the rows ``fetch`` finds with the vault's current key; how many were.
+
+    Rows no configured secret opens are left as they are (logged): they need their secret back.
+    """
+    done = 0
+    skipped: set[tuple[str, str]] = set()
+    while True:
+        async with sessions() as s:
+            rows = await fetch(s, key_id=vault.key_id, limit=RESEAL_BATCH + len(skipped))
+        rows = [r for r in rows if (r[0], r[1]) not in skipped]
+        if not rows:
+            break
+        async with sessions.begin() as s:
+            for tenant, name, old in rows:
+                try:
+                    new = vault.reseal(old)
+                except VaultError:
+                    log.error("the stored %s %r of tenant %r opens with no configured secret", what, name, tenant)
+                    skipped.add((tenant, name))
+                    continue
+                if await write(s, tenant, name, old, new):
+                    done += 1
+    if done:
+        log.info("re-sealed %d stored %ss with the current secret", done, what)
+    return done

@@ -107,3 +107,16 @@ api_keys = Table(
 
 audit = audit_table(metadata)
 """Append-only: who stored or removed provider keys and secrets, who changed plans (``flowmesh.runtime.audit``)."""
+
+secrets = Table(
+    "secrets",
+    metadata,
+    Column("tenant_id", Text, nullable=False),
+    Column("name", Text, nullable=False),
+    Column("ciphertext", LargeBinary, nullable=False),
+    Column("key_id", Text, nullable=False),
+    Column("hint", Text, nullable=False),
+    Column("created_at", TS, nullable=False),
+    Column("updated_at", TS, nullable=False),
+    PrimaryKeyConstraint("tenant_id", "name"),
+)

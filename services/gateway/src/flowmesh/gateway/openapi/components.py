@@ -34,6 +34,11 @@ PATH_PARAMS: Final[Mapping[str, tuple[str, JsonSchema, str]]] = {
         {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
         "The LLM provider a key is for (case-insensitive).",
     ),
+    "name": (
+        "name",
+        {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]{0,63}$"},
+        "The secret's name, as steps read it: `{{ secrets.NAME }}`.",
+    ),
     "tenant_id": (
         "tenantId",
         {"type": "string", "minLength": 1, "maxLength": 255},
@@ -83,6 +88,7 @@ TAGS: Final = (
     {"name": "live", "description": "Runs as they happen, over WebSocket."},
     {"name": "usage", "description": "Metered usage against the plan, billing export, plans and stored provider keys."},
     {"name": "audit", "description": "Who created, changed, published or deleted what, and when (append-only)."},
+    {"name": "secrets", "description": "Named secrets `http` and `llm` steps read as `{{ secrets.NAME }}`."},
     {"name": "operations", "description": "Health, readiness, metrics and this documentation."},
 )
 
