@@ -80,6 +80,8 @@ def test_each_change_is_one_entry_with_its_actor_and_target_newest_first(
     ok(bob.delete(f"/triggers/{trig['id']}"), 204)
     ok(alice.post("/api-keys", json={"provider": "openai", "apiKey": "sk-never-shown-1234"}), 201)
     ok(bob.delete("/api-keys/openai"), 204)
+    ok(alice.post("/secrets", json={"name": "CRM_TOKEN", "value": "crm-never-shown-5678"}), 201)
+    ok(bob.delete("/secrets/CRM_TOKEN"), 204)
     ok(admin.put(f"/admin/tenants/{tenant}/plan", json={"plan": "enterprise"}))
     ok(alice.delete(f"/flows/{fid}", params={"force": "true"}), 204)
 
@@ -100,6 +102,8 @@ def test_each_change_is_one_entry_with_its_actor_and_target_newest_first(
         ("trigger.deleted", b, "trigger", trig["id"]),
         ("apiKey.put", a, "apiKey", "openai"),
         ("apiKey.deleted", b, "apiKey", "openai"),
+        ("secret.put", a, "secret", "CRM_TOKEN"),
+        ("secret.deleted", b, "secret", "CRM_TOKEN"),
         ("plan.changed", ops, "tenant", tenant),
         ("flow.deleted", a, "flow", fid),
     ]
@@ -108,6 +112,7 @@ def test_each_change_is_one_entry_with_its_actor_and_target_newest_first(
     assert got[1]["details"]["plan"] == "enterprise"
     text = str(got)
     assert "sk-never-shown" not in text and "1234" not in text and trig["url"].rsplit("/", 1)[-1] not in text
+    assert "never-shown-5678" not in text
 
 
 def test_a_refused_change_records_nothing(team: tuple[str, httpx.Client, httpx.Client], admin: httpx.Client) -> None:
