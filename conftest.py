@@ -8,6 +8,8 @@ servers needed). ``NATS_URL`` / ``DATABASE_URL`` point the tests at existing ser
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,7 +48,7 @@ def _docker_infra(stack: list[object]) -> Infra:
 
 
 @pytest.fixture(scope="session")
-def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Infra]:
+def infra() -> Iterator[Infra]:
     """A real NATS with JetStream and a real PostgreSQL for the whole session."""
     started: list[object] = []
     try:
@@ -56,7 +58,10 @@ def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Infra]:
         from flowmesh.cli.embedded import start_nats, start_postgres
         from flowmesh.runtime.testing import Infra
 
-        root: Path = tmp_path_factory.mktemp("infra")
+        # not under pytest's numbered temp dirs: another session on the machine prunes those, and
+        # would delete the data of servers this session still runs
+        root = Path(tempfile.mkdtemp(prefix="flowmesh-test-infra-"))
+        started.append(root)
         nats_url = os.environ.get("NATS_URL")
         if not nats_url:
             nats = start_nats(root / "nats")
@@ -70,4 +75,7 @@ def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Infra]:
         yield Infra(nats_url=nats_url, database_url=database_url)
     finally:
         for server in reversed(started):
-            server.stop()  # type: ignore[attr-defined]
+            if isinstance(server, Path):
+                shutil.rmtree(server, ignore_errors=True)
+            else:
+                server.stop()  # type: ignore[attr-defined]

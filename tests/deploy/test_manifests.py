@@ -236,8 +236,14 @@ def test_a_misspelt_scaledobject_field_fails_validation(k8s_copy: Path, old: str
 
 def test_bad_indentation_fails_yamllint(k8s_copy: Path) -> None:
     # still valid YAML, but the list sits two columns deeper than the rest of the tree's lists
-    good = "          ports:\n            - name: http\n              containerPort: 8080\n"
-    bad = "          ports:\n              - name: http\n                containerPort: 8080\n"
+    good = (
+        "          envFrom:\n            - configMapRef:\n                name: flowmesh-config\n"
+        "            - secretRef:\n"
+    )
+    bad = (
+        "          envFrom:\n              - configMapRef:\n                  name: flowmesh-config\n"
+        "              - secretRef:\n"
+    )
     edit(k8s_copy / "base" / "gateway.yaml", good, bad)
     problems = lint_yaml(k8s_copy)
     assert problems

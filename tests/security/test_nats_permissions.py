@@ -200,6 +200,7 @@ async def test_an_integrator_publishes_its_own_events_and_reads_its_own_runs(con
         ("publish", subjects.RUN_START_CMD),  # commands
         ("publish", subjects.STEP_WORK),
         ("publish", UsageOp.KEYS_REVEAL),  # request/reply, above all the privileged ones
+        ("publish", UsageOp.SECRETS_REVEAL),
         ("publish", UsageOp.PLAN_SET),
         ("publish", FlowsOp.LIST),
         ("publish", f"$KV.{QUOTA_BUCKET}.acme"),  # KV buckets
@@ -228,6 +229,9 @@ async def test_an_integrator_is_refused_everything_else(connect, action: str, su
         ("flows", UsageOp.KEYS_REVEAL),
         ("scheduler", UsageOp.KEYS_REVEAL),
         ("gateway", UsageOp.KEYS_REVEAL),
+        ("flows", UsageOp.SECRETS_REVEAL),
+        ("scheduler", UsageOp.SECRETS_REVEAL),
+        ("gateway", UsageOp.SECRETS_REVEAL),
         ("runner", UsageOp.PLAN_SET),
         ("flows", UsageOp.PLAN_SET),
         ("usage", RunsOp.START),
@@ -241,7 +245,7 @@ async def test_privileged_subjects_can_be_published_only_by_their_caller(connect
     assert await session.refuses(subject)
 
 
-async def test_the_runner_may_ask_for_a_key_and_the_gateway_may_set_a_plan(connect) -> None:  # type: ignore[no-untyped-def]
+async def test_the_runner_may_ask_for_a_key_or_secrets_and_the_gateway_may_set_a_plan(connect) -> None:  # type: ignore[no-untyped-def]
     usage, runner, gateway = await connect("usage"), await connect("runner"), await connect("gateway")
     served = []
 
@@ -253,8 +257,9 @@ async def test_the_runner_may_ask_for_a_key_and_the_gateway_may_set_a_plan(conne
     await usage.nc.flush()  # twice: nats-py sends a PING ahead of commands still in its buffer
     await usage.nc.flush()
     assert (await runner.nc.request(UsageOp.KEYS_REVEAL, b"{}", timeout=2)).data == b"{}"
+    assert (await runner.nc.request(UsageOp.SECRETS_REVEAL, b"{}", timeout=2)).data == b"{}"
     assert (await gateway.nc.request(UsageOp.PLAN_SET, b"{}", timeout=2)).data == b"{}"
-    assert served == [UsageOp.KEYS_REVEAL, UsageOp.PLAN_SET]
+    assert served == [UsageOp.KEYS_REVEAL, UsageOp.SECRETS_REVEAL, UsageOp.PLAN_SET]
     assert not (usage.refused or runner.refused or gateway.refused)
 
 

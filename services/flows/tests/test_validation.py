@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from flowmesh.contracts.testing import definition as flow
 from flowmesh.contracts.testing import edge, node
-from flowmesh.flows.validation import referenced_flows, validate_flow
+from flowmesh.flows.validation import credential_warnings, referenced_flows, validate_flow
 
 PUBLISHED = "0190a5b4-0000-7000-8000-000000000001"
 
@@ -275,6 +275,79 @@ def test_step_data_is_read_with_strict_json_types() -> None:
     assert {"/nodes/1/data/durationMs", "/nodes/2/data/maxTokens", "/nodes/3/data/retry/maxAttempts"} <= set(found), (
         found
     )
+
+
+def test_secrets_are_read_in_the_fields_of_http_and_llm_steps_only() -> None:
+    d = flow(
+        node(
+            "call",
+            "http",
+            url="https://example.test/{{ secrets.PATH }}?k={{ secrets.Q }}",
+            headers={"Authorization": "Bearer {{ secrets.TOKEN }}"},
+            query={"sig": "{{ secrets.SIG }}"},
+            body={"password": "{{ secrets.PW }}"},
+        ),
+        node(
+            "ask",
+            "llm",
+            provider="openai",
+            model="m",
+            messages=[{"role": "user", "content": "hi {{ secrets.NAME }}"}],
+        ),
+        node("copy", "transform", output={"leak": "{{ secrets.TOKEN }}", "text": "{{ 'no secrets here' }}"}),
+        node("check", "condition", expression="secrets.TOKEN == 'x'"),
+        node("say", "publish", name="said", payload={"v": "{{ secrets.TOKEN }}"}),
+        node("late", "http", url="https://example.test/", label="{{ secrets.TOKEN }}"),
+        edges=[
+            edge("start", "call"),
+            edge("call", "ask"),
+            edge("ask", "copy"),
+            edge("copy", "check"),
+            edge("check", "say", "true"),
+            edge("check", "late", "false"),
+        ],
+    )
+    p = problems(d)
+    refused = {
+        "/nodes/3/data/output/leak",
+        "/nodes/4/data/expression",
+        "/nodes/5/data/payload/v",
+        "/nodes/6/data/label",
+    }
+    assert set(p) == refused, p
+    assert all("only the fields of http and llm steps" in p[path] for path in refused)
+
+
+def test_a_secret_is_read_by_its_literal_name() -> None:
+    d = flow(
+        node("call", "http", url="https://example.test/", body={"a": "{{ secrets['X'] }}", "b": "{{ size(secrets) }}"}),
+        edges=[edge("start", "call")],
+    )
+    p = problems(d)
+    assert set(p) == {"/nodes/1/data/body/a", "/nodes/1/data/body/b"}
+    assert all("secrets.NAME" in m for m in p.values())
+
+
+def test_literal_credentials_in_an_http_step_are_warned_about_not_refused() -> None:
+    d = flow(
+        node(
+            "call",
+            "http",
+            url="https://user:pw@example.test/?api_key=abc&page=1",
+            headers={"Authorization": "Bearer abc", "X-Api-Key": "{{ secrets.K }}", "Accept": "text/plain"},
+            query={"access_token": "abc", "q": "x"},
+        ),
+        node("plain", "http", url="https://example.test/?key={{ secrets.K }}", headers={"Cookie": "{{ input.c }}"}),
+        edges=[edge("start", "call"), edge("call", "plain")],
+    )
+    assert problems(d) == {}
+    warned = {w.path: w.message for w in credential_warnings(d)}
+    assert set(warned) == {
+        "/nodes/1/data/headers/Authorization",
+        "/nodes/1/data/query/access_token",
+        "/nodes/1/data/url",
+    }
+    assert all("secrets.NAME" in m and "literal credential" in m for m in warned.values())
 
 
 def test_a_flow_using_macros_is_valid() -> None:

@@ -42,3 +42,15 @@ def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch, tmp_pat
     s = GatewaySettings(data_dir=tmp_path)
     assert s.http_port == 9123 and s.jwt_secret == STRONG
     assert s.cors_origin_list == ["http://a.test", "http://b.test"]
+
+
+def test_metrics_leave_the_public_port_in_production_unless_placed(tmp_path: Path) -> None:
+    production = GatewaySettings(env="production", **NATS, jwt_secret=STRONG, data_dir=tmp_path)
+    assert production.metrics_placement == "health" and production.docs == "public"
+    assert production.health_listener
+    dev = GatewaySettings(env="dev", data_dir=tmp_path)
+    assert dev.metrics_placement == "public" and not dev.health_listener
+    public = GatewaySettings(env="production", **NATS, jwt_secret=STRONG, data_dir=tmp_path, metrics="public")
+    assert public.metrics_placement == "public" and not public.health_listener
+    with pytest.raises(ValidationError):
+        GatewaySettings(env="dev", data_dir=tmp_path, docs="private")

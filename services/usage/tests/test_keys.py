@@ -76,11 +76,11 @@ async def test_keys_that_cannot_be_sent_as_a_header_are_refused(client: RpcClien
 async def test_rotation_reseals_every_key_with_the_new_secret(usage_service: ServiceRuntime, tenant: str) -> None:
     old, new = "old-secret-" + "o" * 32, "new-secret-" + "n" * 32
     key = a_key()
-    await KeyStore(usage_service.sessions, Vault([old])).put(tenant, "mistral", key)
+    await KeyStore(usage_service.sessions, Vault([old])).put(tenant, "mistral", key, actor="test")
     rotated = KeyStore(usage_service.sessions, Vault([new, old]))
     assert await rotated.reveal(tenant, "mistral") == key  # the old secret still opens it
     assert await rotated.reseal_all() >= 1
     assert await KeyStore(usage_service.sessions, Vault([new])).reveal(tenant, "mistral") == key
     with pytest.raises(Exception, match="cannot be read"):
         await KeyStore(usage_service.sessions, Vault([old])).reveal(tenant, "mistral")
-    await rotated.delete(tenant, "mistral")
+    await rotated.delete(tenant, "mistral", actor="test")

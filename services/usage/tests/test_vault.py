@@ -38,6 +38,27 @@ def test_rotation_puts_the_new_secret_first_and_keeps_the_old_one_for_reading() 
         Vault([B]).reseal(Vault(["c-secret-" + "c" * 40]).seal(tenant="acme", provider="openai", api_key=KEY))
 
 
+def test_a_sealed_secret_opens_only_for_its_own_row_and_never_as_a_provider_key() -> None:
+    vault = Vault([A])
+    sealed = vault.seal_secret(tenant="acme", name="TOKEN", value=KEY)
+    assert KEY.encode() not in sealed
+    assert vault.open_secret(sealed, tenant="acme", name="TOKEN") == KEY
+    with pytest.raises(VaultError, match="another"):
+        vault.open_secret(sealed, tenant="globex", name="TOKEN")
+    with pytest.raises(VaultError, match="another"):
+        vault.open_secret(sealed, tenant="acme", name="OTHER")
+    # a secret is no provider key, a provider key no secret: not even under a name equal to the provider
+    as_key = vault.seal_secret(tenant="acme", name="openai", value=KEY)
+    with pytest.raises(VaultError):
+        vault.open(as_key, tenant="acme", provider="openai")
+    key = vault.seal(tenant="acme", provider="openai", api_key=KEY)
+    with pytest.raises(VaultError):
+        vault.open_secret(key, tenant="acme", name="openai")
+    # and a secret rotates like a key
+    resealed = Vault([B, A]).reseal(sealed)
+    assert Vault([B]).open_secret(resealed, tenant="acme", name="TOKEN") == KEY
+
+
 NATS = {"nats_user": "usage", "nats_password": "n" * 32}
 """Production also needs the service's NATS user (tested in tests/security)."""
 

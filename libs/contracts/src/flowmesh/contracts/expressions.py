@@ -28,12 +28,15 @@ FOREACH_NAMES: Final = frozenset({"item", "index"})
 """Extra names inside a ``foreach`` step's ``input``."""
 EVENT_NAMES: Final = frozenset({"event"})
 """Extra names of a ``waitEvent`` ``match`` and of an event trigger's ``filter``."""
+SECRETS_NAME: Final = "secrets"
+"""The extra name of the templates of ``http`` and ``llm`` steps: ``{{ secrets.NAME }}``, the tenant's secret."""
+SECRET_NAMES: Final = frozenset({SECRETS_NAME})
 MAX_SOURCE: Final = 10_000
 """Longest expression, in characters (CEL's evaluator recurses: a long enough chain of ``+``
 overflows its stack and ends the process)."""
 TOO_COSTLY: Final = "too costly: "
 """How the message of an expression refused for its cost begins."""
-_ALL_NAMES: Final = CONTEXT_NAMES | FOREACH_NAMES | EVENT_NAMES
+_ALL_NAMES: Final = CONTEXT_NAMES | FOREACH_NAMES | EVENT_NAMES | SECRET_NAMES
 
 
 class ExpressionError(ValueError):
@@ -144,6 +147,22 @@ def referenced_steps(source: str) -> frozenset[str] | None:
     """
     found = {a or b or c for a, b, c in _STEP_REF.findall(source)}
     if len(_STEPS_WORD.findall(source)) != len(_STEP_REF.findall(source)):
+        return None
+    return frozenset(found)
+
+
+_SECRET_REF = re.compile(r"(?<![.\w])secrets\s*\.\s*([A-Za-z_][A-Za-z0-9_]*)")
+_SECRETS_WORD = re.compile(r"(?<![.\w])secrets\b")
+
+
+def referenced_secrets(source: str) -> frozenset[str] | None:
+    """The secret names an expression reads as ``secrets.NAME``.
+
+    ``None`` when it uses ``secrets`` any other way (``secrets["X"]``, ``size(secrets)``): the runner
+    resolves only the secrets a step names, so a step may read them no other way.
+    """
+    found = _SECRET_REF.findall(source)
+    if len(_SECRETS_WORD.findall(source)) != len(found):
         return None
     return frozenset(found)
 

@@ -8,9 +8,10 @@ gets what it needs and nothing more:
   ``allow_responses``); it may publish only the operations it calls. This is what makes the
   privileged headers safe: ``Flowmesh-Role: admin`` can only arrive on ``fm.rpc.usage.plan.set``
   from the gateway (which sets it from a verified token), and ``Flowmesh-Role: service:runner``
-  only on ``fm.rpc.usage.keys.reveal`` from the runner, because nobody else may publish there;
+  only on ``fm.rpc.usage.keys.reveal`` and ``fm.rpc.usage.secrets.reveal`` from the runner,
+  because nobody else may publish there;
 - replies: every user has an inbox prefix of its own (``_INBOX.<user>``) and may subscribe only
-  under it, so nobody can read another user's replies (a revealed API key travels in one);
+  under it, so nobody can read another user's replies (a revealed API key or secret travels in one);
 - JetStream: each service may manage only the streams of the mesh (create, update, read; never
   delete), its own durable consumers, and the KV buckets it uses;
 - integrators: publish their own tenant's ``fm.events.{t}.>``, read their own ``fm.runs.{t}.>`` and
@@ -90,6 +91,7 @@ CALLS: Final[dict[str, tuple[str, ...]]] = {
         FlowsOp.TRIGGER_UPDATE,
         FlowsOp.TRIGGER_DELETE,
         FlowsOp.WEBHOOK,
+        FlowsOp.AUDIT,
         RunsOp.START,
         RunsOp.GET,
         RunsOp.LIST,
@@ -107,6 +109,10 @@ CALLS: Final[dict[str, tuple[str, ...]]] = {
         UsageOp.KEYS_LIST,
         UsageOp.KEYS_PUT,
         UsageOp.KEYS_DELETE,
+        UsageOp.AUDIT,
+        UsageOp.SECRETS_LIST,
+        UsageOp.SECRETS_PUT,
+        UsageOp.SECRETS_DELETE,
         # /readyz asks every service
         *(subjects.ping(name) for name in subjects.RPC_PREFIXES),
     ),
@@ -115,6 +121,7 @@ CALLS: Final[dict[str, tuple[str, ...]]] = {
         FlowsOp.RUNNABLE,
         UsageOp.QUOTA,
         UsageOp.KEYS_REVEAL,
+        UsageOp.SECRETS_REVEAL,
         SchedulerOp.TIMER_SET,
         SchedulerOp.TIMER_CANCEL,
     ),

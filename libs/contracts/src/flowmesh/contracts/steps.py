@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
-from flowmesh.contracts.expressions import CONTEXT_NAMES, EVENT_NAMES, FOREACH_NAMES
+from flowmesh.contracts.expressions import CONTEXT_NAMES, EVENT_NAMES, FOREACH_NAMES, SECRET_NAMES
 from flowmesh.contracts.models.definition import (
     ApprovalData,
     ConditionData,
@@ -132,6 +132,9 @@ def _switch_cases(data: StepData) -> list[str]:
 
 
 _CHOOSE = {"expression": CONTEXT_NAMES}
+# the only fields where ``{{ secrets.NAME }}`` may appear: requests the runner sends and records redacted
+_HTTP_SECRETS = dict.fromkeys(("url", "headers", "query", "body"), CONTEXT_NAMES | SECRET_NAMES)
+_LLM_SECRETS = {"messages": CONTEXT_NAMES | SECRET_NAMES}
 
 for _kind in (
     StepKind(
@@ -164,7 +167,9 @@ for _kind in (
         expressions=_CHOOSE,
         extra_handles=_switch_cases,
     ),
-    StepKind("http", "HTTP request", "Calls an HTTP endpoint.", HttpData, "io", timeout="self"),
+    StepKind(
+        "http", "HTTP request", "Calls an HTTP endpoint.", HttpData, "io", timeout="self", templates=_HTTP_SECRETS
+    ),
     StepKind("delay", "Delay", "Waits for a duration or until a time, durably.", DelayData, "wait", timeout="none"),
     StepKind(
         "approval",
@@ -200,7 +205,15 @@ for _kind in (
         "subflow", "Subflow", "Runs a published flow and waits for it.", SubflowData, "children", timeout="children"
     ),
     StepKind("publish", "Publish", "Publishes a message on NATS.", PublishData, "io", subject_fields=("name",)),
-    StepKind("llm", "LLM", "Chat completion with the tenant's own API key.", LlmData, "io", timeout="self"),
+    StepKind(
+        "llm",
+        "LLM",
+        "Chat completion with the tenant's own API key.",
+        LlmData,
+        "io",
+        timeout="self",
+        templates=_LLM_SECRETS,
+    ),
     StepKind("fail", "Fail", "Ends the run as failed.", FailData, "pure", timeout="none"),
 ):
     register(_kind)

@@ -100,6 +100,8 @@ class FlowsOp:
     """For the gateway: the trigger a webhook token belongs to (no tenant: the token decides)."""
     SCHEDULES: Final = rpc(RPC_FLOWS, "schedules")
     """For the scheduler (no tenant): schedule triggers and their flows' state as they are now."""
+    AUDIT: Final = rpc(RPC_FLOWS, "audit")
+    """``GET /audit``: the flows service's audit entries (``AuditRead`` → ``AuditEntries``)."""
     PING: Final = rpc(RPC_FLOWS, "ping")
 
 
@@ -130,7 +132,7 @@ class SchedulerOp:
 
 
 class UsageOp:
-    """Operations of ``fm.rpc.usage.<op>``: plans, quotas, usage reads and the BYOK key vault."""
+    """Operations of ``fm.rpc.usage.<op>``: plans, quotas, usage reads, the BYOK key vault and tenant secrets."""
 
     PLAN: Final = rpc(RPC_USAGE, "plan")
     """The caller's tenant's plan and whether it was assigned (``AssignedPlan``): the gateway's rate limits."""
@@ -152,6 +154,16 @@ class UsageOp:
     """Forget a provider's key (``ApiKeyRef``); unknown → not-found."""
     KEYS_REVEAL: Final = rpc(RPC_USAGE, "keys.reveal")
     """For the runner only: a tenant's plaintext API key of one provider (``RevealKey`` → ``RevealedKey``)."""
+    AUDIT: Final = rpc(RPC_USAGE, "audit")
+    """``GET /audit``: the usage service's audit entries (``AuditRead`` → ``AuditEntries``)."""
+    SECRETS_LIST: Final = rpc(RPC_USAGE, "secrets.list")
+    """The tenant's stored secrets, hints only (``SecretList``)."""
+    SECRETS_PUT: Final = rpc(RPC_USAGE, "secrets.put")
+    """Store (or replace) a named secret (``SecretCreate`` → ``SecretInfo``)."""
+    SECRETS_DELETE: Final = rpc(RPC_USAGE, "secrets.delete")
+    """Forget a secret (``SecretRef``); unknown → not-found."""
+    SECRETS_REVEAL: Final = rpc(RPC_USAGE, "secrets.reveal")
+    """For the runner only: a tenant's plaintext secrets by name (``RevealSecrets`` → ``RevealedSecrets``)."""
     PING: Final = rpc(RPC_USAGE, "ping")
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic.alias_generators import to_camel
+
 from flowmesh.contracts.errors import PreconditionFailed
 from flowmesh.contracts.models import (
     Flow,
@@ -80,6 +82,15 @@ def same_content(flow: Flow, version: FlowVersion | None) -> bool:
         and flow.input_schema == version.input_schema
         and flow.settings == version.settings
     )
+
+
+DRAFT_FIELDS = ("name", "description", "definition", "input_schema", "settings")
+"""What a draft's edit may change; its audit entry names those that did."""
+
+
+def changed_fields(before: Flow, after: Flow) -> list[str]:
+    """The draft fields an edit changed, by their wire (camelCase) names: an audit entry's ``fields``."""
+    return [to_camel(name) for name in DRAFT_FIELDS if getattr(before, name) != getattr(after, name)]
 
 
 def copy_name(name: str) -> str:

@@ -29,6 +29,7 @@ from flowmesh.contracts.models import (
     Trigger,
     TriggerUpdate,
 )
+from flowmesh.contracts.models.audit import AuditAction, AuditEntries, AuditRead, AuditTarget
 from flowmesh.contracts.models.definition import STEP_TYPES
 from flowmesh.contracts.models.flows import CatalogStep, FlowEvent, FlowExport, Rollback, ValidationReport
 from flowmesh.contracts.models.rpc import (
@@ -46,7 +47,8 @@ from flowmesh.contracts.models.usage import TenantQuota
 from flowmesh.contracts.subjects import FlowEventType, FlowsOp, flow_event
 from flowmesh.flows import domain, repo, triggers
 from flowmesh.flows.deps import FlowsDeps
-from flowmesh.flows.validation import referenced_flows, validate_flow
+from flowmesh.flows.validation import credential_warnings, referenced_flows, validate_flow
+from flowmesh.runtime import audit as audit_log
 from flowmesh.runtime.db import snapshot
 from flowmesh.runtime.rpc import RpcContext, RpcRouter
 
@@ -118,6 +120,20 @@ async def _announce(
     )
 
 
+async def _audit(s: AsyncSession, ctx: RpcContext, action: AuditAction, target: Flow | Trigger, **details: Any) -> None:
+    """Record the change in the audit log, in its transaction; ``details`` are names and numbers, never a secret."""
+    kind = "flow" if isinstance(target, Flow) else "trigger"
+    await repo.audit(
+        s,
+        tenant=ctx.tenant,
+        actor=ctx.subject,
+        action=action,
+        target=AuditTarget(type=kind, id=target.id, name=target.name),
+        details=details,
+        now=utcnow(),
+    )
+
+
 async def _validate(session: AsyncSession, ctx: RpcContext, flow: Flow) -> list[FieldError]:
     targets = await repo.published_flow_ids(
         session, tenant=ctx.tenant, ids={i for i in referenced_flows(flow.definition) if is_uuid(i)}
@@ -149,7 +165,15 @@ async def _new_flow(
 async def create(flow: FlowCreate, ctx: RpcContext, deps: FlowsDeps) -> Flow:
     quota = await _quota(ctx, deps)
     async with deps.sessions.begin() as s:
-        return await _new_flow(s, ctx, quota, domain.draft_values(flow), utcnow())
+        created = await _new_flow(s, ctx, quota, domain.draft_values(flow), utcnow())
+        await _audit(s, ctx, "flow.created", created)
+    return _warned(created)
+
+
+def _warned(flow: Flow) -> Flow:
+    """The flow with the warnings its draft deserves (literal credentials), as create and update answer."""
+    warnings = credential_warnings(flow.definition)
+    return flow.model_copy(update={"warnings": warnings}) if warnings else flow
 
 
 @router.handler(FlowsOp.LIST)
@@ -174,8 +198,8 @@ async def update(req: FlowPatchRequest, ctx: RpcContext, deps: FlowsDeps) -> Flo
         flow = await _flow(s, ctx, req.flow_id, lock=True)
         domain.check_if_match(req.if_match, flow.revision)
         if not values:
-            return flow
-        return await repo.update_flow(s, tenant=ctx.tenant, flow_id=flow.id, values=values, now=utcnow())
+            return _warned(flow)
+        return _warned(await _updated(s, ctx, flow, values))
 
 
 @router.handler(FlowsOp.REPLACE)
@@ -183,9 +207,13 @@ async def replace(req: FlowReplaceRequest, ctx: RpcContext, deps: FlowsDeps) -> 
     async with deps.sessions.begin() as s:
         flow = await _flow(s, ctx, req.flow_id, lock=True)
         domain.check_if_match(req.if_match, flow.revision)
-        return await repo.update_flow(
-            s, tenant=ctx.tenant, flow_id=flow.id, values=domain.draft_values(req.flow), now=utcnow()
-        )
+        return _warned(await _updated(s, ctx, flow, domain.draft_values(req.flow)))
+
+
+async def _updated(s: AsyncSession, ctx: RpcContext, flow: Flow, values: dict[str, Any]) -> Flow:
+    after = await repo.update_flow(s, tenant=ctx.tenant, flow_id=flow.id, values=values, now=utcnow())
+    await _audit(s, ctx, "flow.updated", after, fields=domain.changed_fields(flow, after), revision=after.revision)
+    return after
 
 
 @router.handler(FlowsOp.DELETE)
@@ -200,6 +228,7 @@ async def delete(req: FlowDeleteRequest, ctx: RpcContext, deps: FlowsDeps) -> No
             )
         await repo.delete_flow(s, tenant=ctx.tenant, flow_id=flow.id, now=utcnow())
         await _announce(s, flow.model_copy(update={"active": False}), FlowEventType.DELETED)
+        await _audit(s, ctx, "flow.deleted", flow, force=req.force)
     await deps.relay.publish_now()
 
 
@@ -215,7 +244,9 @@ async def duplicate(ref: FlowRef, ctx: RpcContext, deps: FlowsDeps) -> Flow:
             "input_schema": flow.input_schema,
             "settings": flow.settings,
         }
-        return await _new_flow(s, ctx, quota, values, utcnow())
+        copy = await _new_flow(s, ctx, quota, values, utcnow())
+        await _audit(s, ctx, "flow.created", copy, duplicateOf=flow.id)
+    return copy
 
 
 # --- validation, versions ----------------------------------------------------------------------
@@ -226,7 +257,7 @@ async def validate(ref: FlowRef, ctx: RpcContext, deps: FlowsDeps) -> Validation
     async with deps.sessions() as s:
         flow = await _flow(s, ctx, ref.flow_id)
         errors = await _validate(s, ctx, flow)
-    return ValidationReport(valid=not errors, errors=errors)
+    return ValidationReport(valid=not errors, errors=errors, warnings=credential_warnings(flow.definition))
 
 
 @router.handler(FlowsOp.PUBLISH)
@@ -250,6 +281,7 @@ async def publish(ref: FlowRef, ctx: RpcContext, deps: FlowsDeps) -> PublishResu
             now=utcnow(),
         )
         await _announce(s, flow, FlowEventType.PUBLISHED)
+        await _audit(s, ctx, "flow.published", flow, version=number)
     await deps.relay.publish_now()
     return PublishResult(version=version, created=True)
 
@@ -284,10 +316,12 @@ async def rollback(ref: RollbackRequest, ctx: RpcContext, deps: FlowsDeps) -> Fl
             raise NotFound(f"flow {flow.id} has no version {target}")
         if flow.active_version == target:
             return flow
+        previous = flow.active_version
         flow = await repo.update_flow(
             s, tenant=ctx.tenant, flow_id=flow.id, values={"active_version": target}, now=utcnow()
         )
         await _announce(s, flow, FlowEventType.ROLLED_BACK)
+        await _audit(s, ctx, "flow.rolledBack", flow, version=target, previousVersion=previous)
     await deps.relay.publish_now()
     return flow
 
@@ -299,6 +333,7 @@ async def _set_active(ref: FlowRef, ctx: RpcContext, deps: FlowsDeps, active: bo
             return flow
         flow = await repo.update_flow(s, tenant=ctx.tenant, flow_id=flow.id, values={"active": active}, now=utcnow())
         await _announce(s, flow, FlowEventType.ACTIVATED if active else FlowEventType.DEACTIVATED)
+        await _audit(s, ctx, "flow.activated" if active else "flow.deactivated", flow)
     await deps.relay.publish_now()
     return flow
 
@@ -344,6 +379,7 @@ async def import_(doc: FlowExport, ctx: RpcContext, deps: FlowsDeps) -> dict[str
     quota = await _quota(ctx, deps)
     async with deps.sessions.begin() as s:
         flow = await _new_flow(s, ctx, quota, domain.draft_values(draft), utcnow())
+        await _audit(s, ctx, "flow.created", flow, imported=True)
         created = [
             await _insert_trigger(s, ctx, flow, t.type, t.name, config, t.enabled)
             for t, config in zip(doc.flow.triggers, configs, strict=True)
@@ -375,6 +411,7 @@ async def _insert_trigger(
         s, trigger_id=new_id(), tenant=ctx.tenant, flow_id=flow.id, values=values, now=utcnow()
     )
     await _announce(s, flow, FlowEventType.TRIGGER_CHANGED, trigger=trigger)
+    await _audit(s, ctx, "trigger.created", trigger, flowId=flow.id, type=type_)
     return trigger.model_copy(update={"url": triggers.WEBHOOK_PATH + token if token else None, "secret": secret})
 
 
@@ -417,6 +454,7 @@ async def update_trigger(req: TriggerPatchRequest, ctx: RpcContext, deps: FlowsD
             return trigger
         trigger = await repo.update_trigger(s, tenant=ctx.tenant, trigger_id=trigger.id, values=values, now=utcnow())
         await _announce(s, await _flow(s, ctx, trigger.flow_id), FlowEventType.TRIGGER_CHANGED, trigger=trigger)
+        await _audit(s, ctx, "trigger.updated", trigger, flowId=trigger.flow_id, fields=sorted(values))
     await deps.relay.publish_now()
     return trigger
 
@@ -433,7 +471,18 @@ async def delete_trigger(ref: TriggerRef, ctx: RpcContext, deps: FlowsDeps) -> N
             trigger=trigger,
             trigger_deleted=True,
         )
+        await _audit(s, ctx, "trigger.deleted", trigger, flowId=trigger.flow_id, type=trigger.type)
     await deps.relay.publish_now()
+
+
+# --- audit ----------------------------------------------------------------------------------------
+
+
+@router.handler(FlowsOp.AUDIT)
+async def audit(q: AuditRead, ctx: RpcContext, deps: FlowsDeps) -> AuditEntries:
+    async with deps.sessions() as s:
+        items = await repo.read_audit(s, tenant=audit_log.scope(tenant=ctx.tenant, role=ctx.role, q=q), q=q)
+    return AuditEntries(items=items)
 
 
 # --- lookups for other services ----------------------------------------------------------------

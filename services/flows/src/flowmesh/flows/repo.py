@@ -10,9 +10,12 @@ from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from flowmesh.contracts.models import Flow, FlowSummary, FlowVersion, Trigger
+from flowmesh.contracts.models.audit import AuditAction, AuditEntry, AuditRead, AuditTarget
 from flowmesh.contracts.models.schedules import FlowState, ScheduleSource
 from flowmesh.flows.domain import status_of
+from flowmesh.flows.tables import audit as audit_table
 from flowmesh.flows.tables import flow_versions, flows, outbox, triggers
+from flowmesh.runtime import audit as audit_log
 from flowmesh.runtime.db import read_page
 from flowmesh.runtime.outbox import enqueue
 
@@ -254,6 +257,27 @@ async def webhook_by_token_hash(session: AsyncSession, *, token_hash: str) -> tu
 async def announce(session: AsyncSession, *, tenant: str, subject: str, payload: dict[str, Any], msg_id: str) -> None:
     """Queue a flow announcement in the outbox, inside the caller's transaction."""
     await enqueue(session, outbox, subject=subject, payload=payload, tenant=tenant, msg_id=msg_id)
+
+
+async def audit(
+    session: AsyncSession,
+    *,
+    tenant: str,
+    actor: str,
+    action: AuditAction,
+    target: AuditTarget,
+    details: dict[str, Any] | None = None,
+    now: datetime,
+) -> AuditEntry:
+    """Record a change in the audit log, inside the caller's transaction (the change's own)."""
+    return await audit_log.append(
+        session, audit_table, tenant=tenant, actor=actor, action=action, target=target, details=details, now=now
+    )
+
+
+async def read_audit(session: AsyncSession, *, tenant: str | None, q: AuditRead) -> list[AuditEntry]:
+    """A page of audit entries of ``tenant`` (every tenant's when None), newest first."""
+    return await audit_log.read(session, audit_table, tenant=tenant, q=q)
 
 
 def _flow_state(row: RowMapping) -> FlowState:

@@ -13,6 +13,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 
+from flowmesh.runtime.audit import audit_table
 from flowmesh.runtime.outbox import outbox_table
 
 SCHEMA = "flows"
@@ -69,3 +70,6 @@ triggers = Table(
 )
 
 outbox = outbox_table(metadata)
+
+audit = audit_table(metadata)
+"""Append-only: who created, changed, published, deleted … flows and triggers (see ``flowmesh.runtime.audit``)."""

@@ -10,18 +10,24 @@ from __future__ import annotations
 
 from collections.abc import Container, Iterable
 from typing import Any, Final
+from urllib.parse import parse_qsl, urlsplit
 
 from jsonschema.exceptions import SchemaError
 from jsonschema.validators import validator_for
 from pydantic import ValidationError
 from pydantic.alias_generators import to_snake
 
+from flowmesh.contracts.credentials import CREDENTIAL_HEADER, CREDENTIAL_PARAM
 from flowmesh.contracts.expressions import (
     CONTEXT_NAMES,
+    SECRETS_NAME,
     TOO_COSTLY,
+    ExpressionError,
     check_expression,
+    compile_expression,
     expression_source,
     iter_templates,
+    referenced_secrets,
 )
 from flowmesh.contracts.models import FieldError, FlowDefinition, Node
 from flowmesh.contracts.models.definition import ERROR_HANDLE, ChildFlowData, StepData
@@ -30,6 +36,7 @@ from flowmesh.contracts.strict import json_pointer
 from flowmesh.contracts.subjects import is_safe_subject_part
 
 MAX_NODE_ID: Final = 64
+MAX_SECRET_NAME: Final = 64
 Path = tuple[str | int, ...]
 
 
@@ -192,12 +199,42 @@ def _check_expressions(report: _Report, i: int, node: Node, kind: StepKind) -> N
 
 
 def _check_source(report: _Report, path: Path, node_id: str, source: str, names: frozenset[str]) -> None:
+    if _reads_secrets(source) and SECRETS_NAME not in names:
+        report.add(
+            path,
+            f"node {node_id!r}: expression {source!r} reads secrets, which only the fields of http and llm steps "
+            "may (their values are resolved when the request is sent, and never recorded)",
+        )
+        return
     problem = check_expression(source, names)
     if problem is not None:
         if problem.startswith(TOO_COSTLY):
             report.add(path, f"node {node_id!r}: expression {source!r} is {problem}")
         else:
             report.add(path, f"node {node_id!r}: expression {source!r} does not compile: {problem}")
+        return
+    if SECRETS_NAME in names and _reads_secrets(source):
+        _check_secret_names(report, path, node_id, source)
+
+
+def _reads_secrets(source: str) -> bool:
+    try:
+        return SECRETS_NAME in compile_expression(source).variables()
+    except ExpressionError:
+        return False
+
+
+def _check_secret_names(report: _Report, path: Path, node_id: str, source: str) -> None:
+    """A step reads its secrets by name (``secrets.NAME``): the runner resolves only the names it sees."""
+    found = referenced_secrets(source)
+    if found is None:
+        report.add(
+            path, f"node {node_id!r}: expression {source!r} must read a secret as secrets.NAME, by its literal name"
+        )
+        return
+    for name in sorted(found):
+        if len(name) > MAX_SECRET_NAME:
+            report.add(path, f"node {node_id!r}: secret name {name[:16]!r}... is longer than {MAX_SECRET_NAME}")
 
 
 def _check_handle(
@@ -263,3 +300,57 @@ def _reachable(start: str, successors: dict[str, list[tuple[str, int]]]) -> set[
                 seen.add(nxt)
                 todo.append(nxt)
     return seen
+
+
+def credential_warnings(definition: Any) -> list[FieldError]:
+    """Literal credentials in ``http`` steps: allowed, but stored in every version and every export.
+
+    A header or query parameter with a credential-like name (:mod:`flowmesh.contracts.credentials`)
+    whose value holds no ``{{ expr }}``, and a URL with a password or a credential-like query
+    parameter written out; each is better read from a secret (``{{ secrets.NAME }}``).
+    """
+    report = _Report()
+    nodes = definition.get("nodes") if isinstance(definition, dict) else None
+    for i, node in enumerate(nodes if isinstance(nodes, list) else []):
+        data = node.get("data") if isinstance(node, dict) and node.get("type") == "http" else None
+        if not isinstance(data, dict):
+            continue
+        node_id = node.get("id")
+        for field, what, pattern in (
+            ("headers", "header", CREDENTIAL_HEADER),
+            ("query", "query parameter", CREDENTIAL_PARAM),
+        ):
+            values = data.get(field)
+            for name, value in values.items() if isinstance(values, dict) else ():
+                if pattern.search(str(name)) and _literal(value):
+                    report.add(("nodes", i, "data", field, str(name)), _advice(node_id, f"{what} {name!r}"))
+        url = data.get("url")
+        if isinstance(url, str) and (where := _url_credential(url)):
+            report.add(("nodes", i, "data", "url"), _advice(node_id, where))
+    return report.errors
+
+
+def _literal(value: Any) -> bool:
+    return isinstance(value, str) and value.strip() != "" and "{{" not in value
+
+
+def _advice(node_id: Any, where: str) -> str:
+    return (
+        f"node {node_id!r}: {where} holds a literal credential, stored with every version and export; "
+        "store it as a secret (POST /api/v1/secrets) and write {{ secrets.NAME }}"
+    )
+
+
+def _url_credential(url: str) -> str | None:
+    """What part of a URL holds a literal credential (a password, a key-like query value), or None."""
+    try:
+        parsed = urlsplit(url)
+        password = parsed.password
+    except ValueError:
+        return None
+    if password and "{{" not in password:
+        return "the URL's password"
+    for name, value in parse_qsl(parsed.query):
+        if CREDENTIAL_PARAM.search(name) and _literal(value):
+            return f"the URL's query parameter {name!r}"
+    return None

@@ -43,6 +43,8 @@ async def serve(settings: GatewaySettings) -> None:
     await setup
     try:
         await web.TCPSite(runner, settings.http_host, settings.http_port).start()
+        if settings.health_listener:
+            await _listen_for_health(runner, settings)
         freeze_startup_objects()
         log.info("gateway listening on http://%s:%s", settings.http_host, settings.http_port)
         await stop.wait()
@@ -55,6 +57,16 @@ async def serve(settings: GatewaySettings) -> None:
         log.info("gateway stopping")
     finally:
         await runner.cleanup()
+
+
+async def _listen_for_health(runner: GatewayRunner, settings: GatewaySettings) -> None:
+    """The health port: the probes, and ``/metrics`` or the docs when the settings place them there."""
+    site = web.TCPSite(runner, settings.health_host, settings.health_port)
+    await site.start()
+    server = site._server
+    port = server.sockets[0].getsockname()[1] if server is not None else settings.health_port  # type: ignore[attr-defined]
+    runner.app[keys.LISTENERS].health_port = port
+    log.info("gateway health port on http://%s:%s", settings.health_host, port)
 
 
 def _raise_file_limit() -> None:

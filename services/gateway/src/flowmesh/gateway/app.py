@@ -16,7 +16,7 @@ from flowmesh.gateway.cors import cors_middleware
 from flowmesh.gateway.idempotency import IN_FLIGHT_MARGIN_S, IdempotencyStore
 from flowmesh.gateway.live import Flusher, Hub
 from flowmesh.gateway.ratelimit import PlanSource, RateLimiter
-from flowmesh.gateway.routes import catalog, docs, flows, hooks, ops, runs, triggers, usage, ws
+from flowmesh.gateway.routes import audit, catalog, docs, flows, hooks, ops, runs, secrets, triggers, usage, ws
 from flowmesh.gateway.settings import GatewaySettings
 from flowmesh.runtime.nats import NatsRefusals, create_broker, ensure_bucket, stop_broker
 from flowmesh.runtime.rpc import RpcClient
@@ -73,6 +73,8 @@ def create_app(settings: GatewaySettings) -> web.Application:
             middleware.observe,
             cors_middleware(settings.cors_origin_list),
             middleware.problems,
+            middleware.placement,
+            middleware.readable_headers,
             middleware.authenticate,
             body.storable_path,
             middleware.rate_limit,
@@ -86,6 +88,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
         PlanSource(settings.default_plan, usage.plan_lookup(app), ttl_s=settings.plan_cache_s)
     )
     app[keys.SOCKETS] = set()
+    app[keys.LISTENERS] = keys.Listeners()
     app[keys.DRAINING] = asyncio.Event()
     app.on_response_prepare.append(middleware.secure_headers)
     app.on_response_prepare.append(_close_connections_when_draining)
@@ -98,6 +101,8 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app.add_routes(catalog.routes)
     app.add_routes(runs.routes)
     app.add_routes(usage.routes)
+    app.add_routes(audit.routes)
+    app.add_routes(secrets.routes)
     app.add_routes(ws.routes)
     app.add_routes(docs.routes)
     hooks.setup(app)

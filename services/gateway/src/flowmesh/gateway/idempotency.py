@@ -50,10 +50,13 @@ def checked_key(raw: str) -> str:
     """The client's key.
 
     Raises:
-        BadRequest: longer than 255 characters.
+        BadRequest: longer than 255 characters, or not printable ASCII (a header's bytes that are not
+            UTF-8 arrive as lone surrogates, which no key can hold).
     """
     if len(raw) > MAX_KEY_LENGTH:
         raise BadRequest(f"the Idempotency-Key header is over {MAX_KEY_LENGTH} characters")
+    if not all(" " <= c <= "~" for c in raw):
+        raise BadRequest("the Idempotency-Key header must be printable ASCII, e.g. a UUID")
     return raw
 
 

@@ -1,6 +1,7 @@
 """Typed keys of application and request state."""
 
 import asyncio
+from dataclasses import dataclass
 from typing import Final
 
 from aiohttp import web
@@ -25,6 +26,16 @@ SOCKETS: Final = web.AppKey("sockets", set[web.WebSocketResponse])
 LIMITER: Final = web.AppKey("limiter", RateLimiter)
 """Per-tenant request rate limits: ``await app[LIMITER].admit(tenant)`` (also for webhooks)."""
 IDEMPOTENCY: Final = web.AppKey("idempotency", IdempotencyStore)
+
+
+@dataclass
+class Listeners:
+    """The ports the gateway listens on, known once it does (an application's state is frozen by then)."""
+
+    health_port: int | None = None
+
+
+LISTENERS: Final = web.AppKey("listeners", Listeners)
 DRAINING: Final = web.AppKey("draining", asyncio.Event)
 """Set on SIGTERM: ``/readyz`` answers 503 and every response closes its connection, for a drain period."""
 

@@ -26,7 +26,7 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 from prometheus_client import Counter, Histogram
 
-from flowmesh.contracts.errors import FlowmeshError, GatewayTimeout, RateLimited
+from flowmesh.contracts.errors import BadRequest, FlowmeshError, GatewayTimeout, NotFound, RateLimited
 from flowmesh.gateway import idempotency, keys
 from flowmesh.gateway.auth import bearer_token
 from flowmesh.gateway.problems import from_http_exception, problem_response
@@ -176,6 +176,58 @@ def _allow(exc: web.HTTPException) -> dict[str, str] | None:
     if isinstance(exc, web.HTTPMethodNotAllowed):
         return {"Allow": ", ".join(sorted(exc.allowed_methods))}
     return None
+
+
+HEALTH_PATHS: Final = ("/healthz", "/readyz")
+"""Served on both ports, always: probes may use either."""
+
+
+def _page(path: str) -> str | None:
+    """Which placed operational page a path is: ``metrics``, ``docs``, or None (the API, the probes)."""
+    if path == "/metrics":
+        return "metrics"
+    if path in ("/docs", "/openapi.json") or path.startswith("/docs/"):
+        return "docs"
+    return None
+
+
+def _on_health_port(request: web.Request) -> bool:
+    port = request.app[keys.LISTENERS].health_port
+    if port is None or request.transport is None:
+        return False
+    sockname = request.transport.get_extra_info("sockname")
+    return isinstance(sockname, tuple) and len(sockname) >= 2 and sockname[1] == port
+
+
+@web.middleware
+async def placement(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """``/metrics`` and the docs where the settings place them; the health port serves nothing else."""
+    page = _page(request.path)
+    settings = request.app[keys.SETTINGS]
+    where = {"metrics": settings.metrics_placement, "docs": settings.docs}.get(page or "", "public")
+    if _on_health_port(request):
+        served = request.path in HEALTH_PATHS or (page is not None and where != "off")
+    else:
+        served = where == "public"
+    if not served:
+        raise NotFound(f"{request.path} is not served here")
+    return await handler(request)
+
+
+@web.middleware
+async def readable_headers(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse (400) a header whose bytes are not UTF-8.
+
+    aiohttp hands such bytes on as lone surrogates, which no JSON body, KV key or log line can hold:
+    an ``If-Match`` or ``Idempotency-Key`` of them was a 500.
+    """
+    for name, value in request.headers.items():
+        if not value.isascii():
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                raise BadRequest(f"the {name} header is not UTF-8") from None
+    return await handler(request)
 
 
 @web.middleware

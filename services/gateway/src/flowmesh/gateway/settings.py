@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import SettingsConfigDict
@@ -11,6 +11,9 @@ from flowmesh.contracts.models.usage import PlanName
 from flowmesh.runtime.settings import PLACEHOLDER_SECRETS, BaseServiceSettings, load_or_create_dev_secret
 
 MIN_SECRET_LENGTH = 32
+
+Placement = Literal["public", "health", "off"]
+"""Where an operational page is served: the public port, the health port only, or nowhere."""
 
 
 def _env(name: str, field: str) -> AliasChoices:
@@ -60,6 +63,26 @@ class GatewaySettings(BaseServiceSettings):
         "each answer, so a load balancer moves clients to other replicas before this one stops",
     )
     access_log: bool = Field(default=True, description="one log line per request, with its X-Request-Id")
+    metrics: Placement | None = Field(
+        default=None,
+        description="where /metrics is served: `public` (the HTTP port), `health` (only on the health port, "
+        "FLOWMESH_GATEWAY_HEALTH_PORT) or `off`; default `health` in production, else `public`",
+    )
+    docs: Placement = Field(
+        default="public", description="where /docs and /openapi.json are served: `public`, `health` or `off`"
+    )
+
+    @property
+    def metrics_placement(self) -> Placement:
+        """Where ``/metrics`` is served, the default applied."""
+        if self.metrics is not None:
+            return self.metrics
+        return "health" if self.env == "production" else "public"
+
+    @property
+    def health_listener(self) -> bool:
+        """Whether the gateway also listens on the health port (something is placed there)."""
+        return "health" in (self.metrics_placement, self.docs)
 
     @model_validator(mode="after")
     def _secrets(self) -> GatewaySettings:

@@ -19,6 +19,7 @@ from flowmesh.runner import handlers
 from flowmesh.runner.deps import RunnerDeps
 from flowmesh.runner.engine import OutputLimits
 from flowmesh.runner.io_steps import HttpStep, LlmStep, usage_key_reveal
+from flowmesh.runner.secrets import usage_secret_reveal
 from flowmesh.runner.settings import RunnerSettings
 from flowmesh.runner.shell import Runner
 from flowmesh.runtime.consumers import PullOptions
@@ -53,6 +54,7 @@ def create_app(settings: RunnerSettings) -> ServiceRuntime:
         heartbeat_s=settings.ack_wait_s / 3,
         default_run_timeout_ms=settings.default_run_timeout_ms or None,
         llm=llm,
+        secrets=usage_secret_reveal(rpc),
         quotas=quotas,
         limits=OutputLimits(settings.step_output_max_bytes, settings.run_output_max_bytes),
     )

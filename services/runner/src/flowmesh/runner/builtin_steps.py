@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from flowmesh.contracts.expressions import ExpressionError, evaluate, expression_source, render
+from flowmesh.contracts.expressions import SECRETS_NAME, ExpressionError, evaluate, expression_source, render
 from flowmesh.contracts.ids import format_time
 from flowmesh.contracts.models.definition import (
     ConditionData,
@@ -27,6 +27,7 @@ from flowmesh.contracts.models.definition import (
 from flowmesh.contracts.models.runs import FINAL_RUN_STATUSES
 from flowmesh.contracts.steps import ENTRY_TYPE
 from flowmesh.contracts.subjects import tenant_token
+from flowmesh.runner import secrets
 from flowmesh.runner.io_steps import run_publish
 from flowmesh.runner.kinds import Context, Joined, StepRunner, StepTools, register_runner
 from flowmesh.runner.outcome import Child, Outcome
@@ -144,14 +145,23 @@ def _event_offered(state: RunState, step: Step, payload: Any) -> Outcome | None:
 
 async def _http(tools: StepTools, state: RunState, step: Step) -> Outcome:
     assert isinstance(step.data, HttpData)
-    return await tools.http.run(step.data, state.context(), f"{state.run.id}:{step.id}")
+    found = await secrets.resolve(tools.secrets, state.run.tenant_id, secrets.step_secrets(step.data.model_dump()))
+    if isinstance(found, Outcome):
+        return found
+    context = {**state.context(), SECRETS_NAME: dict(found.values)}
+    outcome = await tools.http.run(step.data, context, f"{state.run.id}:{step.id}", secrets=found.values.values())
+    return found.outcome(outcome)
 
 
 async def _llm(tools: StepTools, state: RunState, step: Step) -> Outcome:
     assert isinstance(step.data, LlmData)
     if tools.llm is None:
         return Outcome.failure(f"step type {step.type!r} is not available in this runner yet", "unsupported")
-    return await tools.llm.run(step.data, state.context(), tenant=state.run.tenant_id)
+    found = await secrets.resolve(tools.secrets, state.run.tenant_id, secrets.step_secrets(step.data.model_dump()))
+    if isinstance(found, Outcome):
+        return found
+    context = {**state.context(), SECRETS_NAME: dict(found.values)}
+    return found.outcome(await tools.llm.run(step.data, context, tenant=state.run.tenant_id))
 
 
 async def _publish(tools: StepTools, state: RunState, step: Step) -> Outcome:

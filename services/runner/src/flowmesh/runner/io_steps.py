@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any, Final
 from urllib.parse import urljoin
@@ -87,8 +87,14 @@ class HttpStep:
         if self._session is not None:
             await self._session.close()
 
-    async def run(self, data: HttpData, context: dict[str, Any], idempotency_key: str) -> Outcome:
-        """One attempt; network errors, timeouts, 408, 429 and 5xx are retryable."""
+    async def run(
+        self, data: HttpData, context: dict[str, Any], idempotency_key: str, *, secrets: Iterable[str] = ()
+    ) -> Outcome:
+        """One attempt; network errors, timeouts, 408, 429 and 5xx are retryable.
+
+        ``secrets`` are the values of the step's secrets: a header holding one is a credential, dropped
+        on a redirect to another origin whatever its name.
+        """
         assert self._session is not None
         try:
             target = render_url(data.url, context)
@@ -105,7 +111,9 @@ class HttpStep:
         timeout = (data.timeout_ms or self.default_timeout_ms) / 1000
         try:
             async with asyncio.timeout(timeout):
-                status, resp_headers, payload = await self._follow(data.method, target, headers, query, body)
+                status, resp_headers, payload = await self._follow(
+                    data.method, target, headers, query, body, secrets=tuple(v for v in secrets if v)
+                )
         except TimeoutError:
             return _with_input(
                 Outcome.failure(f"no response from {url} within {timeout:g}s", "timeout", retryable=True), request
@@ -139,7 +147,14 @@ class HttpStep:
         return failure
 
     async def _follow(
-        self, method: str, url: URL, headers: dict[str, str], query: dict[str, str], body: Any
+        self,
+        method: str,
+        url: URL,
+        headers: dict[str, str],
+        query: dict[str, str],
+        body: Any,
+        *,
+        secrets: tuple[str, ...] = (),
     ) -> tuple[int, dict[str, str], Any]:
         """The request and its redirects; once one leaves the first origin, credentials stay behind."""
         assert self._session is not None
@@ -154,6 +169,7 @@ class HttpStep:
                     url = URL(urljoin(str(resp.url), resp.headers["Location"]))
                     if not same_origin(url, origin):
                         headers = without_credentials(headers)
+                        headers = {k: v for k, v in headers.items() if not any(x in v for x in secrets)}
                     if resp.status == 303 or (resp.status in (301, 302) and method == "POST"):
                         method, body = "GET", None
                     query = {}

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from flowmesh.runner.engine import RunState
     from flowmesh.runner.graph import Step, StepState
     from flowmesh.runner.io_steps import HttpStep, LlmStep
+    from flowmesh.runner.secrets import SecretReveal
 
 Context = dict[str, Any]
 
@@ -55,6 +56,11 @@ class StepTools(Protocol):
     @property
     def llm(self) -> LlmStep | None:
         """Chat completions with the tenant's stored key; None when the runner has none configured."""
+        ...
+
+    @property
+    def secrets(self) -> SecretReveal | None:
+        """The tenant's secrets (``http`` and ``llm`` steps' ``{{ secrets.NAME }}``); None without a vault."""
         ...
 
     @property

@@ -42,6 +42,7 @@ from flowmesh.runner.kinds import runner_for
 from flowmesh.runner.outcome import Outcome
 from flowmesh.runner.publisher import EventPublisher, Work, work_of
 from flowmesh.runner.recovery import Recovery
+from flowmesh.runner.secrets import SecretReveal
 from flowmesh.runner.timer_calls import TimerCalls, background
 from flowmesh.runtime.quota import QuotaView
 from flowmesh.runtime.rpc import RpcClient
@@ -69,6 +70,7 @@ class Runner:
         scheduler: RpcClient | None = None,
         default_run_timeout_ms: int | None = None,
         llm: LlmStep | None = None,
+        secrets: SecretReveal | None = None,
         quotas: QuotaView | None = None,
         limits: OutputLimits | None = None,
     ) -> None:
@@ -76,6 +78,7 @@ class Runner:
         self.limits = limits or OutputLimits()
         self.http = http
         self.llm = llm
+        self.secrets = secrets
         self.quotas = quotas
         self.heartbeat_s = heartbeat_s
         self.runnable = RunnableFlows(flows)

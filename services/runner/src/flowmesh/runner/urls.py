@@ -19,6 +19,7 @@ from urllib.parse import quote
 
 from yarl import URL
 
+from flowmesh.contracts.credentials import CREDENTIAL_HEADER
 from flowmesh.contracts.expressions import evaluate, render
 
 _TEMPLATE: Final = re.compile(r"\{\{(.*?)\}\}", re.S)
@@ -26,13 +27,6 @@ _WHOLE: Final = re.compile(r"^\s*\{\{(.*?)\}\}\s*$", re.S)
 _SCHEME_AUTHORITY: Final = re.compile(r"\s*[A-Za-z][A-Za-z0-9+.\-]*:(?://[^/?#]*)?")
 
 Part = Literal["authority", "path", "query", "fragment"]
-
-CREDENTIAL_HEADER: Final = re.compile(
-    r"auth|cookie|token|secret|passw|session|credential|api[-_]?key|access[-_]?key|subscription[-_]?key|signature",
-    re.I,
-)
-"""Header names a redirect to another origin drops: ``Authorization``, ``Proxy-Authorization``,
-``Cookie``, and API-key-like names (``X-Api-Key``, ``X-Auth-Token``, ``Private-Token``, …)."""
 
 
 def render_url(template: str, context: Mapping[str, Any]) -> URL:
@@ -87,7 +81,8 @@ def same_origin(a: URL, b: URL) -> bool:
 
 
 def without_credentials(headers: Mapping[str, str]) -> dict[str, str]:
-    """``headers`` less those carrying credentials (see :data:`CREDENTIAL_HEADER`)."""
+    """``headers`` less those whose name says they carry credentials (``Authorization``, ``Cookie``,
+    ``X-Api-Key``, …: :data:`flowmesh.contracts.credentials.CREDENTIAL_HEADER`)."""
     return {k: v for k, v in headers.items() if not CREDENTIAL_HEADER.search(k)}
 
 

@@ -18,6 +18,7 @@ from flowmesh.usage.deps import UsageDeps
 from flowmesh.usage.keys import KeyStore
 from flowmesh.usage.meter import Meter
 from flowmesh.usage.quota import PlanBook, QuotaSnapshots
+from flowmesh.usage.secrets import SecretStore
 from flowmesh.usage.settings import UsageSettings
 from flowmesh.usage.vault import Vault
 
@@ -31,8 +32,10 @@ def create_app(settings: UsageSettings) -> ServiceRuntime:
     service = ServiceRuntime("usage", settings, migrations=MIGRATIONS)
     plans = PlanBook(service.sessions, default=settings.default_plan, ttl_s=settings.plan_cache_s)
     snapshots = QuotaSnapshots()
-    keys = KeyStore(service.sessions, Vault(settings.keys_secret_list))
-    deps = UsageDeps(service.sessions, plans, snapshots, keys, Meter(service.sessions, plans, snapshots))
+    vault = Vault(settings.keys_secret_list)
+    keys = KeyStore(service.sessions, vault)
+    secrets = SecretStore(service.sessions, vault)
+    deps = UsageDeps(service.sessions, plans, snapshots, keys, Meter(service.sessions, plans, snapshots), secrets)
     service.rpc.include(handlers.router, deps)
     service.consumers.batches(
         USAGE_METER,
@@ -49,6 +52,9 @@ def create_app(settings: UsageSettings) -> ServiceRuntime:
     service.on_start(partial(_open_snapshots, service, snapshots, settings))
     service.every(PRUNE_EVERY_S, partial(_prune_metered, service, settings), name="pruning metered event ids")
     service.background(keys.reseal_all, name="re-sealing stored keys with the current secret (retried at next start)")
+    service.background(
+        secrets.reseal_all, name="re-sealing stored secrets with the current secret (retried at next start)"
+    )
     return service
 
 

@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from flowmesh.usage.keys import KeyStore
 from flowmesh.usage.meter import Meter
 from flowmesh.usage.quota import PlanBook, QuotaSnapshots
+from flowmesh.usage.secrets import SecretStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,3 +21,4 @@ class UsageDeps:
     snapshots: QuotaSnapshots
     keys: KeyStore
     meter: Meter
+    secrets: SecretStore

@@ -34,7 +34,7 @@ from flowmesh.contracts.models.run_events import (
     StepSucceededData,
     event_data,
 )
-from flowmesh.contracts.models.usage import Plan, TenantQuota, UsageDay, UsageSummary
+from flowmesh.contracts.models.usage import MAX_SECRET_BYTES, Plan, TenantQuota, UsageDay, UsageSummary
 
 COUNTERS: Final = (
     "runs",
@@ -497,3 +497,29 @@ def clean_key(api_key: str) -> str:
 def key_hint(api_key: str) -> str:
     """What may be shown of a key: ``…`` and its last four characters (nothing more for short keys)."""
     return "…" + api_key[-4:] if len(api_key) >= MIN_KEY_FOR_HINT else "…"
+
+
+# --- tenant secrets ---------------------------------------------------------------------------------
+
+
+def clean_secret_value(value: str) -> str:
+    """The value as it will be stored: exactly as given, once it is not empty, has no NUL and fits.
+
+    Raises:
+        InvalidInput: empty, holds a NUL character, or longer than :data:`MAX_SECRET_BYTES` in UTF-8.
+    """
+    problem = None
+    if not value:
+        problem = "must not be empty"
+    elif "\x00" in value:
+        problem = "must not contain a NUL character"
+    elif len(value.encode("utf-8", errors="surrogatepass")) > MAX_SECRET_BYTES:
+        problem = f"must be at most {MAX_SECRET_BYTES} bytes in UTF-8"
+    if problem is not None:
+        raise InvalidInput(f"value {problem}", errors=[FieldError(path="/value", message=problem)])
+    return value
+
+
+def secret_hint(value: str) -> str:
+    """What may be shown of a secret: as of a key, ``…`` and its last four characters for long values only."""
+    return key_hint(value)

@@ -10,6 +10,7 @@ import orjson
 from flowmesh.contracts.errors import Forbidden, InvalidInput, NotFound
 from flowmesh.contracts.ids import is_uuid, utcnow
 from flowmesh.contracts.models import FieldError
+from flowmesh.contracts.models.audit import AuditEntries, AuditRead
 from flowmesh.contracts.models.usage import (
     KEYS_REVEAL_ROLE,
     ApiKeyCreate,
@@ -21,7 +22,13 @@ from flowmesh.contracts.models.usage import (
     FlowStatsRequest,
     PlanRef,
     RevealedKey,
+    RevealedSecrets,
     RevealKey,
+    RevealSecrets,
+    SecretCreate,
+    SecretInfo,
+    SecretList,
+    SecretRef,
     TenantPlan,
     TenantQuota,
     UsageExport,
@@ -31,6 +38,7 @@ from flowmesh.contracts.models.usage import (
     UsageSummary,
 )
 from flowmesh.contracts.subjects import UsageOp
+from flowmesh.runtime import audit as audit_log
 from flowmesh.runtime.consumers import Delivery
 from flowmesh.runtime.rpc import RpcContext, RpcRouter
 from flowmesh.usage import domain, repo
@@ -72,7 +80,17 @@ async def plan_set(req: PlanRef, ctx: RpcContext, deps: UsageDeps) -> TenantPlan
             errors=[FieldError(path="/plan", message=f"must be one of {known}")],
         )
     async with deps.sessions.begin() as s:
-        await repo.set_plan(s, tenant=req.tenant_id, plan=req.plan, now=utcnow())
+        previous = await repo.own_plan_locked(s, tenant=req.tenant_id)
+        revision = await repo.set_plan(s, tenant=req.tenant_id, plan=req.plan, now=utcnow())
+        details = {"plan": req.plan, "previousPlan": previous, "revision": revision}
+        await repo.audit(
+            s,
+            tenant=req.tenant_id,
+            actor=ctx.subject,
+            action="plan.changed",
+            target=("tenant", req.tenant_id),
+            details=details,
+        )
         quotas = await deps.plans.quotas(s, [req.tenant_id])
     try:
         await deps.snapshots.write(quotas)
@@ -130,12 +148,12 @@ async def keys_list(_: object, ctx: RpcContext, deps: UsageDeps) -> ApiKeyList:
 
 @router.handler(UsageOp.KEYS_PUT)
 async def keys_put(req: ApiKeyCreate, ctx: RpcContext, deps: UsageDeps) -> ApiKeyInfo:
-    return await deps.keys.put(ctx.tenant, req.provider, req.api_key)
+    return await deps.keys.put(ctx.tenant, req.provider, req.api_key, actor=ctx.subject)
 
 
 @router.handler(UsageOp.KEYS_DELETE)
 async def keys_delete(req: ApiKeyRef, ctx: RpcContext, deps: UsageDeps) -> dict[str, bool]:
-    await deps.keys.delete(ctx.tenant, req.provider)
+    await deps.keys.delete(ctx.tenant, req.provider, actor=ctx.subject)
     return {"deleted": True}
 
 
@@ -143,6 +161,46 @@ async def keys_delete(req: ApiKeyRef, ctx: RpcContext, deps: UsageDeps) -> dict[
 async def keys_reveal(req: RevealKey, ctx: RpcContext, deps: UsageDeps) -> RevealedKey:
     provider = domain.provider_name(req.provider)
     return RevealedKey(provider=provider, api_key=await deps.keys.reveal(ctx.tenant, provider))
+
+
+# --- audit ----------------------------------------------------------------------------------------
+
+
+@router.handler(UsageOp.AUDIT)
+async def audit(q: AuditRead, ctx: RpcContext, deps: UsageDeps) -> AuditEntries:
+    async with deps.sessions() as s:
+        items = await repo.read_audit(s, tenant=audit_log.scope(tenant=ctx.tenant, role=ctx.role, q=q), q=q)
+    return AuditEntries(items=items)
+
+
+# --- tenant secrets -------------------------------------------------------------------------------
+
+
+def _runner_only_secrets(ctx: RpcContext) -> None:
+    if ctx.role != KEYS_REVEAL_ROLE:
+        log.warning("refused to reveal secrets to a caller with role %r (tenant %r)", ctx.role, ctx.tenant)
+        raise Forbidden("only the runner may read a stored secret")
+
+
+@router.handler(UsageOp.SECRETS_LIST)
+async def secrets_list(_: object, ctx: RpcContext, deps: UsageDeps) -> SecretList:
+    return SecretList(items=await deps.secrets.list(ctx.tenant))
+
+
+@router.handler(UsageOp.SECRETS_PUT)
+async def secrets_put(req: SecretCreate, ctx: RpcContext, deps: UsageDeps) -> SecretInfo:
+    return await deps.secrets.put(ctx.tenant, req.name, req.value, actor=ctx.subject)
+
+
+@router.handler(UsageOp.SECRETS_DELETE)
+async def secrets_delete(req: SecretRef, ctx: RpcContext, deps: UsageDeps) -> dict[str, bool]:
+    await deps.secrets.delete(ctx.tenant, req.name, actor=ctx.subject)
+    return {"deleted": True}
+
+
+@router.handler(UsageOp.SECRETS_REVEAL, guard=_runner_only_secrets)
+async def secrets_reveal(req: RevealSecrets, ctx: RpcContext, deps: UsageDeps) -> RevealedSecrets:
+    return await deps.secrets.reveal(ctx.tenant, req.names)
 
 
 async def meter_batch(batch: list[Delivery], deps: UsageDeps) -> None:

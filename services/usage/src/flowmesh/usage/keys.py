@@ -4,6 +4,7 @@ provider keys are secrets: never logged, never returned to a client)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -25,13 +26,14 @@ class KeyStore:
         self.sessions = sessions
         self.vault = vault
 
-    async def put(self, tenant: str, provider: str, api_key: str) -> ApiKeyInfo:
-        """Store a provider's key (replacing the one before); its public description."""
+    async def put(self, tenant: str, provider: str, api_key: str, *, actor: str) -> ApiKeyInfo:
+        """Store a provider's key (replacing the one before), recorded in the audit log as ``actor``'s;
+        its public description."""
         provider = provider_name(provider)
         key = clean_key(api_key)
         sealed = self.vault.seal(tenant=tenant, provider=provider, api_key=key)
         async with self.sessions.begin() as s:
-            return await repo.put_key(
+            info = await repo.put_key(
                 s,
                 tenant=tenant,
                 provider=provider,
@@ -40,14 +42,16 @@ class KeyStore:
                 hint=key_hint(key),
                 now=utcnow(),
             )
+            await repo.audit(s, tenant=tenant, actor=actor, action="apiKey.put", target=("apiKey", provider))
+        return info
 
     async def list(self, tenant: str) -> list[ApiKeyInfo]:
         """The tenant's keys, hints only."""
         async with self.sessions() as s:
             return await repo.list_keys(s, tenant=tenant)
 
-    async def delete(self, tenant: str, provider: str) -> None:
-        """Forget a provider's key.
+    async def delete(self, tenant: str, provider: str, *, actor: str) -> None:
+        """Forget a provider's key, recorded in the audit log as ``actor``'s.
 
         Raises:
             NotFound: no key of that provider is stored.
@@ -56,6 +60,7 @@ class KeyStore:
         async with self.sessions.begin() as s:
             if not await repo.delete_key(s, tenant=tenant, provider=provider):
                 raise NotFound(f"no {provider} key is stored")
+            await repo.audit(s, tenant=tenant, actor=actor, action="apiKey.deleted", target=("apiKey", provider))
 
     async def reveal(self, tenant: str, provider: str) -> str:
         """The plaintext key, marking it used.
@@ -80,26 +85,48 @@ class KeyStore:
 
         Rows no configured secret opens are left as they are (logged): they need their secret back.
         """
-        done = 0
-        skipped: set[tuple[str, str]] = set()
-        while True:
-            async with self.sessions() as s:
-                rows = await repo.keys_sealed_with_other(s, key_id=self.vault.key_id, limit=RESEAL_BATCH + len(skipped))
-            rows = [r for r in rows if (r[0], r[1]) not in skipped]
-            if not rows:
-                break
-            async with self.sessions.begin() as s:
-                for tenant, provider, old in rows:
-                    try:
-                        new = self.vault.reseal(old)
-                    except VaultError:
-                        log.error("the %s key of tenant %r opens with no configured secret", provider, tenant)
-                        skipped.add((tenant, provider))
-                        continue
-                    if await repo.reseal_key(
-                        s, tenant=tenant, provider=provider, old=old, new=new, key_id=self.vault.key_id
-                    ):
-                        done += 1
-        if done:
-            log.info("re-sealed %d stored keys with the current secret", done)
-        return done
+        return await reseal_rows(
+            self.sessions,
+            self.vault,
+            what="key",
+            fetch=repo.keys_sealed_with_other,
+            write=lambda s, tenant, provider, old, new: repo.reseal_key(
+                s, tenant=tenant, provider=provider, old=old, new=new, key_id=self.vault.key_id
+            ),
+        )
+
+
+Fetch = Callable[..., Awaitable[list[tuple[str, str, bytes]]]]
+"""``(session, *, key_id, limit)``: rows ``(tenant, name, ciphertext)`` sealed under another key."""
+Write = Callable[[AsyncSession, str, str, bytes, bytes], Awaitable[bool]]
+"""``(session, tenant, name, old, new)``: replace a row's ciphertext if still ``old``; whether it was."""
+
+
+async def reseal_rows(
+    sessions: async_sessionmaker[AsyncSession], vault: Vault, *, what: str, fetch: Fetch, write: Write
+) -> int:
+    """Re-seal, batch by batch, the rows ``fetch`` finds with the vault's current key; how many were.
+
+    Rows no configured secret opens are left as they are (logged): they need their secret back.
+    """
+    done = 0
+    skipped: set[tuple[str, str]] = set()
+    while True:
+        async with sessions() as s:
+            rows = await fetch(s, key_id=vault.key_id, limit=RESEAL_BATCH + len(skipped))
+        rows = [r for r in rows if (r[0], r[1]) not in skipped]
+        if not rows:
+            break
+        async with sessions.begin() as s:
+            for tenant, name, old in rows:
+                try:
+                    new = vault.reseal(old)
+                except VaultError:
+                    log.error("the stored %s %r of tenant %r opens with no configured secret", what, name, tenant)
+                    skipped.add((tenant, name))
+                    continue
+                if await write(s, tenant, name, old, new):
+                    done += 1
+    if done:
+        log.info("re-sealed %d stored %ss with the current secret", done, what)
+    return done

@@ -14,16 +14,23 @@ from sqlalchemy import bindparam, delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from flowmesh.contracts.models.usage import ApiKeyInfo, FlowStats, Plan, UsageDay
+from flowmesh.contracts.ids import utcnow
+from flowmesh.contracts.models.audit import AuditAction, AuditEntry, AuditRead, AuditTarget, AuditTargetType
+from flowmesh.contracts.models.usage import ApiKeyInfo, FlowStats, Plan, SecretInfo, UsageDay
+from flowmesh.runtime import audit as audit_log
 from flowmesh.usage.domain import COUNTERS, Counts, RunFact
 from flowmesh.usage.tables import (
     api_keys,
     metered_events,
     plans,
     run_stats,
+    secrets,
     tenants,
     usage_daily,
     usage_monthly,
+)
+from flowmesh.usage.tables import (
+    audit as audit_table,
 )
 
 # --- metering ---------------------------------------------------------------------------------------
@@ -156,6 +163,12 @@ async def tenant_plans(session: AsyncSession, *, tenant_ids: Iterable[str]) -> d
         return {}
     stmt = select(tenants.c.tenant_id, tenants.c.plan, tenants.c.plan_revision).where(tenants.c.tenant_id.in_(ids))
     return {r.tenant_id: (r.plan, r.plan_revision) for r in await session.execute(stmt)}
+
+
+async def own_plan_locked(session: AsyncSession, *, tenant: str) -> str | None:
+    """The plan a tenant was given (None: it has the default), its row locked until the transaction ends."""
+    stmt = select(tenants.c.plan).where(tenants.c.tenant_id == tenant).with_for_update()
+    return (await session.execute(stmt)).scalar_one_or_none()
 
 
 async def set_plan(session: AsyncSession, *, tenant: str, plan: str, now: datetime) -> int:
@@ -291,6 +304,100 @@ async def reseal_key(session: AsyncSession, *, tenant: str, provider: str, old: 
     stmt = (
         update(api_keys)
         .where(api_keys.c.tenant_id == tenant, api_keys.c.provider == provider, api_keys.c.ciphertext == old)
+        .values(ciphertext=new, key_id=key_id)
+    )
+    return bool((await session.execute(stmt)).rowcount)  # type: ignore[attr-defined]
+
+
+# --- audit --------------------------------------------------------------------------------------------
+
+
+async def audit(
+    session: AsyncSession,
+    *,
+    tenant: str,
+    actor: str,
+    action: AuditAction,
+    target: tuple[AuditTargetType, str],
+    details: dict[str, Any] | None = None,
+) -> AuditEntry:
+    """Record a change in the audit log inside the caller's transaction (the change's own), e.g.
+    ``await repo.audit(s, tenant=t, actor=ctx.subject, action="secret.put", target=("secret", name))``.
+
+    ``target`` is (type, id); ``details`` must never hold a secret or key value.
+    """
+    return await audit_log.append(
+        session,
+        audit_table,
+        tenant=tenant,
+        actor=actor,
+        action=action,
+        target=AuditTarget(type=target[0], id=target[1]),
+        details=details,
+        now=utcnow(),
+    )
+
+
+async def read_audit(session: AsyncSession, *, tenant: str | None, q: AuditRead) -> list[AuditEntry]:
+    """A page of audit entries of ``tenant`` (every tenant's when None), newest first."""
+    return await audit_log.read(session, audit_table, tenant=tenant, q=q)
+
+
+# --- tenant secrets ---------------------------------------------------------------------------------
+
+_SECRET_INFO = (secrets.c.name, secrets.c.hint, secrets.c.created_at, secrets.c.updated_at)
+
+
+def _secret_info(row: Any) -> SecretInfo:
+    return SecretInfo(name=row.name, hint=row.hint, created_at=row.created_at, updated_at=row.updated_at)
+
+
+async def list_secrets(session: AsyncSession, *, tenant: str) -> list[SecretInfo]:
+    """The tenant's stored secrets (hints only), by name."""
+    stmt = select(*_SECRET_INFO).where(secrets.c.tenant_id == tenant).order_by(secrets.c.name)
+    return [_secret_info(r) for r in await session.execute(stmt)]
+
+
+async def put_secret(
+    session: AsyncSession, *, tenant: str, name: str, ciphertext: bytes, key_id: str, hint: str, now: datetime
+) -> SecretInfo:
+    """Store a secret, replacing the value of one of the same name (which keeps its ``createdAt``)."""
+    values = {"ciphertext": ciphertext, "key_id": key_id, "hint": hint, "updated_at": now}
+    stmt = insert(secrets).values(tenant_id=tenant, name=name, created_at=now, **values)
+    stmt = stmt.on_conflict_do_update(index_elements=[secrets.c.tenant_id, secrets.c.name], set_=values)
+    return _secret_info((await session.execute(stmt.returning(*_SECRET_INFO))).one())
+
+
+async def delete_secret(session: AsyncSession, *, tenant: str, name: str) -> bool:
+    """Forget a secret; whether there was one."""
+    stmt = delete(secrets).where(secrets.c.tenant_id == tenant, secrets.c.name == name)
+    return bool((await session.execute(stmt)).rowcount)  # type: ignore[attr-defined]
+
+
+async def sealed_secrets(session: AsyncSession, *, tenant: str, names: Sequence[str]) -> dict[str, bytes]:
+    """The sealed values of those of ``names`` the tenant has stored."""
+    stmt = select(secrets.c.name, secrets.c.ciphertext).where(
+        secrets.c.tenant_id == tenant, secrets.c.name.in_(list(names))
+    )
+    return {r.name: bytes(r.ciphertext) for r in await session.execute(stmt)}
+
+
+async def secrets_sealed_with_other(session: AsyncSession, *, key_id: str, limit: int) -> list[tuple[str, str, bytes]]:
+    """Up to ``limit`` secret rows sealed under another key than ``key_id`` (to re-seal after a rotation)."""
+    stmt = (
+        select(secrets.c.tenant_id, secrets.c.name, secrets.c.ciphertext)
+        .where(secrets.c.key_id != key_id)
+        .order_by(secrets.c.tenant_id, secrets.c.name)
+        .limit(limit)
+    )
+    return [(r.tenant_id, r.name, bytes(r.ciphertext)) for r in await session.execute(stmt)]
+
+
+async def reseal_secret(session: AsyncSession, *, tenant: str, name: str, old: bytes, new: bytes, key_id: str) -> bool:
+    """Replace a secret row's ciphertext if it is still ``old`` (a value stored meanwhile wins); whether it was."""
+    stmt = (
+        update(secrets)
+        .where(secrets.c.tenant_id == tenant, secrets.c.name == name, secrets.c.ciphertext == old)
         .values(ciphertext=new, key_id=key_id)
     )
     return bool((await session.execute(stmt)).rowcount)  # type: ignore[attr-defined]

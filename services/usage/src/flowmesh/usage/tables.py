@@ -16,6 +16,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import UUID
 
+from flowmesh.runtime.audit import audit_table
 from flowmesh.usage.domain import COUNTERS
 
 SCHEMA = "usage"
@@ -102,4 +103,20 @@ api_keys = Table(
     Column("created_at", TS, nullable=False),
     Column("last_used_at", TS),
     PrimaryKeyConstraint("tenant_id", "provider"),
+)
+
+audit = audit_table(metadata)
+"""Append-only: who stored or removed provider keys and secrets, who changed plans (``flowmesh.runtime.audit``)."""
+
+secrets = Table(
+    "secrets",
+    metadata,
+    Column("tenant_id", Text, nullable=False),
+    Column("name", Text, nullable=False),
+    Column("ciphertext", LargeBinary, nullable=False),
+    Column("key_id", Text, nullable=False),
+    Column("hint", Text, nullable=False),
+    Column("created_at", TS, nullable=False),
+    Column("updated_at", TS, nullable=False),
+    PrimaryKeyConstraint("tenant_id", "name"),
 )

@@ -7,7 +7,9 @@ new one first: at start-up the service re-encrypts every row written under anoth
 row records the id of the key that wrote it), after which the old secret can be dropped.
 
 A sealed key names its tenant and provider inside the ciphertext and is checked on opening: a
-ciphertext copied into another tenant's row does not open there.
+ciphertext copied into another tenant's row does not open there. Tenant secrets are sealed by the
+same keys (so they rotate with them) but as another kind of document, naming tenant and secret: a
+sealed secret does not open as a provider key, nor a provider key as a secret.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 _INFO = b"flowmesh usage api keys v1"
+_SECRET = "secret"
 
 
 class VaultError(Exception):
@@ -59,16 +62,40 @@ class Vault:
         Raises:
             VaultError: no configured secret opens it, or it was sealed for another row.
         """
-        try:
-            doc = orjson.loads(self._fernet.decrypt(token))
-        except (InvalidToken, orjson.JSONDecodeError) as exc:
-            raise VaultError("the stored key cannot be decrypted with the configured secrets") from exc
-        if not isinstance(doc, dict) or doc.get("t") != tenant or doc.get("p") != provider:
+        doc = self._decrypt(token)
+        if "kind" in doc or doc.get("t") != tenant or doc.get("p") != provider:
             raise VaultError("the stored key was sealed for another tenant or provider")
         key = doc.get("k")
         if not isinstance(key, str):
             raise VaultError("the stored key is not readable")
         return key
+
+    def seal_secret(self, *, tenant: str, name: str, value: str) -> bytes:
+        """The ciphertext of a tenant's secret ``name`` (a document of its own kind: never a key)."""
+        return self._fernet.encrypt(orjson.dumps({"kind": _SECRET, "t": tenant, "n": name, "v": value}))
+
+    def open_secret(self, token: bytes, *, tenant: str, name: str) -> str:
+        """The plaintext value of the secret row (tenant, name).
+
+        Raises:
+            VaultError: no configured secret opens it, it is not a secret, or it was sealed for another row.
+        """
+        doc = self._decrypt(token)
+        if doc.get("kind") != _SECRET or doc.get("t") != tenant or doc.get("n") != name:
+            raise VaultError("the stored secret was sealed for another tenant or name, or is not a secret")
+        value = doc.get("v")
+        if not isinstance(value, str):
+            raise VaultError("the stored secret is not readable")
+        return value
+
+    def _decrypt(self, token: bytes) -> dict[str, object]:
+        try:
+            doc = orjson.loads(self._fernet.decrypt(token))
+        except (InvalidToken, orjson.JSONDecodeError) as exc:
+            raise VaultError("the stored value cannot be decrypted with the configured secrets") from exc
+        if not isinstance(doc, dict):
+            raise VaultError("the stored value is not readable")
+        return doc
 
     def reseal(self, token: bytes) -> bytes:
         """The same plaintext under the current key (rotation).

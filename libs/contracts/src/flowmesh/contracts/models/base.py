@@ -5,6 +5,7 @@ Python code keeps its snake_case names; JSON clients (the canvases first) get th
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, Final
 
@@ -18,6 +19,18 @@ MAX_INT4: Final = 2_147_483_647
 
 Timestamp = Annotated[datetime, PlainSerializer(format_time, return_type=str, when_used="json")]
 """A time, written as RFC 3339 UTC with milliseconds."""
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def rfc3339_only(value: Any) -> Any:
+    """Refuse a number where a time is expected (a ``mode="before"`` validator of query times).
+
+    pydantic reads a bare number as Unix time; the API speaks RFC 3339 only.
+    """
+    if isinstance(value, int | float) or (isinstance(value, str) and _NUMBER.fullmatch(value.strip())):
+        raise ValueError("expected an RFC 3339 time, e.g. 2026-01-31T12:00:00Z")
+    return value
 
 
 class WireModel(BaseModel):

@@ -64,12 +64,22 @@ class FlowSummary(WireModel):
     updated_at: Timestamp
 
 
+def _no_warnings(value: list[FieldError]) -> bool:
+    return not value
+
+
 class Flow(FlowSummary):
     """A flow with its draft definition."""
 
     definition: dict[str, Any]
     input_schema: dict[str, Any] | None = None
     settings: dict[str, Any] = Field(default_factory=dict)
+    warnings: list[FieldError] = Field(
+        default_factory=list,
+        exclude_if=_no_warnings,
+        description="On create and update only, when there are any: what is allowed but ill-advised in the "
+        "draft (a literal credential in an http step), as `POST /flows/{id}/validate` reports it.",
+    )
 
     @property
     def etag(self) -> str:
@@ -151,10 +161,14 @@ class EventConfig(WireModel):
 
 
 class ValidationReport(WireModel):
-    """``POST /flows/{id}/validate``: every problem at once."""
+    """``POST /flows/{id}/validate``: every problem at once, and what is allowed but ill-advised."""
 
     valid: bool
     errors: list[FieldError] = Field(default_factory=list)
+    warnings: list[FieldError] = Field(
+        default_factory=list,
+        description="Allowed but ill-advised (a literal credential in an http step): never stops publishing.",
+    )
 
 
 class Rollback(WireModel):

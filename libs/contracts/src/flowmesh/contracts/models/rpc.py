@@ -6,17 +6,14 @@ A reply is ``{"data": ...}`` or ``{"error": <problem>}``.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from pydantic import Field, field_validator
 
-from flowmesh.contracts.models.base import MAX_INT4, Timestamp, WireModel
+from flowmesh.contracts.models.base import MAX_INT4, Timestamp, WireModel, rfc3339_only
 from flowmesh.contracts.models.flows import FlowCreate, FlowVersion, Trigger, TriggerCreate
 from flowmesh.contracts.models.problem import PageQuery, Problem
 from flowmesh.contracts.models.runs import Run, RunResume, RunRetry, RunTriggerType
-
-_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 class RpcReply(WireModel):
@@ -155,10 +152,7 @@ class RunListQuery(PageQuery):
     @field_validator("since", "until", mode="before")
     @classmethod
     def _not_a_number(cls, value: Any) -> Any:
-        # pydantic reads a bare number as Unix time; the API speaks RFC 3339 only, so a number is refused
-        if isinstance(value, int | float) or (isinstance(value, str) and _NUMBER.fullmatch(value.strip())):
-            raise ValueError("expected an RFC 3339 time, e.g. 2026-01-31T12:00:00Z")
-        return value
+        return rfc3339_only(value)
 
 
 class RunStepsQuery(RunRef, PageQuery):

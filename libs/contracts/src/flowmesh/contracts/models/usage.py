@@ -228,3 +228,55 @@ class ApiKeyRef(WireModel):
     """Body of ``fm.rpc.usage.keys.delete``."""
 
     provider: str
+
+
+# --- tenant secrets (P9) --------------------------------------------------------------------------
+
+SECRET_NAME: Final = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
+"""A secret's name: what ``{{ secrets.NAME }}`` reads, so a CEL identifier of at most 64 characters."""
+MAX_SECRET_BYTES: Final = 8192
+"""The largest secret value, in UTF-8 bytes (tokens, keys and certificates fit; documents do not)."""
+SecretName = Annotated[str, Field(min_length=1, max_length=64, pattern=SECRET_NAME)]
+
+
+class SecretCreate(WireModel):
+    """Body of ``POST /secrets``: a name and its value (non-empty, no NUL, at most 8192 UTF-8 bytes)."""
+
+    name: SecretName
+    value: Annotated[str, Field(min_length=1, max_length=MAX_SECRET_BYTES)]
+
+
+class SecretInfo(WireModel):
+    """A stored secret, never shown whole."""
+
+    name: str
+    hint: str
+    created_at: Timestamp
+    updated_at: Timestamp
+
+
+class SecretList(WireModel):
+    """``GET /secrets``: the tenant's stored secrets, never shown whole."""
+
+    items: list[SecretInfo]
+
+
+class SecretRef(WireModel):
+    """Body of ``fm.rpc.usage.secrets.delete``."""
+
+    name: str
+
+
+class RevealSecrets(WireModel):
+    """``fm.rpc.usage.secrets.reveal`` request (runner only): which secrets of the caller's tenant."""
+
+    names: Annotated[list[SecretName], Field(min_length=1, max_length=100)]
+
+
+class RevealedSecrets(WireModel):
+    """``fm.rpc.usage.secrets.reveal`` reply: the values found, and the names that are not stored.
+
+    Never logged, never sent anywhere else."""
+
+    values: dict[str, str]
+    missing: list[str] = Field(default_factory=list)

@@ -14,6 +14,8 @@ from flowmesh.contracts.models.base import MAX_INT4
 from flowmesh.contracts.models.ws import BEARER_PREFIX, SUBPROTOCOL
 from flowmesh.gateway.openapi.operation import JsonSchema
 
+ASCII: Final = r"^[\x20-\x7E]*$"
+"""Header values are printable ASCII (a header whose bytes are not UTF-8 is a 400)."""
 OPENAPI_VERSION: Final = "3.1.1"
 API_VERSION: Final = "1"
 API_PREFIX: Final = "/api/v1"
@@ -32,6 +34,11 @@ PATH_PARAMS: Final[Mapping[str, tuple[str, JsonSchema, str]]] = {
         {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
         "The LLM provider a key is for (case-insensitive).",
     ),
+    "name": (
+        "name",
+        {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]{0,63}$"},
+        "The secret's name, as steps read it: `{{ secrets.NAME }}`.",
+    ),
     "tenant_id": (
         "tenantId",
         {"type": "string", "minLength": 1, "maxLength": 255},
@@ -42,7 +49,10 @@ PATH_PARAMS: Final[Mapping[str, tuple[str, JsonSchema, str]]] = {
 
 
 ERRORS: Final[Mapping[int, tuple[str, str]]] = {
-    400: ("BadRequest", "The request cannot be read (a body sent as JSON that is not valid JSON)."),
+    400: (
+        "BadRequest",
+        "The request cannot be read: a body sent as JSON that is not valid JSON, or a header that is not UTF-8.",
+    ),
     401: ("Unauthorized", "No valid credentials: a missing, expired or invalid bearer token."),
     403: ("Forbidden", "Valid credentials, but not allowed."),
     404: ("NotFound", "No such resource for this tenant (another tenant's resource answers the same)."),
@@ -52,6 +62,11 @@ ERRORS: Final[Mapping[int, tuple[str, str]]] = {
     415: ("UnsupportedMediaType", "The body is not JSON and was not sent as JSON."),
     422: ("ValidationError", "The input is not valid (unknown fields too); `errors` says where, as JSON pointers."),
     429: ("RateLimited", "Too many requests for the tenant's plan; retry after `Retry-After` seconds."),
+    502: (
+        "ReplyTooLarge",
+        "A service's answer is over the message size limit and could not be delivered (`reply-too-large`); "
+        "read smaller pages, or the one resource the `$omitted` marker names.",
+    ),
     503: ("ServiceUnavailable", "A service the request needs is not reachable; retry later."),
     504: ("Timeout", "A service did not answer in time; retry later."),
 }
@@ -72,6 +87,8 @@ TAGS: Final = (
     {"name": "catalog", "description": "The step types a canvas can offer."},
     {"name": "live", "description": "Runs as they happen, over WebSocket."},
     {"name": "usage", "description": "Metered usage against the plan, billing export, plans and stored provider keys."},
+    {"name": "audit", "description": "Who created, changed, published or deleted what, and when (append-only)."},
+    {"name": "secrets", "description": "Named secrets `http` and `llm` steps read as `{{ secrets.NAME }}`."},
     {"name": "operations", "description": "Health, readiness, metrics and this documentation."},
 )
 
@@ -82,15 +99,15 @@ HEADER_PARAMS: Final[Mapping[str, JsonSchema]] = {
         "required": False,
         "description": "Makes a retry safe: the first response is kept 24 h per (tenant, route); the same key with "
         "the same body gets it again, with another body a 422, while the first is in flight a 409. An empty key "
-        "counts as none.",
-        "schema": {"type": "string", "maxLength": 255},
+        "counts as none. Up to 255 printable ASCII characters.",
+        "schema": {"type": "string", "maxLength": 255, "pattern": ASCII},
     },
     "IfMatch": {
         "name": "If-Match",
         "in": "header",
         "required": False,
         "description": "The `ETag` the change is based on; a stale one is a 412 (no lost updates).",
-        "schema": {"type": "string"},
+        "schema": {"type": "string", "pattern": ASCII},
     },
     "WebhookId": {
         "name": "webhook-id",
@@ -105,7 +122,7 @@ HEADER_PARAMS: Final[Mapping[str, JsonSchema]] = {
         "in": "header",
         "required": False,
         "description": "Standard Webhooks: Unix seconds; within 5 minutes. Required by signed triggers.",
-        "schema": {"type": "string"},
+        "schema": {"type": "string", "pattern": ASCII},
     },
     "WebhookSignature": {
         "name": "webhook-signature",
@@ -113,14 +130,17 @@ HEADER_PARAMS: Final[Mapping[str, JsonSchema]] = {
         "required": False,
         "description": 'Standard Webhooks: `v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`, several '
         "space-separated during a secret rotation. Required by signed triggers.",
-        "schema": {"type": "string"},
+        "schema": {"type": "string", "pattern": ASCII},
     },
     "SecWebSocketProtocol": {
         "name": "Sec-WebSocket-Protocol",
         "in": "header",
         "required": False,
         "description": f"`{SUBPROTOCOL}, {BEARER_PREFIX}<token>` (or use `?ticket=`); it must offer `{SUBPROTOCOL}`.",
-        "schema": {"type": "string", "pattern": rf"^(.*,)?[ \t]*{re.escape(SUBPROTOCOL)}[ \t]*(,.*)?$"},
+        "schema": {
+            "type": "string",
+            "pattern": rf"^([\x20-\x7E]*,)?[ \t]*{re.escape(SUBPROTOCOL)}[ \t]*(,[\x20-\x7E]*)?$",
+        },
     },
 }
 

@@ -202,12 +202,13 @@ def _error_statuses(route: Route) -> list[int]:
     """The route's own error statuses and those its kind has: auth, limits, services, parameters, bodies."""
     op = route.op
     statuses = set(op.errors)
+    statuses.add(400)  # a header whose bytes are not UTF-8 (``middleware.readable_headers``), on any route
     if route.path.startswith(API_PREFIX):
         statuses.add(429)
         if not op.public:
             statuses.add(401)
     if op.calls_service:
-        statuses.update((503, 504))
+        statuses.update((502, 503, 504))
     if _path_names(route.path):
         statuses.update((404, 422))  # 422: a path parameter holding NUL (``body.storable_path``)
     if isinstance(op.body, type):

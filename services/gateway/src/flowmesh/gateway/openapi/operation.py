@@ -2,7 +2,7 @@
 
 A handler documents what is particular to it: its id, summary and tag, its request body, query and
 headers, its successes and the errors only it can give. What every route of a kind has (401 and
-429 under ``/api/v1``, 503/504 when a service is called, 404 for a path parameter, the body and
+429 under ``/api/v1``, 502/503/504 when a service is called, 404 for a path parameter, the body and
 query errors, the ``Idempotency-Key`` and ``If-Match`` statuses) the builder adds by rule, so a
 new route declares no boilerplate and cannot forget it either.
 """
@@ -72,7 +72,7 @@ class Operation:
     location: bool = False
     """Success responses carry ``Location``."""
     calls_service: bool = True
-    """Forwarded to a service over NATS, so 503/504 are possible."""
+    """Forwarded to a service over NATS, so 502/503/504 are possible."""
 
     def __call__(self, handler: Handler) -> Handler:
         setattr(handler, ATTRIBUTE, self)

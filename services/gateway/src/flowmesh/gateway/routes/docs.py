@@ -15,6 +15,7 @@ from typing import Final
 from aiohttp import web
 
 from flowmesh.contracts.errors import NotFound
+from flowmesh.gateway import keys
 from flowmesh.gateway.openapi.document import build_openapi
 from flowmesh.gateway.openapi.operation import Operation, Raw, Undocumented
 
@@ -74,7 +75,11 @@ async def openapi_json(request: web.Request) -> web.Response:
     """The OpenAPI 3.1 document of this gateway (built once per application)."""
     body = _documents.get(request.app)
     if body is None:
-        body = json.dumps(build_openapi(request.app), separators=(",", ":"), ensure_ascii=False).encode()
+        document = build_openapi(request.app)
+        settings = request.app.get(keys.SETTINGS)
+        if settings is not None and settings.metrics_placement != "public":
+            document["paths"].pop("/metrics", None)  # not an operation of the public API here
+        body = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
         _documents[request.app] = body
     return web.Response(body=body, content_type="application/json")
 
