@@ -14,7 +14,7 @@ from sqlalchemy import bindparam, delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from flowmesh.contracts.models.usage import ApiKeyInfo, FlowStats, Plan, UsageDay
+from flowmesh.contracts.models.usage import ApiKeyInfo, FlowStats, Plan, PlanCaps, UsageDay
 from flowmesh.usage.domain import COUNTERS, Counts, RunFact
 from flowmesh.usage.tables import (
     api_keys,
@@ -144,6 +144,7 @@ async def load_plans(session: AsyncSession) -> dict[str, Plan]:
             overage_per_1000_runs_usd=(
                 None if r["overage_per_1000_runs_usd"] is None else float(r["overage_per_1000_runs_usd"])
             ),
+            **{cap: r[cap] for cap in PlanCaps.model_fields},
         )
         for r in rows
     }
