@@ -112,6 +112,12 @@ class Api:
                 raise RuntimeError(f"POST {path} -> {r.status}: {await r.text()}")
             return await r.json()
 
+    async def put(self, path: str, body: Any = None) -> Any:
+        async with self.session.put(self.base + path, json=body) as r:
+            if r.status >= 400:
+                raise RuntimeError(f"PUT {path} -> {r.status}: {await r.text()}")
+            return await r.json()
+
     async def close(self) -> None:
         await self.session.close()
 
@@ -310,6 +316,8 @@ async def main_async(args: argparse.Namespace) -> None:
     headers = {"Authorization": "Bearer " + token(tenant, secret=args.secret, role="admin")}
     c = Api(args.base + "/api/v1", headers)
     try:
+        # the plan with the caps a benchmark reaches (1,000 watchers on one token, unlimited webhooks)
+        await c.put(f"/admin/tenants/{tenant}/plan", {"plan": "high_frequency"})
         nc = await nats.connect(args.nats)
         try:
             if "chain" in args.scenarios:

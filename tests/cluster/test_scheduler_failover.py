@@ -54,6 +54,11 @@ def _fired_through(c: httpx.Client, flow_id: str, at: datetime) -> bool:
 def test_every_due_time_fires_exactly_once_while_schedulers_are_killed_in_turn(
     shape: ClusterShape, tenant: str
 ) -> None:
+    with httpx.Client(base_url=shape.base_url + "/api/v1", timeout=20) as ops:
+        # an every-second cron is the high_frequency plan's (the shape's default plan allows 5 minutes)
+        admin = {"Authorization": "Bearer " + shape.token("ops", role="admin")}
+        r = patiently(ops, "PUT", f"/admin/tenants/{tenant}/plan", json={"plan": "high_frequency"}, headers=admin)
+        assert r.status_code == 200, r.text
     with api(shape, tenant) as c:
         flow_id = publish(c, ECHO)
         r = patiently(

@@ -94,3 +94,32 @@ def test_webhook_signed_is_a_strict_boolean(signed: object) -> None:
     with pytest.raises(InvalidInput) as caught:
         triggers.check_config("webhook", {"signed": signed})
     assert [e.path for e in caught.value.errors or []] == ["/config/signed"]
+
+
+@pytest.mark.parametrize(
+    ("cron", "within", "gap"),
+    [
+        ("*/5 * * * *", 300, None),  # every 300 s: not under 300
+        ("*/4 * * * *", 300, 240),
+        ("0,1 * * * *", 300, 60),
+        ("0 0,1 * * *", 7200, 3600),  # between hours
+        ("* * * * * *", 2, 1),
+        ("*/10 * * * * *", 10, None),
+        ("* 3 * * 1", 300, 60),  # every minute of one hour on Mondays
+        ("0 0 29 2 *", 86_400, None),  # once a leap year
+        ("0 12 * * *", 86_400, None),
+    ],
+)
+def test_the_shortest_gap_of_a_cron_is_found_when_under_the_plans_interval(
+    cron: str, within: int, gap: int | None
+) -> None:
+    seconds_first = triggers.cron_fields(cron)[1]
+    assert triggers.shortest_gap_s(cron, seconds_first, within_s=within) == gap
+
+
+def test_a_cron_interval_problem_names_the_plan_and_its_interval() -> None:
+    problem = triggers.cron_interval_problem({"cron": "*/2 * * * *"}, "free", 300)
+    assert problem is not None and problem.path == "/config/cron"
+    assert problem.message == "cron '*/2 * * * *' fires 120 s apart; the free plan's shortest cron interval is 300 s"
+    assert triggers.cron_interval_problem({"cron": "* * * * * *"}, "high_frequency", 1) is None
+    assert triggers.cron_interval_problem({"cron": "* * * * * *"}, "x", None) is None

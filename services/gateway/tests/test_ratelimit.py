@@ -7,9 +7,17 @@ import asyncio
 import pytest
 
 from flowmesh.contracts.errors import RateLimited
-from flowmesh.contracts.models.usage import PlanName
+from flowmesh.contracts.models.usage import Plan, PlanName
 from flowmesh.contracts.plans import DEFAULT_PLAN, PLAN_NAMES, PLANS
-from flowmesh.gateway.ratelimit import PlanSource, RateLimiter, TokenBucket, retry_after
+from flowmesh.gateway.ratelimit import (
+    AddressLimiter,
+    PlanSource,
+    RateLimiter,
+    SocketCounts,
+    TokenBucket,
+    retry_after,
+    webhooks_rate,
+)
 
 
 class Clock:
@@ -163,3 +171,71 @@ async def test_concurrent_requests_of_a_tenant_ask_its_plan_once() -> None:
     release.set()
     assert {p.name for p in await asyncio.gather(*waiting)} == {"pro"}
     assert asked == ["acme"]
+
+
+# --- P9: webhooks' own bucket, unknown webhook lookups per address, WebSockets ---------------------
+
+
+async def test_webhooks_have_a_bucket_apart_from_the_api() -> None:
+    clock = Clock()
+    plans = PlanSource("free", clock=clock)
+    api, hooks = RateLimiter(plans, clock=clock), RateLimiter(plans, clock=clock, rate_of=webhooks_rate, what="hooks")
+    for _ in range(10):
+        await hooks.admit("acme")
+    with pytest.raises(RateLimited) as refused:
+        await hooks.admit("acme")
+    assert "free plan's 10 hooks per second" in refused.value.detail
+    for _ in range(20):  # the API's bucket is whole
+        await api.admit("acme")
+
+
+async def test_a_plan_answered_with_its_figures_is_used_as_answered() -> None:
+    async def lookup(_: str) -> Plan:
+        return PLANS["free"].model_copy(update={"webhooks_per_second": 2})
+
+    clock = Clock()
+    hooks = RateLimiter(PlanSource("pro", lookup, clock=clock), clock=clock, rate_of=webhooks_rate)
+    await hooks.admit("acme")
+    await hooks.admit("acme")
+    with pytest.raises(RateLimited):
+        await hooks.admit("acme")
+
+
+def test_unknown_lookups_spend_an_addresss_tokens_and_known_ones_none() -> None:
+    clock = Clock()
+    unknown = AddressLimiter(3, clock=clock)
+    for _ in range(3):
+        unknown.check("10.0.0.1")  # only misses spend
+    for _ in range(3):
+        unknown.spend("10.0.0.1")
+    with pytest.raises(RateLimited) as refused:
+        unknown.check("10.0.0.1")
+    assert refused.value.retry_after_s == 1 and "unknown webhook URLs" in refused.value.detail
+    unknown.check("10.0.0.2")  # per address
+    clock.now += 0.34
+    unknown.check("10.0.0.1")
+    AddressLimiter(0, clock=clock).spend("x")  # 0: no limit
+    none = AddressLimiter(0, clock=clock)
+    for _ in range(100):
+        none.spend("x")
+    none.check("x")
+
+
+def test_socket_counts_hold_the_plans_caps_per_subject_and_per_tenant() -> None:
+    plan = PLANS["free"].model_copy(update={"websockets_per_token": 2, "websockets_per_tenant": 3})
+    counts = SocketCounts()
+    counts.open("acme", "alice", plan)
+    counts.open("acme", "alice", plan)
+    with pytest.raises(RateLimited) as refused:
+        counts.open("acme", "alice", plan)
+    assert "cap per token" in refused.value.detail
+    counts.open("acme", "bob", plan)
+    with pytest.raises(RateLimited) as refused:
+        counts.open("acme", "carol", plan)
+    assert "cap per tenant" in refused.value.detail
+    counts.open("globex", "alice", plan)  # another tenant's count
+    counts.close("acme", "alice")
+    counts.open("acme", "carol", plan)
+    unlimited = PLANS["free"].model_copy(update={"websockets_per_token": None, "websockets_per_tenant": None})
+    for _ in range(50):
+        counts.open("initech", "x", unlimited)

@@ -17,6 +17,7 @@ from flowmesh.contracts import headers
 from flowmesh.contracts.errors import Forbidden, InvalidInput
 from flowmesh.contracts.ids import format_time, new_id
 from flowmesh.contracts.models.usage import TenantQuota, quota_key
+from flowmesh.contracts.plans import PLANS
 from flowmesh.contracts.streams import QUOTA_BUCKET, RUN_EVENTS, USAGE_METER
 from flowmesh.contracts.subjects import UsageOp, run_event
 from flowmesh.runtime.rpc import RpcClient
@@ -259,7 +260,13 @@ async def test_the_quota_snapshot_follows_runs_and_plan_changes(
     await client.call(UsageOp.PLAN_SET, {"tenantId": tenant, "plan": "pro"}, tenant="ops", role="admin")
     snap = await wait_quota(js, tenant, plan="pro")
     assert (snap.plan_revision, snap.runs_used, snap.runs_limit, snap.overage_allowed) == (1, 3, 100_000, True)
-    assert await client.call(UsageOp.PLAN, tenant=tenant) == {"tenantId": tenant, "plan": "pro", "assigned": True}
+    assert snap.caps == PLANS["pro"].caps() and snap.caps.foreach_items == 1_000
+    assert await client.call(UsageOp.PLAN, tenant=tenant) == {
+        "tenantId": tenant,
+        "plan": "pro",
+        "assigned": True,
+        "limits": PLANS["pro"].wire(),
+    }
 
     # a plan whose limit is reached refuses the next run, and the snapshot says so
     await client.call(UsageOp.PLAN_SET, {"tenantId": tenant, "plan": "free"}, tenant="ops", role="admin")
@@ -278,4 +285,17 @@ async def test_plan_changes_are_for_admins_and_known_plans(client: RpcClient, te
     for bad in ({"tenantId": f"{tenant}\u0000", "plan": "pro"}, {"tenantId": tenant, "plan": "pro\u0000"}):
         with pytest.raises(InvalidInput):  # PostgreSQL text holds no NUL: a 422, not a 500
             await client.call(UsageOp.PLAN_SET, bad, tenant="ops", role="admin")
-    assert await client.call(UsageOp.PLAN, tenant=tenant) == {"tenantId": tenant, "plan": "free", "assigned": False}
+    answer = await client.call(UsageOp.PLAN, tenant=tenant)
+    assert answer == {"tenantId": tenant, "plan": "free", "assigned": False, "limits": PLANS["free"].wire()}
+
+
+@pytest.mark.parametrize("plan", sorted(PLANS))
+async def test_the_plans_table_holds_every_plans_caps_as_the_contracts_say(
+    client: RpcClient, tenant: str, plan: str
+) -> None:
+    """Migration 0004 wrote its own copy of the figures: they must be the contracts' (plans.py)."""
+    await client.call(UsageOp.PLAN_SET, {"tenantId": tenant, "plan": plan}, tenant="ops", role="admin")
+    answer = await client.call(UsageOp.PLAN, tenant=tenant)
+    assert answer["limits"] == PLANS[plan].wire()
+    quota = TenantQuota.model_validate(await client.call(UsageOp.QUOTA, tenant=tenant))
+    assert quota.caps == PLANS[plan].caps()

@@ -104,6 +104,16 @@ class QuotaView:
         answer = await self._asked.get(tenant, lambda: self._ask(tenant))
         return self._watched.get(tenant, answer)
 
+    def known(self, tenant: str) -> TenantQuota | None:
+        """The tenant's quota if already known here (watched, or answered recently), without asking.
+
+        For checks made where no round trip may wait (inside a transaction); None reads as no caps.
+        """
+        if (quota := self._watched.get(tenant)) is not None:
+            return quota
+        found, answer = self._asked.lookup(tenant)
+        return answer if found else None
+
     async def _ask(self, tenant: str) -> TenantQuota | None:
         try:
             return TenantQuota.model_validate(await self._rpc.call(UsageOp.QUOTA, tenant=tenant, timeout=ASK_TIMEOUT_S))

@@ -36,12 +36,14 @@ import pytest
 from nats.js import JetStreamContext
 
 from flowmesh.contracts.errors import NotFound
-from flowmesh.contracts.ids import new_id
+from flowmesh.contracts.ids import new_id, utcnow
 from flowmesh.contracts.models import Page, Run, StepRun
 from flowmesh.contracts.models.rpc import RunnableFlow, StartRunResult, VersionRef
+from flowmesh.contracts.models.usage import PlanCaps, TenantQuota, quota_key
+from flowmesh.contracts.streams import QUOTA_BUCKET
 from flowmesh.contracts.subjects import RunsOp
 from flowmesh.contracts.testing import Definition, runnable
-from flowmesh.runtime.nats import create_broker, stop_broker
+from flowmesh.runtime.nats import create_broker, ensure_bucket, stop_broker
 from flowmesh.runtime.rpc import Handler, RpcClient, RpcContext, RpcServer
 from flowmesh.runtime.service import ServiceRuntime
 from flowmesh.runtime.settings import BaseServiceSettings
@@ -193,6 +195,32 @@ class RunsClient:
     async def events(self, run_id: str) -> list[dict[str, Any]]:
         reply = await self.rpc.call(RunsOp.EVENTS, {"runId": run_id, "pageSize": 500}, tenant=self.tenant)
         return list(reply["items"])
+
+
+async def put_caps(js: JetStreamContext, tenant: str, caps: PlanCaps, *, plan: str = "tiny") -> None:
+    """Write ``tenant``'s ``fm_quota`` snapshot as the usage service would: a plan with ``caps``, no other limit.
+
+    Services follow the bucket with a watch: a test waits on an effect of the caps, not on this write.
+    """
+    now = utcnow()
+    quota = TenantQuota(
+        tenant_id=tenant,
+        plan=plan,
+        plan_revision=1,
+        period=now.strftime("%Y-%m"),
+        period_start=now,
+        period_end=now,
+        runs_used=0,
+        runs_limit=None,
+        runs_in_flight_limit=None,
+        flows_limit=None,
+        overage_allowed=False,
+        runs_exhausted=False,
+        updated_at=now,
+        caps=caps,
+    )
+    kv = await ensure_bucket(js, QUOTA_BUCKET, ttl_s=0)
+    await kv.put(quota_key(tenant), quota.model_dump_json(by_alias=True).encode())
 
 
 def new_tenant(prefix: str = "t") -> str:

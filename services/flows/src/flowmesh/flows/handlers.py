@@ -362,9 +362,11 @@ async def export(ref: FlowRef, ctx: RpcContext, deps: FlowsDeps) -> FlowExport:
 async def import_(doc: FlowExport, ctx: RpcContext, deps: FlowsDeps) -> dict[str, Any]:
     configs = []
     errors: list[FieldError] = []
+    quota = await _quota(ctx, deps)
     for i, t in enumerate(doc.flow.triggers):
         try:
-            configs.append(triggers.check_config(t.type, t.config))
+            configs.append(config := triggers.check_config(t.type, t.config))
+            _check_cron(quota, t.type, config)
         except InvalidInput as exc:
             errors += [FieldError(path=f"/flow/triggers/{i}{e.path}", message=e.message) for e in exc.errors or []]
     if errors:
@@ -376,9 +378,9 @@ async def import_(doc: FlowExport, ctx: RpcContext, deps: FlowsDeps) -> dict[str
         input_schema=doc.flow.input_schema,
         settings=doc.flow.settings,
     )
-    quota = await _quota(ctx, deps)
     async with deps.sessions.begin() as s:
         flow = await _new_flow(s, ctx, quota, domain.draft_values(draft), utcnow())
+        _check_trigger_room(quota, flow, 0, len(doc.flow.triggers))
         await _audit(s, ctx, "flow.created", flow, imported=True)
         created = [
             await _insert_trigger(s, ctx, flow, t.type, t.name, config, t.enabled)
@@ -415,6 +417,30 @@ async def _insert_trigger(
     return trigger.model_copy(update={"url": triggers.WEBHOOK_PATH + token if token else None, "secret": secret})
 
 
+def _cron_problems(quota: TenantQuota | None, type_: str, config: dict[str, Any]) -> list[FieldError]:
+    """A schedule that fires more often than the plan's shortest cron interval (at ``/config/cron``)."""
+    if quota is None or type_ != "schedule":
+        return []
+    problem = triggers.cron_interval_problem(config, quota.plan, quota.caps.cron_min_interval_s)
+    return [problem] if problem is not None else []
+
+
+def _check_cron(quota: TenantQuota | None, type_: str, config: dict[str, Any]) -> None:
+    if problems := _cron_problems(quota, type_, config):
+        raise InvalidInput("the schedule fires more often than the plan allows", errors=problems)
+
+
+def _check_trigger_room(quota: TenantQuota | None, flow: Flow, has: int, adding: int) -> None:
+    """403 ``quota-exceeded`` when ``adding`` triggers to the ``has`` of ``flow`` is over the plan's cap."""
+    cap = quota.caps.triggers_per_flow if quota is not None else None
+    if quota is None or cap is None or has + adding <= cap:
+        return
+    raise QuotaExceeded(
+        f"the {quota.plan} plan allows {cap} trigger{'s' if cap != 1 else ''} per flow and flow {flow.id} "
+        f"would have {has + adding}; delete a trigger or upgrade the plan"
+    )
+
+
 @router.handler(FlowsOp.TRIGGERS)
 async def list_triggers(ref: FlowRef, ctx: RpcContext, deps: FlowsDeps) -> dict[str, Any]:
     async with deps.sessions() as s:
@@ -426,8 +452,11 @@ async def list_triggers(ref: FlowRef, ctx: RpcContext, deps: FlowsDeps) -> dict[
 @router.handler(FlowsOp.TRIGGER_CREATE)
 async def create_trigger(req: TriggerCreateRequest, ctx: RpcContext, deps: FlowsDeps) -> Trigger:
     config = triggers.check_config(req.trigger.type, req.trigger.config)
+    quota = await _quota(ctx, deps)
+    _check_cron(quota, req.trigger.type, config)
     async with deps.sessions.begin() as s:
-        flow = await _flow(s, ctx, req.flow_id, lock=True)
+        flow = await _flow(s, ctx, req.flow_id, lock=True)  # the lock: one count of its triggers at a time
+        _check_trigger_room(quota, flow, await repo.count_triggers(s, tenant=ctx.tenant, flow_id=flow.id), 1)
         created = await _insert_trigger(s, ctx, flow, req.trigger.type, req.trigger.name, config, req.trigger.enabled)
     await deps.relay.publish_now()
     return created
@@ -436,6 +465,7 @@ async def create_trigger(req: TriggerCreateRequest, ctx: RpcContext, deps: Flows
 @router.handler(FlowsOp.TRIGGER_UPDATE)
 async def update_trigger(req: TriggerPatchRequest, ctx: RpcContext, deps: FlowsDeps) -> Trigger:
     patch = TriggerUpdate.model_validate(req.patch)
+    quota = await _quota(ctx, deps) if patch.config is not None else None
     async with deps.sessions.begin() as s:
         trigger = await _trigger(s, ctx, req.trigger_id)
         values: dict[str, Any] = {}
@@ -445,6 +475,7 @@ async def update_trigger(req: TriggerPatchRequest, ctx: RpcContext, deps: FlowsD
             values["enabled"] = patch.enabled
         if patch.config is not None:
             values["config"] = triggers.check_config(trigger.type, patch.config)
+            _check_cron(quota, trigger.type, values["config"])
             if trigger.type == "webhook" and values["config"].get("signed") != trigger.config.get("signed"):
                 raise InvalidInput(
                     "a webhook cannot change between signed and unsigned; create a new trigger",

@@ -200,6 +200,14 @@ async def insert_trigger(
     return _trigger((await session.execute(stmt)).mappings().one())
 
 
+async def count_triggers(session: AsyncSession, *, tenant: str, flow_id: str) -> int:
+    """How many triggers a flow has."""
+    stmt = (
+        select(func.count()).select_from(triggers).where(triggers.c.tenant_id == tenant, triggers.c.flow_id == flow_id)
+    )
+    return int((await session.execute(stmt)).scalar_one())
+
+
 async def list_triggers(session: AsyncSession, *, tenant: str, flow_id: str) -> list[Trigger]:
     """A flow's triggers, oldest first."""
     stmt = (

@@ -30,6 +30,10 @@ TOKEN_BYTES: Final = 24  # 192 bits: a webhook URL is its only credential, so at
 SECRET_BYTES: Final = 32
 FIRE_WITHIN_YEARS: Final = 9
 """A cron must match a time within this many years: February 29th is 8 years apart across 2100."""
+CRON_SAMPLES: Final = 400
+"""Firings looked at for a cron's shortest interval (:func:`shortest_gap_s`)."""
+CRON_FROM: Final = datetime(2025, 1, 1)
+"""Where :func:`shortest_gap_s` starts looking: a fixed time, so an answer never depends on the day."""
 
 
 def new_webhook_token() -> str:
@@ -67,6 +71,41 @@ def fires(expression: str, seconds_first: bool) -> bool:
     except CroniterBadDateError:
         return False
     return True
+
+
+def shortest_gap_s(expression: str, seconds_first: bool, *, within_s: float) -> float | None:
+    """The shortest time between two firings of a valid cron that fires, when under ``within_s``; else None.
+
+    A cron's times are every combination of its days, hours, minutes and seconds: the same minutes and seconds in every
+    hour it fires: the firings right after the first one show the shortest gap under an hour, and
+    :data:`CRON_SAMPLES` firings cover gaps between hours and days. Stops at the first gap under
+    ``within_s``, so a refusal is quick.
+    """
+    it = croniter(expression, CRON_FROM, max_years_between_matches=FIRE_WITHIN_YEARS, second_at_beginning=seconds_first)
+    try:
+        last = it.get_next(float)
+        for _ in range(CRON_SAMPLES):
+            at = it.get_next(float)
+            if at - last < within_s:
+                return at - last
+            last = at
+    except CroniterBadDateError:  # fires a few times, then no more within the years looked at
+        return None
+    return None
+
+
+def cron_interval_problem(config: dict[str, Any], plan: str, min_interval_s: int | None) -> FieldError | None:
+    """Why a checked schedule config fires more often than the plan allows, or None (422 at ``/config/cron``)."""
+    if min_interval_s is None or min_interval_s <= 1:
+        return None  # a cron fires at most once a second
+    cron = config["cron"]
+    gap = shortest_gap_s(cron, cron_fields(cron)[1], within_s=min_interval_s)
+    if gap is None:
+        return None
+    return FieldError(
+        path="/config/cron",
+        message=f"cron {cron!r} fires {gap:g} s apart; the {plan} plan's shortest cron interval is {min_interval_s} s",
+    )
 
 
 def check_config(trigger_type: TriggerType, config: dict[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from flowmesh.gateway.auth import JwtVerifier
 from flowmesh.gateway.cors import cors_middleware
 from flowmesh.gateway.idempotency import IN_FLIGHT_MARGIN_S, IdempotencyStore
 from flowmesh.gateway.live import Flusher, Hub
-from flowmesh.gateway.ratelimit import PlanSource, RateLimiter
+from flowmesh.gateway.ratelimit import AddressLimiter, PlanSource, RateLimiter, SocketCounts, webhooks_rate
 from flowmesh.gateway.routes import audit, catalog, docs, flows, hooks, ops, runs, secrets, triggers, usage, ws
 from flowmesh.gateway.settings import GatewaySettings
 from flowmesh.runtime.nats import NatsRefusals, create_broker, ensure_bucket, stop_broker
@@ -84,9 +84,11 @@ def create_app(settings: GatewaySettings) -> web.Application:
     )
     app[keys.SETTINGS] = settings
     app[keys.VERIFIER] = JwtVerifier(settings)
-    app[keys.LIMITER] = RateLimiter(
-        PlanSource(settings.default_plan, usage.plan_lookup(app), ttl_s=settings.plan_cache_s)
-    )
+    plans = PlanSource(settings.default_plan, usage.plan_lookup(app), ttl_s=settings.plan_cache_s)
+    app[keys.LIMITER] = RateLimiter(plans)
+    app[keys.WEBHOOK_LIMITER] = RateLimiter(plans, rate_of=webhooks_rate, what="webhook deliveries")
+    app[keys.UNKNOWN_HOOKS] = AddressLimiter(settings.webhook_unknown_per_s)
+    app[keys.WS_COUNTS] = SocketCounts()
     app[keys.SOCKETS] = set()
     app[keys.LISTENERS] = keys.Listeners()
     app[keys.DRAINING] = asyncio.Event()

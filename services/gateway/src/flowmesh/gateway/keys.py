@@ -11,7 +11,7 @@ from nats.js.kv import KeyValue
 from flowmesh.gateway.auth import JwtVerifier, Principal
 from flowmesh.gateway.idempotency import IdempotencyStore
 from flowmesh.gateway.live import Flusher, Hub
-from flowmesh.gateway.ratelimit import RateLimiter
+from flowmesh.gateway.ratelimit import AddressLimiter, RateLimiter, SocketCounts
 from flowmesh.gateway.settings import GatewaySettings
 from flowmesh.runtime.rpc import RpcClient
 
@@ -24,7 +24,13 @@ FLUSHER: Final = web.AppKey("flusher", Flusher)
 WS_TICKETS: Final = web.AppKey("ws_tickets", KeyValue)
 SOCKETS: Final = web.AppKey("sockets", set[web.WebSocketResponse])
 LIMITER: Final = web.AppKey("limiter", RateLimiter)
-"""Per-tenant request rate limits: ``await app[LIMITER].admit(tenant)`` (also for webhooks)."""
+"""Per-tenant API request rate limits: ``await app[LIMITER].admit(tenant)``; ``.plans`` answers tenants' plans."""
+WEBHOOK_LIMITER: Final = web.AppKey("webhook_limiter", RateLimiter)
+"""Per-tenant webhook rate limits, a bucket apart from the API's (the plan's ``webhooksPerSecond``)."""
+UNKNOWN_HOOKS: Final = web.AppKey("unknown_hooks", AddressLimiter)
+"""Lookups of unknown webhook tokens per client address."""
+WS_COUNTS: Final = web.AppKey("ws_counts", SocketCounts)
+"""Open WebSockets per token subject and per tenant (this replica's)."""
 IDEMPOTENCY: Final = web.AppKey("idempotency", IdempotencyStore)
 
 

@@ -3,6 +3,12 @@
 Buckets live in the replica's memory, so with N replicas behind a load balancer a tenant gets up to
 N times its plan's rate. Sharing them (a KV round trip per request) would cost more than the limit
 is worth; ``fm_quota`` snapshots from the usage service are where exact, shared limits live.
+
+The API and the webhooks have a bucket each (``requestsPerSecond``, ``webhooksPerSecond``): anyone
+who knows a webhook's URL can send to it, and must not be able to lock its tenant out of its own
+API. Lookups of webhook tokens that turn out unknown have no tenant: they are limited per client
+address (:class:`AddressLimiter`). Open WebSockets are counted per token subject and per tenant
+(:class:`SocketCounts`).
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeVar
 
 from flowmesh.contracts.errors import RateLimited
 from flowmesh.contracts.models.usage import Plan
@@ -21,9 +27,13 @@ from flowmesh.runtime.cache import TtlCache
 
 log = logging.getLogger(__name__)
 
+K = TypeVar("K")
+
 Clock = Callable[[], float]
-PlanLookup = Callable[[str], Awaitable[str]]
-"""The name of a tenant's plan (the usage service's answer, once it exists)."""
+PlanLookup = Callable[[str], Awaitable[str | Plan]]
+"""A tenant's plan: its limits as the usage service's plans table has them, or its name (read in ``PLANS``)."""
+RateOf = Callable[[Plan], int | None]
+"""Which of a plan's rates a limiter applies (None: unlimited)."""
 
 BURST_S: Final = 1.0
 """A bucket holds this many seconds of its rate: a client may send one second's worth at once."""
@@ -59,6 +69,11 @@ class TokenBucket:
             self.tokens -= 1.0
             return 0.0
         return (1.0 - self.tokens) / self.rate
+
+    def wait(self, now: float) -> float:
+        """Seconds until a token is there (0.0: there is one), taking none."""
+        self._refill(now)
+        return 0.0 if self.tokens >= 1.0 else (1.0 - self.tokens) / self.rate
 
     def is_full(self, now: float) -> bool:
         """Whether the bucket has refilled completely (forgetting it changes nothing)."""
@@ -98,7 +113,8 @@ class PlanSource:
     async def _ask(self, tenant: str) -> Plan:
         fallback = self._known.get(tenant, self._default)
         try:
-            plan = PLANS[await self._lookup(tenant)]
+            answer = await self._lookup(tenant)
+            plan = answer if isinstance(answer, Plan) else PLANS[answer]
         except Exception:
             log.warning("the plan of tenant %r is unknown; using %s", tenant, fallback.name, exc_info=True)
             return fallback
@@ -109,11 +125,30 @@ class PlanSource:
         return plan
 
 
+def _requests(plan: Plan) -> int | None:
+    return plan.requests_per_second
+
+
+def webhooks_rate(plan: Plan) -> int | None:
+    """The webhook bucket's rate of a plan."""
+    return plan.webhooks_per_second
+
+
 class RateLimiter:
     """Admits a tenant's request if its plan's bucket has a token (``high_frequency``: always)."""
 
-    def __init__(self, plans: PlanSource, *, clock: Clock = time.monotonic, burst_s: float = BURST_S) -> None:
+    def __init__(
+        self,
+        plans: PlanSource,
+        *,
+        clock: Clock = time.monotonic,
+        burst_s: float = BURST_S,
+        rate_of: RateOf = _requests,
+        what: str = "requests",
+    ) -> None:
         self.plans = plans
+        self._rate_of = rate_of
+        self._what = what
         self._clock = clock
         self._burst_s = burst_s
         self._buckets: dict[str, TokenBucket] = {}
@@ -126,7 +161,7 @@ class RateLimiter:
             RateLimited: over the plan's requests per second; ``retry_after_s`` says when to retry.
         """
         plan = await self.plans.plan_of(tenant)
-        rate = plan.requests_per_second
+        rate = self._rate_of(plan)
         if rate is None:
             return
         now = self._clock()
@@ -139,10 +174,101 @@ class RateLimiter:
         if wait > 0:
             seconds = retry_after(wait)
             raise RateLimited(
-                f"over the {plan.name} plan's {rate} requests per second; retry in {seconds} s", retry_after_s=seconds
+                f"over the {plan.name} plan's {rate} {self._what} per second; retry in {seconds} s",
+                retry_after_s=seconds,
             )
 
     def _prune(self, now: float) -> None:
         """Forget full buckets: memory stays bounded by the tenants active in the last minute."""
         self._pruned = now
         self._buckets = {t: b for t, b in self._buckets.items() if not b.is_full(now)}
+
+
+class AddressLimiter:
+    """A token bucket per client address, for what has no tenant (lookups of unknown webhook tokens).
+
+    ``check`` refuses while the address's bucket is empty; ``spend`` takes a token after the fact
+    (a lookup that found nothing), so an address sending to known webhooks never spends any.
+    """
+
+    def __init__(self, rate: float, *, clock: Clock = time.monotonic, burst_s: float = BURST_S) -> None:
+        self.rate = rate
+        self._clock = clock
+        self._burst_s = burst_s
+        self._buckets: dict[str, TokenBucket] = {}
+        self._pruned = clock()
+
+    def check(self, address: str) -> None:
+        """Raise when ``address`` has no token left (nothing is taken).
+
+        Raises:
+            RateLimited: the address looked up too many unknown tokens; ``retry_after_s`` says when to retry.
+        """
+        bucket = self._buckets.get(address)
+        if self.rate <= 0 or bucket is None:
+            return
+        wait = bucket.wait(self._clock())
+        if wait > 0:
+            seconds = retry_after(wait)
+            raise RateLimited(
+                f"too many lookups of unknown webhook URLs from this address ({self.rate:g} per second); "
+                f"retry in {seconds} s",
+                retry_after_s=seconds,
+            )
+
+    def spend(self, address: str) -> None:
+        """Take a token from ``address`` (a lookup found nothing); an empty bucket stays empty."""
+        if self.rate <= 0:
+            return
+        now = self._clock()
+        bucket = self._buckets.get(address)
+        if bucket is None:
+            bucket = self._buckets[address] = TokenBucket.full(self.rate, now, burst_s=self._burst_s)
+        bucket.take(now)
+        if now - self._pruned >= PRUNE_EVERY_S or len(self._buckets) > MAX_TENANTS:
+            self._pruned = now
+            self._buckets = {a: b for a, b in self._buckets.items() if not b.is_full(now)}
+
+
+class SocketCounts:
+    """Open WebSockets of this replica per token subject and per tenant, held within a plan's caps."""
+
+    def __init__(self) -> None:
+        self._by_subject: dict[tuple[str, str], int] = {}
+        self._by_tenant: dict[str, int] = {}
+
+    def open(self, tenant: str, subject: str, plan: Plan) -> None:
+        """Count a socket about to open; :meth:`close` it when it ends.
+
+        Raises:
+            RateLimited: the token subject or the tenant already has the plan's WebSockets open here.
+        """
+        key = (tenant, subject)
+        held, cap = self._by_subject.get(key, 0), plan.websockets_per_token
+        if cap is not None and held >= cap:
+            raise RateLimited(
+                f"this token already has {held} WebSockets open, the {plan.name} plan's cap per token; close one first",
+                retry_after_s=1,
+            )
+        held, cap = self._by_tenant.get(tenant, 0), plan.websockets_per_tenant
+        if cap is not None and held >= cap:
+            raise RateLimited(
+                f"this tenant already has {held} WebSockets open, the {plan.name} plan's cap per tenant; "
+                "close one first",
+                retry_after_s=1,
+            )
+        self._by_subject[key] = self._by_subject.get(key, 0) + 1
+        self._by_tenant[tenant] = self._by_tenant.get(tenant, 0) + 1
+
+    def close(self, tenant: str, subject: str) -> None:
+        """A socket counted by :meth:`open` ended."""
+        _down(self._by_subject, (tenant, subject))
+        _down(self._by_tenant, tenant)
+
+
+def _down(counts: dict[K, int], key: K) -> None:
+    left = counts.get(key, 0) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)

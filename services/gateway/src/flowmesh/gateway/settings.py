@@ -55,6 +55,12 @@ class GatewaySettings(BaseServiceSettings):
         description="plan of a tenant the usage service has no other answer for",
     )
     plan_cache_s: float = Field(default=60.0, ge=0, description="how long a tenant's plan is remembered")
+    webhook_unknown_per_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="lookups of unknown webhook URLs per second per client address, one second's worth at once "
+        "(over it: 429; 0: no limit)",
+    )
     drain_s: float = Field(
         default=0.0,
         ge=0,

@@ -8,7 +8,7 @@ message (``kind: child``), and the sweep covers a lost one.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -21,6 +21,9 @@ from flowmesh.runner.commands import Cancel, ChildrenEnded, Complete
 from flowmesh.runner.engine import RunRecord, RunState
 from flowmesh.runner.graph import Step
 from flowmesh.runner.outcome import Outcome
+
+LIMIT_EXCEEDED: Final = "limit-exceeded"
+"""The error type of a step that would go over one of its plan's caps (foreach items, children per run)."""
 
 if TYPE_CHECKING:
     from flowmesh.runner.shell import Runner
@@ -41,7 +44,7 @@ class ChildRuns:
             child_input = render(data.input, state.context()) if data.input is not None else {}
         except ExpressionError as exc:
             return Outcome.failure(f"step {step.id!r}: {exc}", exc.error_type)
-        failure = await self._start(state.run, step, 0, child_input)
+        failure = await self._over_caps(state.run, step, 1) or await self._start(state.run, step, 0, child_input)
         return failure or Outcome(ok=True, wait=True, input={"flowId": data.flow_id, "input": child_input})
 
     async def start_foreach(self, state: RunState, step: Step) -> Outcome:
@@ -56,11 +59,40 @@ class ChildRuns:
             return Outcome.failure(f"step {step.id!r}: items gave {type(items).__name__}, not a list", "expression")
         if not items:
             return Outcome(ok=True, output=[], input={"items": []})
+        if (refused := await self._over_caps(state.run, step, len(items))) is not None:
+            return refused
         for index in range(min(data.concurrency, len(items))):
             failure = await self._start_element(state, step, items, index)
             if failure is not None:
                 return failure
         return Outcome(ok=True, wait=True, input={"items": items})
+
+    async def _over_caps(self, run: RunRecord, step: Step, planned: int) -> Outcome | None:
+        """A ``limit-exceeded`` failure when ``planned`` more children are over the plan's caps, else None.
+
+        Checked once, when the step starts, against every item it will start (a foreach whose items
+        are over the cap starts none) and the children other steps of this attempt of the run started.
+        """
+        found = await self.runner.caps_of(run.tenant_id)
+        if found is None:
+            return None
+        plan, caps = found
+        if isinstance(step.data, ForeachData) and caps.foreach_items is not None and planned > caps.foreach_items:
+            return Outcome.failure(
+                f"step {step.id!r}: {planned} items, over the {plan} plan's cap of {caps.foreach_items} foreach items",
+                LIMIT_EXCEEDED,
+            )
+        if (cap := caps.children_per_run) is None:
+            return None
+        async with self.sessions() as s:
+            started = await repo.count_children(s, parent_run_id=run.id, retry_count=run.retry_count, but=step.id)
+        if started + planned > cap:
+            return Outcome.failure(
+                f"step {step.id!r} would start {planned} child run{'s' if planned != 1 else ''} after the {started} "
+                f"this run started: over the {plan} plan's cap of {cap} child runs per run",
+                LIMIT_EXCEEDED,
+            )
+        return None
 
     async def _start_element(self, state: RunState, step: Step, items: list[Any], index: int) -> Outcome | None:
         data = step.data

@@ -42,6 +42,7 @@ from flowmesh.contracts.models.run_events import (
 )
 from flowmesh.contracts.models.runs import FINAL_RUN_STATUSES
 from flowmesh.contracts.models.timers import DeadlinePayload
+from flowmesh.contracts.models.usage import PlanCaps
 from flowmesh.runner import builtin_steps
 from flowmesh.runner.graph import Graph, Step, StepState, retry_delay
 from flowmesh.runner.kinds import runner_for
@@ -103,6 +104,20 @@ class OutputLimits:
 
     step_bytes: int = 1024 * 1024
     run_bytes: int = 1024 * 1024
+    plan: str | None = None
+    """The plan whose caps lowered these limits (named in the error), None for the operator's own."""
+
+    def within(self, plan: str, caps: PlanCaps) -> OutputLimits:
+        """These limits (the operator's ceiling) lowered to a plan's caps, where the plan's are lower."""
+        step, run = _lower(self.step_bytes, caps.step_output_bytes), _lower(self.run_bytes, caps.run_output_bytes)
+        if (step, run) == (self.step_bytes, self.run_bytes):
+            return self
+        return OutputLimits(step, run, plan)
+
+    def over(self, size: int, limit: int) -> str:
+        """The end of the message of an output of ``size`` bytes over ``limit``."""
+        whose = f"the {self.plan} plan's limit" if self.plan is not None else "the limit"
+        return f"is {size} bytes, over {whose} of {limit} bytes"
 
     @staticmethod
     def excess(value: Any, limit: int) -> int | None:
@@ -114,6 +129,13 @@ class OutputLimits:
         except TypeError:  # not JSON: the store refuses it with its own error
             return None
         return size if size > limit else None
+
+
+def _lower(ceiling: int, cap: int | None) -> int:
+    """The smaller of an operator's limit and a plan's cap (0 and None: none)."""
+    if cap is None or cap <= 0:
+        return ceiling
+    return cap if ceiling <= 0 else min(ceiling, cap)
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,7 +379,7 @@ class RunState:
     def _finish(self, status: str, *, error: dict[str, Any] | None = None) -> None:
         output = self.graph.output(self.steps) if status == "succeeded" else None
         if (size := self.limits.excess(output, self.limits.run_bytes)) is not None:
-            message = f"the run's output is {size} bytes, over the limit of {self.limits.run_bytes} bytes"
+            message = f"the run's output {self.limits.over(size, self.limits.run_bytes)}"
             status, output, error = "failed", None, {"message": message, "stepId": None, "type": OUTPUT_TOO_LARGE}
         self.run.status = status
         self.run.completed_at = self.now
@@ -551,7 +573,7 @@ class RunState:
     def record(self, step: Step, attempt: int, outcome: Outcome) -> None:
         """Record an attempt's outcome: succeeded, retrying, or failed (handled, or failing the run)."""
         if outcome.ok and (size := self.limits.excess(outcome.output, self.limits.step_bytes)) is not None:
-            message = f"step {step.id!r}: its output is {size} bytes, over the limit of {self.limits.step_bytes} bytes"
+            message = f"step {step.id!r}: its output {self.limits.over(size, self.limits.step_bytes)}"
             outcome = Outcome(ok=False, message=message, error_type=OUTPUT_TOO_LARGE, input=outcome.input)
         if outcome.ok:
             unhandled = self._unhandled(step, outcome)

@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Table, select, update
+from sqlalchemy import Table, func, select, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import RowMapping
@@ -498,6 +498,21 @@ async def children(session: AsyncSession, *, parent_run_id: str, parent_step_id:
         Child(id=r.id, index=r.parent_index or 0, status=r.status, output=r.output, error=r.error)
         for r in (await session.execute(stmt)).all()
     ]
+
+
+async def count_children(session: AsyncSession, *, parent_run_id: str, retry_count: int, but: str) -> int:
+    """The child runs an attempt (``retry_count``) of a run started, except those of step ``but``."""
+    stmt = (
+        select(func.count())
+        .select_from(runs)
+        .where(
+            runs.c.parent_run_id == parent_run_id,
+            runs.c.parent_step_id != but,
+            # the key ChildRuns gives: child:{run}:{retry}:{step}:{index}
+            runs.c.idempotency_key.startswith(f"child:{parent_run_id}:{retry_count}:", autoescape=True),
+        )
+    )
+    return int((await session.execute(stmt)).scalar_one())
 
 
 async def open_children(session: AsyncSession, *, parent_run_id: str, parent_step_id: str | None = None) -> list[str]:

@@ -30,6 +30,7 @@ from flowmesh.contracts.ids import is_uuid, new_id, utcnow
 from flowmesh.contracts.models import FieldError, FlowVersion, Run
 from flowmesh.contracts.models.rpc import StartRun, StartRunResult
 from flowmesh.contracts.models.timers import TimerFired
+from flowmesh.contracts.models.usage import PlanCaps
 from flowmesh.contracts.models.work import StepWork
 from flowmesh.runner import repo
 from flowmesh.runner.children import ChildRuns
@@ -106,6 +107,16 @@ class Runner:
             await asyncio.wait(self._tasks, timeout=5)
         await self.timers.stop()
         await self.publisher.stop()
+
+    def output_limits(self, tenant: str) -> OutputLimits:
+        """The operator's output limits, lowered to the tenant's plan caps when known here (no round trip)."""
+        quota = self.quotas.known(tenant) if self.quotas is not None else None
+        return self.limits if quota is None else self.limits.within(quota.plan, quota.caps)
+
+    async def caps_of(self, tenant: str) -> tuple[str, PlanCaps] | None:
+        """The tenant's plan and its caps, None when nobody can say (nothing capped then, as for quotas)."""
+        quota = await self.quotas.get(tenant) if self.quotas is not None else None
+        return None if quota is None else (quota.plan, quota.caps)
 
     def forget_flow(self, tenant: str, flow_id: str) -> None:
         """A flow changed (published, rolled back, (de)activated, deleted): ask the flows service again."""
@@ -189,7 +200,7 @@ class Runner:
             parent_run_id=req.parent_run_id,
             parent_step_id=req.parent_step_id,
         )
-        state = RunState(record, self.versions.graph_of(version), {}, now, limits=self.limits)
+        state = RunState(record, self.versions.graph_of(version), {}, now, limits=self.output_limits(record.tenant_id))
         if refusal is not None:
             state.fail(refusal.detail, None, refusal.code)  # one event, run.failed: never queued, not billed
         else:
@@ -251,7 +262,13 @@ class Runner:
             if record is None:
                 raise NotFound(f"run {run_id} not found")
             graph = await self.versions.graph(s, record.flow_id, record.version)
-            state = RunState(record, graph, await repo.load_steps(s, run_id=run_id), utcnow(), limits=self.limits)
+            state = RunState(
+                record,
+                graph,
+                await repo.load_steps(s, run_id=run_id),
+                utcnow(),
+                limits=self.output_limits(record.tenant_id),
+            )
             was_final = record.final
             result = command.apply(state)
             events = await repo.save(s, state)
@@ -275,7 +292,7 @@ class Runner:
             graph = await self.versions.graph(s, record.flow_id, record.version)
             kept = {k: v for k, v in (await repo.load_steps(s, run_id=run_id)).items() if v.status == "succeeded"}
             record.retry_count = await repo.reset_for_retry(s, run_id=run_id, keep=set(kept), now=now)
-            state = RunState(record, graph, kept, now, limits=self.limits)
+            state = RunState(record, graph, kept, now, limits=self.output_limits(record.tenant_id))
             state.requeue()
             events = await repo.save(s, state)
         self.timers.send(state.timers.values())
@@ -333,7 +350,13 @@ class Runner:
             if record is None:
                 return None
             graph = await self.versions.graph(s, record.flow_id, record.version)
-            return RunState(record, graph, await repo.load_steps(s, run_id=run_id), utcnow(), limits=self.limits)
+            return RunState(
+                record,
+                graph,
+                await repo.load_steps(s, run_id=run_id),
+                utcnow(),
+                limits=self.output_limits(record.tenant_id),
+            )
 
     async def execute(self, run_id: str, step_id: str, heartbeat: Callable[[], Awaitable[None]]) -> float | None:
         """Run one attempt of a dispatched step and record it; returns a delay when it is not due yet.

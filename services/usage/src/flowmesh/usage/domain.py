@@ -34,7 +34,7 @@ from flowmesh.contracts.models.run_events import (
     StepSucceededData,
     event_data,
 )
-from flowmesh.contracts.models.usage import MAX_SECRET_BYTES, Plan, TenantQuota, UsageDay, UsageSummary
+from flowmesh.contracts.models.usage import MAX_SECRET_BYTES, Plan, PlanCaps, TenantQuota, UsageDay, UsageSummary
 
 COUNTERS: Final = (
     "runs",
@@ -50,6 +50,9 @@ COUNTERS: Final = (
     "output_tokens",
 )
 """The counters kept per tenant per day and per month (column names)."""
+
+PLAN_CAPS: Final = tuple(PlanCaps.model_fields)
+"""The caps of a plan (columns of the plans table, NULL: no cap)."""
 
 FINAL_RUN_EVENTS: Final = {
     "run.succeeded": "succeeded",
@@ -394,10 +397,19 @@ def tenant_quota(
         overage_allowed=overage,
         runs_exhausted=limit is not None and runs_used >= limit and not overage,
         updated_at=now,
+        caps=plan.caps(),
     )
 
 
-_PLAN_FIELDS: Final = ("plan", "plan_revision", "runs_limit", "runs_in_flight_limit", "flows_limit", "overage_allowed")
+_PLAN_FIELDS: Final = (
+    "plan",
+    "plan_revision",
+    "runs_limit",
+    "runs_in_flight_limit",
+    "flows_limit",
+    "overage_allowed",
+    "caps",
+)
 _COUNT_FIELDS: Final = ("period", "period_start", "period_end", "runs_used")
 
 

@@ -68,7 +68,7 @@ def _runner_only(ctx: RpcContext) -> None:
 async def plan(_: object, ctx: RpcContext, deps: UsageDeps) -> AssignedPlan:
     async with deps.sessions() as s:
         found, revision = (await deps.plans.assignments(s, [ctx.tenant]))[ctx.tenant]
-    return AssignedPlan(tenant_id=ctx.tenant, plan=found.name, assigned=revision > 0)
+    return AssignedPlan(tenant_id=ctx.tenant, plan=found.name, assigned=revision > 0, limits=found)
 
 
 @router.handler(UsageOp.PLAN_SET, guard=_admin_only)

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from flowmesh.contracts.ids import utcnow
 from flowmesh.contracts.models.audit import AuditAction, AuditEntry, AuditRead, AuditTarget, AuditTargetType
-from flowmesh.contracts.models.usage import ApiKeyInfo, FlowStats, Plan, SecretInfo, UsageDay
+from flowmesh.contracts.models.usage import ApiKeyInfo, FlowStats, Plan, PlanCaps, SecretInfo, UsageDay
 from flowmesh.runtime import audit as audit_log
 from flowmesh.usage.domain import COUNTERS, Counts, RunFact
 from flowmesh.usage.tables import (
@@ -151,6 +151,7 @@ async def load_plans(session: AsyncSession) -> dict[str, Plan]:
             overage_per_1000_runs_usd=(
                 None if r["overage_per_1000_runs_usd"] is None else float(r["overage_per_1000_runs_usd"])
             ),
+            **{cap: r[cap] for cap in PlanCaps.model_fields},
         )
         for r in rows
     }

@@ -17,7 +17,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import UUID
 
 from flowmesh.runtime.audit import audit_table
-from flowmesh.usage.domain import COUNTERS
+from flowmesh.usage.domain import COUNTERS, PLAN_CAPS
 
 SCHEMA = "usage"
 metadata = MetaData(schema=SCHEMA)
@@ -33,6 +33,8 @@ plans = Table(
     Column("runs_in_flight", Integer),
     Column("requests_per_second", Integer),
     Column("overage_per_1000_runs_usd", Numeric(12, 4)),
+    # caps per run, flow, connection and sender (P9, PlanCaps); BigInteger: byte counts
+    *(Column(cap, BigInteger) for cap in PLAN_CAPS),
 )
 
 # a tenant with a plan of its own (the others have FLOWMESH_DEFAULT_PLAN)

@@ -14,7 +14,42 @@ from flowmesh.contracts.subjects import tenant_token
 PlanName = Literal["free", "pro", "enterprise", "high_frequency"]
 
 
-class Plan(WireModel):
+class PlanCaps(WireModel):
+    """What one run, flow, connection or sender may use at most, by plan (P9); ``None``: no cap of the plan.
+
+    Every service enforces its own: the runner the children and outputs of a run, the flows service
+    the triggers of a flow, the gateway WebSockets and webhooks. A snapshot written before these
+    existed reads as no caps (what it said then).
+    """
+
+    foreach_items: int | None = Field(default=None, description="items one foreach step may iterate over")
+    children_per_run: int | None = Field(default=None, description="child runs (subflow, foreach) one run may start")
+    triggers_per_flow: int | None = Field(default=None, description="triggers of any type one flow may have")
+    cron_min_interval_s: int | None = Field(
+        default=None, description="the shortest time between two firings of a schedule trigger, in seconds"
+    )
+    websockets_per_token: int | None = Field(
+        default=None, description="live WebSockets open at once per token subject, per gateway replica"
+    )
+    websockets_per_tenant: int | None = Field(
+        default=None, description="live WebSockets open at once per tenant, per gateway replica"
+    )
+    webhooks_per_second: int | None = Field(
+        default=None, description="webhook deliveries per second per tenant (a bucket apart from the API's)"
+    )
+    step_output_bytes: int | None = Field(
+        default=None, description="largest output (JSON) a step may record; the runner's setting is the ceiling"
+    )
+    run_output_bytes: int | None = Field(
+        default=None, description="largest output (JSON) a run may end with; the runner's setting is the ceiling"
+    )
+
+    def caps(self) -> PlanCaps:
+        """These caps alone (of a :class:`Plan`: without its name and other limits)."""
+        return PlanCaps(**{name: getattr(self, name) for name in PlanCaps.model_fields})
+
+
+class Plan(PlanCaps):
     """A billing plan's limits; ``None`` means unlimited."""
 
     name: str
@@ -46,6 +81,9 @@ class AssignedPlan(TenantPlan):
     """
 
     assigned: bool
+    limits: Plan | None = Field(
+        default=None, description="the plan's row of the plans table (absent from an older usage service)"
+    )
 
 
 class UsageSummary(WireModel):
@@ -202,6 +240,7 @@ class TenantQuota(WireModel):
     overage_allowed: bool = Field(description="runs over runsLimit are billed (true) or refused (false)")
     runs_exhausted: bool = Field(description="a new run must be refused: runsUsed >= runsLimit and no overage")
     updated_at: Timestamp
+    caps: PlanCaps = Field(default_factory=PlanCaps, description="the plan's caps per run, flow and connection")
 
 
 class PlanRef(WireModel):

@@ -279,7 +279,8 @@ async def export_flow(request: web.Request) -> web.Response:
     errors=(403,),
     notes={
         201: "The new draft; webhook triggers got new URLs (and signed ones new secrets), shown here only.",
-        403: "The plan's flow limit is reached (`quota-exceeded`).",
+        403: "The plan's flow limit is reached, or the document has more triggers than the plan's triggers "
+        "per flow (`quota-exceeded`).",
     },
     body=FlowExport,
     etag=True,

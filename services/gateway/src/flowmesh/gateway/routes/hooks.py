@@ -40,7 +40,7 @@ routes = web.RouteTableDef()
     "Start a run from a webhook (no JWT: the URL's token is the credential)",
     tag="triggers",
     responses={202: RunAccepted},
-    errors=(400, 401, 403, 404, 409, 413, 415, 422),
+    errors=(400, 401, 403, 404, 409, 413, 415, 422, 429),
     notes={
         400: "A body sent as JSON that is not JSON, a form that is not UTF-8, or a malformed `webhook-id`.",
         415: "A text body in an unknown charset, or binary.",
@@ -52,6 +52,8 @@ routes = web.RouteTableDef()
         403: "The plan's monthly runs are used up (`quota-exceeded`).",
         404: "No webhook has this URL.",
         409: "The trigger is disabled, or the flow is deactivated or has no published version.",
+        429: "Over the plan's webhook deliveries per second (a bucket apart from the API's requests), or, from "
+        "one client address, too many lookups of unknown webhook URLs; retry after `Retry-After` seconds.",
     },
     description=(
         "The run's input is `{body, headers, query}`: `body` is the parsed JSON or form, else the text; "
@@ -70,7 +72,8 @@ routes = web.RouteTableDef()
 async def deliver(request: web.Request) -> web.Response:
     """Accept one delivery: 202 ``{runId}`` (the same run again for a redelivered ``webhook-id``)."""
     hook = await _hook(request, request.match_info["token"])
-    await request.app[keys.LIMITER].admit(hook.tenant_id)  # the tenant's plan limits its webhooks too
+    # a bucket of their own: a flood on a webhook URL cannot lock its tenant out of the API
+    await request.app[keys.WEBHOOK_LIMITER].admit(hook.tenant_id)
     raw = await _body(request)
     msg_id = _delivery_id(request, hook, raw)
     hook.check_accepting()
@@ -127,12 +130,17 @@ async def _hook(request: web.Request, token: str) -> Hook:
     if not webhooks.plausible_token(token):
         raise webhooks.not_found()
 
+    unknown = request.app[keys.UNKNOWN_HOOKS]
+    address = request.remote or ""
+
     async def ask() -> Hook:
+        unknown.check(address)  # an address that looked up too many unknown tokens waits (429)
         try:
             found = await request.app[keys.RPC].call(
                 FlowsOp.WEBHOOK, WebhookLookup(token=token), tenant="", traceparent=request[keys.TRACEPARENT]
             )
         except NotFound as exc:
+            unknown.spend(address)
             raise webhooks.not_found() from exc
         return Hook.of(WebhookTarget.model_validate(found))
 

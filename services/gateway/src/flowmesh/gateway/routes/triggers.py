@@ -28,11 +28,16 @@ async def list_triggers(request: web.Request) -> web.Response:
     "Add a webhook, schedule or event trigger",
     tag="triggers",
     responses={201: Trigger},
-    notes={201: "The trigger; a webhook's `url` (and a signed one's `secret`) is shown in this response only."},
+    errors=(403,),
+    notes={
+        201: "The trigger; a webhook's `url` (and a signed one's `secret`) is shown in this response only.",
+        403: "The flow has the plan's triggers per flow (`quota-exceeded`).",
+    },
     description=(
         "`config` by type: `webhook` `{signed?}`; `schedule` `{cron, timezone (IANA, default UTC), misfire "
         "(skip | fireOnce | fireAll)}`, 5 cron fields or 6 with seconds first; `event` `{eventType, filter? "
-        "(CEL)}`. A config that does not fit its type is a 422."
+        "(CEL)}`. A config that does not fit its type is a 422, and so is a cron that fires more often than "
+        "the plan's shortest cron interval."
     ),
     body=TriggerCreate,
 )

@@ -14,8 +14,10 @@ from flowmesh.contracts.models.usage import (
     ApiKeyInfo,
     ApiKeyList,
     ApiKeyRef,
+    AssignedPlan,
     FlowStats,
     FlowStatsRequest,
+    Plan,
     PlanAssignment,
     PlanRef,
     TenantPlan,
@@ -179,9 +181,11 @@ def plan_lookup(app: web.Application) -> PlanLookup:
     A tenant without a plan of its own has ``FLOWMESH_DEFAULT_PLAN``, which every service reads alike.
     """
 
-    async def lookup(tenant: str) -> str:
+    async def lookup(tenant: str) -> str | Plan:
         data = await app[keys.RPC].call(UsageOp.PLAN, tenant=tenant, role="gateway", timeout=PLAN_LOOKUP_TIMEOUT_S)
-        plan: str = data["plan"] if data.get("assigned") else app[keys.SETTINGS].default_plan
-        return plan
+        answer = AssignedPlan.model_validate(data)
+        name = answer.plan if answer.assigned else app[keys.SETTINGS].default_plan
+        # the plans table's figures when the answer is about that plan (an older usage service sends none)
+        return answer.limits if answer.limits is not None and answer.limits.name == name else name
 
     return lookup

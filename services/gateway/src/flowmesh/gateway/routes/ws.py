@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -74,9 +75,11 @@ async def create_ticket(request: web.Request) -> web.Response:
     "Live run: a snapshot, then every event (WebSocket)",
     tag="live",
     responses={101: None},
-    errors=(400, 401, 403, 404),
+    errors=(400, 401, 403, 404, 429),
     notes={
         101: "Switching to the WebSocket protocol `flowmesh.v1`.",
+        429: "The token (its subject) or the tenant already has the plan's WebSockets open on this gateway "
+        "(`websocketsPerToken`, `websocketsPerTenant`); close one, then retry.",
         400: "`after` is not an integer ≥ 0, or `Sec-WebSocket-Protocol` does not offer `flowmesh.v1`.",
         401: "No credentials, or an invalid token or ticket.",
         403: "The `Origin` is not allowed.",
@@ -106,6 +109,11 @@ async def watch_run(request: web.Request) -> web.StreamResponse:
     run_id = request.match_info["run_id"]
     run = await call(request, RunsOp.GET, RunRef(run_id=run_id))  # 404 for another tenant's run
     subject = subjects.run_events_of_run(run["tenantId"], run["flowId"], run_id)
+    async with _counted(request):
+        return await _serve_run(request, run_id, subject, after)
+
+
+async def _serve_run(request: web.Request, run_id: str, subject: str, after: int | None) -> web.WebSocketResponse:
     ws = _socket()
     watcher = _watcher(request, ws)
     hub = request.app[keys.HUB]
@@ -134,9 +142,11 @@ async def watch_run(request: web.Request) -> web.StreamResponse:
     "Live flow: every event of every run of the flow (WebSocket)",
     tag="live",
     responses={101: None},
-    errors=(400, 401, 403, 404),
+    errors=(400, 401, 403, 404, 429),
     notes={
         101: "Switching to the WebSocket protocol `flowmesh.v1`.",
+        429: "The token (its subject) or the tenant already has the plan's WebSockets open on this gateway "
+        "(`websocketsPerToken`, `websocketsPerTenant`); close one, then retry.",
         400: "`since` is not an RFC 3339 time with a zone, or `Sec-WebSocket-Protocol` does not offer `flowmesh.v1`.",
         401: "No credentials, or an invalid token or ticket.",
         403: "The `Origin` is not allowed.",
@@ -168,6 +178,11 @@ async def watch_flow(request: web.Request) -> web.StreamResponse:
     flow_id = request.match_info["flow_id"]
     await call(request, FlowsOp.GET, FlowRef(flow_id=flow_id))  # 404 for another tenant's flow
     subject = subjects.run_events_of_flow(request[keys.PRINCIPAL].tenant, flow_id)
+    async with _counted(request):
+        return await _serve_flow(request, subject, since)
+
+
+async def _serve_flow(request: web.Request, subject: str, since: datetime | None) -> web.WebSocketResponse:
     ws = _socket()
     watcher = _watcher(request, ws)
     hub = request.app[keys.HUB]
@@ -229,6 +244,19 @@ async def _redeem(request: web.Request, ticket: str) -> Principal:
     if value.get("exp", 0) < datetime.now(UTC).timestamp():
         raise Unauthorized("the ticket has expired; get a new one")
     return Principal(sub=value["sub"], tenant=value["tenant"], role=value["role"])
+
+
+@contextlib.asynccontextmanager
+async def _counted(request: web.Request) -> AsyncIterator[None]:
+    """Hold one of the plan's WebSockets of the token's subject and of the tenant (429, before upgrading, if none)."""
+    principal = request[keys.PRINCIPAL]
+    plan = await request.app[keys.LIMITER].plans.plan_of(principal.tenant)
+    counts = request.app[keys.WS_COUNTS]
+    counts.open(principal.tenant, principal.sub, plan)
+    try:
+        yield
+    finally:
+        counts.close(principal.tenant, principal.sub)
 
 
 def _socket() -> web.WebSocketResponse:

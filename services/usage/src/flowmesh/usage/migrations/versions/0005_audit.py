@@ -1,7 +1,7 @@
 """The audit log of provider keys, plans and secrets: append-only (a trigger refuses UPDATE, DELETE and TRUNCATE).
 
 Revision ID: 0005
-Revises: 0003
+Revises: 0004
 """
 
 import sqlalchemy as sa
@@ -9,7 +9,7 @@ from alembic import op
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 
 revision = "0005"
-down_revision = "0003"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
