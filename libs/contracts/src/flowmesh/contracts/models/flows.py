@@ -167,7 +167,9 @@ class ValidationReport(WireModel):
     errors: list[FieldError] = Field(default_factory=list)
     warnings: list[FieldError] = Field(
         default_factory=list,
-        description="Allowed but ill-advised (a literal credential in an http step): never stops publishing.",
+        exclude_if=_no_warnings,
+        description="Only when there are any: what is allowed but ill-advised (a literal credential in an http "
+        "step); never stops publishing.",
     )
 
 
