@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +100,9 @@ def owned(victim: httpx.Client) -> dict[str, str]:
     wait_run(victim, run_id, until=("waiting",))
     secret = f"VICTIM_{uuid.uuid4().hex[:8].upper()}"
     assert victim.post("/secrets", json={"name": secret, "value": "s3cr3t-value-of-the-victim"}).status_code == 201
-    assert victim.post("/api-keys", json={"provider": "openai", "apiKey": "sk-victim-0123456789abcdef"}).status_code == 201
+    assert (
+        victim.post("/api-keys", json={"provider": "openai", "apiKey": "sk-victim-0123456789abcdef"}).status_code == 201
+    )
     return {
         "flowId": flow_id,
         "runId": run_id,
