@@ -22,7 +22,7 @@ from flowmesh.contracts.expressions import ExpressionError, render
 from flowmesh.contracts.models.definition import HttpData, LlmData, PublishData
 from flowmesh.contracts.models.usage import KEYS_REVEAL_ROLE, RevealedKey, RevealKey
 from flowmesh.contracts.subjects import UsageOp, out_message
-from flowmesh.runner.addresses import forbidden_address
+from flowmesh.runner.addresses import forbidden_address, legacy_ipv4
 from flowmesh.runner.llm import base_url, build_request, read_completion, redact
 from flowmesh.runner.outcome import Outcome
 from flowmesh.runner.urls import render_url, same_origin, without_credentials
@@ -203,6 +203,13 @@ class HttpStep:
         if parsed.scheme not in ("http", "https"):
             raise UnsupportedUrl(f"only http and https URLs can be called, not {parsed.scheme!r}")
         host = parsed.host or ""
+        legacy = legacy_ipv4(host)
+        if legacy is not None:
+            if not self.allow_private and forbidden_address(str(legacy)):
+                raise PrivateAddressError(
+                    f"{host} ({legacy}) is a private address; http and llm steps may not reach it"
+                )
+            raise UnsupportedUrl(f"{host} is not a canonical IPv4 address; write it as {legacy}")
         if self.allow_private:
             return
         try:
