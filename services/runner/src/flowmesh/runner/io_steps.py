@@ -45,6 +45,10 @@ class ResponseTooLarge(ValueError):
     """A response body over the cap (reading stopped there)."""
 
 
+class TooManyRedirects(ValueError):
+    """More than :data:`MAX_REDIRECTS` redirects (a loop, most likely)."""
+
+
 class GuardedResolver(AbstractResolver):
     """Resolves names but refuses private targets: checked at connect time, so DNS rebinding cannot slip past."""
 
@@ -122,6 +126,8 @@ class HttpStep:
             return _with_input(Outcome.failure(str(exc), "forbidden-address"), request)
         except UnsupportedUrl as exc:
             return _with_input(Outcome.failure(str(exc), "configuration"), request)
+        except TooManyRedirects as exc:
+            return _with_input(Outcome.failure(str(exc), "too-many-redirects"), request)
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             if refused := _refused(exc):
                 return _with_input(Outcome.failure(str(refused), "forbidden-address"), request)
@@ -179,7 +185,7 @@ class HttpStep:
                 if len(raw) > self.max_bytes:
                     return resp.status, kept, _TooLarge()
                 return resp.status, kept, _decode(raw, resp.content_type)
-        raise aiohttp.TooManyRedirects(request_info=None, history=(), message="too many redirects")  # type: ignore[arg-type]
+        raise TooManyRedirects(f"{origin} redirected more than {MAX_REDIRECTS} times")
 
     async def post_json(self, url: str, body: Any, headers: Mapping[str, str]) -> tuple[int, bytes]:
         """One POST of a JSON body, redirects not followed: the status and the body.
