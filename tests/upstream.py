@@ -38,6 +38,7 @@ class Upstream:
                         "path": self.path,
                         "method": self.command,
                         "key": self.headers.get("Idempotency-Key"),
+                        "authorization": self.headers.get("Authorization"),
                         "body": body.decode(),
                     }
                 )
