@@ -12,9 +12,11 @@ line it cannot parse, a refused WebSocket handshake, a webhook) carries ``nosnif
 ``frame-ancestors 'none'`` policy and a ``Server`` that names no library, and none shows a
 traceback; CORS echoes only the exact allowed origin, never ``*``, never with credentials, and
 refuses other origins' preflights and WebSocket handshakes; production defaults put ``/metrics`` on
-the health port; each service refuses to start in production with a placeholder or short secret,
+the health port; the gateway refuses to start in production with a short or missing JWT secret,
 without echoing it. Deeper tests: ``tests/e2e/test_gateway_rules.py`` (the docs page's CSP, CORS
-preflights), ``test_gateway_placement.py`` (``FLOWMESH_GATEWAY_METRICS``/``DOCS`` on each port).
+preflights), ``test_gateway_placement.py`` (``FLOWMESH_GATEWAY_METRICS``/``DOCS`` on each port),
+``tests/security/test_nats_permissions.py`` (production refuses placeholder NATS passwords and
+vault secrets).
 """
 
 from __future__ import annotations
@@ -187,8 +189,6 @@ NATS_OK = {"FLOWMESH_NATS_USER": "svc", "FLOWMESH_NATS_PASSWORD": secrets.token_
     [
         ("gateway", {**NATS_OK, "FLOWMESH_JWT_SECRET": WEAK}, "FLOWMESH_JWT_SECRET"),
         ("gateway", {**NATS_OK}, "FLOWMESH_JWT_SECRET"),
-        ("usage", {**NATS_OK, "FLOWMESH_USAGE_KEYS_SECRET": WEAK}, "FLOWMESH_USAGE_KEYS_SECRET"),
-        ("flows", {"FLOWMESH_NATS_USER": "flows", "FLOWMESH_NATS_PASSWORD": "changeme"}, "FLOWMESH_NATS_PASSWORD"),
     ],
 )
 def test_production_refuses_to_start_with_a_weak_or_missing_secret(
