@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
+import hmac
 import os
 import signal
 import subprocess
@@ -12,11 +15,16 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
 import jwt
+import pytest
 from sqlalchemy.engine import make_url
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import ClientConnection, connect
 
 from flowmesh.cli.embedded import free_port, start_nats
 from flowmesh.contracts.testing import chain as chain  # re-exported: the e2e tests and the bench import it from here
@@ -260,3 +268,44 @@ def isolated_stack(
             remove_database(database_url, db_name)
     finally:
         nats_server.stop()
+
+
+def bearer(c: httpx.Client) -> str:
+    """The token a client made by :meth:`ProcessStack.client` sends."""
+    return str(c.headers["Authorization"]).removeprefix("Bearer ")
+
+
+def ws_url(stack: ProcessStack, path: str) -> str:
+    return "ws://" + urlsplit(stack.base).netloc + path
+
+
+def open_ws(stack: ProcessStack, path: str, c: httpx.Client | None, **kw: Any) -> ClientConnection:
+    """A WebSocket to ``path``, authenticated with ``c``'s token (subprotocol ``bearer.<token>``) if given."""
+    protocols = ["flowmesh.v1", "bearer." + bearer(c)] if c is not None else ["flowmesh.v1"]
+    return connect(ws_url(stack, path), subprotocols=protocols, open_timeout=10, **kw)  # type: ignore[arg-type]
+
+
+def refused(stack: ProcessStack, path: str, protocols: list[str], **kw: Any) -> int:
+    """The HTTP status of a WebSocket handshake the gateway refuses (it must not upgrade)."""
+    with pytest.raises(InvalidStatus) as exc:
+        connect(ws_url(stack, path), subprotocols=protocols, open_timeout=10, **kw)  # type: ignore[arg-type]
+    return exc.value.response.status_code
+
+
+def std_sign(secret: str, msg_id: str, ts: int, body: bytes) -> str:
+    """``v1,<base64 HMAC-SHA256(key, "{id}.{ts}.{body}")>`` with the key behind ``whsec_`` (Standard Webhooks)."""
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    mac = hmac.new(key, f"{msg_id}.{ts}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(mac).decode()
+
+
+def signed_headers(secret: str, body: bytes, *, msg_id: str | None = None, ts: int | None = None) -> dict[str, str]:
+    """The headers of a webhook delivery signed with ``secret``."""
+    msg_id = msg_id or f"msg_{uuid.uuid4().hex}"
+    ts = int(time.time()) if ts is None else ts
+    return {
+        "content-type": "application/json",
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(ts),
+        "webhook-signature": std_sign(secret, msg_id, ts, body),
+    }

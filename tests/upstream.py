@@ -8,6 +8,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from aiohttp import web
 
@@ -16,6 +17,10 @@ class Upstream:
     """A local HTTP server that fails a given number of times per path, recording every request.
 
     ``/hold/<name>`` answers once :meth:`release` is called with that name (at most after 30 s).
+    Misbehaving answers, for clients that must not trust them: ``/redirect?to=<url>`` (302 there),
+    ``/loop/<n>`` (302 to ``/loop/<n+1>``, for ever), ``/html`` (an HTML page), ``/badjson``
+    (``application/json`` that is not JSON), ``/endless`` (a body that never ends), ``/trickle``
+    (a byte every 200 ms, for up to 30 s) and ``/template`` (JSON holding template expressions).
     """
 
     def __init__(self) -> None:
@@ -33,10 +38,13 @@ class Upstream:
                         "path": self.path,
                         "method": self.command,
                         "key": self.headers.get("Idempotency-Key"),
+                        "authorization": self.headers.get("Authorization"),
                         "body": body.decode(),
                     }
                 )
                 path = self.path.split("?")[0]
+                if self._misbehave(path):
+                    return
                 if path == "/big":
                     self._send(200, {"blob": "x" * (2 * 1024 * 1024)})
                 elif path.startswith("/sleep/"):
@@ -52,6 +60,53 @@ class Upstream:
                     self._send(503, {"error": "try again"})
                 else:
                     self._send(200, {"id": 7, "path": self.path, "echo": body.decode() or None})
+
+            def _misbehave(self, path: str) -> bool:
+                if path == "/redirect":
+                    to = parse_qs(urlsplit(self.path).query)["to"][0]
+                    return self._raw(302, b"", "text/plain", {"Location": to})
+                if path.startswith("/loop/"):
+                    n = int(path.rsplit("/", 1)[1])
+                    return self._raw(302, b"", "text/plain", {"Location": f"/loop/{n + 1}"})
+                if path == "/html":
+                    return self._raw(200, b"<html><body>not an API</body></html>", "text/html")
+                if path == "/badjson":
+                    return self._raw(200, b'{"truncated": [1, 2', "application/json")
+                if path == "/template":
+                    text = "{{ secrets.DB_PASSWORD }} {{ input.v }} {{ 6 * 7 }}"
+                    return self._raw(200, json.dumps({"text": text}).encode(), "application/json")
+                if path == "/endless":
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.end_headers()
+                    return self._stream(b"x" * 65536, 0, 800)  # 50 MiB at most
+                if path == "/trickle":
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", "1000")
+                    self.end_headers()
+                    return self._stream(b" ", 0.2, 150)
+                return False
+
+            def _stream(self, chunk: bytes, pause: float, times: int) -> bool:
+                try:
+                    for _ in range(times):
+                        self.wfile.write(chunk)
+                        self.wfile.flush()
+                        time.sleep(pause)
+                except OSError:
+                    pass  # the client gave up, as it should
+                return True
+
+            def _raw(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> bool:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(body)
+                return True
 
             def _send(self, status: int, payload: Any) -> None:
                 data = json.dumps(payload).encode()

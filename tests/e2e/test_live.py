@@ -7,14 +7,13 @@ import json
 import socket
 import time
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from websockets.exceptions import ConnectionClosed, InvalidStatus
-from websockets.sync.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection
 
-from stack import ProcessStack, chain, publish_flow, wait_run
+from stack import ProcessStack, bearer, chain, open_ws, publish_flow, refused, wait_run
 
 T = {"id": "start", "type": "trigger", "data": {}}
 APPROVAL = {
@@ -30,19 +29,6 @@ APPROVAL = {
         {"id": "e3", "source": "a", "target": "b"},
     ],
 }
-
-
-def bearer(c: httpx.Client) -> str:
-    return str(c.headers["Authorization"]).removeprefix("Bearer ")
-
-
-def ws_url(stack: ProcessStack, path: str) -> str:
-    return "ws://" + urlsplit(stack.base).netloc + path
-
-
-def open_ws(stack: ProcessStack, path: str, c: httpx.Client | None, **kw: Any) -> ClientConnection:
-    protocols = ["flowmesh.v1", "bearer." + bearer(c)] if c is not None else ["flowmesh.v1"]
-    return connect(ws_url(stack, path), subprotocols=protocols, open_timeout=10, **kw)  # type: ignore[arg-type]
 
 
 def receive(ws: ClientConnection, timeout: float = 15) -> dict[str, Any]:
@@ -63,12 +49,6 @@ def events_until_final(ws: ClientConnection) -> list[dict[str, Any]]:
 def history(c: httpx.Client, run_id: str) -> list[dict[str, Any]]:
     items: list[dict[str, Any]] = c.get(f"/runs/{run_id}/events", params={"pageSize": 1000}).json()["items"]
     return items
-
-
-def refused(stack: ProcessStack, path: str, protocols: list[str], **kw: Any) -> int:
-    with pytest.raises(InvalidStatus) as exc:
-        connect(ws_url(stack, path), subprotocols=protocols, open_timeout=10, **kw)  # type: ignore[arg-type]
-    return exc.value.response.status_code
 
 
 def test_snapshot_then_live_events_with_no_gap_or_duplicate(stack: ProcessStack, alice: httpx.Client) -> None:

@@ -7,8 +7,6 @@ the gateway's own code), so a wrong reading of the scheme in the gateway cannot 
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import time
 import uuid
 from typing import Any
@@ -16,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from stack import wait_run
+from stack import signed_headers, std_sign, wait_run
 
 PROBLEM = "application/problem+json"
 JSON = {"content-type": "application/json"}
@@ -27,24 +25,6 @@ ECHO = {
     ],
     "edges": [{"id": "e", "source": "start", "target": "echo"}],
 }
-
-
-def std_sign(secret: str, msg_id: str, ts: int, body: bytes) -> str:
-    """``v1,<base64 HMAC-SHA256(key, "{id}.{ts}.{body}")>`` with the key behind ``whsec_``."""
-    key = base64.b64decode(secret.removeprefix("whsec_"))
-    mac = hmac.new(key, f"{msg_id}.{ts}.".encode() + body, hashlib.sha256).digest()
-    return "v1," + base64.b64encode(mac).decode()
-
-
-def signed_headers(secret: str, body: bytes, *, msg_id: str | None = None, ts: int | None = None) -> dict[str, str]:
-    msg_id = msg_id or f"msg_{uuid.uuid4().hex}"
-    ts = int(time.time()) if ts is None else ts
-    return {
-        "content-type": "application/json",
-        "webhook-id": msg_id,
-        "webhook-timestamp": str(ts),
-        "webhook-signature": std_sign(secret, msg_id, ts, body),
-    }
 
 
 def problem(r: httpx.Response, status: int) -> dict[str, Any]:

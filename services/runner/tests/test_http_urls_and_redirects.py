@@ -165,3 +165,12 @@ async def test_another_port_or_host_name_is_another_origin(step: HttpStep, first
     outcome = await step.run(HttpData(url=first.url + "/to-name", headers=CREDENTIALS), {}, "r:s")
     assert outcome.ok and first.seen[1]["path"] == "/named"
     assert "Authorization" not in first.seen[1]["headers"]
+
+
+async def test_a_redirect_loop_is_a_failure_after_five_redirects(step: HttpStep, first: Recorder) -> None:
+    """Not an exception out of the step: that made the step message fail and come back for ever."""
+    first.redirects.update({"/a": "/b", "/b": "/a"})
+    outcome = await step.run(HttpData(url=first.url + "/a"), {}, "r:s")
+    assert not outcome.ok and outcome.error_type == "too-many-redirects" and not outcome.retryable
+    assert "more than 5 times" in str(outcome.message)
+    assert len(first.seen) == 6  # the request and five redirects

@@ -168,3 +168,17 @@ async def test_the_resolver_passes_globally_reachable_addresses(
 async def test_a_refused_address_written_in_the_url_is_not_called(guarded: HttpStep, host: str) -> None:
     outcome = await guarded.run(HttpData(url=f"http://{host}/"), {}, "r:s")
     assert not outcome.ok and outcome.error_type == "forbidden-address"
+
+
+@pytest.mark.parametrize("host", ["2130706433", "017700000001", "127.1", "0177.0.0.01", "10.1", "0"])
+async def test_a_refused_address_in_a_legacy_numeric_form_is_a_forbidden_address(guarded: HttpStep, host: str) -> None:
+    """libc reads these forms as IPv4 addresses and aiohttp refuses to connect to them: the guard names them."""
+    outcome = await guarded.run(HttpData(url=f"http://{host}:8080/"), {}, "r:s")
+    assert not outcome.ok and outcome.error_type == "forbidden-address", outcome.message
+    assert not outcome.retryable
+
+
+async def test_a_public_address_in_a_legacy_numeric_form_is_a_configuration_error(guarded: HttpStep) -> None:
+    outcome = await guarded.run(HttpData(url="http://134744072/"), {}, "r:s")  # 8.8.8.8
+    assert not outcome.ok and outcome.error_type == "configuration" and not outcome.retryable
+    assert "8.8.8.8" in str(outcome.message)

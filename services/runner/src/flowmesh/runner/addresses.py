@@ -17,6 +17,7 @@ Everything else in the IPv6 space is reserved, unassigned, unique-local, link-lo
 from __future__ import annotations
 
 import ipaddress
+import socket
 from typing import Final
 
 _V4 = ipaddress.IPv4Network
@@ -90,6 +91,25 @@ def forbidden_address(address: str) -> bool:
     if bare not in GLOBAL_UNICAST_V6:
         return True
     return any(bare in n for n in REFUSED_V6) and not any(bare in n for n in ALLOWED_V6)
+
+
+def legacy_ipv4(host: str) -> ipaddress.IPv4Address | None:
+    """The IPv4 address a legacy numeric host means (``2130706433``, ``127.1``, ``0177.0.0.01``), else None.
+
+    libc still reads these forms (``inet_aton``) while aiohttp refuses to connect to a host of digits
+    and dots that is not four decimal numbers: the guard must judge the address, not the spelling.
+    None for a canonical address and for anything that is not digits and dots (a name, IPv6).
+    """
+    if not host or not host.replace(".", "").isdigit():
+        return None
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return None
+    return None  # canonical: judged as written
 
 
 def _forbidden_v4(ip: ipaddress.IPv4Address) -> bool:

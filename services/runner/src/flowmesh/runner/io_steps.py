@@ -22,7 +22,7 @@ from flowmesh.contracts.expressions import ExpressionError, render
 from flowmesh.contracts.models.definition import HttpData, LlmData, PublishData
 from flowmesh.contracts.models.usage import KEYS_REVEAL_ROLE, RevealedKey, RevealKey
 from flowmesh.contracts.subjects import UsageOp, out_message
-from flowmesh.runner.addresses import forbidden_address
+from flowmesh.runner.addresses import forbidden_address, legacy_ipv4
 from flowmesh.runner.llm import base_url, build_request, read_completion, redact
 from flowmesh.runner.outcome import Outcome
 from flowmesh.runner.urls import render_url, same_origin, without_credentials
@@ -43,6 +43,10 @@ class UnsupportedUrl(ValueError):
 
 class ResponseTooLarge(ValueError):
     """A response body over the cap (reading stopped there)."""
+
+
+class TooManyRedirects(ValueError):
+    """More than :data:`MAX_REDIRECTS` redirects (a loop, most likely)."""
 
 
 class GuardedResolver(AbstractResolver):
@@ -122,6 +126,8 @@ class HttpStep:
             return _with_input(Outcome.failure(str(exc), "forbidden-address"), request)
         except UnsupportedUrl as exc:
             return _with_input(Outcome.failure(str(exc), "configuration"), request)
+        except TooManyRedirects as exc:
+            return _with_input(Outcome.failure(str(exc), "too-many-redirects"), request)
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             if refused := _refused(exc):
                 return _with_input(Outcome.failure(str(refused), "forbidden-address"), request)
@@ -179,7 +185,7 @@ class HttpStep:
                 if len(raw) > self.max_bytes:
                     return resp.status, kept, _TooLarge()
                 return resp.status, kept, _decode(raw, resp.content_type)
-        raise aiohttp.TooManyRedirects(request_info=None, history=(), message="too many redirects")  # type: ignore[arg-type]
+        raise TooManyRedirects(f"{origin} redirected more than {MAX_REDIRECTS} times")
 
     async def post_json(self, url: str, body: Any, headers: Mapping[str, str]) -> tuple[int, bytes]:
         """One POST of a JSON body, redirects not followed: the status and the body.
@@ -203,6 +209,13 @@ class HttpStep:
         if parsed.scheme not in ("http", "https"):
             raise UnsupportedUrl(f"only http and https URLs can be called, not {parsed.scheme!r}")
         host = parsed.host or ""
+        legacy = legacy_ipv4(host)
+        if legacy is not None:
+            if not self.allow_private and forbidden_address(str(legacy)):
+                raise PrivateAddressError(
+                    f"{host} ({legacy}) is a private address; http and llm steps may not reach it"
+                )
+            raise UnsupportedUrl(f"{host} is not a canonical IPv4 address; write it as {legacy}")
         if self.allow_private:
             return
         try:

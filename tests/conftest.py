@@ -1,4 +1,4 @@
-"""One stack of service processes for the end-to-end tests."""
+"""One stack of service processes for the whole session: the end-to-end and the security tests share it."""
 
 from __future__ import annotations
 
