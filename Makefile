@@ -13,7 +13,7 @@ export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
 .DEFAULT_GOAL := help
-.PHONY: help install run cluster test bench lint typecheck fmt token openapi nats-config clean
+.PHONY: help install node run cluster test bench lint typecheck fmt token openapi nats-config clean
 
 help: ## Show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -29,13 +29,19 @@ $(VENV)/.installed: $(UV) pyproject.toml $(MEMBERS)
 
 install: $(VENV)/.installed ## Create the virtualenv and install the workspace
 
+node_modules/.installed: package.json
+	npm install --no-package-lock --no-audit --no-fund --ignore-scripts
+	@touch $@
+
+node: node_modules/.installed ## Node tools the tests use (JavaScript integrator examples, AsyncAPI parser), from npm
+
 run: install ## Start the whole mesh (embedded NATS + PostgreSQL, five services); Ctrl-C stops it
 	$(BIN)/flowmesh dev
 
 cluster: install ## The distributed shape, no Docker: 3 NATS nodes, PostgreSQL, 2 replicas of each service, a front
 	$(BIN)/flowmesh cluster
 
-test: install ## Run the whole test suite (starts its own NATS and PostgreSQL)
+test: install node ## Run the whole test suite (starts its own NATS and PostgreSQL)
 	$(BIN)/pytest
 
 bench: install ## Benchmarks against their targets (prints figures, writes bench/results/*.json)
