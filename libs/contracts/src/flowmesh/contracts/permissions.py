@@ -210,6 +210,8 @@ def service_permissions() -> dict[str, Permissions]:
     return {
         "gateway": _service(
             "gateway",
+            # POST /api/v1/events/{eventType}: the tenant's events, published as an integrator would
+            publishes=[subjects.EVENTS_ALL],
             # webhook lookups are cached per replica and dropped on every flow announcement
             subscribes=[subjects.FLOWS_EVENTS_ALL],
             js=[

@@ -15,7 +15,10 @@ PREFIX: Final = "fm"
 """Root of every Flowmesh subject."""
 
 _SAFE_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_SAFE_DOTTED = re.compile(r"[A-Za-z0-9_-]{1,64}(\.[A-Za-z0-9_-]{1,64})*")
+SUBJECT_PART_PATTERN: Final = r"[A-Za-z0-9_-]{1,64}(\.[A-Za-z0-9_-]{1,64})*"
+"""A user-given subject part (``eventType``, ``publish`` name): safe tokens joined by dots, at most 255 long."""
+SUBJECT_PART_MAX: Final = 255
+_SAFE_DOTTED = re.compile(SUBJECT_PART_PATTERN)
 _HASHED_PREFIX: Final = "_h"
 
 
@@ -26,7 +29,7 @@ def is_safe_token(value: str) -> bool:
 
 def is_safe_subject_part(value: str) -> bool:
     """Whether a user-given subject part (``eventType``, ``publish`` name) is safe: tokens joined by dots."""
-    return _SAFE_DOTTED.fullmatch(value) is not None and len(value) <= 255
+    return _SAFE_DOTTED.fullmatch(value) is not None and len(value) <= SUBJECT_PART_MAX
 
 
 def tenant_token(tenant_id: str) -> str:

@@ -16,7 +16,7 @@ from flowmesh.gateway.cors import cors_middleware
 from flowmesh.gateway.idempotency import IN_FLIGHT_MARGIN_S, IdempotencyStore
 from flowmesh.gateway.live import Flusher, Hub
 from flowmesh.gateway.ratelimit import AddressLimiter, PlanSource, RateLimiter, SocketCounts, webhooks_rate
-from flowmesh.gateway.routes import audit, catalog, docs, flows, hooks, ops, runs, secrets, triggers, usage, ws
+from flowmesh.gateway.routes import audit, catalog, docs, events, flows, hooks, ops, runs, secrets, triggers, usage, ws
 from flowmesh.gateway.settings import GatewaySettings
 from flowmesh.runtime.nats import NatsRefusals, create_broker, ensure_bucket, stop_broker
 from flowmesh.runtime.rpc import RpcClient
@@ -36,6 +36,7 @@ async def _nats(app: web.Application) -> AsyncIterator[None]:
         app[keys.BROKER] = broker
         app[keys.RPC] = RpcClient(broker, timeout=settings.rpc_timeout_s)
         js = broker.connection.jetstream()
+        app[keys.JETSTREAM] = js
         app[keys.HUB] = Hub(js)
         replicas = settings.stream_replicas
         app[keys.WS_TICKETS] = await ensure_bucket(js, WS_TICKETS_BUCKET, ttl_s=WS_TICKET_TTL_S, replicas=replicas)
@@ -105,6 +106,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app.add_routes(usage.routes)
     app.add_routes(audit.routes)
     app.add_routes(secrets.routes)
+    app.add_routes(events.routes)
     app.add_routes(ws.routes)
     app.add_routes(docs.routes)
     hooks.setup(app)

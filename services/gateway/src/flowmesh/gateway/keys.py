@@ -6,6 +6,7 @@ from typing import Final
 
 from aiohttp import web
 from faststream.nats import NatsBroker
+from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from flowmesh.gateway.auth import JwtVerifier, Principal
@@ -18,6 +19,8 @@ from flowmesh.runtime.rpc import RpcClient
 SETTINGS: Final = web.AppKey("settings", GatewaySettings)
 BROKER: Final = web.AppKey("broker", NatsBroker)
 RPC: Final = web.AppKey("rpc", RpcClient)
+JETSTREAM: Final = web.AppKey("jetstream", JetStreamContext)
+"""Publishes what the gateway sends to streams itself (events of ``POST /api/v1/events/{eventType}``)."""
 VERIFIER: Final = web.AppKey("verifier", JwtVerifier)
 HUB: Final = web.AppKey("hub", Hub)
 FLUSHER: Final = web.AppKey("flusher", Flusher)

@@ -149,6 +149,16 @@ class RunAccepted(WireModel):
     run_id: str
 
 
+class EventAccepted(WireModel):
+    """``202`` of ``POST /events/{eventType}``: the event is in the ``EVENTS`` stream under this id.
+
+    The id is also the message's ``Nats-Msg-Id``; a request repeated with the same ``Idempotency-Key``
+    gets the same id, and JetStream keeps one copy of the event.
+    """
+
+    event_id: str
+
+
 class RunRetry(WireModel):
     """Body of ``POST /runs/{id}/retry``."""
 

@@ -12,6 +12,7 @@ from typing import Any, Final
 
 from flowmesh.contracts.models.base import MAX_INT4
 from flowmesh.contracts.models.ws import BEARER_PREFIX, SUBPROTOCOL
+from flowmesh.contracts.subjects import SUBJECT_PART_MAX, SUBJECT_PART_PATTERN
 from flowmesh.gateway.openapi.operation import JsonSchema
 
 ASCII: Final = r"^[\x20-\x7E]*$"
@@ -38,6 +39,12 @@ PATH_PARAMS: Final[Mapping[str, tuple[str, JsonSchema, str]]] = {
         "name",
         {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]{0,63}$"},
         "The secret's name, as steps read it: `{{ secrets.NAME }}`.",
+    ),
+    "event_type": (
+        "eventType",
+        {"type": "string", "maxLength": SUBJECT_PART_MAX, "pattern": f"^{SUBJECT_PART_PATTERN}$"},
+        "The event's type, as `event` triggers and `waitEvent` steps name it: tokens of `A-Z a-z 0-9 _ -` "
+        "(1 to 64 characters each) joined by dots.",
     ),
     "tenant_id": (
         "tenantId",
@@ -88,6 +95,7 @@ TAGS: Final = (
     {"name": "live", "description": "Runs as they happen, over WebSocket."},
     {"name": "usage", "description": "Metered usage against the plan, billing export, plans and stored provider keys."},
     {"name": "audit", "description": "Who created, changed, published or deleted what, and when (append-only)."},
+    {"name": "events", "description": "External events, as integrators publish them on `fm.events` (NATS)."},
     {"name": "secrets", "description": "Named secrets `http` and `llm` steps read as `{{ secrets.NAME }}`."},
     {"name": "operations", "description": "Health, readiness, metrics and this documentation."},
 )
