@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import subprocess
 import time
+import urllib.request
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -12,8 +18,12 @@ import httpx
 import nats
 from nats.js.errors import NotFoundError
 
+from flowmesh.cli.embedded import free_port, nats_server_binary
+from flowmesh.cli.natsconf import password_var, render_auth_config
+from flowmesh.contracts.permissions import SERVICES, integrator_user
 from flowmesh.contracts.streams import EVENTS, RUNNER_EVENTS
 from flowmesh.contracts.subjects import PREFIX, tenant_token
+from stack import ProcessStack
 
 T = {"id": "start", "type": "trigger", "data": {}}
 
@@ -140,3 +150,60 @@ def runs_of(c: httpx.Client, flow_id: str, *, at_least: int, timeout: float = 20
             return items
         assert time.monotonic() < deadline, f"{len(items)} runs of {flow_id} after {timeout}s: {items}"
         time.sleep(0.05)
+
+
+@dataclass
+class LockedNats:
+    """A nats-server whose only users are those of ``flowmesh nats-config`` (no anonymous connections)."""
+
+    url: str
+    passwords: dict[str, str]
+
+
+@contextlib.contextmanager
+def locked_nats(root: Path, integrators: tuple[str, ...]) -> Iterator[LockedNats]:
+    """A nats-server (JetStream) with a user per service and per integrator of ``integrators``, as deployed."""
+    root.mkdir(parents=True, exist_ok=True)
+    users = [*SERVICES, *(integrator_user(t) for t in integrators)]
+    passwords = {user: f"pw-{user}-{uuid.uuid4().hex}" for user in users}
+    (root / "auth.conf").write_text(render_auth_config(integrators))
+    port, monitor = free_port(), free_port()
+    (root / "nats.conf").write_text(
+        f"listen: 127.0.0.1:{port}\nhttp: 127.0.0.1:{monitor}\n"
+        f'jetstream {{ store_dir: "{root / "js"}" }}\ninclude ./auth.conf\n'
+    )
+    log = root / "nats.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [str(nats_server_binary()), "-c", str(root / "nats.conf")],
+            env={password_var(user): pw for user, pw in passwords.items()},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            assert process.poll() is None, log.read_text()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{monitor}/healthz?js-enabled-only=true", timeout=1):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+        yield LockedNats(f"nats://127.0.0.1:{port}", passwords)
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+class LockedStack(ProcessStack):
+    """Every service connecting to a :func:`locked_nats` server as its own user, as ``make cluster`` runs them."""
+
+    def __init__(self, nats: LockedNats, database_url: str, workdir: Path) -> None:
+        super().__init__(nats.url, database_url, workdir)
+        self.passwords = nats.passwords
+
+    def start_all(self) -> None:
+        for name in self.services:
+            user = name.split("#")[0]
+            self.start(name, {"FLOWMESH_NATS_USER": user, "FLOWMESH_NATS_PASSWORD": self.passwords[user]})

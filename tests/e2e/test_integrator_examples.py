@@ -15,19 +15,39 @@ import shutil
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from integrators import add_event_trigger
-from stack import ProcessStack, wait_run
+from flowmesh.contracts.permissions import integrator_user
+from integrators import LockedStack, add_event_trigger, greeting_flow, locked_nats, runs_of
+from stack import ProcessStack, fresh_database, publish_flow, remove_database, wait_run
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples" / "integrators"
 FLOW = json.loads((EXAMPLES / "orders-flow.json").read_text())
 DOC = ROOT / "docs" / "integrators.md"
 SCRIPT_TIMEOUT_S = 90
+LANGUAGES = ("python", "js")
+LOCKED_TENANTS = {language: f"locked-{language}-{uuid.uuid4().hex[:8]}" for language in LANGUAGES}
+"""One tenant per language on the locked stack: each has its own integrator user and its own orders flow."""
+
+
+@pytest.fixture(scope="module")
+def locked(infra: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LockedStack]:
+    """Every service on a database and a NATS server of their own, that NATS knowing only the deployed users."""
+    root = tmp_path_factory.mktemp("locked")
+    db_name = f"e2e_locked_{uuid.uuid4().hex[:8]}"
+    with locked_nats(root / "nats", tuple(LOCKED_TENANTS.values())) as nats_server:
+        url = fresh_database(infra.database_url, db_name)
+        try:
+            with LockedStack(nats_server, url, root) as s:
+                yield s
+        finally:
+            remove_database(infra.database_url, db_name)
 
 
 def _command(language: str) -> list[str]:
@@ -66,15 +86,36 @@ def run_example(language: str, env: dict[str, str]) -> subprocess.CompletedProce
     )
 
 
-@pytest.mark.parametrize("language", ["python", "js"])
+@pytest.mark.parametrize("language", LANGUAGES)
 def test_the_example_places_follows_confirms_and_pays_an_order(stack: ProcessStack, language: str) -> None:
-    tenant = f"int-{uuid.uuid4().hex[:8]}"
+    check_example(stack, language, f"int-{uuid.uuid4().hex[:8]}", {})
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_the_example_needs_no_more_than_the_integrators_nats_user_may_do(locked: LockedStack, language: str) -> None:
+    """On a NATS server that knows only the deployed users, the example runs as its tenant's integrator."""
+    tenant = LOCKED_TENANTS[language]
+    user = integrator_user(tenant)
+    check_example(locked, language, tenant, {"NATS_USER": user, "NATS_PASSWORD": locked.passwords[user]})
+
+
+def test_an_http_event_is_published_under_the_gateways_own_nats_user(locked: LockedStack) -> None:
+    with locked.client(f"http-{uuid.uuid4().hex[:8]}") as c:
+        flow_id = publish_flow(c, greeting_flow())
+        add_event_trigger(c, locked.env["DATABASE_URL"], flow_id, "signup")
+        r = c.post("/events/signup", json={"name": "ada"})
+        assert r.status_code == 202, r.text
+        (run,) = runs_of(c, flow_id, at_least=1)
+        assert run["triggerType"] == "event" and run["output"] == {"hello": "ada"}
+
+
+def check_example(stack: ProcessStack, language: str, tenant: str, login: dict[str, str]) -> None:
+    """Run the example as ``tenant``'s integrator and check what it printed against what the stack recorded."""
     order_id = f"order-{uuid.uuid4().hex[:8]}"
     with stack.client(tenant) as c:
         flow_id = _orders_flow(stack, c)
-        done = run_example(
-            language, {"NATS_URL": stack.env["NATS_URL"], "FLOWMESH_TENANT": tenant, "ORDER_ID": order_id}
-        )
+        env = {"NATS_URL": stack.env["NATS_URL"], "FLOWMESH_TENANT": tenant, "ORDER_ID": order_id, **login}
+        done = run_example(language, env)
         out = done.stdout
         assert done.returncode == 0, f"exit {done.returncode}\nstdout:\n{out}\nstderr:\n{done.stderr}"
 
