@@ -107,7 +107,7 @@ async def main() -> int:
             if confirmed.get("orderId") == order_id:
                 break
         run_id = confirmed["runId"]
-        print(f"out {msg.subject} {json.dumps(confirmed, sort_keys=True)}")
+        print(f"out {msg.subject} {json.dumps(confirmed, sort_keys=True, separators=(',', ':'))}")
 
         # (4) an event resumes only a step already waiting (it is not kept for one that waits later):
         # (2) the run's events say when its step "paid" waits; then this event resumes it
