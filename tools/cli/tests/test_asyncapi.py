@@ -63,6 +63,7 @@ def test_the_module_prints_the_document() -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout == COMMITTED.read_text()
     assert yaml.safe_load(done.stdout)["asyncapi"] == asyncapi.ASYNCAPI_VERSION == "3.0.0"
+    assert not re.search(r"[&*]id\d+", done.stdout), "YAML anchors and aliases do not belong in a document people read"
 
 
 def _validate(path: Path) -> subprocess.CompletedProcess[str]:
@@ -235,6 +236,21 @@ def test_events_as_the_runner_writes_them_match_their_message_and_wrong_ones_do_
     assert not _payload_validator(document, "step.succeeded").is_valid({**step, "stepId": None})
     assert not _payload_validator(document, "run.queued").is_valid({**queued, "seq": 0})
     assert not _payload_validator(document, "step.succeeded").is_valid({**step, "data": {"durationMs": "soon"}})
+
+
+def test_every_example_holds_to_its_message_schemas(document: dict[str, Any]) -> None:
+    # the official parser does not check AsyncAPI 3.0 examples, so they are checked here
+    checked = 0
+    for name, message in document["components"]["messages"].items():
+        for example in message.get("examples", []):
+            for part in ("payload", "headers"):
+                validator = Draft202012Validator({**document, "$ref": f"#/components/messages/{name}/{part}"})
+                errors = [e.message for e in validator.iter_errors(example[part])]
+                assert errors == [], f"{name} {part}: {errors}"
+                checked += 1
+    assert checked >= 10
+    broken = document["components"]["messages"]["step.retrying"]["examples"][0]["payload"]
+    assert not _payload_validator(document, "step.retrying").is_valid({**broken, "seq": 0})
 
 
 # --- the builder's parts ---------------------------------------------------------------------------

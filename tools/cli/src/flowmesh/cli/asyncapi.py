@@ -28,7 +28,17 @@ from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema, models_json_schema
 
 from flowmesh.contracts import headers, permissions, streams, subjects
-from flowmesh.contracts.models.run_events import EVENT_DATA, EventData
+from flowmesh.contracts.models.run_events import (
+    EVENT_DATA,
+    EventData,
+    RunFailedData,
+    RunFailure,
+    RunQueuedData,
+    StepError,
+    StepRetryingData,
+    StepSucceededData,
+    TokenUsage,
+)
 from flowmesh.contracts.models.runs import RUN_EVENT_TYPES, RunEvent
 from flowmesh.contracts.streams import StreamSpec
 from flowmesh.runtime.settings import BaseServiceSettings
@@ -282,6 +292,73 @@ def _described(schema: Any) -> Any:
     return schema
 
 
+EXAMPLE_IDS: Final = {
+    "flowId": "0193b7c2-5e10-7d3a-9c41-2f6a8e0d4b17",
+    "runId": "0193b7c4-0a2e-7f61-8b3d-61c9e5a7f203",
+}
+"""Fixed ids of the examples, so the document is the same at every generation."""
+
+RUN_EVENT_EXAMPLES: Final[dict[str, tuple[int, str | None, int | None, EventData]]] = {
+    "run.queued": (1, None, None, RunQueuedData(status="queued", trigger_type="event", parent_run_id=None)),
+    "step.retrying": (
+        5,
+        "fetch",
+        1,
+        StepRetryingData(
+            error=StepError(message="no response from https://api.example.com/orders within 5s", type="timeout"),
+            next_attempt_at="2026-01-02T03:04:06.178Z",
+            step_type="http",
+        ),
+    ),
+    "step.succeeded": (
+        8,
+        "summarize",
+        1,
+        StepSucceededData(
+            status="succeeded", duration_ms=840, step_type="llm", usage=TokenUsage(input_tokens=412, output_tokens=96)
+        ),
+    ),
+    "run.failed": (
+        9,
+        None,
+        None,
+        RunFailedData(
+            status="failed",
+            duration_ms=5230,
+            trigger_type="event",
+            parent_run_id=None,
+            error=RunFailure(
+                message="no response from https://api.example.com/orders within 5s", step_id="fetch", type="timeout"
+            ),
+        ),
+    ),
+}
+"""An example of some run event types: (``seq``, ``stepId``, ``attempt``, ``data``)."""
+
+
+def _run_event_example(event_type: str) -> list[JsonSchema]:
+    """The example of ``event_type``, written by the contract model as the runner publishes it."""
+    if event_type not in RUN_EVENT_EXAMPLES:
+        return []
+    seq, step_id, attempt, data = RUN_EVENT_EXAMPLES[event_type]
+    event_id = f"0193b7c4-0b{seq:02d}-7000-8000-000000000000"
+    event = RunEvent(
+        id=event_id,
+        seq=seq,
+        type=event_type,
+        ts="2026-01-02T03:04:05.678Z",
+        tenant_id=EXAMPLE_TENANT,
+        run_id=EXAMPLE_IDS["runId"],
+        flow_id=EXAMPLE_IDS["flowId"],
+        version=3,
+        step_id=step_id,
+        attempt=attempt,
+        data=data,
+    )
+    example_headers = {headers.TENANT: EXAMPLE_TENANT, headers.SCHEMA: headers.SCHEMA_VERSION, headers.MSG_ID: event_id}
+    return [{"headers": example_headers, "payload": event.wire(exclude_none=True)}]
+
+
 def _run_event_message(event_type: str, model: type[EventData], refs: dict[type[BaseModel], JsonSchema]) -> JsonSchema:
     """One run event type: the envelope with this ``type`` and this type's ``data``."""
     narrowed: JsonSchema = {
@@ -299,6 +376,7 @@ def _run_event_message(event_type: str, model: type[EventData], refs: dict[type[
         "contentType": "application/json",
         "headers": _ref("schemas", "FlowmeshHeaders"),
         "payload": {"allOf": [refs[RunEvent], narrowed]},
+        **({"examples": examples} if (examples := _run_event_example(event_type)) else {}),
     }
 
 
@@ -316,6 +394,13 @@ def _messages(refs: dict[type[BaseModel], JsonSchema]) -> JsonSchema:
             "contentType": "application/json",
             "headers": _ref("schemas", "IntegratorHeaders"),
             "payload": {"description": "Any JSON value."},
+            "examples": [
+                {
+                    "summary": f"Published on {subjects.external_event(EXAMPLE_TENANT, 'order.paid')}",
+                    "headers": {headers.MSG_ID: "order-42-paid"},
+                    "payload": {"orderId": 42, "amount": 99.5, "currency": "EUR"},
+                }
+            ],
         },
         OUT_MESSAGE: {
             "name": OUT_MESSAGE,
@@ -324,6 +409,17 @@ def _messages(refs: dict[type[BaseModel], JsonSchema]) -> JsonSchema:
             "contentType": "application/json",
             "headers": _ref("schemas", "FlowmeshHeaders"),
             "payload": {"description": "Any JSON value: the step's `data.payload` once rendered."},
+            "examples": [
+                {
+                    "summary": f"Published on {subjects.out_message(EXAMPLE_TENANT, 'invoice.ready')}",
+                    "headers": {
+                        headers.TENANT: EXAMPLE_TENANT,
+                        headers.SCHEMA: headers.SCHEMA_VERSION,
+                        headers.MSG_ID: f"{EXAMPLE_IDS['runId']}:0:notify",
+                    },
+                    "payload": {"invoiceId": "inv-2026-0042", "total": 99.5},
+                }
+            ],
         },
     }
     for event_type in RUN_EVENT_TYPES:
@@ -363,10 +459,11 @@ def _events_channel() -> JsonSchema:
         addr,
         subjects.external_event(EXAMPLE_TENANT, "order.paid"),
         (
-            f"An event published on `{addr}` starts every active flow of the tenant whose `event` trigger has "
-            "this `eventType` (and whose `filter`, if it has one, is true for it), and resumes every waiting "
-            "`waitEvent` step of this `eventType` whose `match` is true for it. Publish it with JetStream to know "
-            "it is stored (the acknowledgement comes back to your inbox); a plain publish is stored too."
+            f"An event published on `{addr}` starts a run for each enabled `event` trigger of the tenant with "
+            "this `eventType` (when its flow is published and active, and its `filter`, if it has one, is true "
+            "for the event), and resumes each waiting `waitEvent` step of this `eventType` whose `match` is true "
+            "for it. Publish it with JetStream to know it is stored (the acknowledgement comes back to your "
+            "inbox); a plain publish is stored too."
         ),
         {
             "tenant": _ref("parameters", "tenant"),
@@ -576,6 +673,9 @@ def build_asyncapi() -> JsonSchema:
 
 class _Dumper(yaml.SafeDumper):
     """Block style, multi-line strings as literal blocks, keys in the order they were built."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True  # a shared ``$ref`` dict is written out each time, never as an ``&id001`` anchor
 
 
 def _wrapped(text: str) -> str:
