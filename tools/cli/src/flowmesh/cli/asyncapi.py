@@ -5,9 +5,10 @@
 
 Every subject, stream, header name, pattern and payload schema comes from ``flowmesh.contracts``:
 addresses are made by the subject builders themselves (called with a stand-in token per parameter),
-streams are the ones whose subjects hold the address, the integrator's permissions are
-``integrator_permissions``' own, and schemas are the pydantic models' JSON Schemas. What is written
-here is prose, and the one pattern the contracts do not state (a UUID's).
+a channel's stream is the one whose subjects hold an example subject, the integrator's permissions are
+``integrator_permissions``' own, and schemas are the pydantic models' JSON Schemas (run event
+examples are written by the models too). What is written here is prose, example values, and two
+patterns the contracts do not state (a UUID's, a W3C ``traceparent``'s).
 
 The document describes Flowmesh, the application, as AsyncAPI 3.0's ``action`` does: ``send`` is
 what Flowmesh publishes and an integrator reads, ``receive`` is what an integrator publishes and
@@ -77,7 +78,7 @@ def _ref(section: str, name: str) -> JsonSchema:
 
 
 def _markdown(text: str) -> str:
-    """Docstring markup (````code````) as the Markdown AsyncAPI descriptions use."""
+    """Docstring markup (code in double backquotes) as the Markdown AsyncAPI descriptions use."""
     return re.sub(r"``([^`]+)``", r"`\1`", text)
 
 
