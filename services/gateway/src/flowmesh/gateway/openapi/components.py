@@ -12,7 +12,7 @@ from typing import Any, Final
 
 from flowmesh.contracts.models.base import MAX_INT4
 from flowmesh.contracts.models.ws import BEARER_PREFIX, SUBPROTOCOL
-from flowmesh.contracts.subjects import SUBJECT_PART_MAX, SUBJECT_PART_PATTERN
+from flowmesh.contracts.subjects import MAX_SUBJECT_PART, SAFE_SUBJECT_PART_PATTERN
 from flowmesh.gateway.openapi.operation import JsonSchema
 
 ASCII: Final = r"^[\x20-\x7E]*$"
@@ -42,7 +42,7 @@ PATH_PARAMS: Final[Mapping[str, tuple[str, JsonSchema, str]]] = {
     ),
     "event_type": (
         "eventType",
-        {"type": "string", "maxLength": SUBJECT_PART_MAX, "pattern": f"^{SUBJECT_PART_PATTERN}$"},
+        {"type": "string", "maxLength": MAX_SUBJECT_PART, "pattern": f"^{SAFE_SUBJECT_PART_PATTERN}$"},
         "The event's type, as `event` triggers and `waitEvent` steps name it: tokens of `A-Z a-z 0-9 _ -` "
         "(1 to 64 characters each) joined by dots.",
     ),
