@@ -152,8 +152,22 @@ def _log_access(request: web.Request, status: int, elapsed: float) -> None:
         status,
         ms,
         rid,
-        extra={"requestId": rid, "method": request.method, "path": path, "status": status, "durationMs": ms},
+        extra=_access_fields(request, rid, path, status, ms),
     )
+
+
+def _access_fields(request: web.Request, rid: str, path: str, status: int, ms: float) -> dict[str, object]:
+    fields: dict[str, object] = {
+        "requestId": rid,
+        "method": request.method,
+        "path": path,
+        "status": status,
+        "durationMs": ms,
+    }
+    principal = request.get(keys.PRINCIPAL)
+    if principal is not None:  # logged after the authenticated part of the pipeline has returned
+        fields["tenant"] = principal.tenant
+    return fields
 
 
 def error_response(exc: FlowmeshError, request: web.Request) -> web.Response:

@@ -401,7 +401,7 @@ class Runner:
                 # the durable timer fires a little later, for a worker that died or hung
                 work = _bounded(work, timeout_ms, f"attempt {attempt} of step {step_id!r}")
             outcome = await _with_heartbeat(work, heartbeat, self.heartbeat_s)
-            record_outcome(span, outcome)
+            record_outcome(span, step, attempt, outcome)
             await self.apply(run_id, Complete(step_id, attempt, outcome))
         if outcome.wait:
             # children that ended before the step was recorded waiting told nobody: look now

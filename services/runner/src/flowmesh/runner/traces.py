@@ -9,10 +9,14 @@ they ran); a span each would cost more than the step.
 
 from __future__ import annotations
 
+import logging
+
 from flowmesh.runner.engine import RunRecord
 from flowmesh.runner.graph import Step
 from flowmesh.runner.outcome import Outcome
 from flowmesh.runtime import tracing
+
+log = logging.getLogger(__name__)
 
 RUN_ID = "flowmesh.run_id"
 TENANT = "flowmesh.tenant"
@@ -33,8 +37,9 @@ def attempt_span(run: RunRecord, step: Step, attempt: int) -> tracing.Block:
     return tracing.span(f"step {step.type}", parent=tracing.for_run(run.traceparent), attributes=attributes)
 
 
-def record_outcome(span: tracing.Block, outcome: Outcome) -> None:
-    """How the attempt ended: ``succeeded``, ``waiting`` or ``failed`` (with its error type)."""
+def record_outcome(span: tracing.Block, step: Step, attempt: int, outcome: Outcome) -> None:
+    """How the attempt ended: ``succeeded``, ``waiting`` or ``failed`` (with its error type, also logged:
+    the log line carries the run, the tenant and the trace)."""
     if outcome.wait:
         span.set_attribute("flowmesh.step.outcome", "waiting")
     elif outcome.ok:
@@ -44,6 +49,7 @@ def record_outcome(span: tracing.Block, outcome: Outcome) -> None:
         span.set_attribute("flowmesh.step.error_type", outcome.error_type)
         span.set_attribute("flowmesh.step.retryable", outcome.retryable)
         span.set_error(outcome.message)
+        log.info("attempt %d of step %r failed (%s): %s", attempt, step.id, outcome.error_type, outcome.message)
 
 
 def db_span(operation: str, run_id: str | None = None) -> tracing.Block:
