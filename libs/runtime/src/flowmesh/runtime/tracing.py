@@ -101,7 +101,15 @@ def configure_tracing(service: str, env: Mapping[str, str] | None = None) -> boo
 
     name = env.get("OTEL_SERVICE_NAME") or f"flowmesh-{service}"
     provider = TracerProvider(resource=Resource.create({"service.name": name}))
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    # read from ``env`` (the process's environment, or a test's), the rest by the SDK from the process's
+    endpoint = (
+        env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env["OTEL_EXPORTER_OTLP_ENDPOINT"].rstrip("/") + "/v1/traces"
+    )
+    delay = env.get("OTEL_BSP_SCHEDULE_DELAY")
+    batch = BatchSpanProcessor(
+        OTLPSpanExporter(endpoint=endpoint), schedule_delay_millis=float(delay) if delay else None
+    )
+    provider.add_span_processor(batch)
     from opentelemetry.trace import SpanKind
 
     kinds = {"server": SpanKind.SERVER, "client": SpanKind.CLIENT, "consumer": SpanKind.CONSUMER}
