@@ -13,7 +13,7 @@ export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
 .DEFAULT_GOAL := help
-.PHONY: help install node run cluster test bench lint typecheck fmt token openapi nats-config clean
+.PHONY: help install node run cluster test bench lint typecheck fmt token openapi asyncapi nats-config clean
 
 help: ## Show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -63,6 +63,9 @@ token: install ## Print a dev JWT (see `flowmesh token --help`)
 
 openapi: install ## Regenerate docs/api/openapi.json from the gateway's routes and contract models
 	$(BIN)/python -m flowmesh.gateway.openapi > docs/api/openapi.json
+
+asyncapi: install ## Regenerate docs/api/asyncapi.yaml (the public NATS subjects) from the contracts
+	$(BIN)/python -m flowmesh.cli.asyncapi > docs/api/asyncapi.yaml
 
 nats-config: install ## Regenerate deploy/nats/flowmesh-auth.conf (NATS users and permissions) from the contracts
 	$(BIN)/flowmesh nats-config > deploy/nats/flowmesh-auth.conf

@@ -14,8 +14,15 @@ from typing import Final
 PREFIX: Final = "fm"
 """Root of every Flowmesh subject."""
 
-_SAFE_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_SAFE_DOTTED = re.compile(r"[A-Za-z0-9_-]{1,64}(\.[A-Za-z0-9_-]{1,64})*")
+SAFE_TOKEN_PATTERN: Final = r"[A-Za-z0-9_-]{1,64}"
+"""What one subject token may be (a regular expression, matched whole): a tenant id enters a subject as one."""
+SAFE_SUBJECT_PART_PATTERN: Final = rf"{SAFE_TOKEN_PATTERN}(\.{SAFE_TOKEN_PATTERN})*"
+"""What a user-given subject part (``eventType``, ``publish`` name) may be: safe tokens joined by dots."""
+MAX_SUBJECT_PART: Final = 255
+"""The longest user-given subject part, in characters."""
+
+_SAFE_TOKEN = re.compile(SAFE_TOKEN_PATTERN)
+_SAFE_DOTTED = re.compile(SAFE_SUBJECT_PART_PATTERN)
 _HASHED_PREFIX: Final = "_h"
 
 
@@ -26,7 +33,7 @@ def is_safe_token(value: str) -> bool:
 
 def is_safe_subject_part(value: str) -> bool:
     """Whether a user-given subject part (``eventType``, ``publish`` name) is safe: tokens joined by dots."""
-    return _SAFE_DOTTED.fullmatch(value) is not None and len(value) <= 255
+    return _SAFE_DOTTED.fullmatch(value) is not None and len(value) <= MAX_SUBJECT_PART
 
 
 def tenant_token(tenant_id: str) -> str:
