@@ -37,10 +37,15 @@ from scale import scenario_scale
 
 from flowmesh.cli.embedded import start_nats, start_postgres
 from flowmesh.contracts.subjects import tenant_token
+from otlp import OtlpReceiver
 from stack import ProcessStack, chain, token
 
 RESULTS = Path(__file__).parent / "results"
 SETUP: dict[str, Any] = {}
+SEEN: dict[str, dict[str, Any]] = {}
+"""Results of this invocation by scenario (for ``--tracing``'s side-by-side figures)."""
+TRACED = ("chain", "throughput")
+"""The scenarios ``--tracing`` measures twice: without tracing, then exporting every span."""
 TARGETS = {
     "chain": {"p50_ms": 50.0},
     "throughput": {"steps_per_s": 1500.0},
@@ -305,7 +310,9 @@ def report(result: dict[str, Any]) -> None:
     result["setup"] = SETUP
     result["when"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    suffix = "-tracing" if SETUP.get("tracing") else ""
+    (RESULTS / f"{name}{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
+    SEEN[name] = result
     shown = ("succeeded", "accepted", "lost", "refused", "fired", "missing", "duplicates")
     figures = ", ".join(f"{k}={v}" for k, v in result.items() if k.endswith(("_ms", "_s")) or k in shown)
     log(f"{name}: {figures}  (target {result['targets']})")
@@ -376,6 +383,9 @@ def main() -> None:
         return
     if args.base and not args.nats:
         parser.error("--nats is needed with --base (completion is observed on NATS)")
+    if args.tracing:
+        run_traced(args)
+        return
     if set(args.scenarios) - {"cron", "scale"}:
         run_on_stack(args)
     if "cron" in args.scenarios:
@@ -421,6 +431,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--schedules", type=int, default=10_000, help="once-a-minute schedules of the cron scenario")
     parser.add_argument("--cron-duration", type=float, default=180.0, help="seconds the cron scenario measures")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--tracing",
+        action="store_true",
+        help="chain and throughput twice, on fresh stacks: without tracing, then exporting every span over "
+        "OTLP/HTTP to a local sink; prints both figures side by side",
+    )
+    parser.add_argument("--otlp", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--runners",
         type=int,
@@ -472,8 +489,9 @@ def run_on_stack(args: argparse.Namespace) -> None:
     # the stack runs in a session of its own, as `make run` in one terminal and a load tool in
     # another would: the kernel then shares the CPUs between the two, not among every process alike
     log("starting embedded NATS and PostgreSQL, and the services")
+    command = [sys.executable, __file__, "--serve", "--runners", str(args.runners), "--secret", args.secret]
     server = subprocess.Popen(
-        [sys.executable, __file__, "--serve", "--runners", str(args.runners), "--secret", args.secret],
+        [*command, "--otlp"] if args.otlp else command,
         stdout=subprocess.PIPE,
         start_new_session=True,
     )
@@ -490,10 +508,36 @@ def run_on_stack(args: argparse.Namespace) -> None:
         server.wait(60)
 
 
+def run_traced(args: argparse.Namespace) -> None:
+    """Chain and throughput without tracing, then with every span exported; both figures side by side."""
+    args.scenarios = [s for s in args.scenarios if s in TRACED] or list(TRACED)
+    figures: dict[bool, dict[str, dict[str, Any]]] = {}
+    for on in (False, True):
+        SETUP["tracing"] = "OTLP/HTTP to a local sink, every span" if on else None
+        args.otlp, args.base, args.nats = on, None, None
+        log(f"tracing {'on' if on else 'off'}")
+        SEEN.clear()
+        run_on_stack(args)
+        figures[on] = dict(SEEN)
+    log("tracing off -> on:")
+    for name, key, better in (
+        ("chain", "p50_ms", "lower"),
+        ("chain", "p99_ms", "lower"),
+        ("throughput", "steps_per_s", "higher"),
+    ):
+        if name in figures[False] and name in figures[True]:
+            off, on_ = figures[False][name][key], figures[True][name][key]
+            cost = (on_ - off) / off * 100 if better == "lower" else (off - on_) / off * 100
+            log(f"  {name} {key}: {off} -> {on_}  (tracing costs {cost:+.1f}%)")
+
+
 def serve(args: argparse.Namespace) -> None:
     """Start the stack, print its addresses as one JSON line, and keep it up until SIGTERM."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # a collector's stand-in: it takes the exports and counts them (decoding them would steal CPU)
+    sink = OtlpReceiver(keep=False) if args.otlp else None
+    otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": sink.url} if sink is not None else {}
     with tempfile.TemporaryDirectory(prefix="flowmesh-bench-") as tmp:
         work = Path(tmp)
         nats_server = start_nats(work / "nats")
@@ -502,7 +546,7 @@ def serve(args: argparse.Namespace) -> None:
             nats_server.url,
             pg.url,
             work,
-            env={"FLOWMESH_JWT_SECRET": args.secret, "FLOWMESH_LOG_LEVEL": "WARNING"},
+            env={"FLOWMESH_JWT_SECRET": args.secret, "FLOWMESH_LOG_LEVEL": "WARNING", **otel},
             replicas={"runner": args.runners},
         )
         try:
@@ -515,6 +559,9 @@ def serve(args: argparse.Namespace) -> None:
             stack.stop_all()
             pg.stop()
             nats_server.stop()
+            if sink is not None:
+                print(f"[bench] OTLP sink: {sink.requests} exports, {sink.bytes} bytes", file=sys.stderr, flush=True)
+                sink.close()
 
 
 if __name__ == "__main__":

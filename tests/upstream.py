@@ -39,6 +39,7 @@ class Upstream:
                         "method": self.command,
                         "key": self.headers.get("Idempotency-Key"),
                         "authorization": self.headers.get("Authorization"),
+                        "traceparent": self.headers.get("traceparent"),
                         "body": body.decode(),
                     }
                 )
@@ -189,7 +190,12 @@ class LlmUpstream:
         except ValueError:
             body = raw.decode(errors="replace")
         self.requests.append(
-            {"path": request.path, "authorization": request.headers.get("Authorization"), "body": body}
+            {
+                "path": request.path,
+                "authorization": request.headers.get("Authorization"),
+                "traceparent": request.headers.get("traceparent"),
+                "body": body,
+            }
         )
         model = str(body.get("model", "")) if isinstance(body, dict) else ""
         messages = body.get("messages", []) if isinstance(body, dict) else []

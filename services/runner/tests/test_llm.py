@@ -20,6 +20,7 @@ from flowmesh.runner.graph import Graph
 from flowmesh.runner.io_steps import HttpStep, LlmStep
 from flowmesh.runner.llm import build_request, read_completion, redact
 from flowmesh.runner.settings import RunnerSettings
+from flowmesh.runtime import tracing
 from upstream import LlmUpstream
 
 KEY = "sk-test-0123456789abcdef"
@@ -321,3 +322,13 @@ async def test_a_provider_that_is_not_listening_is_a_retryable_network_error(api
     async with llm_step("http://127.0.0.1:9/v1", Keys({("acme", "openai"): KEY})) as step:
         outcome = await step.run(llm(), CONTEXT, tenant="acme")
     assert not outcome.ok and outcome.error_type == "network" and outcome.retryable
+
+
+async def test_the_provider_request_continues_the_step_attempt_trace(api: LlmUpstream) -> None:
+    keys = Keys({("acme", "openai"): KEY})
+    tp = tracing.new_traceparent()
+    with tracing.joined(tp):
+        outcome = await attempt(api, keys, llm(model="traced-1"))
+    assert outcome.ok, outcome.message
+    [sent] = api.of("traced-1")
+    assert sent["traceparent"] == tp  # tracing off: the attempt's own context, carried as it is

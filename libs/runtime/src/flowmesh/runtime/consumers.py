@@ -44,12 +44,16 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import BadRequestError
 from pydantic import ValidationError
 
+from flowmesh.contracts import headers
 from flowmesh.contracts.errors import FlowmeshError
 from flowmesh.contracts.streams import ALL_STREAMS, ConsumerSpec
 from flowmesh.runtime.db import database_unavailable
+from flowmesh.runtime.logs import log_context
 from flowmesh.runtime.nats import JS_SETUP_TIMEOUT_S
 from flowmesh.runtime.rpc import request_parser
 from flowmesh.runtime.settings import NatsLogin
+from flowmesh.runtime.tracing import enabled as tracing_enabled
+from flowmesh.runtime.tracing import span
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +263,19 @@ def _log_failure(what: str, exc: BaseException) -> None:
         log.error("%s failed, it will be redelivered", what, exc_info=exc)
 
 
+def _consumer_attributes(spec: ConsumerSpec, delivery: Delivery) -> dict[str, str | int] | None:
+    """A consumer span's attributes (none built with tracing off)."""
+    if not tracing_enabled():
+        return None
+    return {
+        "messaging.system": "nats",
+        "messaging.operation.type": "process",
+        "messaging.destination.name": delivery.subject,
+        "messaging.consumer.group.name": spec.durable,
+        "messaging.nats.delivered": delivery.delivered,
+    }
+
+
 class EachConsumer(_PullLoop, Generic[DepsT]):
     """Hands each message, parsed into the handler's model, to ``handler(body, delivery, deps)``."""
 
@@ -292,6 +309,20 @@ class EachConsumer(_PullLoop, Generic[DepsT]):
         self._slots.release()
 
     async def handle(self, delivery: Delivery) -> None:
+        """Handle one message in the trace its ``traceparent`` header continues (a consumer span)."""
+        h = delivery.headers
+        with (
+            span(
+                f"{self.spec.durable} process",
+                kind="consumer",
+                parent=h.get(headers.TRACEPARENT),
+                attributes=_consumer_attributes(self.spec, delivery),
+            ),
+            log_context(tenant=h.get(headers.TENANT)),
+        ):
+            await self._handle(delivery)
+
+    async def _handle(self, delivery: Delivery) -> None:
         """Parse, handle and settle one message by the policy of this module."""
         what = f"{self.spec.durable} message {delivery.subject} (stream seq {delivery.seq})"
         try:

@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from flowmesh.contracts import headers as h
 from flowmesh.contracts.ids import new_id
+from flowmesh.runtime.tracing import inject
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,8 @@ async def enqueue(
 ) -> str:
     """Add a message to the outbox inside the caller's transaction; returns its id (= ``Nats-Msg-Id``)."""
     msg_id = msg_id or new_id()
-    hdrs = {h.TENANT: tenant, h.SCHEMA: h.SCHEMA_VERSION}
+    # the trace that caused the message goes with it: the relay publishes it later, from elsewhere
+    hdrs = inject({h.TENANT: tenant, h.SCHEMA: h.SCHEMA_VERSION})
     await session.execute(table.insert().values(id=msg_id, subject=subject, payload=payload, headers=hdrs))
     return msg_id
 

@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar, get_type_hints
+from typing import Any, Final, Generic, TypeVar, get_type_hints
 
 import nats.errors
 import orjson
@@ -37,7 +37,10 @@ from flowmesh.contracts.errors import (
 from flowmesh.contracts.models.problem import Problem
 from flowmesh.contracts.strict import field_errors
 from flowmesh.runtime.db import database_unavailable
+from flowmesh.runtime.logs import log_context
 from flowmesh.runtime.metrics import RPC_CALLS, RPC_SECONDS, RPC_SERVED
+from flowmesh.runtime.tracing import enabled as tracing_enabled
+from flowmesh.runtime.tracing import inject, span
 
 log = logging.getLogger(__name__)
 
@@ -208,9 +211,19 @@ class RpcServer:
         async def serve(msg: Msg) -> None:
             started = time.perf_counter()
             limit = self.broker.connection.max_payload
-            reply, outcome = await _answer(subject, fn, msg, tenant_required, limit)
-            if msg.reply:
-                outcome = await self._respond(subject, msg.reply, reply, outcome)
+            h = msg.headers or {}
+            with (
+                span(
+                    subject, kind="server", parent=h.get(headers.TRACEPARENT), attributes=_rpc_attributes(subject)
+                ) as s,
+                log_context(tenant=h.get(headers.TENANT)),
+            ):
+                reply, outcome = await _answer(subject, fn, msg, tenant_required, limit)
+                if msg.reply:
+                    outcome = await self._respond(subject, msg.reply, reply, outcome)
+                s.set_attribute("flowmesh.rpc.outcome", outcome)
+                if outcome in _FAILED:
+                    s.set_error(outcome)
             RPC_SERVED.labels(self.service, op, outcome).inc()
             RPC_SECONDS.labels(self.service, op).observe(time.perf_counter() - started)
 
@@ -271,6 +284,23 @@ class RpcServer:
                 await asyncio.wait_for(sub.drain(), timeout)  # type: ignore[no-untyped-call]
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=timeout)
+
+
+_FAILED: Final = frozenset({"internal-error", "unavailable", "unsent"})
+"""RPC outcomes that are the service's failure (a span marked as failed), not the caller's."""
+
+
+def _rpc_attributes(subject: str) -> dict[str, str] | None:
+    """An RPC span's attributes (none built with tracing off)."""
+    if not tracing_enabled():
+        return None
+    parts = subject.split(".")
+    return {
+        "rpc.system": "nats",
+        "rpc.service": parts[2] if len(parts) > 3 else subject,
+        "rpc.method": parts[-1],
+        "messaging.destination.name": subject,
+    }
 
 
 def _context(msg: Msg, *, tenant_required: bool, reply_limit: int = DEFAULT_REPLY_LIMIT) -> RpcContext:
@@ -359,8 +389,13 @@ class RpcClient:
             headers.ROLE: role,
             headers.SUBJECT: sub,
         }
-        if traceparent:
-            hdrs[headers.TRACEPARENT] = traceparent
+        with span(subject, kind="client", parent=traceparent, attributes=_rpc_attributes(subject)):
+            inject(hdrs)
+            return await self._request(subject, body, hdrs, timeout)
+
+    async def _request(
+        self, subject: str, body: BaseModel | dict[str, Any] | None, hdrs: dict[str, str], timeout: float | None
+    ) -> Any:
         # a request carries what the caller gave, so defaults are applied once, by the receiver
         if isinstance(body, BaseModel):
             payload = body.model_dump_json(by_alias=True, exclude_unset=True).encode()

@@ -44,6 +44,7 @@ from flowmesh.runtime.nats import (
 )
 from flowmesh.runtime.rpc import RpcContext, RpcServer
 from flowmesh.runtime.settings import BaseServiceSettings
+from flowmesh.runtime.tracing import configure_tracing, shutdown_tracing
 
 log = logging.getLogger(__name__)
 
@@ -312,11 +313,15 @@ def main(build: Callable[[], ServiceRuntime], *, argv: list[str] | None = None, 
     if command == "check":
         print(f"{service.name}: configuration OK")  # noqa: T201 - the command's answer
         return
+    if command == "serve":
+        configure_tracing(service.name)
     try:
         asyncio.run(service.migrate_only() if command == "migrate" else service.serve())
     except StartupError as exc:
         log.error("%s cannot start: %s", service.name, exc)
         sys.exit(1)
+    finally:
+        shutdown_tracing()
 
 
 def _service_name() -> str:

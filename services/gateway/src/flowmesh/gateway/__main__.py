@@ -17,6 +17,7 @@ from flowmesh.gateway.settings import GatewaySettings
 from flowmesh.runtime.logs import configure_logging
 from flowmesh.runtime.memory import freeze_startup_objects
 from flowmesh.runtime.service import USAGE, StartupError, settings_problem
+from flowmesh.runtime.tracing import configure_tracing, shutdown_tracing
 
 log = logging.getLogger("flowmesh.gateway")
 
@@ -102,11 +103,14 @@ def main(argv: list[str] | None = None) -> None:
         log.info("gateway has no database schema: nothing to migrate")
         return
     _raise_file_limit()
+    configure_tracing("gateway")
     try:
         asyncio.run(serve(settings))
     except StartupError as exc:
         log.error("gateway cannot start: %s", exc)
         sys.exit(1)
+    finally:
+        shutdown_tracing()
 
 
 if __name__ == "__main__":

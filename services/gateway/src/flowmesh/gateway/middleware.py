@@ -31,7 +31,9 @@ from flowmesh.gateway import idempotency, keys
 from flowmesh.gateway.auth import bearer_token
 from flowmesh.gateway.problems import from_http_exception, problem_response
 from flowmesh.gateway.routes.docs import PAGE as DOCS_PAGE
-from flowmesh.runtime.tracing import new_traceparent, valid_traceparent
+from flowmesh.runtime.logs import log_context
+from flowmesh.runtime.tracing import current_traceparent, new_traceparent, span, valid_traceparent
+from flowmesh.runtime.tracing import enabled as tracing_enabled
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("flowmesh.gateway.access")
@@ -102,26 +104,41 @@ def _route_label(request: web.Request) -> str:
 
 @web.middleware
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Give every request an id and a trace context, echo the id, and record metrics."""
+    """Give every request an id and a trace context (a server span when tracing is on), echo the id,
+    and record metrics."""
     given = request.headers.get("X-Request-Id", "")
     request[keys.REQUEST_ID] = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
     tp = request.headers.get("traceparent")
-    request[keys.TRACEPARENT] = tp if tp is not None and valid_traceparent(tp) else new_traceparent()
+    parent = tp if tp is not None and valid_traceparent(tp) else new_traceparent()
+    route = _route_label(request)
     started = time.perf_counter()
     status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-        if not response.prepared:  # a WebSocket has sent its headers already
-            response.headers["X-Request-Id"] = request[keys.REQUEST_ID]
-        return response
-    finally:
-        elapsed = time.perf_counter() - started
-        route = _route_label(request)
-        HTTP_REQUESTS.labels(request.method, route, str(status)).inc()
-        HTTP_SECONDS.labels(request.method, route).observe(elapsed)
-        if request.app[keys.SETTINGS].access_log:
-            _log_access(request, status, elapsed)
+    with span(
+        f"{request.method} {route}", kind="server", parent=parent, attributes=_span_attributes(request, route)
+    ) as s:
+        request[keys.TRACEPARENT] = current_traceparent() or parent
+        try:
+            response = await handler(request)
+            status = response.status
+            if not response.prepared:  # a WebSocket has sent its headers already
+                response.headers["X-Request-Id"] = request[keys.REQUEST_ID]
+            return response
+        finally:
+            elapsed = time.perf_counter() - started
+            s.set_attribute("http.response.status_code", status)
+            if status >= 500:
+                s.set_error(f"HTTP {status}")
+            HTTP_REQUESTS.labels(request.method, route, str(status)).inc()
+            HTTP_SECONDS.labels(request.method, route).observe(elapsed)
+            if request.app[keys.SETTINGS].access_log:
+                _log_access(request, status, elapsed)
+
+
+def _span_attributes(request: web.Request, route: str) -> dict[str, str] | None:
+    """A request span's attributes (none built with tracing off)."""
+    if not tracing_enabled():
+        return None
+    return {"http.request.method": request.method, "http.route": route, "url.path": logged_path(request)}
 
 
 def _log_access(request: web.Request, status: int, elapsed: float) -> None:
@@ -135,8 +152,22 @@ def _log_access(request: web.Request, status: int, elapsed: float) -> None:
         status,
         ms,
         rid,
-        extra={"requestId": rid, "method": request.method, "path": path, "status": status, "durationMs": ms},
+        extra=_access_fields(request, rid, path, status, ms),
     )
+
+
+def _access_fields(request: web.Request, rid: str, path: str, status: int, ms: float) -> dict[str, object]:
+    fields: dict[str, object] = {
+        "requestId": rid,
+        "method": request.method,
+        "path": path,
+        "status": status,
+        "durationMs": ms,
+    }
+    principal = request.get(keys.PRINCIPAL)
+    if principal is not None:  # logged after the authenticated part of the pipeline has returned
+        fields["tenant"] = principal.tenant
+    return fields
 
 
 def error_response(exc: FlowmeshError, request: web.Request) -> web.Response:
@@ -236,7 +267,10 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     path = request.path
     if path.startswith(API_PREFIX) and request.method != "OPTIONS" and not path.startswith(PUBLIC_API_PREFIXES):
         token = bearer_token(request.headers.get("Authorization"))
-        request[keys.PRINCIPAL] = await request.app[keys.VERIFIER].verify(token)
+        principal = await request.app[keys.VERIFIER].verify(token)
+        request[keys.PRINCIPAL] = principal
+        with log_context(tenant=principal.tenant):
+            return await handler(request)
     return await handler(request)
 
 

@@ -86,6 +86,8 @@ class RunRecord:
     completed_at: datetime | None = None
     last_seq: int = 0
     deadline_at: datetime | None = None
+    traceparent: str | None = None
+    """The trace context of what started the run: its steps, however late, continue that trace."""
 
     @property
     def final(self) -> bool:

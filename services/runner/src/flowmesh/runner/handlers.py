@@ -38,6 +38,7 @@ from flowmesh.runner import replies, repo
 from flowmesh.runner.deps import RunnerDeps
 from flowmesh.runtime.consumers import Delivery, Redeliver, Unprocessable
 from flowmesh.runtime.db import snapshot
+from flowmesh.runtime.logs import bind_log
 from flowmesh.runtime.rpc import RpcContext, RpcRouter
 
 log = logging.getLogger(__name__)
@@ -171,6 +172,7 @@ async def retry(req: RunRetryRequest, ctx: RpcContext, deps: RunnerDeps) -> dict
 
 async def step_work(work: StepWork, msg: Delivery, deps: RunnerDeps) -> None:
     """Work on a run (shared by every replica): advance it, run a step's attempt, or hear of a child."""
+    bind_log(run_id=work.run_id)
     if work.kind == "advance" or work.step_id is None:
         await deps.runner.advance(work.run_id)
     elif work.kind == "child":
@@ -261,6 +263,8 @@ async def flow_announced(event: FlowEvent, msg: Delivery, deps: RunnerDeps) -> N
 
 async def timer_fired(fired: TimerFired, msg: Delivery, deps: RunnerDeps) -> None:
     """A durable timer came due (a delay, a wait's or an attempt's timeout, a run's time limit)."""
+    run_id = fired.payload.get("runId")
+    bind_log(run_id=run_id if isinstance(run_id, str) else None)
     early = await deps.runner.timer_fired(fired)
     if early is not None:
         raise Redeliver(early, "the deadline has not come by our clock")

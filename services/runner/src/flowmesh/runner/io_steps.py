@@ -27,6 +27,7 @@ from flowmesh.runner.llm import base_url, build_request, read_completion, redact
 from flowmesh.runner.outcome import Outcome
 from flowmesh.runner.urls import render_url, same_origin, without_credentials
 from flowmesh.runtime.rpc import RpcClient
+from flowmesh.runtime.tracing import client_trace_config, inject
 
 MAX_REDIRECTS: Final = 5
 RETRYABLE_STATUS: Final = frozenset({408, 429})
@@ -83,7 +84,11 @@ class HttpStep:
         # no cookie jar: the session serves every tenant, and a cookie one tenant's call received
         # must never go along with another tenant's request to the same host
         self._session = aiohttp.ClientSession(
-            connector=connector, auto_decompress=True, cookie_jar=aiohttp.DummyCookieJar()
+            connector=connector,
+            auto_decompress=True,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            # a client span and a traceparent on each request (and each redirect hop)
+            trace_configs=[client_trace_config()],
         )
 
     async def close(self) -> None:
@@ -366,7 +371,7 @@ async def run_publish(
         ack = await js.publish(
             out_message(tenant, data.name),
             json.dumps(payload).encode(),
-            headers={h.MSG_ID: msg_id, h.TENANT: tenant, h.SCHEMA: h.SCHEMA_VERSION},
+            headers=inject({h.MSG_ID: msg_id, h.TENANT: tenant, h.SCHEMA: h.SCHEMA_VERSION}),
         )
     except Exception as exc:
         return Outcome.failure(f"publish failed: {exc}", "network", retryable=True)

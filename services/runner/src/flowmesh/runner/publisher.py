@@ -24,6 +24,7 @@ from flowmesh.contracts.models.work import StepWork
 from flowmesh.contracts.subjects import STEP_WORK, run_event
 from flowmesh.runner import repo
 from flowmesh.runner.engine import RunRecord, RunState
+from flowmesh.runtime.tracing import for_run
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,9 @@ class EventPublisher:
             return
         js = self.js
         base = {h.TENANT: run.tenant_id, h.SCHEMA: h.SCHEMA_VERSION}
+        tp = for_run(run.traceparent)  # the run's trace, whoever caused this change (a timer, the sweep)
+        if tp is not None:
+            base[h.TRACEPARENT] = tp
         try:
             # sent back to back (the stream keeps their order), acknowledgements awaited together
             acks = [

@@ -82,6 +82,7 @@ def _record(row: RowMapping) -> RunRecord:
         completed_at=row["completed_at"],
         last_seq=row["last_seq"],
         deadline_at=row["deadline_at"],
+        traceparent=row["traceparent"],
     )
 
 
@@ -311,6 +312,7 @@ def _run_row(record: RunRecord, values: dict[str, Any]) -> tuple[Any, ...]:
         "last_seq": record.last_seq,
         "published_seq": 0,
         "deadline_at": record.deadline_at,
+        "traceparent": record.traceparent,
     }
     return tuple(row[c] for c in _RUN_COLUMNS)  # a column of tables.py with no value here: KeyError
 

@@ -45,8 +45,11 @@ from flowmesh.runner.publisher import EventPublisher, Work, work_of
 from flowmesh.runner.recovery import Recovery
 from flowmesh.runner.secrets import SecretReveal
 from flowmesh.runner.timer_calls import TimerCalls, background
+from flowmesh.runner.traces import attempt_span, db_span, record_outcome
+from flowmesh.runtime.logs import log_context
 from flowmesh.runtime.quota import QuotaView
 from flowmesh.runtime.rpc import RpcClient
+from flowmesh.runtime.tracing import current_traceparent, new_traceparent
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -199,6 +202,7 @@ class Runner:
             created_at=now,
             parent_run_id=req.parent_run_id,
             parent_step_id=req.parent_step_id,
+            traceparent=current_traceparent() or new_traceparent(),
         )
         state = RunState(record, self.versions.graph_of(version), {}, now, limits=self.output_limits(record.tenant_id))
         if refusal is not None:
@@ -222,6 +226,13 @@ class Runner:
             "parent_index": req.parent_index,
             "retry_of": req.retry_of,
         }
+        assert self.pool is not None
+        with db_span("create_run", state.run.id), log_context(run_id=state.run.id):
+            return await self._insert(state, version, values, in_flight_limit)
+
+    async def _insert(
+        self, state: RunState, version: FlowVersion, values: dict[str, Any], in_flight_limit: int | None
+    ) -> list[dict[str, Any]] | None:
         assert self.pool is not None
         async with self.pool.acquire() as conn:
             # the runner's copy of the version comes first (a run never points at a missing one)
@@ -257,6 +268,21 @@ class Runner:
         Raises:
             NotFound: no such run (of ``tenant``, when given).
         """
+        with db_span(f"apply.{type(command).__name__.lower()}", run_id):
+            state, was_final, result, events = await self._change(run_id, command, tenant)
+        self.timers.send(state.timers.values())
+        await self.publisher.publish(state.run, events, work_of(state, was_final))
+        for step_id in state.abandoned:
+            await self.children.cancel(run_id, step_id)
+        if state.run.status == "timedOut" and not was_final:
+            await self.children.cancel(run_id)
+        return result
+
+    async def _change(
+        self, run_id: str, command: Command[T], tenant: str | None
+    ) -> tuple[RunState, bool, T, list[dict[str, Any]]]:
+        """One transaction: lock, load, apply ``command``, write; the state, whether it had ended, the
+        command's result and the events written."""
         async with self.sessions.begin() as s:
             record = await repo.lock_run(s, run_id=run_id, tenant=tenant)
             if record is None:
@@ -272,13 +298,7 @@ class Runner:
             was_final = record.final
             result = command.apply(state)
             events = await repo.save(s, state)
-        self.timers.send(state.timers.values())
-        await self.publisher.publish(state.run, events, work_of(state, was_final))
-        for step_id in state.abandoned:
-            await self.children.cancel(run_id, step_id)
-        if state.run.status == "timedOut" and not was_final:
-            await self.children.cancel(run_id)
-        return result
+        return state, was_final, result, events
 
     async def reopen(self, run_id: str, *, tenant: str) -> None:
         """Retry a failed run in place: failed and downstream steps reset, succeeded outputs kept."""
@@ -345,6 +365,10 @@ class Runner:
 
     async def snapshot(self, run_id: str) -> RunState | None:
         """A read-only view of a run (no lock): enough to build a step's expression context."""
+        with db_span("snapshot", run_id):
+            return await self._read(run_id)
+
+    async def _read(self, run_id: str) -> RunState | None:
         async with self.sessions() as s:
             record = await repo.read_run(s, run_id=run_id)
             if record is None:
@@ -369,14 +393,16 @@ class Runner:
             return claimed
         attempt = claimed.steps[step_id].attempt
         step = claimed.graph.steps[step_id]
-        work = self._attempt(claimed, step)
-        timeout_ms = step.data.timeout_ms
-        if timeout_ms is not None and step.kind.timeout == "attempt":
-            # the worker bounds its own attempt (steps that bound their own I/O do it themselves);
-            # the durable timer fires a little later, for a worker that died or hung
-            work = _bounded(work, timeout_ms, f"attempt {attempt} of step {step_id!r}")
-        outcome = await _with_heartbeat(work, heartbeat, self.heartbeat_s)
-        await self.apply(run_id, Complete(step_id, attempt, outcome))
+        with attempt_span(claimed.run, step, attempt) as span, log_context(tenant=claimed.run.tenant_id):
+            work = self._attempt(claimed, step)
+            timeout_ms = step.data.timeout_ms
+            if timeout_ms is not None and step.kind.timeout == "attempt":
+                # the worker bounds its own attempt (steps that bound their own I/O do it themselves);
+                # the durable timer fires a little later, for a worker that died or hung
+                work = _bounded(work, timeout_ms, f"attempt {attempt} of step {step_id!r}")
+            outcome = await _with_heartbeat(work, heartbeat, self.heartbeat_s)
+            record_outcome(span, step, attempt, outcome)
+            await self.apply(run_id, Complete(step_id, attempt, outcome))
         if outcome.wait:
             # children that ended before the step was recorded waiting told nobody: look now
             await self.children.ended(run_id, step_id)

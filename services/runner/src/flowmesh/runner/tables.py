@@ -46,6 +46,7 @@ runs = Table(
     Column("last_seq", Integer, nullable=False),
     Column("published_seq", Integer, nullable=False),
     Column("deadline_at", DateTime(timezone=True)),
+    Column("traceparent", Text),
 )
 
 step_runs = Table(
