@@ -93,17 +93,24 @@ class ProcessStack:
             "FLOWMESH_LOG_FORMAT": "json",
             # tests drive tenants harder than a free plan's 20 requests/s; tests of plans choose their own
             "FLOWMESH_DEFAULT_PLAN": "enterprise",
-            **{f"FLOWMESH_{s.upper()}_HEALTH_PORT": "0" for s in SERVICES if s != "gateway"},
             **(env or {}),
         }
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.health_ports: dict[str, int] = {}
+        """The health port (``/healthz``, ``/readyz``, ``/metrics``) of each NATS-only service process."""
 
     def start(self, name: str, env: dict[str, str] | None = None) -> None:
+        service = name.split("#")[0]
+        health: dict[str, str] = {}
+        if service != "gateway":
+            # a port of its own per process (a restart gets a new one): tests read its /metrics
+            self.health_ports[name] = free_port()
+            health[f"FLOWMESH_{service.upper()}_HEALTH_PORT"] = str(self.health_ports[name])
         log = (self.workdir / f"{name}.log").open("ab")
         try:
             self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", f"flowmesh.{name.split('#')[0]}"],
-                env={**self.env, **(env or {})},
+                [sys.executable, "-m", f"flowmesh.{service}"],
+                env={**self.env, **health, **(env or {})},
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -172,6 +179,12 @@ class ProcessStack:
                 last = str(exc)
             time.sleep(0.2)
         raise TimeoutError(f"stack not ready after {timeout}s: {last}")
+
+    def metrics_url(self, name: str) -> str:
+        """Where a service process serves ``/metrics``: the gateway's API port (dev), the others' health port."""
+        if name.split("#")[0] == "gateway":
+            return self.base + "/metrics"
+        return f"http://127.0.0.1:{self.health_ports[name]}/metrics"
 
     def client(self, sub: str = "alice", **kw: object) -> httpx.Client:
         return httpx.Client(

@@ -105,7 +105,7 @@ def test_one_trace_covers_the_request_the_rpc_the_step_and_its_http_call(
     spans = receiver.wait_for(trace_id, complete)
     by_id = {x.span_id: x for x in spans}
     request = [x for x in spans if x.service == "flowmesh-gateway" and x.kind == "server"]
-    assert [x.name for x in request] == ["POST /api/v1/flows/{flow_id}/runs"]
+    assert [x.name for x in request] == ["POST /api/v1/flows/{flowId}/runs"]
     assert request[0].parent_span_id == client_span
     assert request[0].attributes["http.response.status_code"] == 201
     rpc_client = [x for x in spans if x.kind == "client" and x.name == RunsOp.START]

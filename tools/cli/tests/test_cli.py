@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flowmesh.cli.embedded import free_port
-from flowmesh.cli.main import DevConfig, app
+from flowmesh.cli.main import DEV_HEALTH_PORT_OFFSETS, SERVICES, DevConfig, app, dev_health_ports
 from flowmesh.cli.tokens import load_or_create_jwt_secret, mint_token
 
 SECRET = "test-secret-" + "0123456789abcdef" * 3
@@ -297,3 +298,13 @@ def test_dev_refuses_a_busy_http_port(tmp_path: Path, clean_env: Path) -> None:
         )
     assert result.returncode == 1
     assert f"port {port}" in result.stderr
+
+
+def test_dev_health_ports_follow_the_http_port_and_step_aside_when_taken() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        http_port = taken.getsockname()[1] - DEV_HEALTH_PORT_OFFSETS["runner"]
+        ports = dev_health_ports(http_port, SERVICES)
+    assert "gateway" not in ports and set(ports) == set(DEV_HEALTH_PORT_OFFSETS)
+    assert ports["runner"] != http_port + DEV_HEALTH_PORT_OFFSETS["runner"]

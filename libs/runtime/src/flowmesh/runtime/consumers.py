@@ -49,6 +49,7 @@ from flowmesh.contracts.errors import FlowmeshError
 from flowmesh.contracts.streams import ALL_STREAMS, ConsumerSpec
 from flowmesh.runtime.db import database_unavailable
 from flowmesh.runtime.logs import log_context
+from flowmesh.runtime.metrics import CONSUMER_ACK_PENDING, CONSUMER_PENDING
 from flowmesh.runtime.nats import JS_SETUP_TIMEOUT_S
 from flowmesh.runtime.rpc import request_parser
 from flowmesh.runtime.settings import NatsLogin
@@ -70,6 +71,8 @@ RETRY_S: Final = 1.0
 """Pause before binding a consumer again after a failed pull (NATS restarting, the consumer gone)."""
 STOP_GRACE_S: Final = 10.0
 """How long stopping waits for the handlers in flight."""
+LAG_TIMEOUT_S: Final = 2.0
+"""How long one read of a consumer's counts may take (a slow NATS skips a refresh, nothing more)."""
 
 
 class Redeliver(Exception):
@@ -425,10 +428,12 @@ class Consumers:
     consumer the NATS user may not create fails the start with the subject at fault.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, lag_interval_s: float = 15.0) -> None:
         self.name = name
+        self.lag_interval_s = lag_interval_s
         self._loops: list[_PullLoop] = []
         self._nc: Client | None = None
+        self._lag_task: asyncio.Task[None] | None = None
 
     def each(
         self,
@@ -491,9 +496,39 @@ class Consumers:
         js = self._nc.jetstream()
         for loop in self._loops:
             loop.start(js)
+        self._lag_task = asyncio.create_task(self._refresh_lag_forever(), name=f"{self.name}-consumer-lag")
+
+    async def refresh_lag(self) -> None:
+        """Read each consumer's pending and unacknowledged counts from NATS into the lag gauges.
+
+        One ``CONSUMER.INFO`` request per consumer, every ``lag_interval_s``: the counts cost the
+        message path nothing. A consumer whose read fails keeps its last value until the next one.
+        """
+        if self._nc is None:
+            return
+        js = self._nc.jetstream(timeout=LAG_TIMEOUT_S)
+        for loop in self._loops:
+            durable = loop.spec.durable
+            try:
+                info = await js.consumer_info(loop.spec.stream, durable)
+            except Exception as exc:
+                log.debug("reading the counts of consumer %s failed: %s", durable, exc)
+                continue
+            CONSUMER_PENDING.labels(durable).set(info.num_pending or 0)
+            CONSUMER_ACK_PENDING.labels(durable).set(info.num_ack_pending or 0)
+
+    async def _refresh_lag_forever(self) -> None:
+        while True:
+            await self.refresh_lag()
+            await asyncio.sleep(self.lag_interval_s)
 
     async def stop(self) -> None:
         """Stop every consumer (handlers in flight finish, bounded), then close the connection."""
+        if self._lag_task is not None:
+            self._lag_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._lag_task
+            self._lag_task = None
         await asyncio.gather(*(loop.stop() for loop in self._loops))
         if self._nc is not None:
             with contextlib.suppress(Exception):

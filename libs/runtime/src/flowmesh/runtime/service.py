@@ -65,7 +65,7 @@ class ServiceRuntime:
         self.refusals = NatsRefusals(login.user or name)
         self.broker = create_broker(settings.nats_url, name=name, login=login, refusals=self.refusals)
         self.rpc = RpcServer(self.broker, name)
-        self.consumers = Consumers(name)
+        self.consumers = Consumers(name, lag_interval_s=settings.metrics_interval_s)
         # the engine connects lazily: nothing opens before running()
         self._engine: AsyncEngine | None = None
         self._sessions: async_sessionmaker[AsyncSession] | None = None

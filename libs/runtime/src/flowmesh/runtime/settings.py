@@ -111,6 +111,13 @@ class BaseServiceSettings(BaseSettings):
     health_host: str = "0.0.0.0"
     health_port: int = Field(default=9090, ge=0, le=65535)
     db_pool_size: int = Field(default=10, ge=1, le=200)
+    metrics_interval_s: float = Field(
+        default=15.0,
+        gt=0,
+        le=3600,
+        validation_alias=_env("FLOWMESH_METRICS_INTERVAL_S", "metrics_interval_s"),
+        description="how often gauges read from NATS or PostgreSQL (consumer lag, runs in flight) are refreshed",
+    )
     rpc_timeout_s: float = Field(
         default=5.0, gt=0, le=120, validation_alias=AliasChoices("FLOWMESH_RPC_TIMEOUT_S", "rpc_timeout_s")
     )

@@ -24,10 +24,9 @@ from typing import Final
 
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
-from prometheus_client import Counter, Histogram
 
 from flowmesh.contracts.errors import BadRequest, FlowmeshError, GatewayTimeout, NotFound, RateLimited
-from flowmesh.gateway import idempotency, keys
+from flowmesh.gateway import idempotency, keys, metrics
 from flowmesh.gateway.auth import bearer_token
 from flowmesh.gateway.problems import from_http_exception, problem_response
 from flowmesh.gateway.routes.docs import PAGE as DOCS_PAGE
@@ -37,14 +36,6 @@ from flowmesh.runtime.tracing import enabled as tracing_enabled
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("flowmesh.gateway.access")
-
-HTTP_REQUESTS: Final = Counter("flowmesh_http_requests_total", "HTTP requests", ["method", "route", "status"])
-HTTP_SECONDS: Final = Histogram(
-    "flowmesh_http_request_seconds",
-    "HTTP request latency",
-    ["method", "route"],
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
-)
 
 API_PREFIX: Final = "/api/v1"
 PUBLIC_API_PREFIXES: Final = (f"{API_PREFIX}/hooks/",)
@@ -97,11 +88,6 @@ def logged_path(request: web.BaseRequest) -> str:
     return path
 
 
-def _route_label(request: web.Request) -> str:
-    info = request.match_info.route.resource
-    return info.canonical if info is not None else "unmatched"
-
-
 @web.middleware
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Give every request an id and a trace context (a server span when tracing is on), echo the id,
@@ -110,16 +96,18 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     request[keys.REQUEST_ID] = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
     tp = request.headers.get("traceparent")
     parent = tp if tp is not None and valid_traceparent(tp) else new_traceparent()
-    route = _route_label(request)
+    route = metrics.route_of(request)
     started = time.perf_counter()
     status = 500
     with span(
         f"{request.method} {route}", kind="server", parent=parent, attributes=_span_attributes(request, route)
     ) as s:
         request[keys.TRACEPARENT] = current_traceparent() or parent
+        websocket = False
         try:
             response = await handler(request)
             status = response.status
+            websocket = isinstance(response, web.WebSocketResponse)
             if not response.prepared:  # a WebSocket has sent its headers already
                 response.headers["X-Request-Id"] = request[keys.REQUEST_ID]
             return response
@@ -128,8 +116,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
             s.set_attribute("http.response.status_code", status)
             if status >= 500:
                 s.set_error(f"HTTP {status}")
-            HTTP_REQUESTS.labels(request.method, route, str(status)).inc()
-            HTTP_SECONDS.labels(request.method, route).observe(elapsed)
+            metrics.request_done(request, status, elapsed, websocket=websocket)
             if request.app[keys.SETTINGS].access_log:
                 _log_access(request, status, elapsed)
 

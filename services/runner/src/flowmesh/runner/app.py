@@ -15,7 +15,7 @@ from pathlib import Path
 
 from flowmesh.contracts.streams import RUNNER_EVENTS, RUNNER_FLOWS, RUNNER_STARTS, RUNNER_STEPS, RUNNER_TIMERS
 from flowmesh.contracts.subjects import FLOWS_EVENTS_ALL
-from flowmesh.runner import handlers
+from flowmesh.runner import handlers, metrics, repo
 from flowmesh.runner.deps import RunnerDeps
 from flowmesh.runner.engine import OutputLimits
 from flowmesh.runner.io_steps import HttpStep, LlmStep, usage_key_reveal
@@ -67,6 +67,7 @@ def create_app(settings: RunnerSettings) -> ServiceRuntime:
     service.resource(lambda: _forgetting_changed_flows(service, deps))
     # the first sweep one interval after start, not at start
     service.every(settings.sweep_interval_s, partial(_sweep, runner, settings), name="sweep", wait_first=True)
+    service.every(settings.metrics_interval_s, partial(_count_in_flight, service), name="counting runs in flight")
     return service
 
 
@@ -124,6 +125,12 @@ async def _forgetting_changed_flows(service: ServiceRuntime, deps: RunnerDeps) -
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
+
+
+async def _count_in_flight(service: ServiceRuntime) -> None:
+    """The runs-in-flight gauge, refreshed on the metrics interval (one count, off the run path)."""
+    async with service.sessions() as s:
+        metrics.RUNS_IN_FLIGHT.set(await repo.count_in_flight(s))
 
 
 async def _sweep(runner: Runner, settings: RunnerSettings) -> None:

@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Table, func, select, update
+from sqlalchemy import Table, func, select, text, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import RowMapping
@@ -140,6 +140,14 @@ async def load_steps(session: AsyncSession, *, run_id: str) -> dict[str, StepSta
         row["step_id"]: StepState(**{f: row[f] for f in _STEP_FIELDS})
         for row in (await session.execute(stmt)).mappings()
     }
+
+
+async def count_in_flight(session: AsyncSession) -> int:
+    """Top-level runs queued or running, every tenant's (an index-only count on ``runs_in_flight``)."""
+    # the status test is literal SQL: a partial index serves only a predicate the planner can prove
+    in_flight = text("status IN ('queued', 'running')")
+    stmt = select(func.count()).select_from(runs).where(runs.c.parent_run_id.is_(None), in_flight)
+    return int((await session.execute(stmt)).scalar_one())
 
 
 async def save(session: AsyncSession, state: RunState) -> list[dict[str, Any]]:

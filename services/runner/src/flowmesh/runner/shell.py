@@ -32,7 +32,7 @@ from flowmesh.contracts.models.rpc import StartRun, StartRunResult
 from flowmesh.contracts.models.timers import TimerFired
 from flowmesh.contracts.models.usage import PlanCaps
 from flowmesh.contracts.models.work import StepWork
-from flowmesh.runner import repo
+from flowmesh.runner import metrics, repo
 from flowmesh.runner.children import ChildRuns
 from flowmesh.runner.commands import Advance, Cancel, ClaimRetry, Command, Complete, DeliverEvent, Expire, Resume
 from flowmesh.runner.engine import TIMER_OWNER, Deadline, OutputLimits, RunRecord, RunState
@@ -160,6 +160,7 @@ class Runner:
                 "start this one when some have finished",
                 retry_after_s=1,
             )
+        metrics.committed(state.events)
         # answer as soon as the run is committed; its events follow (a crash here is the sweep's job)
         background(self._tasks, self.publisher.publish(state.run, events, work_of(state, was_final=False)))
         self.timers.send(state.timers.values())
@@ -270,6 +271,7 @@ class Runner:
         """
         with db_span(f"apply.{type(command).__name__.lower()}", run_id):
             state, was_final, result, events = await self._change(run_id, command, tenant)
+        metrics.committed(state.events)
         self.timers.send(state.timers.values())
         await self.publisher.publish(state.run, events, work_of(state, was_final))
         for step_id in state.abandoned:
@@ -315,6 +317,7 @@ class Runner:
             state = RunState(record, graph, kept, now, limits=self.output_limits(record.tenant_id))
             state.requeue()
             events = await repo.save(s, state)
+        metrics.committed(state.events)
         self.timers.send(state.timers.values())
         advance = Work(StepWork(run_id=run_id, kind="advance"), f"{run_id}:{record.retry_count}:start")
         await self.publisher.publish(record, events, [advance])

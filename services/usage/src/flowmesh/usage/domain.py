@@ -150,6 +150,8 @@ class Metered:
     day: date
     counts: Counts
     run: RunFact | None = None
+    at: datetime | None = None
+    """When the event happened (its ``ts``): metering lag is measured from it."""
 
     @property
     def matters(self) -> bool:
@@ -226,7 +228,7 @@ def read_event(payload: Any) -> Metered:
         if usage is not None:
             counts.input_tokens = usage.input_tokens or 0
             counts.output_tokens = usage.output_tokens or 0
-    return Metered(event_id, tenant, ts.date(), counts, run)
+    return Metered(event_id, tenant, ts.date(), counts, run, at=ts)
 
 
 @dataclass(slots=True)

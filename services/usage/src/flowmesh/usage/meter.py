@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from flowmesh.contracts.ids import utcnow
@@ -26,6 +26,11 @@ from flowmesh.usage.quota import PlanBook, QuotaSnapshots
 log = logging.getLogger(__name__)
 
 EVENTS: Final = Counter("flowmesh_usage_events_total", "Run events seen by metering", ["outcome"])
+LAG: Final = Histogram(
+    "flowmesh_usage_metering_lag_seconds",
+    "Time from a run event (its ts) to its being metered (the commit of its batch); new events only",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,8 +76,17 @@ class Meter:
             await repo.add_monthly(s, sums=batch.monthly)
             await repo.put_run_facts(s, facts=batch.runs.values())
             quotas = await self.plans.quotas(s, counted)
+        _observe_lag(e for e in candidates if e.event_id in claimed)
         await self.snapshots.write(quotas)
         EVENTS.labels("metered").inc(len(claimed))
         EVENTS.labels("duplicate").inc(len(candidates) - len(claimed))
         EVENTS.labels("malformed").inc(malformed)
         return Metering(new=len(claimed), duplicates=len(candidates) - len(claimed), malformed=malformed, quotas=quotas)
+
+
+def _observe_lag(metered: Iterable[Metered]) -> None:
+    """How long each newly metered event waited (a redelivered batch's duplicates are not counted again)."""
+    now = utcnow()
+    for event in metered:
+        if event.at is not None:
+            LAG.observe(max(0.0, (now - event.at).total_seconds()))

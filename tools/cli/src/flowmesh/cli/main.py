@@ -6,7 +6,7 @@ import asyncio
 import functools
 import os
 import sys
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Final, NoReturn, TypeVar
@@ -30,6 +30,9 @@ from flowmesh.cli.tokens import (
 __all__ = ["SERVICES", "DevConfig", "app", "run_dev", "service_commands"]
 
 SERVICES: Final = ("gateway", "flows", "runner", "scheduler", "usage")
+DEV_HEALTH_PORT_OFFSETS: Final = {"flows": 1, "runner": 2, "scheduler": 3, "usage": 4}
+"""Under ``flowmesh dev`` a service's health port (``/metrics``) is the HTTP port plus this (8081 … 8084 by
+default, what deploy/observability/prometheus.yml scrapes), or any free port when that one is taken."""
 """The services ``flowmesh dev`` runs, each as ``python -m flowmesh.<name>``."""
 DEFAULT_DATA_DIR: Final = ".flowmesh"
 DEFAULT_HTTP_PORT: Final = 8080
@@ -191,14 +194,32 @@ async def _start_dev(launch: Launch, config: DevConfig, cmds: Mapping[str, Seque
         nats_url = nats.url
     database_url = await launch.database_url(config.database_url, config.data_dir / "postgres")
     jwt_secret = config.jwt_secret or load_or_create_jwt_secret(config.data_dir)
-    await launch.supervise(_dev_specs(config, cmds, nats_url, database_url, jwt_secret))
-    ready = functools.partial(_dev_ready_lines, config, nats_url, database_url, jwt_secret)
+    health_ports = dev_health_ports(config.http_port, cmds)
+    await launch.supervise(_dev_specs(config, cmds, nats_url, database_url, jwt_secret, health_ports))
+    ready = functools.partial(_dev_ready_lines, config, nats_url, database_url, jwt_secret, health_ports)
     launch.announce_when_ready(config.http_port, ready, timeout=config.ready_timeout)
     return None
 
 
+def dev_health_ports(http_port: int, names: Iterable[str]) -> dict[str, int]:
+    """The health port of each service but the gateway: the HTTP port plus its offset, else a free port."""
+    ports: dict[str, int] = {}
+    for name in names:
+        if name == "gateway":
+            continue
+        wanted = http_port + DEV_HEALTH_PORT_OFFSETS.get(name, 0)
+        fixed = name in DEV_HEALTH_PORT_OFFSETS and wanted <= 65535 and port_is_free(wanted)
+        ports[name] = wanted if fixed else free_port()
+    return ports
+
+
 def _dev_specs(
-    config: DevConfig, cmds: Mapping[str, Sequence[str]], nats_url: str, database_url: str, jwt_secret: str
+    config: DevConfig,
+    cmds: Mapping[str, Sequence[str]],
+    nats_url: str,
+    database_url: str,
+    jwt_secret: str,
+    health_ports: Mapping[str, int],
 ) -> list[ServiceSpec]:
     """One process per service, each with a health port of its own (the gateway's is its API port)."""
     return [
@@ -212,18 +233,22 @@ def _dev_specs(
                 nats_url=nats_url,
                 database_url=database_url,
                 jwt_secret=jwt_secret,
-                health_port=None if name == "gateway" else free_port(),
+                health_port=health_ports.get(name),
             ),
         )
         for name, argv in cmds.items()
     ]
 
 
-def _dev_ready_lines(config: DevConfig, nats_url: str, database_url: str, jwt_secret: str) -> list[str]:
+def _dev_ready_lines(
+    config: DevConfig, nats_url: str, database_url: str, jwt_secret: str, health_ports: Mapping[str, int]
+) -> list[str]:
     """What ``flowmesh dev`` prints once the gateway is ready: where everything is, and a token."""
+    metrics = ", ".join(f"{name} :{port}" for name, port in health_ports.items())
     return [
         "ready",
         f"  gateway     http://127.0.0.1:{config.http_port}",
+        f"  metrics     /metrics on the gateway and on {metrics}",
         f"  NATS        {redact(nats_url)}",
         f"  PostgreSQL  {redact(database_url)}",
         f"  data        {config.data_dir}",

@@ -22,7 +22,7 @@ from flowmesh.contracts.models.rpc import RunEventsQuery, RunRef
 from flowmesh.contracts.models.ws import BEARER_PREFIX, SUBPROTOCOL, WsClose, WsEvent, WsSnapshot, WsTicket
 from flowmesh.contracts.streams import WS_TICKET_TTL_S
 from flowmesh.contracts.subjects import FlowsOp, RunsOp
-from flowmesh.gateway import keys
+from flowmesh.gateway import keys, metrics
 from flowmesh.gateway.auth import Principal
 from flowmesh.gateway.cors import CorsPolicy
 from flowmesh.gateway.live import FILL_PAGE, Watcher
@@ -122,7 +122,7 @@ async def _serve_run(request: web.Request, run_id: str, subject: str, after: int
         # a failure here is still an HTTP answer: the connection is upgraded only after)
         await hub.watch(subject, watcher)
         snapshot = await call(request, RunsOp.SNAPSHOT, RunRef(run_id=run_id)) if after is None else None
-        await _open(request, ws)
+        await _open(request, ws, "run")
         if snapshot is not None:
             watcher.start({run_id: snapshot["seq"]}, first=json.dumps(snapshot, separators=(",", ":")))
         else:
@@ -130,7 +130,7 @@ async def _serve_run(request: web.Request, run_id: str, subject: str, after: int
             watcher.catch_up(run_id)
         await _serve(ws, watcher)
     finally:
-        request.app[keys.SOCKETS].discard(ws)
+        _closed(request, ws, "run")
         await hub.unwatch(subject, watcher)
         await watcher.close()
     return ws
@@ -194,11 +194,11 @@ async def _serve_flow(request: web.Request, subject: str, since: datetime | None
         else:
             # the stream's history from ``since`` and then live, on one consumer of its own
             replay = await hub.replay(subject, since, watcher)
-        await _open(request, ws)
+        await _open(request, ws, "flow")
         watcher.start({})
         await _serve(ws, watcher)
     finally:
-        request.app[keys.SOCKETS].discard(ws)
+        _closed(request, ws, "flow")
         if replay is not None:
             await replay.unsubscribe()
         else:
@@ -272,7 +272,7 @@ def _watcher(request: web.Request, ws: web.WebSocketResponse) -> Watcher:
     return Watcher(ws.send_str, _direct(request, ws), _history(request), flusher=request.app[keys.FLUSHER])
 
 
-async def _open(request: web.Request, ws: web.WebSocketResponse) -> None:
+async def _open(request: web.Request, ws: web.WebSocketResponse, kind: str) -> None:
     sock = request.transport.get_extra_info("socket") if request.transport is not None else None
     if sock is not None:
         # a fixed kernel buffer per watcher (no autotuning to megabytes): memory stays bounded with
@@ -280,6 +280,15 @@ async def _open(request: web.Request, ws: web.WebSocketResponse) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
     await ws.prepare(request)
     request.app[keys.SOCKETS].add(ws)
+    metrics.WEBSOCKETS.labels(kind).inc()
+
+
+def _closed(request: web.Request, ws: web.WebSocketResponse, kind: str) -> None:
+    """Forget a socket: the gauge goes down only for one :func:`_open` counted (a handshake may fail first)."""
+    sockets = request.app[keys.SOCKETS]
+    if ws in sockets:
+        sockets.discard(ws)
+        metrics.WEBSOCKETS.labels(kind).dec()
 
 
 async def _serve(ws: web.WebSocketResponse, watcher: Watcher) -> None:
