@@ -31,7 +31,9 @@ import nats
 from nats.aio.msg import Msg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import io_steps
 from cron import scenario_cron
+from io_steps import Upstream, backends, io_throughput_result, scenario_io_chain
 from live import scenario_live
 from scale import scenario_scale
 
@@ -52,13 +54,20 @@ TARGETS = {
     "webhooks": {"runs_per_s": 500.0},
     "live": {"p99_ms": 100.0},
     "cron": {"p99_ms": 100.0, "duplicates": 0},
+    "io-chain": {"overhead_per_step_ms": 2.0},
+    "io-throughput": {"steps_per_s": 2000.0},
+    "publish-chain": {"overhead_per_step_ms": 2.0},
+    "publish-throughput": {"steps_per_s": 2000.0},
 }
+IO = {"io-chain": "http", "io-throughput": "http", "publish-chain": "publish", "publish-throughput": "publish"}
+"""The scenarios of steps that do I/O (:mod:`io_steps`), and their step type."""
 REFERENCE = {
     "chain": {"temporal_dev_p50_ms": 2056, "dbos_p50_ms": 219},
     "throughput": {"temporal_dev_steps_per_s": 39, "dbos_steps_per_s": 161},
     "webhooks": {"n8n_docs_runs_per_s": 220},
     "live": {},
     "cron": {},
+    "io-throughput": {"restate_durable_steps_per_s_same_machine": 1886},
 }
 HOOK_FLOW = {
     "nodes": [
@@ -365,16 +374,65 @@ async def main_async(args: argparse.Namespace) -> None:
                 result = sorted(rounds, key=lambda r: r["p99_ms"] or 0.0)[len(rounds) // 2]
                 result["rounds_p99_ms"] = [r["p99_ms"] for r in rounds]
                 report(result)
+            if set(args.scenarios) & IO.keys():
+                await io_scenarios(c, nc, tenant, args)
         finally:
             await nc.close()
     finally:
         await c.close()
 
 
+async def io_scenarios(c: Api, nc: nats.NATS, tenant: str, args: argparse.Namespace) -> None:
+    """The scenarios of ``http`` and ``publish`` steps, against an upstream of their own."""
+    upstream = Upstream()
+    try:
+        await upstream.ready()
+        for name, kind in IO.items():
+            if name not in args.scenarios:
+                continue
+            target = upstream if kind == "http" else None
+            if name.endswith("-chain"):
+                log(f"{name}: {io_steps.STEPS} {kind} steps in a chain, one run at a time")
+
+                async def start_and_wait(flow_id: str, i: int) -> tuple[float, str]:
+                    finished = Finished()
+                    sub = await nc.subscribe(f"fm.runs.{tenant_token(tenant)}.{flow_id}.*.run.*", cb=finished.handler)
+                    try:
+                        t0 = time.perf_counter()
+                        run = await c.post(f"/flows/{flow_id}/runs", {"input": {"v": i}})
+                        done = await finished.wait(run["id"])
+                        return done - t0, finished.status[run["id"]]
+                    finally:
+                        await sub.unsubscribe()
+
+                report(
+                    await scenario_io_chain(
+                        kind, lambda d: publish(c, d), start_and_wait, args.chain_runs, target, args.database
+                    )
+                )
+            else:
+                log(f"{name}: {args.io_runs} runs x {io_steps.STEPS} {kind} steps, {args.in_flight} in flight")
+                flow_id = await publish(c, io_steps.io_flow(kind, upstream.url))
+                await drive(c, nc, tenant, flow_id, 2 * args.in_flight, args.in_flight)  # warm-up
+                rounds = []
+                for i in range(args.rounds):
+                    before = await backends(args.database)
+                    elapsed, finished = await drive(c, nc, tenant, flow_id, args.io_runs, args.in_flight)
+                    ok = sum(1 for st in finished.status.values() if st == "succeeded")
+                    after = await backends(args.database)
+                    rounds.append(io_throughput_result(kind, args.io_runs, args.in_flight, elapsed, ok, before, after))
+                    log(f"  round {i + 1}: {rounds[-1]['steps_per_s']} steps/s, backends {before} -> {after}")
+                result = sorted(rounds, key=lambda r: r["steps_per_s"])[len(rounds) // 2]
+                result["rounds_steps_per_s"] = [r["steps_per_s"] for r in rounds]
+                report(result)
+    finally:
+        upstream.close()
+
+
 def main() -> None:
     parser = _parser()
     args = parser.parse_args()
-    args.scenarios = args.scenarios or list(TARGETS)
+    args.scenarios = args.scenarios or [s for s in TARGETS if s not in IO] + ["io-chain", "io-throughput"]
     SETUP.update({"runner_replicas": args.runners if not args.base else "external", "client": "aiohttp"})
     if unknown := set(args.scenarios) - set(TARGETS) - {"scale"}:
         parser.error(f"unknown scenario(s) {', '.join(sorted(unknown))}; choose from {', '.join(TARGETS)}, scale")
@@ -401,11 +459,12 @@ def _parser() -> argparse.ArgumentParser:
         "scenarios",
         nargs="*",
         metavar="SCENARIO",
-        help="chain, throughput, webhooks, live and/or cron (default: all); scale (on make cluster's shape) "
-        "only when named",
+        help="chain, throughput, webhooks, live, cron, io-chain, io-throughput (the default: these), "
+        "publish-chain, publish-throughput; scale (on make cluster's shape) only when named",
     )
     parser.add_argument("--base", help="gateway URL of a running stack (default: start one)")
     parser.add_argument("--nats", help="NATS URL of that stack (needed with --base)")
+    parser.add_argument("--database", help="PostgreSQL URL of that stack (to count its backends; optional)")
     parser.add_argument(
         "--secret",
         default=os.environ.get("FLOWMESH_JWT_SECRET", "bench-secret-" + "x" * 40),
@@ -417,6 +476,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--in-flight", type=int, default=50, help="runs (deliveries) in flight in the throughput (webhooks) scenario"
     )
+    parser.add_argument("--io-runs", type=int, default=1000, help="runs per round of io-throughput, publish-throughput")
     parser.add_argument("--hooks", type=int, default=1000, help="deliveries of the webhooks scenario")
     parser.add_argument("--watchers", type=int, default=1000, help="WebSocket watchers of the live scenario")
     parser.add_argument(
@@ -501,7 +561,7 @@ def run_on_stack(args: argparse.Namespace) -> None:
         if not line:
             raise SystemExit(f"the benchmark stack did not start (exit {server.wait()})")
         urls = json.loads(line)
-        args.base, args.nats = urls["base"], urls["nats"]
+        args.base, args.nats, args.database = urls["base"], urls["nats"], urls["database"]
         asyncio.run(main_async(args))
     finally:
         server.terminate()
@@ -553,7 +613,7 @@ def serve(args: argparse.Namespace) -> None:
             print(f"[bench] five services, {args.runners} runner replicas", file=sys.stderr, flush=True)
             stack.start_all()
             stack.wait_ready()
-            print(json.dumps({"base": stack.base, "nats": nats_server.url}), flush=True)
+            print(json.dumps({"base": stack.base, "nats": nats_server.url, "database": pg.url}), flush=True)
             stop.wait()
         finally:
             stack.stop_all()

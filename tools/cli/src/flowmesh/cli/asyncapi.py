@@ -202,8 +202,8 @@ def _header(description: str, **schema: Any) -> JsonSchema:
     return {"type": "string", **schema, "description": description}
 
 
-def _traceparent() -> JsonSchema:
-    return _header("W3C trace context of the work that caused the message; optional.", pattern=TRACEPARENT_PATTERN)
+def _traceparent(description: str = "W3C trace context of the work that caused the message; optional.") -> JsonSchema:
+    return _header(description, pattern=TRACEPARENT_PATTERN)
 
 
 def _sent_headers() -> JsonSchema:
@@ -222,7 +222,11 @@ def _sent_headers() -> JsonSchema:
                 "retry and step, so a re-run attempt is stored once. A reader that must see each message once "
                 "de-duplicates by it."
             ),
-            headers.TRACEPARENT: _traceparent(),
+            headers.TRACEPARENT: _traceparent(
+                "W3C trace context of the run the message belongs to: every run keeps one trace, from the request "
+                "or event that started it across its steps, waits and retries (absent only on runs started before "
+                "Flowmesh traced them)."
+            ),
         },
         "required": [headers.TENANT, headers.SCHEMA, headers.MSG_ID],
     }
@@ -464,7 +468,8 @@ def _events_channel() -> JsonSchema:
             "this `eventType` (when its flow is published and active, and its `filter`, if it has one, is true "
             "for the event), and resumes each waiting `waitEvent` step of this `eventType` whose `match` is true "
             "for it. Publish it with JetStream to know it is stored (the acknowledgement comes back to your "
-            "inbox); a plain publish is stored too."
+            "inbox); a plain publish is stored too. Without NATS, `POST /api/v1/events/{eventType}` (HTTP API) "
+            "publishes the request's body here with the same effect."
         ),
         {
             "tenant": _ref("parameters", "tenant"),
