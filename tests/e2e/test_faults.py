@@ -6,6 +6,7 @@ Every accepted run still reaches the right final state, and no step's result is 
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import signal
 import time
@@ -16,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
@@ -137,6 +139,59 @@ def test_sigkill_of_the_runner_loses_no_run_and_records_no_step_twice(
         fault_stack.start("runner")
         check_all(c, started)
         metered_exactly(c, [run_id for run_id, _ in started])
+
+
+def lease_of(database_url: str, run_id: str, step_id: str) -> datetime | None:
+    """The step's lease: set when the runner that made it ready executes it itself, with no work message."""
+
+    async def read() -> datetime | None:
+        conn = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"))
+        try:
+            return await conn.fetchval(  # type: ignore[no-any-return]
+                "SELECT lease_until FROM runner.step_runs WHERE run_id = $1 AND step_id = $2", run_id, step_id
+            )
+        finally:
+            await conn.close()
+
+    return asyncio.run(read())
+
+
+@pytest.mark.timeout(120)
+def test_a_step_its_runner_took_on_itself_runs_again_when_that_runner_dies(
+    fault_stack: ProcessStack, upstream: Upstream
+) -> None:
+    hold = f"lease-{uuid.uuid4().hex[:8]}"
+    nodes = [
+        {"id": "start", "type": "trigger", "data": {}},
+        {"id": "ok", "type": "approval", "data": {}},
+        {"id": "call", "type": "http", "data": {"url": f"{upstream.base}/hold/{hold}"}},
+    ]
+    edges = [{"id": "e1", "source": "start", "target": "ok"}, {"id": "e2", "source": "ok", "target": "call"}]
+    with fault_stack.client(f"fault-{uuid.uuid4().hex[:6]}") as c:
+        flow_id = publish_flow(c, {"nodes": nodes, "edges": edges})
+        run_id = c.post(f"/flows/{flow_id}/runs", json={"input": {}}).json()["id"]
+        wait_run(c, run_id, until=("waiting",))
+        # the approval's change makes `call` ready: the runner that commits it executes it there and then
+        assert c.post(f"/runs/{run_id}/resume", json={"stepId": "ok", "decision": "approved"}).status_code == 200
+        deadline = time.monotonic() + 20
+        while not any(r["path"] == f"/hold/{hold}" for r in upstream.requests):
+            assert time.monotonic() < deadline, "the step was never executed"
+            time.sleep(0.02)
+        assert lease_of(fault_stack.env["DATABASE_URL"], run_id, "call") is not None
+
+        fault_stack.kill("runner", signal.SIGKILL)  # mid-attempt: nobody will finish it or send its work
+        upstream.release(hold)
+        fault_stack.start("runner")
+        # the lease (3 s: the ack wait) runs out, the sweep sends the step's work, a runner executes it again
+        run = wait_run(c, run_id, timeout=60)
+        assert run["status"] == "succeeded", run
+        assert sum(r["path"] == f"/hold/{hold}" for r in upstream.requests) == 2  # at least once: twice here
+        events = c.get(f"/runs/{run_id}/events", params={"pageSize": 1000}).json()["items"]
+        assert [e["type"] for e in events if e.get("stepId") == "call" and e["type"].startswith("step.")] == [
+            "step.started",
+            "step.succeeded",
+        ]  # and recorded once
+        assert lease_of(fault_stack.env["DATABASE_URL"], run_id, "call") is None
 
 
 @pytest.mark.timeout(300)

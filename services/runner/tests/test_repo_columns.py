@@ -27,7 +27,8 @@ def test_a_new_run_row_has_a_value_for_every_column_of_runs_in_order() -> None:
 
 def test_step_statements_write_every_column_of_step_runs() -> None:
     assert set(repo._STEP_COLUMNS) == set(step_runs.c.keys())
-    assert {"run_id", *(c for c, _ in repo._STEP_ARRAYS), "updated_at"} == set(step_runs.c.keys())
+    # a new run's steps have no lease: nothing executes them before the run is committed
+    assert {"run_id", *(c for c, _ in repo._STEP_ARRAYS), "updated_at", "lease_until"} == set(step_runs.c.keys())
     assert len(repo._step_values(StepState(status="running"))) == len(repo._STEP_FIELDS) + 1  # + duration_ms
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
@@ -19,11 +20,18 @@ from nats.js import JetStreamContext
 from flowmesh.contracts.streams import RUNNER_STEPS, STEP_WORK
 from flowmesh.contracts.subjects import RunsOp
 from flowmesh.contracts.testing import http_step, linear, node
-from flowmesh.runtime.testing import FlowsStandIn
+from flowmesh.runner.settings import RunnerSettings
+from flowmesh.runtime.testing import FlowsStandIn, ServiceUnderTest
 from flowmesh.runtime.testing import RunsClient as Runs
 from upstream import Upstream
 
 STALLED_STEP = timedelta(seconds=2)  # the runner's stalled_step_s in this directory's conftest
+
+
+@pytest.fixture(scope="module")
+def service_under_test(service_under_test: ServiceUnderTest[RunnerSettings]) -> ServiceUnderTest[RunnerSettings]:
+    """The runner sending every step as a work message, even those it could execute itself: these tests lose them."""
+    return dataclasses.replace(service_under_test, overrides={**service_under_test.overrides, "local_steps": 0})
 
 
 @pytest.fixture(scope="module")

@@ -57,6 +57,8 @@ def create_app(settings: RunnerSettings) -> ServiceRuntime:
         secrets=usage_secret_reveal(rpc),
         quotas=quotas,
         limits=OutputLimits(settings.step_output_max_bytes, settings.run_output_max_bytes),
+        local_workers=settings.local_steps,
+        lease_s=settings.ack_wait_s,
     )
     deps = RunnerDeps(service.sessions, runner)
     service.rpc.include(handlers.router, deps)

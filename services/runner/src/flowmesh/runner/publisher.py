@@ -67,9 +67,11 @@ def parent_work(state: RunState, was_final: bool) -> list[Work]:
     return [Work(body, f"{run.id}{CHILD_DONE}")]
 
 
-def work_of(state: RunState, was_final: bool) -> list[Work]:
-    """Every message a committed change owes: its dispatched steps' work, and its parent's if it ended."""
-    return [attempt_work(state, step_id) for step_id in state.dispatch] + parent_work(state, was_final)
+def work_of(state: RunState, was_final: bool, local: Sequence[str] = ()) -> list[Work]:
+    """Every message a committed change owes: its dispatched steps' work (but the ``local`` ones, which
+    this process executes itself), and its parent's if it ended."""
+    sent = [step_id for step_id in state.dispatch if step_id not in local]
+    return [attempt_work(state, step_id) for step_id in sent] + parent_work(state, was_final)
 
 
 class EventPublisher:

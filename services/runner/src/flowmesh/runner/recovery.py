@@ -54,7 +54,7 @@ class Recovery:
         async with self.sessions() as s:
             events = await repo.unpublished_events(s, older_than=now - UNPUBLISHED_AFTER, limit=2 * BATCH)
             stalled = await repo.stalled_work(
-                s, run_older_than=now - stalled_run, step_older_than=now - stalled_step, limit=BATCH
+                s, run_older_than=now - stalled_run, step_older_than=now - stalled_step, lease_ended=now, limit=BATCH
             )
         await self._republish(events, now)
         async with self.sessions() as s:

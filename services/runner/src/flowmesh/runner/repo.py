@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Table, func, select, text, update
+from sqlalchemy import Table, and_, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import RowMapping
@@ -37,12 +37,13 @@ def _pg_type(table: Table, column: str) -> str:
 # The statements every change of a run makes, run on the driver connection (executemany). Their
 # column lists come from tables.py: a column added there is written here, or the runner fails at
 # import (a parameter tuple of the wrong length) and in test_repo_columns.
-_STEP_COLUMNS = ("run_id", "step_id", "type", *_STEP_FIELDS, "duration_ms", "updated_at")
+_STEP_COLUMNS = ("run_id", "step_id", "type", *_STEP_FIELDS, "duration_ms", "updated_at", "lease_until")
+# every change of a step row sets its lease: none, unless this change hands the step to a local worker
 _UPSERT_STEPS_SQL = (
     f"INSERT INTO runner.step_runs ({', '.join(_STEP_COLUMNS)}) "
     f"VALUES ({', '.join(f'${i}' for i in range(1, len(_STEP_COLUMNS) + 1))}) "
     "ON CONFLICT (run_id, step_id) DO UPDATE SET "
-    + ", ".join(f"{c} = EXCLUDED.{c}" for c in (*_STEP_FIELDS, "duration_ms", "updated_at"))
+    + ", ".join(f"{c} = EXCLUDED.{c}" for c in (*_STEP_FIELDS, "duration_ms", "updated_at", "lease_until"))
 )
 _EVENT_COLUMNS: tuple[str, ...] = tuple(run_events.c.keys())
 _INSERT_EVENTS_SQL = (
@@ -150,8 +151,13 @@ async def count_in_flight(session: AsyncSession) -> int:
     return int((await session.execute(stmt)).scalar_one())
 
 
-async def save(session: AsyncSession, state: RunState) -> list[dict[str, Any]]:
-    """Write a run state's changes; returns its new events as published payloads, in ``seq`` order."""
+async def save(
+    session: AsyncSession, state: RunState, leases: dict[str, datetime] | None = None
+) -> list[dict[str, Any]]:
+    """Write a run state's changes; returns its new events as published payloads, in ``seq`` order.
+
+    ``leases``: steps this change hands to a worker of this process, and until when it answers for them.
+    """
     r = state.run
     now = state.now
     if state.run_changed:
@@ -169,10 +175,10 @@ async def save(session: AsyncSession, state: RunState) -> list[dict[str, Any]]:
                 updated_at=now,
             )
         )
-    return await write_changes(await _driver(session), state)
+    return await write_changes(await _driver(session), state, leases or {})
 
 
-async def write_changes(conn: Any, state: RunState) -> list[dict[str, Any]]:
+async def write_changes(conn: Any, state: RunState, leases: dict[str, datetime]) -> list[dict[str, Any]]:
     """Write a run state's step changes and events on an asyncpg connection (inside its transaction).
 
     The hot path of every run: two statements, prepared once per connection by asyncpg.
@@ -182,7 +188,14 @@ async def write_changes(conn: Any, state: RunState) -> list[dict[str, Any]]:
         await conn.executemany(
             _UPSERT_STEPS_SQL,
             [
-                (r.id, step_id, state.graph.steps[step_id].type, *_step_values(state.steps[step_id]), state.now)
+                (
+                    r.id,
+                    step_id,
+                    state.graph.steps[step_id].type,
+                    *_step_values(state.steps[step_id]),
+                    state.now,
+                    leases.get(step_id),
+                )
                 for step_id in sorted(state.changed)
             ],
         )
@@ -576,9 +589,10 @@ async def unpublished_events(session: AsyncSession, *, older_than: datetime, lim
 
 
 async def stalled_work(
-    session: AsyncSession, *, run_older_than: datetime, step_older_than: datetime, limit: int
+    session: AsyncSession, *, run_older_than: datetime, step_older_than: datetime, lease_ended: datetime, limit: int
 ) -> list[tuple[str, str | None, int]]:
-    """Work whose message may be lost: queued runs, and dispatched steps nobody finished.
+    """Work whose message may be lost: queued runs, and dispatched steps nobody finished (a step a
+    worker executes in its own process: when its lease ended before ``lease_ended``).
 
     Returns ``(run_id, step_id or None, retry_count)``; re-sending is safe (recording is guarded).
     """
@@ -586,18 +600,31 @@ async def stalled_work(
     found: list[tuple[str, str | None, int]] = [
         (r.id, None, r.retry_count) for r in (await session.execute(queued.limit(limit))).all()
     ]
+    stalled = and_(step_runs.c.lease_until.is_(None), step_runs.c.updated_at < step_older_than)
     steps = (
         select(step_runs.c.run_id, step_runs.c.step_id, runs.c.retry_count)
         .join(runs, runs.c.id == step_runs.c.run_id)
         .where(
             step_runs.c.status.in_(("running", "pending")),
-            step_runs.c.updated_at < step_older_than,
+            or_(stalled, step_runs.c.lease_until < lease_ended),
             runs.c.status.in_(("running", "waiting")),
         )
         .limit(limit)
     )
     found += [(r.run_id, r.step_id, r.retry_count) for r in (await session.execute(steps)).all()]
     return found
+
+
+async def extend_lease(conn: Any, *, run_id: str, step_id: str, attempt: int, until: datetime) -> None:
+    """Keep answering for a step's running attempt (one with a lease) until ``until``."""
+    await conn.execute(
+        "UPDATE runner.step_runs SET lease_until = $4 WHERE run_id = $1 AND step_id = $2 AND attempt = $3 "
+        "AND status = 'running' AND lease_until IS NOT NULL",
+        run_id,
+        step_id,
+        attempt,
+        until,
+    )
 
 
 async def overdue(session: AsyncSession, *, before: datetime, limit: int) -> list[Deadline]:

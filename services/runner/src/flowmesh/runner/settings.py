@@ -47,6 +47,13 @@ class RunnerSettings(BaseServiceSettings):
         default=120_000, ge=1, description="per-attempt timeout of llm steps that set no timeoutMs"
     )
     workers: int = Field(default=64, ge=1, le=1024, description="step messages handled at once")
+    local_steps: int = Field(
+        default=64,
+        ge=0,
+        le=1024,
+        description="steps executed at once by the replica whose change made them ready, with no work message "
+        "(0: every step goes through the STEP_WORK stream)",
+    )
     ack_wait_s: float = Field(
         default=30.0, ge=1, description="a step message unacknowledged this long is redelivered (crashed worker)"
     )

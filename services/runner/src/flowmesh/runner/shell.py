@@ -77,8 +77,13 @@ class Runner:
         secrets: SecretReveal | None = None,
         quotas: QuotaView | None = None,
         limits: OutputLimits | None = None,
+        local_workers: int = 0,
+        lease_s: float = 30.0,
     ) -> None:
         self.sessions = sessions
+        self.local_free = local_workers
+        """Steps this process may still take on itself, with no work message (see :meth:`_claim_local`)."""
+        self.lease_s = lease_s
         self.limits = limits or OutputLimits()
         self.http = http
         self.llm = llm
@@ -270,10 +275,11 @@ class Runner:
             NotFound: no such run (of ``tenant``, when given).
         """
         with db_span(f"apply.{type(command).__name__.lower()}", run_id):
-            state, was_final, result, events = await self._change(run_id, command, tenant)
+            state, was_final, result, events, local = await self._change(run_id, command, tenant)
         metrics.committed(state.events)
         self.timers.send(state.timers.values())
-        await self.publisher.publish(state.run, events, work_of(state, was_final))
+        await self.publisher.publish(state.run, events, work_of(state, was_final, local))
+        self._continue(state, local)
         for step_id in state.abandoned:
             await self.children.cancel(run_id, step_id)
         if state.run.status == "timedOut" and not was_final:
@@ -282,25 +288,74 @@ class Runner:
 
     async def _change(
         self, run_id: str, command: Command[T], tenant: str | None
-    ) -> tuple[RunState, bool, T, list[dict[str, Any]]]:
+    ) -> tuple[RunState, bool, T, list[dict[str, Any]], list[str]]:
         """One transaction: lock, load, apply ``command``, write; the state, whether it had ended, the
-        command's result and the events written."""
-        async with self.sessions.begin() as s:
-            record = await repo.lock_run(s, run_id=run_id, tenant=tenant)
-            if record is None:
-                raise NotFound(f"run {run_id} not found")
-            graph = await self.versions.graph(s, record.flow_id, record.version)
-            state = RunState(
-                record,
-                graph,
-                await repo.load_steps(s, run_id=run_id),
-                utcnow(),
-                limits=self.output_limits(record.tenant_id),
-            )
-            was_final = record.final
-            result = command.apply(state)
-            events = await repo.save(s, state)
-        return state, was_final, result, events
+        command's result, the events written and the steps this process takes on (leased to it)."""
+        local: list[str] = []
+        try:
+            async with self.sessions.begin() as s:
+                record = await repo.lock_run(s, run_id=run_id, tenant=tenant)
+                if record is None:
+                    raise NotFound(f"run {run_id} not found")
+                graph = await self.versions.graph(s, record.flow_id, record.version)
+                state = RunState(
+                    record,
+                    graph,
+                    await repo.load_steps(s, run_id=run_id),
+                    utcnow(),
+                    limits=self.output_limits(record.tenant_id),
+                )
+                was_final = record.final
+                result = command.apply(state)
+                local = self._claim_local(state)
+                lease = state.now + timedelta(seconds=self.lease_s)
+                events = await repo.save(s, state, dict.fromkeys(local, lease))
+        except BaseException:
+            self.local_free += len(local)  # not committed: nothing was leased
+            raise
+        return state, was_final, result, events, local
+
+    # --- steps executed where they became ready ---------------------------------------------------
+
+    def _claim_local(self, state: RunState) -> list[str]:
+        """The dispatched steps this process executes itself, as far as it has room.
+
+        A step made ready by a change this worker just committed (the next step of a chain, after
+        a step's result, a timer or an event) is executed here, from the state in hand: no work
+        message, no other worker fetching it, no second read of the run. Its row is leased to this
+        process instead (``lease_until``, extended while the attempt runs): should the process die,
+        the lease runs out and the sweep sends the step's work to any replica, as for a lost
+        message. Steps waiting to retry, and those beyond this process's room, go as messages.
+        """
+        if self.local_free <= 0:
+            return []
+        local = [step_id for step_id in state.dispatch if state.steps[step_id].status == "running"]
+        local = local[: self.local_free]
+        self.local_free -= len(local)
+        return local
+
+    def _continue(self, state: RunState, local: list[str]) -> None:
+        """Execute the steps :meth:`_claim_local` took, in the background, from a copy of the committed state."""
+        if not local:
+            return
+        view = RunState(state.run, state.graph, dict(state.steps), utcnow(), limits=state.limits)
+        for step_id in local:
+            background(self._tasks, self._execute_local(view, step_id))
+
+    async def _execute_local(self, state: RunState, step_id: str) -> None:
+        try:
+            await self._execute(state, step_id, None)
+        except Exception as exc:
+            # the lease runs out and the sweep sends the step's work to any replica
+            log.warning("step %r of run %s failed here, it will be re-sent: %s", step_id, state.run.id, exc)
+        finally:
+            self.local_free += 1
+
+    async def _extend_lease(self, run_id: str, step_id: str, attempt: int) -> None:
+        assert self.pool is not None
+        async with self.pool.acquire() as conn:
+            until = utcnow() + timedelta(seconds=self.lease_s)
+            await repo.extend_lease(conn, run_id=run_id, step_id=step_id, attempt=attempt, until=until)
 
     async def reopen(self, run_id: str, *, tenant: str) -> None:
         """Retry a failed run in place: failed and downstream steps reset, succeeded outputs kept."""
@@ -394,8 +449,24 @@ class Runner:
         claimed = await self._current_attempt(run_id, step_id)
         if not isinstance(claimed, RunState):
             return claimed
+        await self._execute(claimed, step_id, heartbeat)
+        return None
+
+    async def _execute(self, claimed: RunState, step_id: str, heartbeat: Callable[[], Awaitable[None]] | None) -> None:
+        """Run the attempt of ``step_id`` that ``claimed`` holds running, and record it.
+
+        While it runs, every few seconds: ``heartbeat`` (a work message's "in progress") and the
+        step's lease extended (when it has one: executed where it became ready, or re-sent after).
+        """
+        run_id = claimed.run.id
         attempt = claimed.steps[step_id].attempt
         step = claimed.graph.steps[step_id]
+
+        async def beat() -> None:
+            if heartbeat is not None:
+                await heartbeat()
+            await self._extend_lease(run_id, step_id, attempt)
+
         with attempt_span(claimed.run, step, attempt) as span, log_context(tenant=claimed.run.tenant_id):
             work = self._attempt(claimed, step)
             timeout_ms = step.data.timeout_ms
@@ -403,13 +474,12 @@ class Runner:
                 # the worker bounds its own attempt (steps that bound their own I/O do it themselves);
                 # the durable timer fires a little later, for a worker that died or hung
                 work = _bounded(work, timeout_ms, f"attempt {attempt} of step {step_id!r}")
-            outcome = await _with_heartbeat(work, heartbeat, self.heartbeat_s)
+            outcome = await _with_heartbeat(work, beat, self.heartbeat_s)
             record_outcome(span, step, attempt, outcome)
             await self.apply(run_id, Complete(step_id, attempt, outcome))
         if outcome.wait:
             # children that ended before the step was recorded waiting told nobody: look now
             await self.children.ended(run_id, step_id)
-        return None
 
     async def _current_attempt(self, run_id: str, step_id: str) -> RunState | float | None:
         """The run with the step's attempt running now (claiming a retry that is due), else a delay or None."""

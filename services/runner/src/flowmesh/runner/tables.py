@@ -69,6 +69,9 @@ step_runs = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Column("wait_for", Text),
     Column("deadline_at", DateTime(timezone=True)),
+    # a step executed by the worker that made it ready, with no work message: until when that worker
+    # answers for it (extended while the attempt runs; the sweep re-sends the step's work after it)
+    Column("lease_until", DateTime(timezone=True)),
     PrimaryKeyConstraint("run_id", "step_id"),
 )
 
