@@ -97,6 +97,17 @@ class Versions:
             graph = self._graphs[key] = self._parse(row["definition"], row["settings"])
         return graph
 
+    async def graph_on(self, conn: Any, flow_id: str, version: int) -> Graph:
+        """:meth:`graph`, read on a driver connection when not cached."""
+        key = (flow_id, version)
+        graph = self._graphs.get(key)
+        if graph is None:
+            found = await repo.version_on(conn, flow_id=flow_id, version=version)
+            if found is None:
+                raise NotFound(f"version {version} of flow {flow_id} is unknown to the runner")
+            graph = self._graphs[key] = self._parse(*found)
+        return graph
+
     def graph_of(self, version: FlowVersion) -> Graph:
         """The graph of a version as the flows service gave it."""
         key = (version.flow_id, version.version)

@@ -128,6 +128,59 @@ async def lock_run(session: AsyncSession, *, run_id: str, tenant: str | None = N
     return None if row is None else _record(row)
 
 
+# --- the change path, on the driver connection -----------------------------------------------------
+#
+# Every change of a run (a step's result, a timer, an event, a decision) is one transaction of four
+# round trips: BEGIN, the run locked with its steps, one statement writing everything, COMMIT.
+
+_RECORD_FIELDS: tuple[str, ...] = tuple(f for f in RunRecord.__dataclass_fields__ if f in runs.c)
+_JSON_RUN_FIELDS = frozenset(f for f in _RECORD_FIELDS if _pg_type(runs, f) == "jsonb")
+
+
+def _select_list(table: Table, columns: tuple[str, ...], alias: str) -> str:
+    """Columns as the engine wants them: UUIDs as text (asyncpg would make ``uuid.UUID`` of them)."""
+    return ", ".join(f"{alias}.{c}::text AS {c}" if _pg_type(table, c) == "uuid" else f"{alias}.{c}" for c in columns)
+
+
+_LOCK_RUN_SQL = f"SELECT {_select_list(runs, _RECORD_FIELDS, 'r')} FROM runner.runs AS r WHERE r.id = $1 FOR UPDATE"
+_LOCK_TENANT_RUN_SQL = (
+    f"SELECT {_select_list(runs, _RECORD_FIELDS, 'r')} FROM runner.runs AS r "
+    "WHERE r.id = $1 AND r.tenant_id = $2 FOR UPDATE"
+)
+_STEPS_SQL = (
+    f"SELECT s.step_id, {_select_list(step_runs, _STEP_FIELDS, 's')} FROM runner.step_runs AS s WHERE s.run_id = $1"
+)
+_VERSION_SQL = "SELECT definition, settings FROM runner.versions WHERE flow_id = $1 AND version = $2"
+
+
+async def lock_for_change(
+    conn: Any, *, run_id: str, tenant: str | None = None
+) -> tuple[RunRecord, dict[str, StepState]] | None:
+    """A run locked until the transaction ends (one writer per run at a time), and its recorded steps."""
+    if tenant is None:
+        row = await conn.fetchrow(_LOCK_RUN_SQL, run_id)
+    else:
+        row = await conn.fetchrow(_LOCK_TENANT_RUN_SQL, run_id, tenant)
+    if row is None:
+        return None
+    record = RunRecord(**{f: _loads(row[f]) if f in _JSON_RUN_FIELDS else row[f] for f in _RECORD_FIELDS})
+    steps = {
+        r["step_id"]: StepState(**{f: _loads(r[f]) if f in _JSON_STEP_FIELDS else r[f] for f in _STEP_FIELDS})
+        for r in await conn.fetch(_STEPS_SQL, run_id)
+    }
+    return record, steps
+
+
+async def version_on(conn: Any, *, flow_id: str, version: int) -> tuple[Any, Any] | None:
+    """The definition and settings of the runner's copy of a frozen version."""
+    row = await conn.fetchrow(_VERSION_SQL, flow_id, version)
+    return None if row is None else (_loads(row["definition"]), _loads(row["settings"]))
+
+
+def _loads(value: str | None) -> Any:
+    return None if value is None else orjson.loads(value)
+
+
 async def read_run(session: AsyncSession, *, run_id: str) -> RunRecord | None:
     """A run as it is now, without locking it."""
     row = (await session.execute(select(runs).where(runs.c.id == run_id))).mappings().one_or_none()
@@ -277,6 +330,59 @@ def _create_run_sql(limit_param: int | None) -> str:
 
 _CREATE_RUN_SQL = _create_run_sql(None)
 _CREATE_LIMITED_RUN_SQL = _create_run_sql(_E + len(_EVENT_ARRAYS))
+
+_CHANGED_RUN = ("status", "output", "error", "started_at", "completed_at", "last_seq", "deadline_at")
+_LEASED_STEP_ARRAYS = (*_STEP_ARRAYS, ("lease_until", _pg_type(step_runs, "lease_until")))
+
+
+def _save_sql() -> str:
+    """One statement writing a change: the run's row (when ``$2``), its changed steps, its new events.
+
+    Parameters: ``$1`` run id, ``$2`` whether the run changed, the run's changed columns, the time,
+    the steps' columns as arrays (with their leases), the events' columns as arrays.
+    """
+    first_run = 3
+    at = first_run + len(_CHANGED_RUN)
+    steps = at + 1
+    events = steps + len(_LEASED_STEP_ARRAYS)
+    run_set = ", ".join(f"{c} = ${first_run + i}::{_pg_type(runs, c)}" for i, c in enumerate(_CHANGED_RUN))
+    step_columns = ", ".join(c for c, _ in _LEASED_STEP_ARRAYS)
+    updated = ", ".join(f"{c} = EXCLUDED.{c}" for c, _ in _LEASED_STEP_ARRAYS[1:])
+    return (
+        f"WITH run AS (UPDATE runner.runs SET {run_set}, updated_at = ${at}::timestamptz "
+        "WHERE id = $1::uuid AND $2::boolean), "
+        f"steps AS (INSERT INTO runner.step_runs (run_id, {step_columns}, updated_at) "
+        f"SELECT $1::uuid, x.*, ${at}::timestamptz FROM {_unnest(_LEASED_STEP_ARRAYS, steps)} "
+        f"ON CONFLICT (run_id, step_id) DO UPDATE SET {updated}, updated_at = EXCLUDED.updated_at), "
+        f"events AS (INSERT INTO runner.run_events (run_id, {', '.join(c for c, _ in _EVENT_ARRAYS)}) "
+        f"SELECT $1::uuid, x.* FROM {_unnest(_EVENT_ARRAYS, events)}) "
+        "SELECT 1"
+    )
+
+
+_SAVE_SQL = _save_sql()
+
+
+async def save_change(conn: Any, state: RunState, leases: dict[str, datetime]) -> list[dict[str, Any]]:
+    """Write a run state's changes in one statement (inside the caller's transaction); returns its new
+    events as published payloads, in ``seq`` order. ``leases``: as :func:`save`'s."""
+    r = state.run
+    steps = [
+        (
+            step_id,
+            state.graph.steps[step_id].type,
+            *_step_values(state.steps[step_id]),
+            leases.get(step_id),
+        )
+        for step_id in sorted(state.changed)
+    ]
+    rows = _event_rows(r, state)
+    events = [_event_values(row, tuple(c for c, _ in _EVENT_ARRAYS)) for row in rows]
+    step_columns = [list(c) for c in zip(*steps, strict=True)] if steps else [[] for _ in _LEASED_STEP_ARRAYS]
+    event_columns = [list(c) for c in zip(*events, strict=True)] if events else [[] for _ in _EVENT_ARRAYS]
+    run_values = [_json(getattr(r, c)) if c in _JSON_RUN_FIELDS else getattr(r, c) for c in _CHANGED_RUN]
+    await conn.execute(_SAVE_SQL, r.id, state.run_changed, *run_values, state.now, *step_columns, *event_columns)
+    return [_event_payload(r, row) for row in rows]
 
 
 async def create_run(

@@ -292,24 +292,20 @@ class Runner:
         """One transaction: lock, load, apply ``command``, write; the state, whether it had ended, the
         command's result, the events written and the steps this process takes on (leased to it)."""
         local: list[str] = []
+        assert self.pool is not None
         try:
-            async with self.sessions.begin() as s:
-                record = await repo.lock_run(s, run_id=run_id, tenant=tenant)
-                if record is None:
+            async with self.pool.acquire() as conn, conn.transaction():
+                found = await repo.lock_for_change(conn, run_id=run_id, tenant=tenant)
+                if found is None:
                     raise NotFound(f"run {run_id} not found")
-                graph = await self.versions.graph(s, record.flow_id, record.version)
-                state = RunState(
-                    record,
-                    graph,
-                    await repo.load_steps(s, run_id=run_id),
-                    utcnow(),
-                    limits=self.output_limits(record.tenant_id),
-                )
+                record, steps = found
+                graph = await self.versions.graph_on(conn, record.flow_id, record.version)
+                state = RunState(record, graph, steps, utcnow(), limits=self.output_limits(record.tenant_id))
                 was_final = record.final
                 result = command.apply(state)
                 local = self._claim_local(state)
                 lease = state.now + timedelta(seconds=self.lease_s)
-                events = await repo.save(s, state, dict.fromkeys(local, lease))
+                events = await repo.save_change(conn, state, dict.fromkeys(local, lease))
         except BaseException:
             self.local_free += len(local)  # not committed: nothing was leased
             raise
