@@ -24,9 +24,8 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from stack import SERVICES, ProcessStack
-
 from flowmesh.cli.embedded import start_nats, start_postgres
+from stack import SERVICES, ProcessStack
 
 TARGET_MB = 80
 """Idle RSS a service process should stay under (issue P11)."""
@@ -60,8 +59,20 @@ def wait_all_ready(stack: ProcessStack, timeout: float = 90) -> None:
             time.sleep(0.2)
 
 
-def measure(env: dict[str, str], settle: float, idle: float) -> dict[str, dict[str, float]]:
-    """Start the stack with ``env`` added, and read each service's memory when ready (+ settle) and after ``idle`` s."""
+def readings(stack: ProcessStack, settle: float, idle: float) -> dict[str, dict[str, float]]:
+    """Each service's memory ``settle`` s after all are ready, and its RSS growth over ``idle`` s more."""
+    wait_all_ready(stack)
+    # the first readiness probes, the first metrics tick and lag poll: part of being idle
+    time.sleep(settle)
+    ready = {name: memory(stack.procs[name].pid) for name in SERVICES}
+    time.sleep(idle)
+    later = {name: memory(stack.procs[name].pid) for name in SERVICES}
+    return {name: {**ready[name], "growth": later[name]["rss"] - ready[name]["rss"]} for name in SERVICES}
+
+
+def measure(env: dict[str, str], settle: float, idle: float) -> dict[str, dict[str, dict[str, float]]]:
+    """Start the stack with ``env`` added on empty servers (each service migrates its schema), read it; restart it
+    on the now migrated database (every later start), read it again."""
     with tempfile.TemporaryDirectory(prefix="flowmesh-rss-") as tmp:
         work = Path(tmp)
         nats_server = start_nats(work / "nats")
@@ -69,20 +80,15 @@ def measure(env: dict[str, str], settle: float, idle: float) -> dict[str, dict[s
         stack = ProcessStack(nats_server.url, pg.url, work, env={"FLOWMESH_LOG_LEVEL": "WARNING", **env})
         try:
             stack.start_all()
-            wait_all_ready(stack)
-            # the first readiness probes, the first metrics tick and lag poll: part of being idle
-            time.sleep(settle)
-            ready = {name: memory(stack.procs[name].pid) for name in SERVICES}
-            time.sleep(idle)
-            later = {name: memory(stack.procs[name].pid) for name in SERVICES}
+            first = readings(stack, settle, idle)
+            stack.stop_all()
+            stack.start_all()
+            restart = readings(stack, settle, idle)
         finally:
             stack.stop_all()
             pg.stop()
             nats_server.stop()
-    return {
-        name: {**ready[name], f"rss_after_{idle:g}s": later[name]["rss"], "growth": later[name]["rss"] - ready[name]["rss"]}
-        for name in SERVICES
-    }
+    return {"firstStart": first, "restart": restart}
 
 
 def main() -> None:
@@ -93,15 +99,16 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args()
     env = dict(item.split("=", 1) for item in args.env)
-    result = measure(env, args.settle, args.idle)
+    results = measure(env, args.settle, args.idle)
     if args.json:
-        print(json.dumps({"env": env, "targetMb": TARGET_MB, "services": result}, indent=2))
+        print(json.dumps({"env": env, "targetMb": TARGET_MB, **results}, indent=2))
         return
-    print(f"{'service':<10} {'RSS MB':>7} {'PSS MB':>7} {'anon MB':>8} {'growth':>7}  (idle {args.idle:g} s)")
-    for name, m in result.items():
-        flag = "" if m["rss"] <= TARGET_MB else f"  > {TARGET_MB}"
-        print(f"{name:<10} {m['rss']:7.1f} {m['pss']:7.1f} {m['anon']:8.1f} {m['growth']:+7.1f}{flag}")
-
+    for label, result in (("first start (migrates)", results["firstStart"]), ("restart", results["restart"])):
+        print(f"{label}: idle RSS growth over {args.idle:g} s")
+        print(f"  {'service':<10} {'RSS MB':>7} {'PSS MB':>7} {'anon MB':>8} {'growth':>7}")
+        for name, m in result.items():
+            flag = "" if m["rss"] <= TARGET_MB else f"  > {TARGET_MB}"
+            print(f"  {name:<10} {m['rss']:7.1f} {m['pss']:7.1f} {m['anon']:8.1f} {m['growth']:+7.1f}{flag}")
 
 if __name__ == "__main__":
     main()
