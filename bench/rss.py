@@ -110,5 +110,6 @@ def main() -> None:
             flag = "" if m["rss"] <= TARGET_MB else f"  > {TARGET_MB}"
             print(f"  {name:<10} {m['rss']:7.1f} {m['pss']:7.1f} {m['anon']:8.1f} {m['growth']:+7.1f}{flag}")
 
+
 if __name__ == "__main__":
     main()

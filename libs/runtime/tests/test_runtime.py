@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import sys
 import uuid
 from datetime import UTC, datetime
@@ -109,8 +108,10 @@ async def test_a_schema_at_its_newest_revision_starts_without_importing_alembic(
         "asyncio.run(main())\n"
         "print('alembic' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
-    assert out.stdout.strip() == "False"
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE)
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0
+    assert out.decode().strip() == "False"
 
 
 def test_settings_read_the_shared_and_the_prefixed_variables(monkeypatch: pytest.MonkeyPatch) -> None:
