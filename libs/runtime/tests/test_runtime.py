@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,7 +19,7 @@ from flowmesh.contracts import streams
 from flowmesh.contracts.errors import Conflict, ServiceUnavailable
 from flowmesh.contracts.models.usage import TenantQuota
 from flowmesh.runtime.db import create_engine
-from flowmesh.runtime.migrate import migrate
+from flowmesh.runtime.migrate import head_revision, migrate
 from flowmesh.runtime.nats import create_broker, provision_streams, stream_config
 from flowmesh.runtime.quota import refuses_runs
 from flowmesh.runtime.rpc import RpcClient, RpcContext
@@ -27,6 +28,7 @@ from flowmesh.runtime.settings import BaseServiceSettings
 from flowmesh.runtime.testing import service_settings
 
 FLOWS_MIGRATIONS = Path(__file__).parents[3] / "services/flows/src/flowmesh/flows/migrations"
+EVERY_MIGRATIONS = sorted(Path(__file__).parents[3].glob("services/*/src/flowmesh/*/migrations"))
 
 
 def _alembic_config() -> Config:
@@ -71,6 +73,45 @@ async def test_migrations_run_once_per_schema_with_their_own_version_table(infra
         assert public is None
     finally:
         await engine.dispose()
+
+
+@pytest.mark.parametrize("location", EVERY_MIGRATIONS, ids=lambda p: p.parent.name)
+def test_the_head_revision_read_without_alembic_is_alembics(location: Path) -> None:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(location))
+    assert head_revision(location) == ScriptDirectory.from_config(cfg).get_current_head()
+
+
+def test_versions_with_two_heads_have_no_head_revision(tmp_path: Path) -> None:
+    (tmp_path / "versions").mkdir()
+    for name, down in (("a", None), ("b", "a"), ("c", "a")):
+        (tmp_path / "versions" / f"{name}.py").write_text(f"revision = {name!r}\ndown_revision = {down!r}\n")
+    assert head_revision(tmp_path) is None
+
+
+async def test_a_schema_at_its_newest_revision_starts_without_importing_alembic(infra: Any) -> None:
+    engine = create_engine(infra.database_url)
+    try:
+        await migrate(engine, schema="flows", script_location=FLOWS_MIGRATIONS)
+    finally:
+        await engine.dispose()
+    # a second start, as a fresh process: at head, the version is read and Alembic never loaded
+    code = (
+        "import asyncio, sys\n"
+        "from pathlib import Path\n"
+        "from flowmesh.runtime.db import create_engine\n"
+        "from flowmesh.runtime.migrate import migrate\n"
+        "async def main():\n"
+        f"    engine = create_engine({infra.database_url!r})\n"
+        f"    await migrate(engine, schema='flows', script_location=Path({str(FLOWS_MIGRATIONS)!r}))\n"
+        "    await engine.dispose()\n"
+        "asyncio.run(main())\n"
+        "print('alembic' in sys.modules)\n"
+    )
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE)
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0
+    assert out.decode().strip() == "False"
 
 
 def test_settings_read_the_shared_and_the_prefixed_variables(monkeypatch: pytest.MonkeyPatch) -> None:

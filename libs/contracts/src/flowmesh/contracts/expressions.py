@@ -8,16 +8,51 @@ Programs are compiled once (cached by source) and never ``eval``-ed as Python.
 from __future__ import annotations
 
 import base64
+import importlib.machinery
+import importlib.util
 import json
 import re
+import sys
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timedelta
 from functools import lru_cache
-from typing import Any, Final
-
-import cel
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Final
 
 from flowmesh.contracts.expression_cost import COST_LIMIT, Analysis, CostError, analyse, free_names
+
+
+def _cel_engine() -> ModuleType:
+    """The CEL engine, ``cel.cel`` (the package's compiled module), loaded without the package's ``__init__``.
+
+    ``import cel`` also imports the package's command-line interface (typer, rich, prompt_toolkit,
+    pygments): 12 MB more in every process that evaluates expressions, for a REPL no service runs.
+    The module is registered under its own name, so a later ``import cel`` (a test, a tool) finds it
+    rather than initialising the extension a second time, which it refuses.
+    """
+    loaded = sys.modules.get("cel.cel")
+    if loaded is not None:
+        return loaded
+    package = importlib.util.find_spec("cel")  # finds the package without running its __init__
+    if package is None or not package.submodule_search_locations:
+        raise ImportError("the CEL engine (common-expression-language) is not installed")
+    folder = Path(next(iter(package.submodule_search_locations)))
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        spec = importlib.util.spec_from_file_location("cel.cel", folder / f"cel{suffix}")
+        if spec is None or spec.loader is None or not Path(str(spec.origin)).is_file():
+            continue
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["cel.cel"] = module
+        spec.loader.exec_module(module)
+        return module
+    raise ImportError(f"the CEL engine's compiled module is missing from {folder}")
+
+
+if TYPE_CHECKING:
+    import cel.cel as cel
+else:
+    cel = _cel_engine()
 
 _TEMPLATE: Final = re.compile(r"\{\{(.*?)\}\}", re.S)
 _WHOLE: Final = re.compile(r"^\s*\{\{(.*?)\}\}\s*$", re.S)

@@ -47,7 +47,7 @@ from pydantic import ValidationError
 from flowmesh.contracts import headers
 from flowmesh.contracts.errors import FlowmeshError
 from flowmesh.contracts.streams import ALL_STREAMS, ConsumerSpec
-from flowmesh.runtime.db import database_unavailable
+from flowmesh.runtime.db_errors import database_unavailable
 from flowmesh.runtime.logs import log_context
 from flowmesh.runtime.metrics import CONSUMER_ACK_PENDING, CONSUMER_PENDING
 from flowmesh.runtime.nats import JS_SETUP_TIMEOUT_S

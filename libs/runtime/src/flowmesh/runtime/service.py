@@ -18,23 +18,19 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import nats.errors
 from faststream.nats import NatsBroker
 from nats.js import JetStreamContext
 from pydantic import ValidationError
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from flowmesh.contracts import subjects
 from flowmesh.runtime.consumers import Consumers
-from flowmesh.runtime.db import create_engine, create_sessionmaker
 from flowmesh.runtime.health import HealthServer
 from flowmesh.runtime.lifecycle import Job, hooks, once, periodic
 from flowmesh.runtime.logs import configure_logging
 from flowmesh.runtime.memory import freeze_startup_objects
-from flowmesh.runtime.migrate import migrate
 from flowmesh.runtime.nats import (
     NatsRefusals,
     create_broker,
@@ -45,6 +41,11 @@ from flowmesh.runtime.nats import (
 from flowmesh.runtime.rpc import RpcContext, RpcServer
 from flowmesh.runtime.settings import BaseServiceSettings
 from flowmesh.runtime.tracing import configure_tracing, shutdown_tracing
+
+if TYPE_CHECKING:
+    # SQLAlchemy and asyncpg load with a service's database (below): the gateway, which has none and
+    # imports this module's helpers, does not carry them
+    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,8 @@ class ServiceRuntime:
         self._engine: AsyncEngine | None = None
         self._sessions: async_sessionmaker[AsyncSession] | None = None
         if migrations is not None:
+            from flowmesh.runtime.db import create_engine, create_sessionmaker
+
             self._engine = create_engine(settings.db_url, pool_size=settings.db_pool_size, application_name=name)
             self._sessions = create_sessionmaker(self._engine)
         self._resources: list[ResourceFactory] = []
@@ -125,6 +128,8 @@ class ServiceRuntime:
     async def _ready(self) -> dict[str, bool]:
         checks = {"nats": self.broker.connection is not None and self.broker.connection.is_connected}
         if self._engine is not None:
+            from sqlalchemy import text
+
             try:
                 async with asyncio.timeout(1), self._engine.connect() as conn:
                     await conn.execute(text("SELECT 1"))
@@ -138,7 +143,7 @@ class ServiceRuntime:
         """Connect, migrate, subscribe and serve until the block exits; then stop gracefully."""
         s = self.settings
         if self._engine is not None and self.migrations is not None:
-            await migrate(self._engine, schema=self.schema, script_location=self.migrations)
+            await self._migrate(self._engine, self.migrations)
         resources = contextlib.AsyncExitStack()
         try:
             async with starting(self.name, s, self.refusals):
@@ -194,13 +199,18 @@ class ServiceRuntime:
                 raise
             log.info("%s stopped while starting", self.name)
 
+    async def _migrate(self, engine: AsyncEngine, migrations: Path) -> None:
+        from flowmesh.runtime.migrate import migrate
+
+        await migrate(engine, schema=self.schema, script_location=migrations)
+
     async def migrate_only(self) -> None:
         """Bring the service's schema up to date and return (``python -m flowmesh.<name> migrate``)."""
         if self._engine is None or self.migrations is None:
             log.info("%s has no database schema: nothing to migrate", self.name)
             return
         try:
-            await migrate(self._engine, schema=self.schema, script_location=self.migrations)
+            await self._migrate(self._engine, self.migrations)
         finally:
             await self._engine.dispose()
         log.info("%s schema is up to date", self.name)

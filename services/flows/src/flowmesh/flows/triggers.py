@@ -8,8 +8,6 @@ import secrets
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from croniter import croniter
-from croniter.croniter import CroniterBadDateError
 from pydantic import BaseModel, ValidationError
 
 from flowmesh.contracts.errors import InvalidInput
@@ -57,12 +55,23 @@ def cron_fields(expression: str) -> tuple[int, bool]:
     return n, n == 6
 
 
+def valid_cron(expression: str, seconds_first: bool) -> bool:
+    """Whether a 5- or 6-field cron expression is valid syntax."""
+    # croniter (and dateutil) load with the first schedule trigger checked, not in every idle process
+    from croniter import croniter
+
+    return bool(croniter.is_valid(expression, second_at_beginning=seconds_first))
+
+
 def fires(expression: str, seconds_first: bool) -> bool:
     """Whether a valid cron expression matches some time in the next :data:`FIRE_WITHIN_YEARS` years.
 
     ``0 0 31 2 *`` (February 31st) is valid syntax but never fires. croniter looks day by day and
     gives up past the years it is given, so the answer is quick whatever the expression.
     """
+    from croniter import croniter
+    from croniter.croniter import CroniterBadDateError
+
     start = datetime.now(UTC).replace(tzinfo=None)
     try:
         croniter(
@@ -81,6 +90,9 @@ def shortest_gap_s(expression: str, seconds_first: bool, *, within_s: float) -> 
     :data:`CRON_SAMPLES` firings cover gaps between hours and days. Stops at the first gap under
     ``within_s``, so a refusal is quick.
     """
+    from croniter import croniter
+    from croniter.croniter import CroniterBadDateError
+
     it = croniter(expression, CRON_FROM, max_years_between_matches=FIRE_WITHIN_YEARS, second_at_beginning=seconds_first)
     try:
         last = it.get_next(float)
@@ -132,7 +144,7 @@ def check_config(trigger_type: TriggerType, config: dict[str, Any]) -> dict[str,
                     message=f"cron {parsed.cron!r} has {n} fields; write 5, or 6 with seconds first",
                 )
             )
-        elif not croniter.is_valid(parsed.cron, second_at_beginning=seconds_first):
+        elif not valid_cron(parsed.cron, seconds_first):
             errors.append(FieldError(path="/config/cron", message=f"cron {parsed.cron!r} is not a valid expression"))
         elif not fires(parsed.cron, seconds_first):
             errors.append(

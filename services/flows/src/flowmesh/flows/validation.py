@@ -12,8 +12,6 @@ from collections.abc import Container, Iterable
 from typing import Any, Final
 from urllib.parse import parse_qsl, urlsplit
 
-from jsonschema.exceptions import SchemaError
-from jsonschema.validators import validator_for
 from pydantic import ValidationError
 from pydantic.alias_generators import to_snake
 
@@ -82,6 +80,10 @@ def _check_input_schema(report: _Report, schema: Any) -> None:
     if not isinstance(schema, dict):
         report.add(("inputSchema",), "inputSchema must be a JSON Schema object")
         return
+    # imported on the first flow that declares one: an idle service does not carry jsonschema
+    from jsonschema.exceptions import SchemaError
+    from jsonschema.validators import validator_for
+
     try:
         validator_for(schema).check_schema(schema)
     except SchemaError as exc:

@@ -4,10 +4,8 @@ until it announces a change), and each frozen version it runs (parsed once: vers
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from jsonschema.protocols import Validator
-from jsonschema.validators import validator_for
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from flowmesh.contracts.errors import InvalidInput, NotFound
@@ -18,6 +16,9 @@ from flowmesh.contracts.strict import json_pointer
 from flowmesh.contracts.subjects import FlowsOp
 from flowmesh.runner import repo
 from flowmesh.runner.graph import Graph
+
+if TYPE_CHECKING:
+    from jsonschema.protocols import Validator
 from flowmesh.runtime.cache import TtlCache
 from flowmesh.runtime.rpc import RpcClient
 
@@ -124,6 +125,10 @@ class Versions:
         """Raise :class:`InvalidInput` (every error) when ``value`` does not match the version's inputSchema."""
         key = (version.flow_id, version.version)
         if key not in self._validators:
+            # imported when a flow first asks: most never declare an input schema, and a runner
+            # that never validates one does not carry jsonschema and its referencing library
+            from jsonschema.validators import validator_for
+
             schema = version.input_schema
             self._validators[key] = validator_for(schema)(schema) if schema else None
         validator = self._validators[key]
