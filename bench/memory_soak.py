@@ -209,6 +209,7 @@ async def soak_phase(
     watch_slots = asyncio.Semaphore(20)
     samples = []
     accepted = 0
+    watched_before = load.watched
     total = int(rate * soak_s)
     t0 = time.monotonic()
     next_sample = 0.0
@@ -232,12 +233,12 @@ async def soak_phase(
     stop.set()
     flow_messages = sum(await asyncio.gather(*flow_watchers))
     await asyncio.gather(*watchers)
-    runs = {"webhook": await load.finished(hook_flow), "schedule": await load.finished(cron_flow)}
     return {
         "deliveries": total,
         "accepted": accepted,
-        "runs": runs,
-        "run_watchers": load.watched,
+        # the webhook flow's runs include the load phase's
+        "runs_total": {"webhook_flow": await load.finished(hook_flow), "schedules": await load.finished(cron_flow)},
+        "run_watchers": load.watched - watched_before,
         "flow_watcher_messages": flow_messages,
         "samples_rss_mb": samples,
     }
@@ -275,6 +276,12 @@ async def scenario_memory(
     finally:
         await load.close()
     services = memory_figures(idle, loaded, soaked)
+    for name, f in services.items():
+        log(
+            f"  {name}: RSS {f['idle_rss_mb']} -> {f['after_load_rss_mb']} -> {f['after_soak_rss_mb']} MB "
+            f"({f['growth_rss_percent']:+}%), PSS {f['idle_pss_mb']} -> {f['after_load_pss_mb']} -> "
+            f"{f['after_soak_pss_mb']} MB ({f['growth_pss_percent']:+}%)"
+        )
     return {
         "scenario": "memory",
         "soak_s": soak_s,

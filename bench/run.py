@@ -530,13 +530,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--schedules", type=int, default=10_000, help="once-a-minute schedules of the cron scenario")
     parser.add_argument("--cron-duration", type=float, default=180.0, help="seconds the cron scenario measures")
-    parser.add_argument("--api-rate", type=int, default=1000, help="requests/s of the api scenario, per endpoint")
-    parser.add_argument(
-        "--api-duration", type=float, default=20.0, help="seconds the api scenario measures per endpoint"
-    )
-    parser.add_argument("--api-warmup", type=float, default=3.0, help="seconds at that rate before each measurement")
-    parser.add_argument("--soak-s", type=float, default=600.0, help="seconds of mixed load of the memory scenario")
-    parser.add_argument("--soak-rate", type=float, default=20.0, help="webhook deliveries/s during the memory soak")
+    _named_only_options(parser)
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--tracing",
@@ -556,6 +550,17 @@ def _parser() -> argparse.ArgumentParser:
         "--scale-runners", default="1,2,3", help="runner replicas of each point of the scale scenario (comma-separated)"
     )
     return parser
+
+
+def _named_only_options(parser: argparse.ArgumentParser) -> None:
+    """The options of the api and memory scenarios."""
+    parser.add_argument("--api-rate", type=int, default=1000, help="requests/s of the api scenario, per endpoint")
+    parser.add_argument(
+        "--api-duration", type=float, default=20.0, help="seconds the api scenario measures per endpoint"
+    )
+    parser.add_argument("--api-warmup", type=float, default=3.0, help="seconds at that rate before each measurement")
+    parser.add_argument("--soak-s", type=float, default=600.0, help="seconds of mixed load of the memory scenario")
+    parser.add_argument("--soak-rate", type=float, default=20.0, help="webhook deliveries/s during the memory soak")
 
 
 def run_cron(args: argparse.Namespace) -> None:
