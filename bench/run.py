@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,9 @@ import nats
 from nats.aio.msg import Msg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import api_reads
 import io_steps
+import memory_soak
 from cron import scenario_cron
 from io_steps import Upstream, backends, io_throughput_result, scenario_io_chain
 from live import scenario_live
@@ -58,9 +60,13 @@ TARGETS = {
     "io-throughput": {"steps_per_s": 2000.0},
     "publish-chain": {"overhead_per_step_ms": 2.0},
     "publish-throughput": {"steps_per_s": 2000.0},
+    "api": api_reads.TARGET,
+    "memory": memory_soak.TARGET,
 }
 IO = {"io-chain": "http", "io-throughput": "http", "publish-chain": "publish", "publish-throughput": "publish"}
 """The scenarios of steps that do I/O (:mod:`io_steps`), and their step type."""
+NAMED_ONLY = ("api", "memory", "publish-chain", "publish-throughput")
+"""Scenarios run only when named: the api one takes over a minute, the memory one a stack and ten minutes."""
 REFERENCE = {
     "chain": {"temporal_dev_p50_ms": 2056, "dbos_p50_ms": 219},
     "throughput": {"temporal_dev_steps_per_s": 39, "dbos_steps_per_s": 161},
@@ -376,10 +382,40 @@ async def main_async(args: argparse.Namespace) -> None:
                 report(result)
             if set(args.scenarios) & IO.keys():
                 await io_scenarios(c, nc, tenant, args)
+            if "api" in args.scenarios:
+                await api_scenario(c, nc, tenant, headers, args)
         finally:
             await nc.close()
     finally:
         await c.close()
+
+
+async def api_scenario(c: Api, nc: nats.NATS, tenant: str, headers: dict[str, str], args: argparse.Namespace) -> None:
+    """The api scenario: reads at a fixed rate from an outside load generator, after seeding the tenant."""
+    log(f"api: 3 read endpoints at {args.api_rate} req/s, {args.api_duration:.0f}s each (loadtest, open model)")
+
+    async def start_and_wait(flow_id: str, i: int) -> tuple[str, str]:
+        finished = Finished()
+        sub = await nc.subscribe(f"fm.runs.{tenant_token(tenant)}.{flow_id}.*.run.*", cb=finished.handler)
+        try:
+            run = await c.post(f"/flows/{flow_id}/runs", {"input": {"v": i}})
+            await finished.wait(run["id"])
+            return run["id"], finished.status[run["id"]]
+        finally:
+            await sub.unsubscribe()
+
+    report(
+        await api_reads.scenario_api(
+            args.base,
+            headers,
+            lambda d: publish(c, d),
+            start_and_wait,
+            rate=args.api_rate,
+            duration_s=args.api_duration,
+            warmup_s=args.api_warmup,
+            log=log,
+        )
+    )
 
 
 async def io_scenarios(c: Api, nc: nats.NATS, tenant: str, args: argparse.Namespace) -> None:
@@ -432,7 +468,7 @@ async def io_scenarios(c: Api, nc: nats.NATS, tenant: str, args: argparse.Namesp
 def main() -> None:
     parser = _parser()
     args = parser.parse_args()
-    args.scenarios = args.scenarios or [s for s in TARGETS if s not in IO] + ["io-chain", "io-throughput"]
+    args.scenarios = args.scenarios or [s for s in TARGETS if s not in NAMED_ONLY]
     SETUP.update({"runner_replicas": args.runners if not args.base else "external", "client": "aiohttp"})
     if unknown := set(args.scenarios) - set(TARGETS) - {"scale"}:
         parser.error(f"unknown scenario(s) {', '.join(sorted(unknown))}; choose from {', '.join(TARGETS)}, scale")
@@ -444,8 +480,12 @@ def main() -> None:
     if args.tracing:
         run_traced(args)
         return
-    if set(args.scenarios) - {"cron", "scale"}:
+    if "memory" in args.scenarios and args.base:
+        parser.error("the memory scenario reads the processes of a stack it starts: leave out --base")
+    if set(args.scenarios) - {"cron", "scale", "memory"}:
         run_on_stack(args)
+    if "memory" in args.scenarios:
+        run_memory(args)
     if "cron" in args.scenarios:
         run_cron(args)
     if "scale" in args.scenarios:
@@ -460,7 +500,7 @@ def _parser() -> argparse.ArgumentParser:
         nargs="*",
         metavar="SCENARIO",
         help="chain, throughput, webhooks, live, cron, io-chain, io-throughput (the default: these), "
-        "publish-chain, publish-throughput; scale (on make cluster's shape) only when named",
+        "publish-chain, publish-throughput, api, memory; scale (on make cluster's shape) only when named",
     )
     parser.add_argument("--base", help="gateway URL of a running stack (default: start one)")
     parser.add_argument("--nats", help="NATS URL of that stack (needed with --base)")
@@ -490,6 +530,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--schedules", type=int, default=10_000, help="once-a-minute schedules of the cron scenario")
     parser.add_argument("--cron-duration", type=float, default=180.0, help="seconds the cron scenario measures")
+    _named_only_options(parser)
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--tracing",
@@ -509,6 +550,17 @@ def _parser() -> argparse.ArgumentParser:
         "--scale-runners", default="1,2,3", help="runner replicas of each point of the scale scenario (comma-separated)"
     )
     return parser
+
+
+def _named_only_options(parser: argparse.ArgumentParser) -> None:
+    """The options of the api and memory scenarios."""
+    parser.add_argument("--api-rate", type=int, default=1000, help="requests/s of the api scenario, per endpoint")
+    parser.add_argument(
+        "--api-duration", type=float, default=20.0, help="seconds the api scenario measures per endpoint"
+    )
+    parser.add_argument("--api-warmup", type=float, default=3.0, help="seconds at that rate before each measurement")
+    parser.add_argument("--soak-s", type=float, default=600.0, help="seconds of mixed load of the memory scenario")
+    parser.add_argument("--soak-rate", type=float, default=20.0, help="webhook deliveries/s during the memory soak")
 
 
 def run_cron(args: argparse.Namespace) -> None:
@@ -546,6 +598,14 @@ def run_on_stack(args: argparse.Namespace) -> None:
     if args.base:
         asyncio.run(main_async(args))
         return
+    with stack_process(args) as started:
+        args.base, args.nats, args.database = started["base"], started["nats"], started["database"]
+        asyncio.run(main_async(args))
+
+
+@contextlib.contextmanager
+def stack_process(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
+    """A stack of its own in another process; its addresses and its service processes' PIDs."""
     # the stack runs in a session of its own, as `make run` in one terminal and a load tool in
     # another would: the kernel then shares the CPUs between the two, not among every process alike
     log("starting embedded NATS and PostgreSQL, and the services")
@@ -560,12 +620,26 @@ def run_on_stack(args: argparse.Namespace) -> None:
         line = server.stdout.readline()
         if not line:
             raise SystemExit(f"the benchmark stack did not start (exit {server.wait()})")
-        urls = json.loads(line)
-        args.base, args.nats, args.database = urls["base"], urls["nats"], urls["database"]
-        asyncio.run(main_async(args))
+        yield json.loads(line)
     finally:
         server.terminate()
         server.wait(60)
+
+
+def run_memory(args: argparse.Namespace) -> None:
+    """The memory scenario, on a stack started for it alone (idle means nothing has run on it yet)."""
+    with stack_process(args) as started:
+        pids = {name: int(pid) for name, pid in started["pids"].items()}
+        log(f"memory: {len(pids)} service processes ({', '.join(pids)})")
+        asyncio.run(memory_async(args, started["base"], pids))
+
+
+async def memory_async(args: argparse.Namespace, base: str, pids: dict[str, int]) -> None:
+    tenant = f"bench-{uuid.uuid4().hex[:6]}"
+    headers = {"Authorization": "Bearer " + token(tenant, secret=args.secret, role="admin")}
+    report(
+        await memory_soak.scenario_memory(base, headers, tenant, pids, soak_s=args.soak_s, rate=args.soak_rate, log=log)
+    )
 
 
 def run_traced(args: argparse.Namespace) -> None:
@@ -613,7 +687,10 @@ def serve(args: argparse.Namespace) -> None:
             print(f"[bench] five services, {args.runners} runner replicas", file=sys.stderr, flush=True)
             stack.start_all()
             stack.wait_ready()
-            print(json.dumps({"base": stack.base, "nats": nats_server.url, "database": pg.url}), flush=True)
+            pids = {name: proc.pid for name, proc in stack.procs.items()}
+            print(
+                json.dumps({"base": stack.base, "nats": nats_server.url, "database": pg.url, "pids": pids}), flush=True
+            )
             stop.wait()
         finally:
             stack.stop_all()
