@@ -643,26 +643,28 @@ async def memory_async(args: argparse.Namespace, base: str, pids: dict[str, int]
 
 
 def run_traced(args: argparse.Namespace) -> None:
-    """Chain and throughput without tracing, then with every span exported; both figures side by side."""
+    """Chain and throughput without tracing and with every span exported, each on a fresh stack, in the
+    order off, on, on, off (so a drift of the machine's load weighs on both alike); the means side by side."""
     args.scenarios = [s for s in args.scenarios if s in TRACED] or list(TRACED)
-    figures: dict[bool, dict[str, dict[str, Any]]] = {}
-    for on in (False, True):
+    passes: dict[bool, list[dict[str, dict[str, Any]]]] = {False: [], True: []}
+    for on in (False, True, True, False):
         SETUP["tracing"] = "OTLP/HTTP to a local sink, every span" if on else None
         args.otlp, args.base, args.nats = on, None, None
-        log(f"tracing {'on' if on else 'off'}")
+        log(f"tracing {'on' if on else 'off'} (pass {len(passes[False]) + len(passes[True]) + 1} of 4)")
         SEEN.clear()
         run_on_stack(args)
-        figures[on] = dict(SEEN)
-    log("tracing off -> on:")
+        passes[on].append(dict(SEEN))
+    log("tracing off -> on (mean of two passes each):")
     for name, key, better in (
         ("chain", "p50_ms", "lower"),
         ("chain", "p99_ms", "lower"),
         ("throughput", "steps_per_s", "higher"),
     ):
-        if name in figures[False] and name in figures[True]:
-            off, on_ = figures[False][name][key], figures[True][name][key]
+        if all(name in p for p in passes[False] + passes[True]):
+            off, on_ = (round(statistics.fmean(p[name][key] for p in passes[o]), 2) for o in (False, True))
             cost = (on_ - off) / off * 100 if better == "lower" else (off - on_) / off * 100
-            log(f"  {name} {key}: {off} -> {on_}  (tracing costs {cost:+.1f}%)")
+            each = ", ".join(f"{p[name][key]}" for p in passes[False] + passes[True])
+            log(f"  {name} {key}: {off} -> {on_}  (tracing costs {cost:+.1f}%; off, off, on, on: {each})")
 
 
 def serve(args: argparse.Namespace) -> None:

@@ -198,3 +198,24 @@ def test_log_lines_carry_the_trace_the_run_and_the_tenant(s: ProcessStack, c: ht
     assert failed[0]["traceId"] == trace_id and failed[0]["tenant"] == tenant
     access = [x for x in lines("gateway") if x.get("logger") == "flowmesh.gateway.access"]
     assert access and all(x["traceId"] == trace_id and x["tenant"] == tenant for x in access)
+
+
+def test_a_request_without_a_trace_starts_one_at_the_gateway_span(
+    s: ProcessStack, c: httpx.Client, receiver: OtlpReceiver
+) -> None:
+    flow_id = publish_flow(c, {"nodes": [T], "edges": []})
+    r = c.post(f"/flows/{flow_id}/runs", json={"input": {}})
+    assert r.status_code == 201, r.text
+    run = wait_run(c, r.json()["id"])
+    event_tp = run_event_traceparent(s, _tenant_of(c), flow_id, run["id"])
+    assert event_tp is not None
+    trace_id = event_tp.split("-")[1]
+
+    def started(spans: list[ReceivedSpan]) -> bool:
+        return any(x.service == "flowmesh-gateway" and x.kind == "server" for x in spans)
+
+    request = [
+        x for x in receiver.wait_for(trace_id, started) if x.service == "flowmesh-gateway" and x.kind == "server"
+    ]
+    # the root of the trace: no parent that no collector ever receives
+    assert len(request) == 1 and request[0].parent_span_id == "", request

@@ -15,6 +15,7 @@ its auto-instrumentation are not used: see ``docs/decisions.md``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -261,21 +262,23 @@ def span(
     tracer = _tracer
     if tracer is None:
         return NOTHING if parent is None else joined(parent)
-    from opentelemetry import trace
-
     tp = parent if parent is not None and valid_traceparent(parent) else _current.get()
-    context = trace.set_span_in_context(_remote(tp)) if tp is not None else None
+    context = _parent_context(tp) if tp is not None else None
     started = tracer.start_span(name, context=context, kind=_kinds[kind], attributes=attributes)
     return _Span(started)
 
 
-def _remote(tp: str) -> Any:
+@functools.lru_cache(maxsize=256)
+def _parent_context(tp: str) -> Any:
+    """The OpenTelemetry context of a ``traceparent`` (immutable, so shared): a request, a message and
+    the spans under them name the same parent several times."""
+    from opentelemetry import trace
     from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
     parent = SpanContext(
         int(tp[3:35], 16), int(tp[36:52], 16), is_remote=True, trace_flags=TraceFlags(int(tp[53:55], 16))
     )
-    return NonRecordingSpan(parent)
+    return trace.set_span_in_context(NonRecordingSpan(parent))
 
 
 # --- outbound HTTP ------------------------------------------------------------------------------------
@@ -298,8 +301,6 @@ async def _request_start(_: ClientSession, ctx: SimpleNamespace, params: TraceRe
     if tracer is None:
         inject(params.headers)
         return
-    from opentelemetry import trace
-
     url = params.url
     attributes: dict[str, Value] = {
         "http.request.method": params.method,
@@ -309,7 +310,7 @@ async def _request_start(_: ClientSession, ctx: SimpleNamespace, params: TraceRe
     if url.port is not None:
         attributes["server.port"] = url.port
     tp = _current.get()
-    context = trace.set_span_in_context(_remote(tp)) if tp is not None else None
+    context = _parent_context(tp) if tp is not None else None
     block = _Span(tracer.start_span(params.method, context=context, kind=_kinds["client"], attributes=attributes))
     ctx.flowmesh_span = block
     params.headers[headers.TRACEPARENT] = block._tp

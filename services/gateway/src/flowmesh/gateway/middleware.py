@@ -95,14 +95,15 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     given = request.headers.get("X-Request-Id", "")
     request[keys.REQUEST_ID] = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
     tp = request.headers.get("traceparent")
-    parent = tp if tp is not None and valid_traceparent(tp) else new_traceparent()
+    # a request without a trace starts one: its span is the root (tracing on), else only an id to pass on
+    parent = tp if tp is not None and valid_traceparent(tp) else (None if tracing_enabled() else new_traceparent())
     route = metrics.route_of(request)
     started = time.perf_counter()
     status = 500
     with span(
         f"{request.method} {route}", kind="server", parent=parent, attributes=_span_attributes(request, route)
     ) as s:
-        request[keys.TRACEPARENT] = current_traceparent() or parent
+        request[keys.TRACEPARENT] = current_traceparent() or parent or new_traceparent()
         websocket = False
         try:
             response = await handler(request)
