@@ -106,6 +106,47 @@ def test_spans_reach_the_receiver_as_children_of_their_parent(exporting: OtlpRec
     assert spans["broken"].error and not spans["outer"].error
 
 
+def test_a_span_without_a_parent_starts_a_trace_and_a_failure_is_an_exception_event(exporting: OtlpReceiver) -> None:
+    with tracing.span("root") as root:
+        tp = tracing.current_traceparent()
+        assert tp is not None and tp.endswith("-01")
+        root.set_attribute("n", 3)
+    with pytest.raises(OSError, match="refused"), tracing.span("refused"):
+        raise OSError("connection refused")
+    tracing.shutdown_tracing()
+    spans = {s.name: s for s in exporting.spans}
+    assert spans["root"].parent_span_id == "" and spans["root"].trace_id == tp[3:35]
+    assert spans["root"].span_id == tp[36:52] and spans["root"].attributes == {"n": 3}
+    assert spans["refused"].error and spans["refused"].trace_id != spans["root"].trace_id
+
+
+@pytest.mark.parametrize(
+    ("sampler", "parent_flags", "exported"),
+    [
+        ("parentbased_always_on", "00", False),  # the default: an unsampled parent's children are not sampled
+        ("parentbased_always_on", "01", True),
+        ("always_off", "01", False),
+        ("always_on", "00", True),
+        ("parentbased_traceidratio", "00", False),
+    ],
+)
+def test_the_otel_sampler_decides_and_an_unsampled_context_is_passed_on(
+    receiver: OtlpReceiver, monkeypatch: pytest.MonkeyPatch, sampler: str, parent_flags: str, exported: bool
+) -> None:
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", sampler)  # the SDK reads its sampler from the process
+    assert tracing.configure_tracing("unit", env=receiver.env(OTEL_TRACES_SAMPLER=sampler))
+    parent = f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-{parent_flags}"
+    try:
+        with tracing.span("maybe", parent=parent):
+            tp = tracing.current_traceparent()
+            assert tp is not None and tp[3:35] == parent[3:35]
+            assert tracing.inject({}) == {"traceparent": tp}
+    finally:
+        tracing.shutdown_tracing()
+    assert tp.endswith("-01") is exported
+    assert [s.name for s in receiver.spans] == (["maybe"] if exported else [])
+
+
 def test_the_service_name_follows_otel_service_name(receiver: OtlpReceiver) -> None:
     assert tracing.configure_tracing("unit", env=receiver.env(OTEL_SERVICE_NAME="custom"))
     try:

@@ -7,10 +7,13 @@ carries it (:func:`inject`). With tracing off that is all: no span objects, no O
 context, a context-variable set and reset per request or message (the run path stays as fast).
 
 Spans are exported over OTLP/HTTP when the standard ``OTEL_*`` variables ask for it
-(:func:`configure_tracing`): then :func:`span` starts a real span whose parent is the current
+(:func:`configure_tracing`): then :func:`span` starts a span whose parent is the current
 ``traceparent`` (so one parse of a string is the whole propagation, in and across processes) and
-makes that span's ``traceparent`` the current one for its block. OpenTelemetry's own context and
-its auto-instrumentation are not used: see ``docs/decisions.md``.
+makes that span's ``traceparent`` the current one for its block. A span is a small record made
+into the SDK's ``ReadableSpan`` when it ends and handed to the SDK's batch processor and OTLP
+exporter; the SDK's tracer (locks, bounded collections and attribute checks per span) cost the
+gateway a seventh of its CPU. OpenTelemetry's own context and its auto-instrumentation are not
+used: see ``docs/decisions.md``.
 """
 
 from __future__ import annotations
@@ -18,8 +21,11 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import random
 import re
 import secrets
+import time
+import traceback
 from collections.abc import Mapping, MutableMapping
 from contextvars import ContextVar, Token
 from types import SimpleNamespace, TracebackType
@@ -31,9 +37,10 @@ from flowmesh.contracts import headers
 
 if TYPE_CHECKING:
     from aiohttp import ClientSession
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.trace import Span as OtelSpan
-    from opentelemetry.trace import Tracer
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+    from opentelemetry.sdk.trace.sampling import Sampler
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +53,9 @@ Value = str | int | float | bool
 
 _C = TypeVar("_C", bound=MutableMapping[str, str])
 _current: ContextVar[str | None] = ContextVar("flowmesh_traceparent", default=None)
-_tracer: Tracer | None = None
+_recorder: _Recorder | None = None
 _provider: TracerProvider | None = None
-_kinds: dict[str, Any] = {}
+_DEFAULT_SAMPLERS = ("", "parentbased_always_on")
 
 
 def new_traceparent() -> str:
@@ -91,7 +98,7 @@ def configure_tracing(service: str, env: Mapping[str, str] | None = None) -> boo
     name is ``OTEL_SERVICE_NAME``, else ``flowmesh-<service>``. Nothing is imported from the SDK
     unless it is used.
     """
-    global _tracer, _provider
+    global _recorder, _provider
     env = os.environ if env is None else env
     if not exporting(env):
         return False
@@ -110,27 +117,25 @@ def configure_tracing(service: str, env: Mapping[str, str] | None = None) -> boo
     batch = BatchSpanProcessor(
         OTLPSpanExporter(endpoint=endpoint), schedule_delay_millis=float(delay) if delay else None
     )
-    provider.add_span_processor(batch)
-    from opentelemetry.trace import SpanKind
-
-    kinds = {"server": SpanKind.SERVER, "client": SpanKind.CLIENT, "consumer": SpanKind.CONSUMER}
-    _kinds.update(kinds, producer=SpanKind.PRODUCER, internal=SpanKind.INTERNAL)
-    _provider, _tracer = provider, provider.get_tracer("flowmesh")
+    provider.add_span_processor(batch)  # so the provider's shutdown flushes it
+    # the default sampler (parent-based, always on) is a flag test, not a call
+    default = env.get("OTEL_TRACES_SAMPLER", "").strip().lower() in _DEFAULT_SAMPLERS
+    _provider, _recorder = provider, _Recorder(provider, batch, None if default else provider.sampler)
     log.info("tracing: exporting spans of %s over OTLP/HTTP", name)
     return True
 
 
 def shutdown_tracing() -> None:
     """Export the spans still batched and stop exporting (at the end of the process)."""
-    global _tracer, _provider
-    provider, _provider, _tracer = _provider, None, None
+    global _recorder, _provider
+    provider, _provider, _recorder = _provider, None, None
     if provider is not None:
         provider.shutdown()
 
 
 def enabled() -> bool:
     """Whether spans are being exported."""
-    return _tracer is not None
+    return _recorder is not None
 
 
 # --- the current context ----------------------------------------------------------------------------
@@ -183,6 +188,12 @@ class _Joined:
     def set_error(self, message: str) -> None:
         """Nothing is recorded with tracing off."""
 
+    def fail(self, exc: BaseException) -> None:
+        """Nothing is recorded with tracing off."""
+
+    def end(self) -> None:
+        """Nothing to end with tracing off."""
+
 
 class _Nothing(_Joined):
     """No context to enter: the one shared do-nothing block."""
@@ -212,15 +223,71 @@ def joined(traceparent: str | None) -> _Joined:
     return _Joined(traceparent)
 
 
+class _Recorder:
+    """What a span needs from the SDK: its processor, resource and scope, and a sampler if not the default."""
+
+    def __init__(self, provider: TracerProvider, processor: SpanProcessor, sampler: Sampler | None) -> None:
+        from opentelemetry.sdk.trace import Event, ReadableSpan
+        from opentelemetry.sdk.trace.sampling import Decision
+        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+        from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+
+        self.processor = processor
+        self.sampler = sampler
+        self.resource: Resource = provider.resource
+        self.scope: InstrumentationScope = InstrumentationScope("flowmesh")
+        self.kinds = {
+            "server": SpanKind.SERVER,
+            "client": SpanKind.CLIENT,
+            "consumer": SpanKind.CONSUMER,
+            "producer": SpanKind.PRODUCER,
+            "internal": SpanKind.INTERNAL,
+        }
+        self.sampled = TraceFlags(TraceFlags.SAMPLED)
+        self.record_and_sample = Decision.RECORD_AND_SAMPLE
+        self.unset, self.error = Status(StatusCode.UNSET), StatusCode.ERROR
+        self.SpanContext, self.ReadableSpan, self.Event, self.Status = SpanContext, ReadableSpan, Event, Status
+
+    def start(self, name: str, kind: Kind, parent: str | None, attributes: Mapping[str, Value] | None) -> _Joined:
+        """A recording span, or (sampled out) a block passing an unsampled context on."""
+        span_id = random.getrandbits(64) or 1
+        if parent is None:
+            trace_id, parent_context, flags = random.getrandbits(128) or 1, None, 1
+        else:
+            trace_id, parent_context, flags = int(parent[3:35], 16), _parent_context(parent), int(parent[53:55], 16)
+        if self.sampler is not None:
+            result = self.sampler.should_sample(
+                _otel_context(parent) if parent is not None else None, trace_id, name, self.kinds[kind], attributes
+            )
+            flags = 1 if result.decision is self.record_and_sample else 0
+        elif parent is None:
+            flags = 1
+        if not flags & 1:
+            return _Joined(f"00-{trace_id:032x}-{span_id:016x}-00")
+        return _Span(self, name, kind, trace_id, span_id, parent_context, attributes)
+
+
 class _Span(_Joined):
-    """A real span (tracing on) and its ``traceparent`` made current for the block."""
+    """A recording span (tracing on) and its ``traceparent`` made current for the block."""
 
-    __slots__ = ("_span",)
+    __slots__ = ("_attributes", "_events", "_kind", "_name", "_parent", "_recorder", "_span_id", "_start", "_status")
 
-    def __init__(self, otel_span: OtelSpan) -> None:
-        ctx = otel_span.get_span_context()
-        super().__init__(f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}")
-        self._span = otel_span
+    def __init__(
+        self,
+        recorder: _Recorder,
+        name: str,
+        kind: Kind,
+        trace_id: int,
+        span_id: int,
+        parent: Any,
+        attributes: Mapping[str, Value] | None,
+    ) -> None:
+        super().__init__(f"00-{trace_id:032x}-{span_id:016x}-01")
+        self._recorder, self._name, self._kind, self._span_id, self._parent = recorder, name, kind, span_id, parent
+        self._attributes: dict[str, Value] = dict(attributes) if attributes else {}
+        self._events: list[Any] = []
+        self._status: Any = recorder.unset
+        self._start = time.time_ns()
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -229,26 +296,49 @@ class _Span(_Joined):
         # an error answer the caller caused (a 4xx) is the request's outcome, not a failure here
         if exc is not None and getattr(exc, "status", 500) >= 500 and not isinstance(exc, GeneratorExit):
             self.fail(exc)
-        self._span.end()
+        self.end()
 
     def fail(self, exc: BaseException) -> None:
-        """Record ``exc`` on the span and mark it failed."""
-        self._span.record_exception(exc)
+        """Record ``exc`` on the span (an ``exception`` event, as the SDK records one) and mark it failed."""
+        stack = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        attributes = {
+            "exception.type": type(exc).__name__,
+            "exception.message": str(exc),
+            "exception.stacktrace": stack,
+        }
+        self._events.append(self._recorder.Event("exception", attributes))
         self.set_error(f"{type(exc).__name__}: {exc}")
 
     def end(self) -> None:
-        """End the span (when not used as a block)."""
-        self._span.end()
+        """End the span (when not used as a block): hand it to the exporter's batch."""
+        r = self._recorder
+        tp = self._tp
+        context = r.SpanContext(int(tp[3:35], 16), self._span_id, is_remote=False, trace_flags=r.sampled)
+        r.processor.on_end(
+            r.ReadableSpan(
+                self._name,
+                context,
+                self._parent,
+                r.resource,
+                self._attributes,
+                self._events,
+                (),
+                r.kinds[self._kind],
+                None,
+                self._status,
+                self._start,
+                time.time_ns(),
+                r.scope,
+            )
+        )
 
     def set_attribute(self, key: str, value: Value) -> None:
         """Record an attribute on the span."""
-        self._span.set_attribute(key, value)
+        self._attributes[key] = value
 
     def set_error(self, message: str) -> None:
         """Mark the span as failed."""
-        from opentelemetry.trace import Status, StatusCode
-
-        self._span.set_status(Status(StatusCode.ERROR, message))
+        self._status = self._recorder.Status(self._recorder.error, message)
 
 
 def span(
@@ -259,26 +349,29 @@ def span(
     With tracing off, only ``parent`` is made current (when given), so what the block sends and
     logs still carries the trace. Use as ``with span(...) as s: s.set_attribute(...)``.
     """
-    tracer = _tracer
-    if tracer is None:
+    recorder = _recorder
+    if recorder is None:
         return NOTHING if parent is None else joined(parent)
     tp = parent if parent is not None and valid_traceparent(parent) else _current.get()
-    context = _parent_context(tp) if tp is not None else None
-    started = tracer.start_span(name, context=context, kind=_kinds[kind], attributes=attributes)
-    return _Span(started)
+    return recorder.start(name, kind, tp, attributes)
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=1024)
 def _parent_context(tp: str) -> Any:
-    """The OpenTelemetry context of a ``traceparent`` (immutable, so shared): a request, a message and
-    the spans under them name the same parent several times."""
-    from opentelemetry import trace
-    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+    """The span context of a ``traceparent``, as a span's parent (immutable, so shared: a request,
+    a message and the spans under them name the same parent several times)."""
+    from opentelemetry.trace import SpanContext, TraceFlags
 
-    parent = SpanContext(
-        int(tp[3:35], 16), int(tp[36:52], 16), is_remote=True, trace_flags=TraceFlags(int(tp[53:55], 16))
-    )
-    return trace.set_span_in_context(NonRecordingSpan(parent))
+    flags = TraceFlags(int(tp[53:55], 16))
+    return SpanContext(int(tp[3:35], 16), int(tp[36:52], 16), is_remote=True, trace_flags=flags)
+
+
+def _otel_context(tp: str) -> Any:
+    """An OpenTelemetry context holding a ``traceparent``'s span (what a configured sampler reads)."""
+    from opentelemetry import trace
+    from opentelemetry.trace import NonRecordingSpan
+
+    return trace.set_span_in_context(NonRecordingSpan(_parent_context(tp)))
 
 
 # --- outbound HTTP ------------------------------------------------------------------------------------
@@ -297,8 +390,8 @@ def client_trace_config() -> TraceConfig:
 
 
 async def _request_start(_: ClientSession, ctx: SimpleNamespace, params: TraceRequestStartParams) -> None:
-    tracer = _tracer
-    if tracer is None:
+    recorder = _recorder
+    if recorder is None:
         inject(params.headers)
         return
     url = params.url
@@ -309,15 +402,13 @@ async def _request_start(_: ClientSession, ctx: SimpleNamespace, params: TraceRe
     }
     if url.port is not None:
         attributes["server.port"] = url.port
-    tp = _current.get()
-    context = _parent_context(tp) if tp is not None else None
-    block = _Span(tracer.start_span(params.method, context=context, kind=_kinds["client"], attributes=attributes))
+    block = recorder.start(params.method, "client", _current.get(), attributes)
     ctx.flowmesh_span = block
     params.headers[headers.TRACEPARENT] = block._tp
 
 
 async def _request_end(_: ClientSession, ctx: SimpleNamespace, params: TraceRequestEndParams) -> None:
-    block: _Span | None = getattr(ctx, "flowmesh_span", None)
+    block: _Joined | None = getattr(ctx, "flowmesh_span", None)
     if block is not None:
         status = params.response.status
         block.set_attribute("http.response.status_code", status)
@@ -327,7 +418,7 @@ async def _request_end(_: ClientSession, ctx: SimpleNamespace, params: TraceRequ
 
 
 async def _request_exception(_: ClientSession, ctx: SimpleNamespace, params: TraceRequestExceptionParams) -> None:
-    block: _Span | None = getattr(ctx, "flowmesh_span", None)
+    block: _Joined | None = getattr(ctx, "flowmesh_span", None)
     if block is not None:
         block.fail(params.exception)
         block.end()
