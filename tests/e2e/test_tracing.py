@@ -100,7 +100,16 @@ def test_one_trace_covers_the_request_the_rpc_the_step_and_its_http_call(
     assert len(sent) == 1 and sent[0] is not None and sent[0].split("-")[1] == trace_id
 
     def complete(spans: list[ReceivedSpan]) -> bool:
-        return any(x.kind == "client" and x.service == "flowmesh-runner" and x.name == "GET" for x in spans)
+        # each process exports its own batches, whenever they fill or time out: wait for every part
+        found = {(x.service, x.kind) for x in spans} | {(x.service, x.name) for x in spans}
+        wanted = {
+            ("flowmesh-gateway", "server"),
+            ("flowmesh-gateway", RunsOp.START),
+            ("flowmesh-runner", RunsOp.START),
+            ("flowmesh-runner", "step http"),
+            ("flowmesh-runner", "GET"),
+        }
+        return wanted <= found and any(x.name.startswith("db ") for x in spans)
 
     spans = receiver.wait_for(trace_id, complete)
     by_id = {x.span_id: x for x in spans}

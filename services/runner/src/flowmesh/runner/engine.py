@@ -88,6 +88,9 @@ class RunRecord:
     deadline_at: datetime | None = None
     traceparent: str | None = None
     """The trace context of what started the run: its steps, however late, continue that trace."""
+    revision: int = 0
+    """One more with every committed change of the run (a change made from a run held in memory
+    applies only if no other came between)."""
 
     @property
     def final(self) -> bool:

@@ -84,6 +84,7 @@ def _record(row: RowMapping) -> RunRecord:
         last_seq=row["last_seq"],
         deadline_at=row["deadline_at"],
         traceparent=row["traceparent"],
+        revision=row["revision"],
     )
 
 
@@ -142,7 +143,8 @@ def _select_list(table: Table, columns: tuple[str, ...], alias: str) -> str:
     return ", ".join(f"{alias}.{c}::text AS {c}" if _pg_type(table, c) == "uuid" else f"{alias}.{c}" for c in columns)
 
 
-_LOCK_RUN_SQL = f"SELECT {_select_list(runs, _RECORD_FIELDS, 'r')} FROM runner.runs AS r WHERE r.id = $1 FOR UPDATE"
+_READ_RUN_SQL = f"SELECT {_select_list(runs, _RECORD_FIELDS, 'r')} FROM runner.runs AS r WHERE r.id = $1"
+_LOCK_RUN_SQL = _READ_RUN_SQL + " FOR UPDATE"
 _LOCK_TENANT_RUN_SQL = (
     f"SELECT {_select_list(runs, _RECORD_FIELDS, 'r')} FROM runner.runs AS r "
     "WHERE r.id = $1 AND r.tenant_id = $2 FOR UPDATE"
@@ -161,8 +163,19 @@ async def lock_for_change(
         row = await conn.fetchrow(_LOCK_RUN_SQL, run_id)
     else:
         row = await conn.fetchrow(_LOCK_TENANT_RUN_SQL, run_id, tenant)
-    if row is None:
-        return None
+    return None if row is None else await _with_steps(conn, row)
+
+
+async def read_for_change(conn: Any, *, run_id: str) -> tuple[RunRecord, dict[str, StepState]] | None:
+    """A run and its recorded steps, unlocked, read in that order: should its revision still be the
+    one read when a change from it is written, no change came after the run's row was read, so
+    the steps read after it are of that revision too (:func:`save_change` checks)."""
+    row = await conn.fetchrow(_READ_RUN_SQL, run_id)
+    return None if row is None else await _with_steps(conn, row)
+
+
+async def _with_steps(conn: Any, row: Any) -> tuple[RunRecord, dict[str, StepState]]:
+    run_id = row["id"]
     record = RunRecord(**{f: _loads(row[f]) if f in _JSON_RUN_FIELDS else row[f] for f in _RECORD_FIELDS})
     steps = {
         r["step_id"]: StepState(**{f: _loads(r[f]) if f in _JSON_STEP_FIELDS else r[f] for f in _STEP_FIELDS})
@@ -179,12 +192,6 @@ async def version_on(conn: Any, *, flow_id: str, version: int) -> tuple[Any, Any
 
 def _loads(value: str | None) -> Any:
     return None if value is None else orjson.loads(value)
-
-
-async def read_run(session: AsyncSession, *, run_id: str) -> RunRecord | None:
-    """A run as it is now, without locking it."""
-    row = (await session.execute(select(runs).where(runs.c.id == run_id))).mappings().one_or_none()
-    return None if row is None else _record(row)
 
 
 async def load_steps(session: AsyncSession, *, run_id: str) -> dict[str, StepState]:
@@ -212,22 +219,22 @@ async def save(
     ``leases``: steps this change hands to a worker of this process, and until when it answers for them.
     """
     r = state.run
-    now = state.now
-    if state.run_changed:
-        await session.execute(
-            update(runs)
-            .where(runs.c.id == r.id)
-            .values(
-                status=r.status,
-                output=r.output,
-                error=r.error,
-                started_at=r.started_at,
-                completed_at=r.completed_at,
-                last_seq=r.last_seq,
-                deadline_at=r.deadline_at,
-                updated_at=now,
-            )
+    await session.execute(
+        update(runs)
+        .where(runs.c.id == r.id)
+        .values(
+            status=r.status,
+            output=r.output,
+            error=r.error,
+            started_at=r.started_at,
+            completed_at=r.completed_at,
+            last_seq=r.last_seq,
+            deadline_at=r.deadline_at,
+            updated_at=state.now,
+            revision=runs.c.revision + 1,  # every change counts (see save_change)
         )
+    )
+    r.revision += 1
     return await write_changes(await _driver(session), state, leases or {})
 
 
@@ -336,10 +343,12 @@ _LEASED_STEP_ARRAYS = (*_STEP_ARRAYS, ("lease_until", _pg_type(step_runs, "lease
 
 
 def _save_sql() -> str:
-    """One statement writing a change: the run's row (when ``$2``), its changed steps, its new events.
+    """One statement writing a change: the run's row, its changed steps, its new events, all only if
+    the run's revision is still ``$2`` (always so under the run's lock; for a run held in memory,
+    so only if no other change came between). Returns how many runs it changed: 1, else 0.
 
-    Parameters: ``$1`` run id, ``$2`` whether the run changed, the run's changed columns, the time,
-    the steps' columns as arrays (with their leases), the events' columns as arrays.
+    Parameters: ``$1`` run id, ``$2`` the revision the change was made from, the run's changed
+    columns, the time, the steps' columns as arrays (with their leases), the events' columns as arrays.
     """
     first_run = 3
     at = first_run + len(_CHANGED_RUN)
@@ -349,23 +358,26 @@ def _save_sql() -> str:
     step_columns = ", ".join(c for c, _ in _LEASED_STEP_ARRAYS)
     updated = ", ".join(f"{c} = EXCLUDED.{c}" for c, _ in _LEASED_STEP_ARRAYS[1:])
     return (
-        f"WITH run AS (UPDATE runner.runs SET {run_set}, updated_at = ${at}::timestamptz "
-        "WHERE id = $1::uuid AND $2::boolean), "
+        f"WITH run AS (UPDATE runner.runs SET {run_set}, updated_at = ${at}::timestamptz, "
+        "revision = $2::bigint + 1 WHERE id = $1::uuid AND revision = $2::bigint RETURNING 1), "
         f"steps AS (INSERT INTO runner.step_runs (run_id, {step_columns}, updated_at) "
         f"SELECT $1::uuid, x.*, ${at}::timestamptz FROM {_unnest(_LEASED_STEP_ARRAYS, steps)} "
+        "WHERE EXISTS (SELECT 1 FROM run) "
         f"ON CONFLICT (run_id, step_id) DO UPDATE SET {updated}, updated_at = EXCLUDED.updated_at), "
         f"events AS (INSERT INTO runner.run_events (run_id, {', '.join(c for c, _ in _EVENT_ARRAYS)}) "
-        f"SELECT $1::uuid, x.* FROM {_unnest(_EVENT_ARRAYS, events)}) "
-        "SELECT 1"
+        f"SELECT $1::uuid, x.* FROM {_unnest(_EVENT_ARRAYS, events)} WHERE EXISTS (SELECT 1 FROM run)) "
+        "SELECT count(*) FROM run"
     )
 
 
 _SAVE_SQL = _save_sql()
 
 
-async def save_change(conn: Any, state: RunState, leases: dict[str, datetime]) -> list[dict[str, Any]]:
-    """Write a run state's changes in one statement (inside the caller's transaction); returns its new
-    events as published payloads, in ``seq`` order. ``leases``: as :func:`save`'s."""
+async def save_change(conn: Any, state: RunState, leases: dict[str, datetime]) -> list[dict[str, Any]] | None:
+    """Write a run state's changes in one statement: inside the caller's transaction, under the run's
+    lock, or on its own for a run held in memory. Returns its new events as published payloads, in
+    ``seq`` order, and counts the run's revision up; None (nothing written) when the run's revision
+    is no longer the one ``state`` was made from. ``leases``: as :func:`save`'s."""
     r = state.run
     steps = [
         (
@@ -381,7 +393,9 @@ async def save_change(conn: Any, state: RunState, leases: dict[str, datetime]) -
     step_columns = [list(c) for c in zip(*steps, strict=True)] if steps else [[] for _ in _LEASED_STEP_ARRAYS]
     event_columns = [list(c) for c in zip(*events, strict=True)] if events else [[] for _ in _EVENT_ARRAYS]
     run_values = [_json(getattr(r, c)) if c in _JSON_RUN_FIELDS else getattr(r, c) for c in _CHANGED_RUN]
-    await conn.execute(_SAVE_SQL, r.id, state.run_changed, *run_values, state.now, *step_columns, *event_columns)
+    if not await conn.fetchval(_SAVE_SQL, r.id, r.revision, *run_values, state.now, *step_columns, *event_columns):
+        return None
+    r.revision += 1
     return [_event_payload(r, row) for row in rows]
 
 
@@ -440,6 +454,7 @@ def _run_row(record: RunRecord, values: dict[str, Any]) -> tuple[Any, ...]:
         "published_seq": 0,
         "deadline_at": record.deadline_at,
         "traceparent": record.traceparent,
+        "revision": 0,
     }
     return tuple(row[c] for c in _RUN_COLUMNS)  # a column of tables.py with no value here: KeyError
 

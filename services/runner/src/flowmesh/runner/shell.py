@@ -268,21 +268,31 @@ class Runner:
 
     # --- changing a run under its lock ------------------------------------------------------------
 
-    async def apply(self, run_id: str, command: Command[T], *, tenant: str | None = None) -> T:
-        """Lock a run, load its state, apply ``command``, write it, then publish its events and work.
+    async def apply(
+        self, run_id: str, command: Command[T], *, tenant: str | None = None, held: RunState | None = None
+    ) -> T:
+        """Apply ``command`` to a run and write it, then publish its events and work.
+
+        ``held``: the run as this process last read or wrote it, which becomes the change's state
+        if no other change came since (one statement, no lock); else, and without it, the run is
+        locked and loaded.
 
         Raises:
             NotFound: no such run (of ``tenant``, when given).
         """
         with db_span(f"apply.{type(command).__name__.lower()}", run_id):
-            state, was_final, result, events, local = await self._change(run_id, command, tenant)
+            changed = None if held is None else await self._change_held(held, command)
+            if changed is None:
+                changed = await self._change(run_id, command, tenant)
+        state, was_final, result, events, local = changed
         metrics.committed(state.events)
         self.timers.send(state.timers.values())
         await self.publisher.publish(state.run, events, work_of(state, was_final, local))
-        self._continue(state, local)
-        for step_id in state.abandoned:
+        abandoned, timed_out = list(state.abandoned), state.run.status == "timedOut" and not was_final
+        self._continue(state, local)  # hands ``state`` on: not read here after this
+        for step_id in abandoned:
             await self.children.cancel(run_id, step_id)
-        if state.run.status == "timedOut" and not was_final:
+        if timed_out:
             await self.children.cancel(run_id)
         return result
 
@@ -306,9 +316,39 @@ class Runner:
                 local = self._claim_local(state)
                 lease = state.now + timedelta(seconds=self.lease_s)
                 events = await repo.save_change(conn, state, dict.fromkeys(local, lease))
+                if events is None:  # cannot be: the lock keeps every other change out
+                    raise RuntimeError(f"run {run_id} changed under its lock")
         except BaseException:
             self.local_free += len(local)  # not committed: nothing was leased
             raise
+        return state, was_final, result, events, local
+
+    async def _change_held(
+        self, held: RunState, command: Command[T]
+    ) -> tuple[RunState, bool, T, list[dict[str, Any]], list[str]] | None:
+        """:meth:`_change` from the run as ``held`` has it, in one statement that writes only if the
+        run's revision is still ``held``'s (no lock, no read); None when another change came first.
+
+        ``held`` is this process's own: the state its last change of the run committed (the step it
+        executes next) or a snapshot read for a step's attempt. A change in between (a timer, a
+        cancel, a parallel branch, a worker that took over the step) makes the write apply nothing,
+        and the caller takes the lock and applies the command to the run as it is.
+        """
+        state = RunState(held.run, held.graph, held.steps, utcnow(), limits=held.limits)
+        was_final = state.run.final
+        result = command.apply(state)
+        local = self._claim_local(state)
+        lease = state.now + timedelta(seconds=self.lease_s)
+        assert self.pool is not None
+        try:
+            async with self.pool.acquire() as conn:
+                events = await repo.save_change(conn, state, dict.fromkeys(local, lease))
+        except BaseException:
+            self.local_free += len(local)
+            raise
+        if events is None:
+            self.local_free += len(local)  # nothing written: ``held`` (now changed) is dropped
+            return None
         return state, was_final, result, events, local
 
     # --- steps executed where they became ready ---------------------------------------------------
@@ -331,16 +371,21 @@ class Runner:
         return local
 
     def _continue(self, state: RunState, local: list[str]) -> None:
-        """Execute the steps :meth:`_claim_local` took, in the background, from a copy of the committed state."""
+        """Execute the steps :meth:`_claim_local` took, in the background, from the committed state.
+
+        One step (a chain) takes the state over and writes its result from it when no other change
+        came between; steps of parallel branches share a view of it and write theirs under the lock.
+        """
         if not local:
             return
-        view = RunState(state.run, state.graph, dict(state.steps), utcnow(), limits=state.limits)
+        steps = state.steps if len(local) == 1 else dict(state.steps)
+        view = RunState(state.run, state.graph, steps, utcnow(), limits=state.limits)
         for step_id in local:
-            background(self._tasks, self._execute_local(view, step_id))
+            background(self._tasks, self._execute_local(view, step_id, held=len(local) == 1))
 
-    async def _execute_local(self, state: RunState, step_id: str) -> None:
+    async def _execute_local(self, state: RunState, step_id: str, *, held: bool) -> None:
         try:
-            await self._execute(state, step_id, None)
+            await self._execute(state, step_id, None, held=held)
         except Exception as exc:
             # the lease runs out and the sweep sends the step's work to any replica
             log.warning("step %r of run %s failed here, it will be re-sent: %s", step_id, state.run.id, exc)
@@ -423,18 +468,14 @@ class Runner:
             return await self._read(run_id)
 
     async def _read(self, run_id: str) -> RunState | None:
-        async with self.sessions() as s:
-            record = await repo.read_run(s, run_id=run_id)
-            if record is None:
+        assert self.pool is not None
+        async with self.pool.acquire() as conn:
+            found = await repo.read_for_change(conn, run_id=run_id)
+            if found is None:
                 return None
-            graph = await self.versions.graph(s, record.flow_id, record.version)
-            return RunState(
-                record,
-                graph,
-                await repo.load_steps(s, run_id=run_id),
-                utcnow(),
-                limits=self.output_limits(record.tenant_id),
-            )
+            record, steps = found
+            graph = await self.versions.graph_on(conn, record.flow_id, record.version)
+        return RunState(record, graph, steps, utcnow(), limits=self.output_limits(record.tenant_id))
 
     async def execute(self, run_id: str, step_id: str, heartbeat: Callable[[], Awaitable[None]]) -> float | None:
         """Run one attempt of a dispatched step and record it; returns a delay when it is not due yet.
@@ -445,11 +486,14 @@ class Runner:
         claimed = await self._current_attempt(run_id, step_id)
         if not isinstance(claimed, RunState):
             return claimed
-        await self._execute(claimed, step_id, heartbeat)
+        await self._execute(claimed, step_id, heartbeat, held=True)
         return None
 
-    async def _execute(self, claimed: RunState, step_id: str, heartbeat: Callable[[], Awaitable[None]] | None) -> None:
-        """Run the attempt of ``step_id`` that ``claimed`` holds running, and record it.
+    async def _execute(
+        self, claimed: RunState, step_id: str, heartbeat: Callable[[], Awaitable[None]] | None, *, held: bool
+    ) -> None:
+        """Run the attempt of ``step_id`` that ``claimed`` holds running, and record it (from
+        ``claimed`` itself when ``held``: it is this attempt's alone).
 
         While it runs, every few seconds: ``heartbeat`` (a work message's "in progress") and the
         step's lease extended (when it has one: executed where it became ready, or re-sent after).
@@ -472,7 +516,7 @@ class Runner:
                 work = _bounded(work, timeout_ms, f"attempt {attempt} of step {step_id!r}")
             outcome = await _with_heartbeat(work, beat, self.heartbeat_s)
             record_outcome(span, step, attempt, outcome)
-            await self.apply(run_id, Complete(step_id, attempt, outcome))
+            await self.apply(run_id, Complete(step_id, attempt, outcome), held=claimed if held else None)
         if outcome.wait:
             # children that ended before the step was recorded waiting told nobody: look now
             await self.children.ended(run_id, step_id)

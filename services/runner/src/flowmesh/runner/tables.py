@@ -1,6 +1,6 @@
 """The ``runner`` schema, as SQLAlchemy Core tables (migrations create it; ``repo`` queries it)."""
 
-from sqlalchemy import Boolean, Column, DateTime, Integer, MetaData, PrimaryKeyConstraint, Table, Text
+from sqlalchemy import BigInteger, Boolean, Column, DateTime, Integer, MetaData, PrimaryKeyConstraint, Table, Text
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 
 SCHEMA = "runner"
@@ -47,6 +47,7 @@ runs = Table(
     Column("published_seq", Integer, nullable=False),
     Column("deadline_at", DateTime(timezone=True)),
     Column("traceparent", Text),
+    Column("revision", BigInteger, nullable=False, server_default="0"),
 )
 
 step_runs = Table(

@@ -1,0 +1,126 @@
+"""A change made from a run held in memory (the next step of a chain, or a step's snapshot) is written
+only if no other change of the run came between: the run's revision decides, on PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import asyncpg
+import pytest
+
+from flowmesh.contracts.subjects import RunsOp
+from flowmesh.contracts.testing import START, definition, edge, http_step, linear, node
+from flowmesh.runner import repo
+from flowmesh.runner.engine import RunState
+from flowmesh.runtime.db import create_driver_pool
+from flowmesh.runtime.testing import FlowsStandIn, Infra
+from flowmesh.runtime.testing import RunsClient as Runs
+from upstream import Upstream
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[Upstream]:
+    server = Upstream()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+async def pool(infra: Infra) -> AsyncIterator[asyncpg.Pool]:
+    p = await create_driver_pool(infra.database_url, size=2)
+    yield p
+    await p.close()
+
+
+async def held_run(runs: Runs, flows: FlowsStandIn, upstream: Upstream, hold: str) -> str:
+    """A run whose second step waits on the upstream until released (its first made it ready here)."""
+    flow_id = flows.publish(
+        runs.tenant,
+        linear(
+            http_step("first", upstream.base + "/ok"),
+            http_step("call", upstream.base + f"/hold/{hold}"),
+            node("after", output="{{ steps.call.output.status }}"),
+        ),
+    )
+    started = await runs.start(flow_id)
+    await steps_become(runs, started.run.id, call="running")
+    return started.run.id
+
+
+async def steps_become(runs: Runs, run_id: str, **statuses: str) -> None:
+    """Wait (bounded) until the run's steps have these statuses: ``call="running"``."""
+    deadline = time.monotonic() + 10
+    while True:
+        steps = await runs.steps(run_id)
+        if all(step in steps and steps[step].status == status for step, status in statuses.items()):
+            return
+        assert time.monotonic() < deadline, f"steps of run {run_id}: {steps}"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_change_from_a_stale_revision_writes_nothing(
+    runs: Runs, flows: FlowsStandIn, upstream: Upstream, pool: asyncpg.Pool
+) -> None:
+    run_id = await held_run(runs, flows, upstream, hold := f"stale-{runs.tenant}")
+    try:
+        async with pool.acquire() as conn:
+            found = await repo.read_for_change(conn, run_id=run_id)
+            assert found is not None
+            stale_record, stale_steps = found
+            again = await repo.read_for_change(conn, run_id=run_id)
+            assert again is not None
+            fresh = RunState(again[0], cast(Any, None), again[1], datetime.now(UTC))
+            assert await repo.save_change(conn, fresh, {}) == []  # written: one revision more
+            assert fresh.run.revision == stale_record.revision + 1
+
+            stale = RunState(stale_record, cast(Any, None), stale_steps, datetime.now(UTC))
+            stale.run.status = "succeeded"
+            assert await repo.save_change(conn, stale, {}) is None  # another change came first
+            now = await repo.read_for_change(conn, run_id=run_id)
+            assert now is not None and now[0].status == "running" and now[0].revision == fresh.run.revision
+    finally:
+        upstream.release(hold)
+    assert (await runs.wait(run_id)).status == "succeeded"
+
+
+async def test_a_result_held_across_another_change_is_applied_to_the_run_as_it_is(
+    runs: Runs, flows: FlowsStandIn, upstream: Upstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    # ``first`` makes two steps ready: ``call`` (executed here, holding the run) and ``ok`` (an approval)
+    hold = f"branch-{runs.tenant}"
+    flow_id = flows.publish(
+        runs.tenant,
+        definition(
+            http_step("first", upstream.base + "/ok"),
+            http_step("call", upstream.base + f"/hold/{hold}"),
+            node("ok", "approval"),
+            node("after", output="{{ steps.call.output.status }}"),
+            edges=[
+                edge(START, "first"),
+                edge("first", "call"),
+                edge("first", "ok"),
+                edge("call", "after"),
+                edge("ok", "after"),
+            ],
+        ),
+    )
+    started = await runs.start(flow_id)
+    await steps_become(runs, started.run.id, call="running", ok="waiting")
+    with caplog.at_level(logging.WARNING, logger="flowmesh.runner"):
+        # a change while ``call`` runs: the run's revision moves on from the one ``call`` holds
+        resume = {"runId": started.run.id, "stepId": "ok", "decision": "approved"}
+        await runs.rpc.call(RunsOp.RESUME, resume, tenant=runs.tenant)
+        upstream.release(hold)
+        run = await runs.wait(started.run.id)
+    assert run.status == "succeeded" and run.output == 200
+    steps = await runs.steps(run.id)
+    assert steps["call"].status == "succeeded" and steps["call"].attempt == 1
+    events = await runs.events(run.id)
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert sum(e["type"] == "step.succeeded" and e.get("stepId") == "call" for e in events) == 1
+    assert not [r for r in caplog.records if "will be re-sent" in r.getMessage()], caplog.text
