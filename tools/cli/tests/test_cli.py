@@ -20,7 +20,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flowmesh.cli.embedded import free_port
-from flowmesh.cli.main import DEV_HEALTH_PORT_OFFSETS, SERVICES, DevConfig, app, dev_health_ports
+from flowmesh.cli.main import DEV_HEALTH_PORT_OFFSETS, SERVICES, DevConfig, app, dev_health_ports, dev_processes
 from flowmesh.cli.tokens import load_or_create_jwt_secret, mint_token
 
 SECRET = "test-secret-" + "0123456789abcdef" * 3
@@ -133,6 +133,26 @@ def test_dev_config_reads_the_environment(tmp_path: Path) -> None:
         DevConfig.from_env({"FLOWMESH_HTTP_PORT": "http"})
 
 
+def test_dev_starts_a_runner_per_cpu_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert DevConfig.from_env({}).runners == 2
+    monkeypatch.setattr(os, "cpu_count", lambda: 32)
+    assert DevConfig.from_env({}).runners == 4  # beyond four, the cores are PostgreSQL's and NATS's
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert DevConfig.from_env({}).runners == 1
+    assert DevConfig.from_env({"FLOWMESH_DEV_RUNNERS": "3"}).runners == 3
+    for bad in ("0", "-1", "two", "17", "1.5"):
+        with pytest.raises(ValueError, match="FLOWMESH_DEV_RUNNERS must be a number of runner processes from 1"):
+            DevConfig.from_env({"FLOWMESH_DEV_RUNNERS": bad})
+    processes = dev_processes({"gateway": ["g"], "runner": ["r"]}, runners=3)
+    assert processes == {
+        "gateway": ("gateway", ["g"]),
+        "runner": ("runner", ["r"]),
+        "runner-2": ("runner", ["r"]),
+        "runner-3": ("runner", ["r"]),
+    }
+
+
 # --------------------------------------------------------------------------------------------------
 # flowmesh dev, with stand-in services (the real ones are tested end to end in tests/)
 
@@ -200,6 +220,7 @@ def dev_stack(tmp_path: Path, wait_until: Callable[..., None]) -> Iterator[_Dev]
         **os.environ,
         "FLOWMESH_DATA_DIR": str(data_dir),
         "FLOWMESH_HTTP_PORT": str(port),
+        "FLOWMESH_DEV_RUNNERS": "3",
         "NO_COLOR": "1",
     }
     for name in ("NATS_URL", "DATABASE_URL", "FLOWMESH_JWT_SECRET"):
@@ -249,6 +270,15 @@ def test_dev_starts_everything_and_a_ctrl_c_to_the_group_stops_it_all(
     assert f"FLOWMESH_JWT_SECRET={secret}" in runner_env
     assert "FLOWMESH_LOG_FORMAT=text" in runner_env
     assert "FLOWMESH_RUNNER_HEALTH_PORT=None" not in runner_env
+    # three runner processes (FLOWMESH_DEV_RUNNERS), each with a health port of its own
+    runner_lines = [line for line in text.splitlines() if line.split("|")[0].strip().startswith("runner")]
+    runner_ports = {
+        line.split("|")[0].strip(): line.split("FLOWMESH_RUNNER_HEALTH_PORT=")[1].split()[0]
+        for line in runner_lines
+        if " env " in line
+    }
+    assert sorted(runner_ports) == ["runner", "runner-2", "runner-3"], runner_lines
+    assert len(set(runner_ports.values())) == 3 and "None" not in runner_ports.values()
 
     tree = dev_stack.tree()
     names = " ".join(" ".join(proc.cmdline()) for proc in tree)
@@ -273,11 +303,12 @@ def test_dev_restarts_a_killed_service_and_stops_on_sigterm(
                 pass  # a process that just exited
         return pids
 
-    (first,) = runner_pids()
+    before = runner_pids()
+    assert len(before) == 3  # FLOWMESH_DEV_RUNNERS
+    first = before[0]
     os.kill(first, signal.SIGKILL)
-    wait_until(lambda: runner_pids() not in ([], [first]), what="a new runner")
-    assert len(runner_pids()) == 1
-    assert "runner    | exited with signal SIGKILL" in dev_stack.text()
+    wait_until(lambda: first not in (now := runner_pids()) and len(now) == 3, what="a new runner")
+    assert [line for line in dev_stack.text().splitlines() if "exited with signal SIGKILL" in line]
 
     tree = dev_stack.tree()
     dev_stack.process.send_signal(signal.SIGTERM)

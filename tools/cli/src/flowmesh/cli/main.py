@@ -7,7 +7,7 @@ import functools
 import os
 import sys
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Final, NoReturn, TypeVar
 
@@ -37,6 +37,20 @@ default, what deploy/observability/prometheus.yml scrapes), or any free port whe
 DEFAULT_DATA_DIR: Final = ".flowmesh"
 DEFAULT_HTTP_PORT: Final = 8080
 READY_TIMEOUT: Final = 120.0
+MAX_DEV_RUNNERS: Final = 16
+
+
+def default_runners() -> int:
+    """Runner processes ``flowmesh dev`` starts: one per CPU, at most four.
+
+    A run's steps are executed, and its changes written, by the runner; one Python process uses one
+    core, and the other services are mostly idle while runs execute. So a laptop's first measurement
+    gets what ``make bench`` gets (two replicas on two cores). Beyond four, PostgreSQL and NATS are
+    what the extra cores are needed for.
+    """
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
 """Seconds ``flowmesh dev`` reports progress while waiting for the gateway's ``/readyz``."""
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -67,6 +81,7 @@ class DevConfig:
         http_port: Gateway port.
         jwt_secret: HS256 secret, or None to use (and create) the data dir's ``jwt-secret``.
         nats_sync_always: Embedded NATS fsyncs every write.
+        runners: Runner processes (replicas of the runner service).
         ready_timeout: Seconds of progress reports while waiting for the gateway.
     """
 
@@ -76,6 +91,7 @@ class DevConfig:
     http_port: int = DEFAULT_HTTP_PORT
     jwt_secret: str | None = None
     nats_sync_always: bool = False
+    runners: int = field(default_factory=default_runners)
     ready_timeout: float = READY_TIMEOUT
 
     @classmethod
@@ -89,7 +105,8 @@ class DevConfig:
             The configuration, ``data_dir`` made absolute.
 
         Raises:
-            ValueError: ``FLOWMESH_HTTP_PORT`` is not a port number.
+            ValueError: ``FLOWMESH_HTTP_PORT`` is not a port number, or ``FLOWMESH_DEV_RUNNERS`` not a
+                count of runner processes.
         """
         env = os.environ if environ is None else environ
         raw_port = env.get("FLOWMESH_HTTP_PORT") or str(DEFAULT_HTTP_PORT)
@@ -99,6 +116,12 @@ class DevConfig:
             raise ValueError(f"FLOWMESH_HTTP_PORT must be a port number, not {raw_port!r}") from None
         if not 0 < http_port < 65536:
             raise ValueError(f"FLOWMESH_HTTP_PORT must be between 1 and 65535, not {http_port}")
+        raw_runners = env.get("FLOWMESH_DEV_RUNNERS") or str(default_runners())
+        if not raw_runners.strip().isdigit() or not 1 <= int(raw_runners) <= MAX_DEV_RUNNERS:
+            raise ValueError(
+                f"FLOWMESH_DEV_RUNNERS must be a number of runner processes from 1 to {MAX_DEV_RUNNERS}, "
+                f"not {raw_runners!r}"
+            )
         return cls(
             data_dir=Path(env.get("FLOWMESH_DATA_DIR") or DEFAULT_DATA_DIR).expanduser().resolve(),
             nats_url=env.get("NATS_URL") or None,
@@ -106,6 +129,7 @@ class DevConfig:
             http_port=http_port,
             jwt_secret=env.get("FLOWMESH_JWT_SECRET") or None,
             nats_sync_always=env.get("FLOWMESH_NATS_SYNC_ALWAYS", "").strip().lower() in _TRUE,
+            runners=int(raw_runners),
         )
 
 
@@ -194,11 +218,26 @@ async def _start_dev(launch: Launch, config: DevConfig, cmds: Mapping[str, Seque
         nats_url = nats.url
     database_url = await launch.database_url(config.database_url, config.data_dir / "postgres")
     jwt_secret = config.jwt_secret or load_or_create_jwt_secret(config.data_dir)
-    health_ports = dev_health_ports(config.http_port, cmds)
-    await launch.supervise(_dev_specs(config, cmds, nats_url, database_url, jwt_secret, health_ports))
+    processes = dev_processes(cmds, runners=config.runners)
+    health_ports = dev_health_ports(config.http_port, processes)
+    await launch.supervise(_dev_specs(config, processes, nats_url, database_url, jwt_secret, health_ports))
     ready = functools.partial(_dev_ready_lines, config, nats_url, database_url, jwt_secret, health_ports)
     launch.announce_when_ready(config.http_port, ready, timeout=config.ready_timeout)
     return None
+
+
+def dev_processes(cmds: Mapping[str, Sequence[str]], *, runners: int) -> dict[str, tuple[str, Sequence[str]]]:
+    """The processes to start, by name: each service's, and ``runner-2`` … for more runners.
+
+    Returns:
+        Process name -> (service name, command line).
+    """
+    processes: dict[str, tuple[str, Sequence[str]]] = {}
+    for service, argv in cmds.items():
+        processes[service] = (service, argv)
+        if service == "runner":
+            processes.update({f"runner-{i}": (service, argv) for i in range(2, runners + 1)})
+    return processes
 
 
 def dev_health_ports(http_port: int, names: Iterable[str]) -> dict[str, int]:
@@ -215,19 +254,19 @@ def dev_health_ports(http_port: int, names: Iterable[str]) -> dict[str, int]:
 
 def _dev_specs(
     config: DevConfig,
-    cmds: Mapping[str, Sequence[str]],
+    processes: Mapping[str, tuple[str, Sequence[str]]],
     nats_url: str,
     database_url: str,
     jwt_secret: str,
     health_ports: Mapping[str, int],
 ) -> list[ServiceSpec]:
-    """One process per service, each with a health port of its own (the gateway's is its API port)."""
+    """The processes of :func:`dev_processes`, each with a health port of its own (the gateway's is its API port)."""
     return [
         ServiceSpec(
             name=name,
             argv=list(argv),
             env=service_env(
-                name,
+                service,
                 base=os.environ,
                 config=config,
                 nats_url=nats_url,
@@ -236,7 +275,7 @@ def _dev_specs(
                 health_port=health_ports.get(name),
             ),
         )
-        for name, argv in cmds.items()
+        for name, (service, argv) in processes.items()
     ]
 
 
@@ -266,7 +305,8 @@ def dev() -> None:
     NATS_URL and DATABASE_URL (use existing servers instead of embedded ones),
     FLOWMESH_HTTP_PORT (default 8080), FLOWMESH_JWT_SECRET (default: generated once into
     the file jwt-secret in the data dir), FLOWMESH_NATS_SYNC_ALWAYS (embedded NATS fsyncs
-    every write).
+    every write), FLOWMESH_DEV_RUNNERS (runner processes; default one per CPU, at most 4:
+    the runner executes the steps, one core each).
 
     Services that exit are restarted with backoff. Ctrl-C (or SIGTERM) stops everything.
     """
