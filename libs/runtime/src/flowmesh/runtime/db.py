@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, Final
 
 import asyncpg
 import orjson
@@ -70,6 +70,18 @@ async def snapshot(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[
         yield session
 
 
+@contextlib.asynccontextmanager
+async def reading(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
+    """A session for reads that are each one statement (a statement sees one snapshot of its own).
+
+    Autocommit: no ``BEGIN`` before the statement and no ``ROLLBACK`` when the session closes, two
+    round trips a read saves (a quarter of a read's cost in the services' profiles).
+    """
+    async with sessions() as session:
+        await session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+        yield session
+
+
 PAGE_TOTAL = "page_total_"
 """The label of the window count :func:`read_page` adds to the page's columns."""
 
@@ -77,18 +89,28 @@ PAGE_TOTAL = "page_total_"
 async def read_page(
     session: AsyncSession, items: Select[Any], *, offset: int, limit: int
 ) -> tuple[Sequence[RowMapping], int]:
-    """One page of ``items`` (a select with its ORDER BY) and how many rows match, from one snapshot.
+    """One page of ``items`` (a select with its ORDER BY) and how many rows match, as of one instant.
 
-    The page and the count are one statement (a window count is taken before OFFSET/LIMIT). A page
-    past the end has no row to carry the count: it is counted apart, which agrees with the empty
-    page only within one snapshot, so read lists in a :func:`snapshot` session.
+    The page and the count are one statement (a window count is taken before OFFSET/LIMIT), so a
+    :func:`reading` session is enough. A page past the end has no row to carry the count: it is
+    counted apart, and the empty page agrees with that count only if the count leaves nothing at
+    ``offset`` either; rows added between the two statements make it read the page again.
     The rows carry the count under :data:`PAGE_TOTAL` too; callers ignore it.
     """
     counted = items.add_columns(func.count().over().label(PAGE_TOTAL)).offset(offset).limit(limit)
-    rows = (await session.execute(counted)).mappings().all()
-    if rows:
-        return rows, int(rows[0][PAGE_TOTAL])
-    if not offset:
-        return rows, 0
-    matching = items.order_by(None).subquery()
-    return rows, int((await session.execute(select(func.count()).select_from(matching))).scalar_one())
+    matching = select(func.count()).select_from(items.order_by(None).subquery())
+    total = 0
+    for _ in range(_PAGE_READS):
+        rows = (await session.execute(counted)).mappings().all()
+        if rows:
+            return rows, int(rows[0][PAGE_TOTAL])
+        if not offset:
+            return rows, 0
+        total = int((await session.execute(matching)).scalar_one())
+        if total <= offset:  # as of the count, the page is empty too
+            return rows, total
+    return [], total  # rows kept coming and going across ``offset`` for every read: the last count
+
+
+_PAGE_READS: Final = 5
+"""Reads of a page past the end before its last count is taken as it is."""

@@ -49,7 +49,7 @@ from flowmesh.flows import domain, repo, triggers
 from flowmesh.flows.deps import FlowsDeps
 from flowmesh.flows.validation import credential_warnings, referenced_flows, validate_flow
 from flowmesh.runtime import audit as audit_log
-from flowmesh.runtime.db import snapshot
+from flowmesh.runtime.db import reading, snapshot
 from flowmesh.runtime.rpc import RpcContext, RpcRouter
 
 router: RpcRouter[FlowsDeps] = RpcRouter()
@@ -178,7 +178,7 @@ def _warned(flow: Flow) -> Flow:
 
 @router.handler(FlowsOp.LIST)
 async def list_(q: FlowListQuery, ctx: RpcContext, deps: FlowsDeps) -> Page[Any]:
-    async with snapshot(deps.sessions) as s:
+    async with reading(deps.sessions) as s:
         items, total = await repo.list_flows(
             s, tenant=ctx.tenant, status=q.status, q=q.q, offset=q.offset, limit=q.page_size
         )
@@ -187,7 +187,7 @@ async def list_(q: FlowListQuery, ctx: RpcContext, deps: FlowsDeps) -> Page[Any]
 
 @router.handler(FlowsOp.GET)
 async def get(ref: FlowRef, ctx: RpcContext, deps: FlowsDeps) -> Flow:
-    async with deps.sessions() as s:
+    async with reading(deps.sessions) as s:
         return await _flow(s, ctx, ref.flow_id)
 
 

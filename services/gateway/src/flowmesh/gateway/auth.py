@@ -8,6 +8,7 @@ are refused.
 from __future__ import annotations
 
 import asyncio
+import time
 import unicodedata
 from dataclasses import dataclass
 from typing import Any, Final
@@ -24,6 +25,12 @@ ROLES: Final = frozenset({"member", "admin"})
 """The roles a token may carry, spelled exactly: ``member``, and ``admin``, the platform operator.
 
 Services' own roles (``service:runner``) are given by their NATS users, never by a token."""
+VERIFIED_TTL_S: Final = 60.0
+"""How long a verified token is taken without its signature checked again (never past its ``exp``):
+a client sends the same token with every request, and verifying it was a sixth of the gateway's CPU.
+A JWKS key removed from the provider stops being trusted within this, plus the JWKS cache's life."""
+VERIFIED_MAX: Final = 4096
+"""Verified tokens remembered at most (all forgotten when full: a few MB at most)."""
 MAX_IDENTITY_CHARS: Final = 255
 """The longest ``sub`` or ``tenant`` (a tenant id is stored and shown; 255 is what the admin routes accept)."""
 _FORBIDDEN_CATEGORIES: Final = frozenset({"Cc", "Cs", "Zl", "Zp"})
@@ -64,14 +71,27 @@ class JwtVerifier:
             if settings.jwks_url
             else None
         )
+        self._verified: dict[str, tuple[Principal, float]] = {}
 
     async def verify(self, token: str) -> Principal:
-        """The principal of a valid token.
+        """The principal of a valid token (remembered for :data:`VERIFIED_TTL_S`, by its exact text).
 
         Raises:
             Unauthorized: the token is malformed, expired, for another audience or issuer, signed by
                 an unknown key or with an algorithm not allowed.
         """
+        now = time.time()
+        known = self._verified.get(token)
+        if known is not None and now < known[1]:
+            return known[0]
+        principal, expires = await self._verify(token)
+        if len(self._verified) >= VERIFIED_MAX:
+            self._verified.clear()
+        self._verified[token] = (principal, min(expires + self._leeway, now + VERIFIED_TTL_S))
+        return principal
+
+    async def _verify(self, token: str) -> tuple[Principal, float]:
+        """The principal of a valid token and its ``exp``, checked in full."""
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
@@ -102,7 +122,7 @@ class JwtVerifier:
             raise Unauthorized(f"invalid token: {exc}") from exc
         sub = _identity("sub", claims["sub"])
         tenant = _identity("tenant", claims["tenant"]) if claims.get("tenant") is not None else sub
-        return Principal(sub=sub, tenant=tenant, role=_role(claims.get("role")))
+        return Principal(sub=sub, tenant=tenant, role=_role(claims.get("role"))), float(claims["exp"])
 
 
 def _identity(claim: str, value: object) -> str:

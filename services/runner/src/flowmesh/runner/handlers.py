@@ -37,7 +37,7 @@ from flowmesh.contracts.subjects import EVENTS_ALL, FlowEventType, RunsOp, tenan
 from flowmesh.runner import replies, repo
 from flowmesh.runner.deps import RunnerDeps
 from flowmesh.runtime.consumers import Delivery, Redeliver, Unprocessable
-from flowmesh.runtime.db import snapshot
+from flowmesh.runtime.db import reading, snapshot
 from flowmesh.runtime.logs import bind_log
 from flowmesh.runtime.rpc import RpcContext, RpcRouter
 
@@ -51,7 +51,7 @@ router: RpcRouter[RunnerDeps] = RpcRouter()
 async def _own_run(deps: RunnerDeps, ctx: RpcContext, run_id: str) -> Run:
     run = None
     if is_uuid(run_id):
-        async with deps.sessions() as s:
+        async with reading(deps.sessions) as s:
             run = await repo.get_run(s, tenant=ctx.tenant, run_id=run_id)
     if run is None:
         raise NotFound(f"run {run_id} not found")
@@ -72,7 +72,7 @@ async def list_runs(q: RunListQuery, ctx: RpcContext, deps: RunnerDeps) -> dict[
     """A page of the tenant's runs, newest first, within the reply budget (:mod:`.replies`)."""
     page: Page[Run] = q.page_of([], 0)
     if q.flow_id is None or is_uuid(q.flow_id):
-        async with snapshot(deps.sessions) as s:
+        async with reading(deps.sessions) as s:
             items, total = await repo.list_runs(s, tenant=ctx.tenant, q=q)
         page = q.page_of(items, total)
     return replies.runs_page(page, ctx.reply_budget)
@@ -82,7 +82,7 @@ async def list_runs(q: RunListQuery, ctx: RpcContext, deps: RunnerDeps) -> dict[
 async def steps(q: RunStepsQuery, ctx: RpcContext, deps: RunnerDeps) -> dict[str, Any]:
     """A page of a run's steps, in the order they started, within the reply budget (:mod:`.replies`)."""
     await _own_run(deps, ctx, q.run_id)
-    async with snapshot(deps.sessions) as s:
+    async with reading(deps.sessions) as s:
         items, total = await repo.list_steps(s, run_id=q.run_id, offset=q.offset, limit=q.page_size)
     page: Page[StepRun] = q.page_of(items, total)
     return replies.steps_page(page, q.run_id, q.offset, ctx.reply_budget)
@@ -110,7 +110,7 @@ async def run_snapshot(ref: RunRef, ctx: RpcContext, deps: RunnerDeps) -> dict[s
 async def events(q: RunEventsQuery, ctx: RpcContext, deps: RunnerDeps) -> dict[str, Any]:
     """A run's events after the cursor ``after`` (so ``page`` is always 1)."""
     run = await _own_run(deps, ctx, q.run_id)
-    async with snapshot(deps.sessions) as s:
+    async with reading(deps.sessions) as s:
         items, total = await repo.list_events(s, run_id=run.id, after=q.after, limit=q.page_size)
     return {
         "items": [e.wire(exclude_none=True) for e in items],

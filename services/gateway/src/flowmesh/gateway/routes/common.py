@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson
 from aiohttp import web
 from pydantic import BaseModel
 
@@ -26,9 +27,11 @@ async def call(request: web.Request, subject: str, body: BaseModel | dict[str, A
 
 def json_response(data: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     """A JSON response of already-serialised contract data."""
-    return web.Response(
-        status=status, text=json.dumps(data, separators=(",", ":")), content_type="application/json", headers=headers
-    )
+    try:
+        body = orjson.dumps(data)
+    except orjson.JSONEncodeError:  # what only the standard encoder writes (an integer beyond 64 bits)
+        body = json.dumps(data, separators=(",", ":")).encode()
+    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
 
 
 def absolute_url(request: web.Request, trigger: dict[str, Any]) -> dict[str, Any]:
