@@ -51,8 +51,7 @@ router: RpcRouter[RunnerDeps] = RpcRouter()
 async def _own_run(deps: RunnerDeps, ctx: RpcContext, run_id: str) -> Run:
     run = None
     if is_uuid(run_id):
-        async with reading(deps.sessions) as s:
-            run = await repo.get_run(s, tenant=ctx.tenant, run_id=run_id)
+        run = await deps.runner.run_of(ctx.tenant, run_id)
     if run is None:
         raise NotFound(f"run {run_id} not found")
     return run

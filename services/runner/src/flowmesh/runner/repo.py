@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -88,7 +89,7 @@ def _record(row: RowMapping) -> RunRecord:
     )
 
 
-def _run(row: RowMapping) -> Run:
+def _run(row: Mapping[Any, Any]) -> Run:
     started, completed = row["started_at"], row["completed_at"]
     duration = int((completed - started).total_seconds() * 1000) if started and completed else None
     return Run(
@@ -182,6 +183,19 @@ async def _with_steps(conn: Any, row: Any) -> tuple[RunRecord, dict[str, StepSta
         for r in await conn.fetch(_STEPS_SQL, run_id)
     }
     return record, steps
+
+
+_RUN_FIELDS = tuple(f for f in Run.model_fields if f in runs.c)
+_RUN_JSON = frozenset(f for f in _RUN_FIELDS if _pg_type(runs, f) == "jsonb")
+_GET_RUN_SQL = (
+    f"SELECT {_select_list(runs, _RUN_FIELDS, 'r')} FROM runner.runs AS r WHERE r.id = $1 AND r.tenant_id = $2"
+)
+
+
+async def get_run_on(conn: Any, *, tenant: str, run_id: str) -> Run | None:
+    """One run of the tenant, read on a driver connection (one statement, no transaction)."""
+    row = await conn.fetchrow(_GET_RUN_SQL, run_id, tenant)
+    return None if row is None else _run({f: _loads(row[f]) if f in _RUN_JSON else row[f] for f in _RUN_FIELDS})
 
 
 async def version_on(conn: Any, *, flow_id: str, version: int) -> tuple[Any, Any] | None:
@@ -570,13 +584,6 @@ async def reset_for_retry(session: AsyncSession, *, run_id: str, keep: set[str],
 
 
 # --- reads ---------------------------------------------------------------------------------------
-
-
-async def get_run(session: AsyncSession, *, tenant: str, run_id: str) -> Run | None:
-    """One run of the tenant."""
-    row = (await session.execute(select(runs).where(runs.c.id == run_id, runs.c.tenant_id == tenant))).mappings()
-    found = row.one_or_none()
-    return None if found is None else _run(found)
 
 
 async def read_snapshot(session: AsyncSession, *, tenant: str, run_id: str) -> tuple[Run, int, list[StepRun]] | None:

@@ -462,6 +462,12 @@ class Runner:
 
     # --- executing a dispatched step ------------------------------------------------------------
 
+    async def run_of(self, tenant: str, run_id: str) -> Run | None:
+        """A run of ``tenant`` as it is now (the API's read: one statement on the driver pool)."""
+        assert self.pool is not None
+        async with self.pool.acquire() as conn:
+            return await repo.get_run_on(conn, tenant=tenant, run_id=run_id)
+
     async def snapshot(self, run_id: str) -> RunState | None:
         """A read-only view of a run (no lock): enough to build a step's expression context."""
         with db_span("snapshot", run_id):
