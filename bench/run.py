@@ -418,6 +418,25 @@ async def api_scenario(c: Api, nc: nats.NATS, tenant: str, headers: dict[str, st
     )
 
 
+async def settle(nc: nats.NATS, timeout: float = 180) -> float:
+    """Wait (bounded) until every durable consumer of every stream has caught up; the seconds it took.
+
+    A scenario that loads the stack leaves work behind it (the usage service metering thousands of
+    run events, the outbox relay): a latency measured meanwhile shares the CPUs with that backlog.
+    """
+    js = nc.jetstream()
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        behind = 0
+        for stream in await js.streams_info():
+            for consumer in await js.consumers_info(stream.config.name):
+                behind += (consumer.num_pending or 0) + (consumer.num_ack_pending or 0)
+        if not behind:
+            break
+        await asyncio.sleep(0.2)
+    return time.monotonic() - t0
+
+
 async def io_scenarios(c: Api, nc: nats.NATS, tenant: str, args: argparse.Namespace) -> None:
     """The scenarios of ``http`` and ``publish`` steps, against an upstream of their own."""
     upstream = Upstream()
@@ -429,6 +448,8 @@ async def io_scenarios(c: Api, nc: nats.NATS, tenant: str, args: argparse.Namesp
             target = upstream if kind == "http" else None
             if name.endswith("-chain"):
                 log(f"{name}: {io_steps.STEPS} {kind} steps in a chain, one run at a time")
+                waited = await settle(nc)
+                log(f"{name}: every durable consumer caught up ({waited:.1f}s)")
 
                 async def start_and_wait(flow_id: str, i: int) -> tuple[float, str]:
                     finished = Finished()
