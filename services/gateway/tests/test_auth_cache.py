@@ -33,12 +33,8 @@ class _Clock:
         return datetime.datetime.fromtimestamp(self.at, tz)
 
 
-@pytest.fixture
-def verifier(tmp_path: Path) -> JwtVerifier:
-    return JwtVerifier(GatewaySettings(env="dev", jwt_secret=SECRET, data_dir=tmp_path, jwt_leeway_s=0))
-
-
-async def test_a_token_is_checked_once_then_remembered(verifier: JwtVerifier, monkeypatch: pytest.MonkeyPatch) -> None:
+def count_full_checks(verifier: JwtVerifier, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The tokens ``verifier`` checks in full from now on (a remembered one is not checked)."""
     checked: list[str] = []
     full = verifier._verify
 
@@ -47,6 +43,16 @@ async def test_a_token_is_checked_once_then_remembered(verifier: JwtVerifier, mo
         return await full(token)
 
     monkeypatch.setattr(verifier, "_verify", counting)
+    return checked
+
+
+@pytest.fixture
+def verifier(tmp_path: Path) -> JwtVerifier:
+    return JwtVerifier(GatewaySettings(env="dev", jwt_secret=SECRET, data_dir=tmp_path, jwt_leeway_s=0))
+
+
+async def test_a_token_is_checked_once_then_remembered(verifier: JwtVerifier, monkeypatch: pytest.MonkeyPatch) -> None:
+    checked = count_full_checks(verifier, monkeypatch)
     token = a_token()
     assert (await verifier.verify(token)).tenant == "t1"
     assert (await verifier.verify(token)).sub == "alice"
@@ -71,14 +77,7 @@ async def test_a_remembered_token_is_checked_again_after_a_minute_and_refused_af
 
     long = a_token()
     await verifier.verify(long)
-    checked: list[str] = []
-    full = verifier._verify
-
-    async def counting(token: str) -> tuple[auth.Principal, float]:
-        checked.append(token)
-        return await full(token)
-
-    monkeypatch.setattr(verifier, "_verify", counting)
+    checked = count_full_checks(verifier, monkeypatch)
     monkeypatch.setattr(auth.time, "time", lambda: now + VERIFIED_TTL_S + 1)
     await verifier.verify(long)
     assert checked == [long]  # a minute on, its signature is checked again

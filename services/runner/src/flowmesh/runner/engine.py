@@ -216,7 +216,6 @@ class RunState:
     events: list[NewEvent] = field(default_factory=list)
     changed: set[str] = field(default_factory=set)
     dispatch: list[str] = field(default_factory=list)
-    run_changed: bool = False
     timers: dict[str, TimerOp] = field(default_factory=dict)
     """Timers to arm or cancel after the commit, by key (the last word for a key wins)."""
     abandoned: list[str] = field(default_factory=list)
@@ -229,7 +228,6 @@ class RunState:
     def emit(self, data: EventData, step_id: str | None = None, attempt: int | None = None) -> None:
         """Append a run event of ``data``'s type with the next ``seq``."""
         self.run.last_seq += 1
-        self.run_changed = True
         self.events.append(NewEvent(self.run.last_seq, data.TYPE, self.now, step_id, attempt, data))
 
     def _set(self, step_id: str, state: StepState) -> None:
@@ -289,7 +287,6 @@ class RunState:
             self.run.deadline_at = None
             return
         self.run.deadline_at = _ms(self.now + timedelta(milliseconds=self.graph.run_timeout_ms))
-        self.run_changed = True
         if self.graph.run_timer:
             self._arm(Deadline(self.run.id, self.run.retry_count), self.run.deadline_at)
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Final
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from flowmesh.contracts.errors import InvalidInput, NotFound
 from flowmesh.contracts.models import FieldError, FlowVersion
 from flowmesh.contracts.models.flows import FlowSettings
@@ -87,19 +85,8 @@ class Versions:
         self._validators: dict[tuple[str, int], Validator | None] = {}
         self._saved: set[tuple[str, int]] = set()
 
-    async def graph(self, s: AsyncSession, flow_id: str, version: int) -> Graph:
-        """The graph of a version the runner has a copy of."""
-        key = (flow_id, version)
-        graph = self._graphs.get(key)
-        if graph is None:
-            row = await repo.get_version(s, flow_id=flow_id, version=version)
-            if row is None:
-                raise NotFound(f"version {version} of flow {flow_id} is unknown to the runner")
-            graph = self._graphs[key] = self._parse(row["definition"], row["settings"])
-        return graph
-
-    async def graph_on(self, conn: Any, flow_id: str, version: int) -> Graph:
-        """:meth:`graph`, read on a driver connection when not cached."""
+    async def graph(self, conn: Any, flow_id: str, version: int) -> Graph:
+        """The graph of a version the runner has a copy of (read on a driver connection when not cached)."""
         key = (flow_id, version)
         graph = self._graphs.get(key)
         if graph is None:

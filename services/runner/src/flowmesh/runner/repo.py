@@ -19,7 +19,7 @@ from flowmesh.contracts.models.rpc import RunListQuery
 from flowmesh.contracts.steps import types_that_run
 from flowmesh.runner.engine import Child, Deadline, RunRecord, RunState
 from flowmesh.runner.graph import StepState
-from flowmesh.runner.tables import event_triggers, run_events, runs, step_runs, versions
+from flowmesh.runner.tables import event_triggers, run_events, runs, step_runs
 from flowmesh.runtime.db import PAGE_TOTAL, read_page
 
 OPEN = ("queued", "running", "waiting")
@@ -54,12 +54,6 @@ _INSERT_EVENTS_SQL = (
 
 
 # --- versions ------------------------------------------------------------------------------------
-
-
-async def get_version(session: AsyncSession, *, flow_id: str, version: int) -> RowMapping | None:
-    """The runner's copy of a frozen version."""
-    stmt = select(versions).where(versions.c.flow_id == flow_id, versions.c.version == version)
-    return (await session.execute(stmt)).mappings().one_or_none()
 
 
 # --- runs ----------------------------------------------------------------------------------------
@@ -249,7 +243,7 @@ async def save(
         )
     )
     r.revision += 1
-    return await write_changes(await _driver(session), state, leases or {})
+    return await write_changes(await driver_of(session), state, leases or {})
 
 
 async def write_changes(conn: Any, state: RunState, leases: dict[str, datetime]) -> list[dict[str, Any]]:
@@ -508,7 +502,7 @@ def _step_values(state: StepState) -> tuple[Any, ...]:
     return (*fields, _duration(state))
 
 
-async def _driver(session: AsyncSession) -> Any:
+async def driver_of(session: AsyncSession) -> Any:
     """The asyncpg connection under the session, inside its transaction."""
     connection = await session.connection()
     raw = await connection.get_raw_connection()

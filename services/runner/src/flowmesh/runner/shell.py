@@ -309,7 +309,7 @@ class Runner:
                 if found is None:
                     raise NotFound(f"run {run_id} not found")
                 record, steps = found
-                graph = await self.versions.graph_on(conn, record.flow_id, record.version)
+                graph = await self.versions.graph(conn, record.flow_id, record.version)
                 state = RunState(record, graph, steps, utcnow(), limits=self.output_limits(record.tenant_id))
                 was_final = record.final
                 result = command.apply(state)
@@ -407,7 +407,7 @@ class Runner:
                 raise NotFound(f"run {run_id} not found")
             if record.status != "failed":
                 raise Conflict(f"only a failed run can be retried; run {run_id} is {record.status}")
-            graph = await self.versions.graph(s, record.flow_id, record.version)
+            graph = await self.versions.graph(await repo.driver_of(s), record.flow_id, record.version)
             kept = {k: v for k, v in (await repo.load_steps(s, run_id=run_id)).items() if v.status == "succeeded"}
             record.retry_count = await repo.reset_for_retry(s, run_id=run_id, keep=set(kept), now=now)
             state = RunState(record, graph, kept, now, limits=self.output_limits(record.tenant_id))
@@ -480,7 +480,7 @@ class Runner:
             if found is None:
                 return None
             record, steps = found
-            graph = await self.versions.graph_on(conn, record.flow_id, record.version)
+            graph = await self.versions.graph(conn, record.flow_id, record.version)
         return RunState(record, graph, steps, utcnow(), limits=self.output_limits(record.tenant_id))
 
     async def execute(self, run_id: str, step_id: str, heartbeat: Callable[[], Awaitable[None]]) -> float | None:
