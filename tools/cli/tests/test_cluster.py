@@ -351,9 +351,10 @@ async def test_the_command_runs_a_flow_through_its_front_refuses_anonymous_nats_
     assert "PostgreSQL   postgresql+asyncpg://postgres@127.0.0.1:" in text
     integrator = re.search(r"user (integrator-dev) password (\S+)", text)
     assert integrator, text
-    for name in ("gateway", "flows", "runner", "scheduler", "usage"):
-        for n in (1, 2):
-            assert f"{name}-{n}" in text
+    # every replica logs under its name; the front being ready says nothing of when the last one
+    # (usage, say) writes its first line on a busy machine
+    replicas = [f"{name}-{n}" for name in ("gateway", "flows", "runner", "scheduler", "usage") for n in (1, 2)]
+    _wait(lambda: all(r in command.text() for r in replicas), timeout=60, what=f"log lines of {replicas}")
 
     # a one-step flow, created, published and run through the front
     secret = (command.data_dir / "jwt-secret").read_text().strip()
