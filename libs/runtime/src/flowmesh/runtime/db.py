@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Sequence
-from typing import Any, Final
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Final, TypeVar
 
 import asyncpg
 import orjson
@@ -52,6 +52,33 @@ async def create_driver_pool(url: str, *, size: int = 10, application_name: str 
     return pool
 
 
+class DriverPool:
+    """A service's driver pool, opened with the service: ``service.resource(pool.opened)``."""
+
+    def __init__(self, url: str, *, size: int, application_name: str) -> None:
+        self._url = url
+        self._size = size
+        self._name = application_name
+        self._pool: asyncpg.Pool | None = None
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        """The open pool (from start to stop of the service)."""
+        if self._pool is None:
+            raise RuntimeError(f"the driver pool of {self._name} is not open")
+        return self._pool
+
+    @contextlib.asynccontextmanager
+    async def opened(self) -> AsyncIterator[asyncpg.Pool]:
+        """Open the pool for the life of the block."""
+        self._pool = await create_driver_pool(self._url, size=self._size, application_name=self._name)
+        try:
+            yield self._pool
+        finally:
+            pool, self._pool = self._pool, None
+            await pool.close()
+
+
 async def _no_session_reset(conn: asyncpg.Connection) -> None:
     """Nothing to reset: these pools create no session state (asyncpg still rolls back an open
     transaction before this). Its default (unlock, close cursors, unlisten, reset settings) would
@@ -82,6 +109,8 @@ async def reading(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[A
         yield session
 
 
+_Row = TypeVar("_Row", RowMapping, asyncpg.Record)
+
 PAGE_TOTAL = "page_total_"
 """The label of the window count :func:`read_page` adds to the page's columns."""
 
@@ -99,14 +128,62 @@ async def read_page(
     """
     counted = items.add_columns(func.count().over().label(PAGE_TOTAL)).offset(offset).limit(limit)
     matching = select(func.count()).select_from(items.order_by(None).subquery())
+
+    async def page() -> Sequence[RowMapping]:
+        return (await session.execute(counted)).mappings().all()
+
+    async def count() -> int:
+        return int((await session.execute(matching)).scalar_one())
+
+    return await _consistent_page(page, count, offset=offset)
+
+
+async def read_page_on(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    *,
+    columns: str,
+    source: str,
+    order_by: str,
+    args: Sequence[Any],
+    offset: int,
+    limit: int,
+) -> tuple[Sequence[asyncpg.Record], int]:
+    """:func:`read_page` on a driver connection (or pool), for a service's busiest lists.
+
+    ``SELECT {columns} FROM {source} ORDER BY {order_by}``, where ``source`` (a FROM with its
+    WHERE) refers to ``args`` as ``$1`` … (the caller's repo module writes the SQL; values only
+    ever travel as parameters). Each statement runs on its own: it sees one snapshot of its own.
+    """
+    n = len(args)
+    counted = (
+        f"SELECT {columns}, count(*) OVER () AS {PAGE_TOTAL} FROM {source} "
+        f"ORDER BY {order_by} OFFSET ${n + 1} LIMIT ${n + 2}"
+    )
+    matching = f"SELECT count(*) FROM {source}"
+
+    async def page() -> Sequence[asyncpg.Record]:
+        rows: list[asyncpg.Record] = await conn.fetch(counted, *args, offset, limit)
+        return rows
+
+    async def count() -> int:
+        return int(await conn.fetchval(matching, *args))
+
+    return await _consistent_page(page, count, offset=offset)
+
+
+async def _consistent_page(
+    page: Callable[[], Awaitable[Sequence[_Row]]], count: Callable[[], Awaitable[int]], *, offset: int
+) -> tuple[Sequence[_Row], int]:
+    """A page whose rows carry their total (:data:`PAGE_TOTAL`) and that total; a page past the end
+    is counted apart, read again while the count says rows reached ``offset`` meanwhile."""
     total = 0
     for _ in range(_PAGE_READS):
-        rows = (await session.execute(counted)).mappings().all()
+        rows = await page()
         if rows:
             return rows, int(rows[0][PAGE_TOTAL])
         if not offset:
             return rows, 0
-        total = int((await session.execute(matching)).scalar_one())
+        total = await count()
         if total <= offset:  # as of the count, the page is empty too
             return rows, total
     return [], total  # rows kept coming and going across ``offset`` for every read: the last count

@@ -8,6 +8,7 @@ from flowmesh.flows import handlers
 from flowmesh.flows.deps import FlowsDeps
 from flowmesh.flows.settings import FlowsSettings
 from flowmesh.flows.tables import outbox
+from flowmesh.runtime.db import DriverPool
 from flowmesh.runtime.outbox import OutboxRelay
 from flowmesh.runtime.quota import QuotaView
 from flowmesh.runtime.rpc import RpcClient
@@ -21,7 +22,9 @@ def create_app(settings: FlowsSettings) -> ServiceRuntime:
     service = ServiceRuntime("flows", settings, migrations=MIGRATIONS)
     relay = OutboxRelay(service.sessions, outbox)
     quotas = QuotaView(RpcClient(service.broker, timeout=settings.rpc_timeout_s))
-    service.rpc.include(handlers.router, FlowsDeps(service.sessions, relay, quotas))
+    driver = DriverPool(settings.db_url, size=settings.db_pool_size, application_name="flows")
+    service.rpc.include(handlers.router, FlowsDeps(service.sessions, relay, driver, quotas))
+    service.resource(driver.opened)
     service.resource(lambda: quotas.running(service.js, replicas=settings.stream_replicas))
     service.resource(lambda: relay.running(service.js))
     return service

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from flowmesh.runtime.db import DriverPool
 from flowmesh.runtime.outbox import OutboxRelay
 from flowmesh.runtime.quota import QuotaView
 
@@ -15,9 +16,10 @@ class FlowsDeps:
     """The flows service's collaborators, given to every handler.
 
     Without ``quotas`` no plan limit is enforced; with it, a new flow (create, duplicate,
-    import) is refused at the plan's flow limit.
+    import) is refused at the plan's flow limit. ``driver`` serves the busiest read, the list.
     """
 
     sessions: async_sessionmaker[AsyncSession]
     relay: OutboxRelay
+    driver: DriverPool
     quotas: QuotaView | None = None

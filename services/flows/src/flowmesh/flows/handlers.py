@@ -178,10 +178,9 @@ def _warned(flow: Flow) -> Flow:
 
 @router.handler(FlowsOp.LIST)
 async def list_(q: FlowListQuery, ctx: RpcContext, deps: FlowsDeps) -> Page[Any]:
-    async with reading(deps.sessions) as s:
-        items, total = await repo.list_flows(
-            s, tenant=ctx.tenant, status=q.status, q=q.q, offset=q.offset, limit=q.page_size
-        )
+    items, total = await repo.list_flows(
+        deps.driver.pool, tenant=ctx.tenant, status=q.status, q=q.q, offset=q.offset, limit=q.page_size
+    )
     return q.page_of(items, total)
 
 

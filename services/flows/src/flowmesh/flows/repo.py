@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
+import asyncpg
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -16,13 +18,15 @@ from flowmesh.flows.domain import status_of
 from flowmesh.flows.tables import audit as audit_table
 from flowmesh.flows.tables import flow_versions, flows, outbox, triggers
 from flowmesh.runtime import audit as audit_log
-from flowmesh.runtime.db import read_page
+from flowmesh.runtime.db import read_page, read_page_on
 from flowmesh.runtime.outbox import enqueue
 
 _SUMMARY_COLUMNS = [c for c in flows.c if c.name not in ("definition", "input_schema", "settings", "deleted_at")]
+# the driver's statements read UUIDs as text (asyncpg would make ``uuid.UUID`` of them)
+_SUMMARY_SELECT = ", ".join(f"{c.name}::text AS {c.name}" if c.name == "id" else c.name for c in _SUMMARY_COLUMNS)
 
 
-def _summary_fields(row: RowMapping) -> dict[str, Any]:
+def _summary_fields(row: Mapping[Any, Any]) -> dict[str, Any]:
     return {
         "id": row["id"],
         "tenant_id": row["tenant_id"],
@@ -76,19 +80,27 @@ async def get_flow(session: AsyncSession, *, tenant: str, flow_id: str, for_upda
 
 
 async def list_flows(
-    session: AsyncSession, *, tenant: str, status: str | None, q: str | None, offset: int, limit: int
+    conn: asyncpg.Pool | asyncpg.Connection, *, tenant: str, status: str | None, q: str | None, offset: int, limit: int
 ) -> tuple[list[FlowSummary], int]:
-    """One page of the tenant's flows, newest update first, and the total matching (read in a snapshot)."""
-    where = [flows.c.tenant_id == tenant, flows.c.deleted_at.is_(None)]
+    """One page of the tenant's flows, newest update first, and the total matching (driver statements)."""
+    where = ["tenant_id = $1", "deleted_at IS NULL"]
+    args: list[Any] = [tenant]
     if status == "draft":
-        where.append(flows.c.latest_version.is_(None))
+        where.append("latest_version IS NULL")
     elif status == "published":
-        where.append(flows.c.latest_version.is_not(None))
+        where.append("latest_version IS NOT NULL")
     if q:
-        escaped = q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        where.append(flows.c.name.ilike(f"%{escaped}%", escape="\\"))
-    page = select(*_SUMMARY_COLUMNS).where(*where).order_by(flows.c.updated_at.desc(), flows.c.id.desc())
-    rows, total = await read_page(session, page, offset=offset, limit=limit)
+        args.append("%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
+        where.append(f"name ILIKE ${len(args)} ESCAPE '\\'")
+    rows, total = await read_page_on(
+        conn,
+        columns=_SUMMARY_SELECT,
+        source="flows.flows WHERE " + " AND ".join(where),
+        order_by="updated_at DESC, id DESC",
+        args=args,
+        offset=offset,
+        limit=limit,
+    )
     return [FlowSummary(**_summary_fields(r)) for r in rows], total
 
 

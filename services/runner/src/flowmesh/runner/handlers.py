@@ -71,9 +71,7 @@ async def list_runs(q: RunListQuery, ctx: RpcContext, deps: RunnerDeps) -> dict[
     """A page of the tenant's runs, newest first, within the reply budget (:mod:`.replies`)."""
     page: Page[Run] = q.page_of([], 0)
     if q.flow_id is None or is_uuid(q.flow_id):
-        async with reading(deps.sessions) as s:
-            items, total = await repo.list_runs(s, tenant=ctx.tenant, q=q)
-        page = q.page_of(items, total)
+        page = q.page_of(*await deps.runner.runs_of(ctx.tenant, q))
     return replies.runs_page(page, ctx.reply_budget)
 
 

@@ -20,7 +20,7 @@ from flowmesh.contracts.steps import types_that_run
 from flowmesh.runner.engine import Child, Deadline, RunRecord, RunState
 from flowmesh.runner.graph import StepState
 from flowmesh.runner.tables import event_triggers, run_events, runs, step_runs
-from flowmesh.runtime.db import PAGE_TOTAL, read_page
+from flowmesh.runtime.db import PAGE_TOTAL, read_page, read_page_on
 
 OPEN = ("queued", "running", "waiting")
 _STEP_FIELDS: tuple[str, ...] = tuple(f for f in StepState.__slots__ if f in step_runs.c)
@@ -591,20 +591,29 @@ async def read_snapshot(session: AsyncSession, *, tenant: str, run_id: str) -> t
     return _run(row), row["last_seq"], steps
 
 
-async def list_runs(session: AsyncSession, *, tenant: str, q: RunListQuery) -> tuple[list[Run], int]:
-    """A page of the tenant's runs, newest first, and how many match (read in a snapshot)."""
-    where = [runs.c.tenant_id == tenant]
-    if q.flow_id:
-        where.append(runs.c.flow_id == q.flow_id)
-    if q.status:
-        where.append(runs.c.status == q.status)
-    if q.since:
-        where.append(runs.c.created_at >= q.since)
-    if q.until:
-        where.append(runs.c.created_at < q.until)
-    page = select(runs).where(*where).order_by(runs.c.created_at.desc(), runs.c.id.desc())
-    rows, total = await read_page(session, page, offset=q.offset, limit=q.page_size)
-    return [_run(r) for r in rows], total
+async def list_runs(conn: Any, *, tenant: str, q: RunListQuery) -> tuple[list[Run], int]:
+    """A page of the tenant's runs, newest first, and how many match (driver statements)."""
+    where = ["r.tenant_id = $1"]
+    args: list[Any] = [tenant]
+    for column, op, value in (
+        ("flow_id", "=", q.flow_id),
+        ("status", "=", q.status),
+        ("created_at", ">=", q.since),
+        ("created_at", "<", q.until),
+    ):
+        if value:
+            args.append(value)
+            where.append(f"r.{column} {op} ${len(args)}")
+    rows, total = await read_page_on(
+        conn,
+        columns=_select_list(runs, _RUN_FIELDS, "r"),
+        source="runner.runs AS r WHERE " + " AND ".join(where),
+        order_by="r.created_at DESC, r.id DESC",
+        args=args,
+        offset=q.offset,
+        limit=q.page_size,
+    )
+    return [_run({f: _loads(row[f]) if f in _RUN_JSON else row[f] for f in _RUN_FIELDS}) for row in rows], total
 
 
 _STEP_INTERNAL = frozenset({"handle", "updated_at", "wait_for", "deadline_at", PAGE_TOTAL})

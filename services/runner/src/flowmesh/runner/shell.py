@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from flowmesh.contracts.errors import Conflict, InvalidInput, NotFound, QuotaExceeded, RateLimited
 from flowmesh.contracts.ids import is_uuid, new_id, utcnow
 from flowmesh.contracts.models import FieldError, FlowVersion, Run
-from flowmesh.contracts.models.rpc import StartRun, StartRunResult
+from flowmesh.contracts.models.rpc import RunListQuery, StartRun, StartRunResult
 from flowmesh.contracts.models.timers import TimerFired
 from flowmesh.contracts.models.usage import PlanCaps
 from flowmesh.contracts.models.work import StepWork
@@ -467,6 +467,11 @@ class Runner:
         assert self.pool is not None
         async with self.pool.acquire() as conn:
             return await repo.get_run_on(conn, tenant=tenant, run_id=run_id)
+
+    async def runs_of(self, tenant: str, q: RunListQuery) -> tuple[list[Run], int]:
+        """A page of ``tenant``'s runs and how many match (the API's list: on the driver pool)."""
+        assert self.pool is not None
+        return await repo.list_runs(self.pool, tenant=tenant, q=q)
 
     async def snapshot(self, run_id: str) -> RunState | None:
         """A read-only view of a run (no lock): enough to build a step's expression context."""
