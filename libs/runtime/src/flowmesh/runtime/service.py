@@ -30,6 +30,7 @@ from flowmesh.runtime.consumers import Consumers
 from flowmesh.runtime.health import HealthServer
 from flowmesh.runtime.lifecycle import Job, hooks, once, periodic
 from flowmesh.runtime.logs import configure_logging
+from flowmesh.runtime.loop import run
 from flowmesh.runtime.memory import freeze_startup_objects
 from flowmesh.runtime.nats import (
     NatsRefusals,
@@ -326,7 +327,7 @@ def main(build: Callable[[], ServiceRuntime], *, argv: list[str] | None = None, 
     if command == "serve":
         configure_tracing(service.name)
     try:
-        asyncio.run(service.migrate_only() if command == "migrate" else service.serve())
+        run(service.migrate_only() if command == "migrate" else service.serve(), kind=service.settings.event_loop)
     except StartupError as exc:
         log.error("%s cannot start: %s", service.name, exc)
         sys.exit(1)

@@ -14,6 +14,7 @@ from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from flowmesh.contracts.permissions import inbox_prefix
+from flowmesh.runtime.loop import EventLoopKind
 
 Env = Literal["dev", "test", "production"]
 
@@ -107,6 +108,11 @@ class BaseServiceSettings(BaseSettings):
     log_level: str = Field(default="INFO", validation_alias=AliasChoices("FLOWMESH_LOG_LEVEL", "log_level"))
     log_format: Literal["json", "text"] = Field(
         default="json", validation_alias=AliasChoices("FLOWMESH_LOG_FORMAT", "log_format")
+    )
+    event_loop: EventLoopKind = Field(
+        default="uvloop",
+        validation_alias=AliasChoices("FLOWMESH_EVENT_LOOP", "event_loop"),
+        description="the process's event loop: uvloop (faster socket I/O), or asyncio's own",
     )
     health_host: str = "0.0.0.0"
     health_port: int = Field(default=9090, ge=0, le=65535)

@@ -23,7 +23,6 @@ import logging
 import os
 import random
 import re
-import secrets
 import time
 import traceback
 from collections.abc import Mapping, MutableMapping
@@ -59,8 +58,12 @@ _DEFAULT_SAMPLERS = ("", "parentbased_always_on")
 
 
 def new_traceparent() -> str:
-    """A fresh, sampled trace context."""
-    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+    """A fresh, sampled trace context.
+
+    Ids from :mod:`random`, as OpenTelemetry's own generator makes them: they must be unique, not
+    secret, and ``secrets`` costs a system call each (a tenth of a request's time in the gateway).
+    """
+    return f"00-{random.getrandbits(128) or 1:032x}-{random.getrandbits(64) or 1:016x}-01"
 
 
 def valid_traceparent(value: str | None) -> bool:

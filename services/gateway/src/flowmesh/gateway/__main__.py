@@ -15,6 +15,7 @@ from flowmesh.gateway.app import create_app
 from flowmesh.gateway.server import GatewayRunner
 from flowmesh.gateway.settings import GatewaySettings
 from flowmesh.runtime.logs import configure_logging
+from flowmesh.runtime.loop import run
 from flowmesh.runtime.memory import freeze_startup_objects
 from flowmesh.runtime.service import USAGE, StartupError, settings_problem
 from flowmesh.runtime.tracing import configure_tracing, shutdown_tracing
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     _raise_file_limit()
     configure_tracing("gateway")
     try:
-        asyncio.run(serve(settings))
+        run(serve(settings), kind=settings.event_loop)
     except StartupError as exc:
         log.error("gateway cannot start: %s", exc)
         sys.exit(1)

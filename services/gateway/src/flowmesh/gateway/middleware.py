@@ -17,9 +17,9 @@ import asyncio
 import base64
 import hashlib
 import logging
+import random
 import re
 import time
-import uuid
 from typing import Final
 
 from aiohttp import hdrs, web
@@ -93,7 +93,8 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Give every request an id and a trace context (a server span when tracing is on), echo the id,
     and record metrics."""
     given = request.headers.get("X-Request-Id", "")
-    request[keys.REQUEST_ID] = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    # unique, not secret: no system call for it (uuid4 reads os.urandom)
+    request[keys.REQUEST_ID] = given if _REQUEST_ID.match(given) else f"{random.getrandbits(128):032x}"
     tp = request.headers.get("traceparent")
     # a request without a trace starts one: its span is the root (tracing on), else only an id to pass on
     parent = tp if tp is not None and valid_traceparent(tp) else (None if tracing_enabled() else new_traceparent())

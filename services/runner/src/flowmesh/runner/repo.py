@@ -181,9 +181,8 @@ async def _with_steps(conn: Any, row: Any) -> tuple[RunRecord, dict[str, StepSta
 
 _RUN_FIELDS = tuple(f for f in Run.model_fields if f in runs.c)
 _RUN_JSON = frozenset(f for f in _RUN_FIELDS if _pg_type(runs, f) == "jsonb")
-_GET_RUN_SQL = (
-    f"SELECT {_select_list(runs, _RUN_FIELDS, 'r')} FROM runner.runs AS r WHERE r.id = $1 AND r.tenant_id = $2"
-)
+_RUN_SELECT = _select_list(runs, _RUN_FIELDS, "r")
+_GET_RUN_SQL = f"SELECT {_RUN_SELECT} FROM runner.runs AS r WHERE r.id = $1 AND r.tenant_id = $2"
 
 
 async def get_run_on(conn: Any, *, tenant: str, run_id: str) -> Run | None:
@@ -606,7 +605,7 @@ async def list_runs(conn: Any, *, tenant: str, q: RunListQuery) -> tuple[list[Ru
             where.append(f"r.{column} {op} ${len(args)}")
     rows, total = await read_page_on(
         conn,
-        columns=_select_list(runs, _RUN_FIELDS, "r"),
+        columns=_RUN_SELECT,
         source="runner.runs AS r WHERE " + " AND ".join(where),
         order_by="r.created_at DESC, r.id DESC",
         args=args,
