@@ -78,7 +78,7 @@ def test_each_change_is_one_entry_with_its_actor_and_target_newest_first(
     trig = ok(alice.post(f"/flows/{fid}/triggers", json={"type": "webhook", "name": "in"}), 201)
     ok(alice.patch(f"/triggers/{trig['id']}", json={"name": "inbound"}))
     ok(bob.delete(f"/triggers/{trig['id']}"), 204)
-    ok(alice.post("/api-keys", json={"provider": "openai", "apiKey": "sk-never-shown-1234"}), 201)
+    ok(alice.post("/api-keys", json={"provider": "openai", "apiKey": "sk-never-shown-wxyz"}), 201)
     ok(bob.delete("/api-keys/openai"), 204)
     ok(alice.post("/secrets", json={"name": "CRM_TOKEN", "value": "crm-never-shown-5678"}), 201)
     ok(bob.delete("/secrets/CRM_TOKEN"), 204)
@@ -111,7 +111,8 @@ def test_each_change_is_one_entry_with_its_actor_and_target_newest_first(
     assert [(e["at"], e["id"]) for e in got] == sorted(((e["at"], e["id"]) for e in got), reverse=True)
     assert got[1]["details"]["plan"] == "enterprise"
     text = str(got)
-    assert "sk-never-shown" not in text and "1234" not in text and trig["url"].rsplit("/", 1)[-1] not in text
+    # nor its last characters (a key's hint): not hex digits, which every id in the text is made of
+    assert "sk-never-shown" not in text and "wxyz" not in text and trig["url"].rsplit("/", 1)[-1] not in text
     assert "never-shown-5678" not in text
 
 
