@@ -9,6 +9,10 @@ Imported by Python at start-up (``sitecustomize``) when this directory is on ``P
   127.0.0.1 instead (a stand-in for a public server, served locally), and refuses any other
   destination that is not loopback, so even a broken SSRF guard cannot reach out.
 
+The jail lives in Python's ``socket`` module, which asyncio's event loop calls; uvloop resolves and
+connects in C (libuv) around it. So a jailed process runs on asyncio's loop
+(``FLOWMESH_EVENT_LOOP=asyncio``, set here, whatever the environment said).
+
 The SSRF tests (``test_api7_server_side_request_forgery.py``) run the services with it.
 """
 
@@ -67,4 +71,5 @@ def _for(sock: socket.socket, address: Any) -> Any:
 
 
 if _JAIL:
+    os.environ["FLOWMESH_EVENT_LOOP"] = "asyncio"
     _install(json.loads(_JAIL))
