@@ -17,6 +17,7 @@ from flowmesh.contracts.subjects import RunsOp
 from flowmesh.contracts.testing import START, definition, edge, http_step, linear, node
 from flowmesh.runner import repo
 from flowmesh.runner.engine import RunState
+from flowmesh.runner.writes import HeldWrites
 from flowmesh.runtime.db import create_driver_pool
 from flowmesh.runtime.testing import FlowsStandIn, Infra
 from flowmesh.runtime.testing import RunsClient as Runs
@@ -124,3 +125,47 @@ async def test_a_result_held_across_another_change_is_applied_to_the_run_as_it_i
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
     assert sum(e["type"] == "step.succeeded" and e.get("stepId") == "call" for e in events) == 1
     assert not [r for r in caplog.records if "will be re-sent" in r.getMessage()], caplog.text
+
+
+async def _held_states(conn: asyncpg.Connection, run_id: str, copies: int) -> list[RunState]:
+    """``copies`` states of the run as read now (each from its own read, all of one revision)."""
+    states = []
+    for _ in range(copies):
+        found = await repo.read_for_change(conn, run_id=run_id)
+        assert found is not None
+        states.append(RunState(found[0], cast(Any, None), found[1], datetime.now(UTC)))
+    return states
+
+
+async def test_held_changes_of_many_runs_are_one_statement_each_run_on_its_own_revision(
+    runs: Runs, flows: FlowsStandIn, upstream: Upstream, pool: asyncpg.Pool
+) -> None:
+    holds = [f"batch-{i}-{runs.tenant}" for i in range(3)]
+    run_ids = [await held_run(runs, flows, upstream, hold) for hold in holds]
+    try:
+        async with pool.acquire() as conn:
+            first, second, third = [(await _held_states(conn, run_id, 1))[0] for run_id in run_ids]
+            [moved_on] = await _held_states(conn, run_ids[2], 1)
+            assert await repo.save_change(conn, moved_on, {}) == []  # ``third`` is stale now
+        writes = HeldWrites(lambda: pool)
+        saved = await asyncio.gather(*(writes.save(state, {}) for state in (first, second, third)))
+        assert saved == [[], [], None]
+        assert writes.statements == 1
+        assert (first.run.revision, second.run.revision) == (moved_on.run.revision, moved_on.run.revision)
+        assert third.run.revision == moved_on.run.revision - 1  # not written, not counted
+        async with pool.acquire() as conn:
+            for state in (first, second):
+                now = await repo.read_for_change(conn, run_id=state.run.id)
+                assert now is not None and now[0].revision == state.run.revision
+
+            # two changes of one run never share a statement: the second waits, then finds its
+            # revision gone (the first counted it up) and writes nothing
+            one, two = await _held_states(conn, run_ids[0], 2)
+        statements = writes.statements
+        assert await asyncio.gather(writes.save(one, {}), writes.save(two, {})) == [[], None]
+        assert writes.statements == statements + 2
+    finally:
+        for hold in holds:
+            upstream.release(hold)
+    for run_id in run_ids:
+        assert (await runs.wait(run_id)).status == "succeeded"

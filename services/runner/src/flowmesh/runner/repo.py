@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -304,9 +304,9 @@ _STEP_ARRAYS = tuple((c, _pg_type(step_runs, c)) for c in ("step_id", "type", *_
 _EVENT_ARRAYS = tuple((c, _pg_type(run_events, c)) for c in _EVENT_COLUMNS if c != "run_id")
 
 
-def _unnest(arrays: tuple[tuple[str, str], ...], first: int) -> str:
+def _unnest(arrays: tuple[tuple[str, str], ...], first: int, alias: str = "x") -> str:
     params = ", ".join(f"${first + i}::{t}[]" for i, (_, t) in enumerate(arrays))
-    return f"unnest({params}) AS x({', '.join(c for c, _ in arrays)})"
+    return f"unnest({params}) AS {alias}({', '.join(c for c, _ in arrays)})"
 
 
 _S = _N_RUN + 1  # first parameter of the step arrays; then updated_at, then the event arrays
@@ -349,31 +349,37 @@ _CHANGED_RUN = ("status", "output", "error", "started_at", "completed_at", "last
 _LEASED_STEP_ARRAYS = (*_STEP_ARRAYS, ("lease_until", _pg_type(step_runs, "lease_until")))
 
 
-def _save_sql() -> str:
-    """One statement writing a change: the run's row, its changed steps, its new events, all only if
-    the run's revision is still ``$2`` (always so under the run's lock; for a run held in memory,
-    so only if no other change came between). Returns how many runs it changed: 1, else 0.
+_RUN_ARRAYS = (("id", "uuid"), ("revision", "bigint"), *((c, _pg_type(runs, c)) for c in _CHANGED_RUN))
+_BATCH_STEP_ARRAYS = (("run_id", "uuid"), *_LEASED_STEP_ARRAYS)
+_BATCH_EVENT_ARRAYS = (("run_id", "uuid"), *_EVENT_ARRAYS)
 
-    Parameters: ``$1`` run id, ``$2`` the revision the change was made from, the run's changed
-    columns, the time, the steps' columns as arrays (with their leases), the events' columns as arrays.
+
+def _save_sql() -> str:
+    """One statement writing the changes of several runs: each run's row, changed steps and new events,
+    only if that run's revision is still the one its change was made from (always so under the run's
+    lock; for a run held in memory, so only if no other change came between). Returns the ids of the
+    runs it changed.
+
+    Parameters: ``$1`` the time, then arrays (one element a run): id, revision, the changed columns;
+    the steps' columns with their run's id and leases; the events' columns with their run's id.
     """
-    first_run = 3
-    at = first_run + len(_CHANGED_RUN)
-    steps = at + 1
-    events = steps + len(_LEASED_STEP_ARRAYS)
-    run_set = ", ".join(f"{c} = ${first_run + i}::{_pg_type(runs, c)}" for i, c in enumerate(_CHANGED_RUN))
-    step_columns = ", ".join(c for c, _ in _LEASED_STEP_ARRAYS)
+    first_run = 2
+    steps = first_run + len(_RUN_ARRAYS)
+    events = steps + len(_BATCH_STEP_ARRAYS)
+    run_set = ", ".join(f"{c} = i.{c}" for c in _CHANGED_RUN)
+    step_columns = ", ".join(c for c, _ in _BATCH_STEP_ARRAYS)
     updated = ", ".join(f"{c} = EXCLUDED.{c}" for c, _ in _LEASED_STEP_ARRAYS[1:])
     return (
-        f"WITH run AS (UPDATE runner.runs SET {run_set}, updated_at = ${at}::timestamptz, "
-        "revision = $2::bigint + 1 WHERE id = $1::uuid AND revision = $2::bigint RETURNING 1), "
-        f"steps AS (INSERT INTO runner.step_runs (run_id, {step_columns}, updated_at) "
-        f"SELECT $1::uuid, x.*, ${at}::timestamptz FROM {_unnest(_LEASED_STEP_ARRAYS, steps)} "
-        "WHERE EXISTS (SELECT 1 FROM run) "
+        f"WITH run AS (UPDATE runner.runs AS r SET {run_set}, updated_at = $1::timestamptz, "
+        f"revision = i.revision + 1 FROM {_unnest(_RUN_ARRAYS, first_run, 'i')} "
+        "WHERE r.id = i.id AND r.revision = i.revision RETURNING r.id), "
+        f"steps AS (INSERT INTO runner.step_runs ({step_columns}, updated_at) "
+        f"SELECT x.*, $1::timestamptz FROM {_unnest(_BATCH_STEP_ARRAYS, steps)} "
+        "WHERE x.run_id IN (SELECT id FROM run) "
         f"ON CONFLICT (run_id, step_id) DO UPDATE SET {updated}, updated_at = EXCLUDED.updated_at), "
-        f"events AS (INSERT INTO runner.run_events (run_id, {', '.join(c for c, _ in _EVENT_ARRAYS)}) "
-        f"SELECT $1::uuid, x.* FROM {_unnest(_EVENT_ARRAYS, events)} WHERE EXISTS (SELECT 1 FROM run)) "
-        "SELECT count(*) FROM run"
+        f"events AS (INSERT INTO runner.run_events ({', '.join(c for c, _ in _BATCH_EVENT_ARRAYS)}) "
+        f"SELECT x.* FROM {_unnest(_BATCH_EVENT_ARRAYS, events)} WHERE x.run_id IN (SELECT id FROM run)) "
+        "SELECT id::text FROM run"
     )
 
 
@@ -384,26 +390,66 @@ async def save_change(conn: Any, state: RunState, leases: dict[str, datetime]) -
     """Write a run state's changes in one statement: inside the caller's transaction, under the run's
     lock, or on its own for a run held in memory. Returns its new events as published payloads, in
     ``seq`` order, and counts the run's revision up; None (nothing written) when the run's revision
-    is no longer the one ``state`` was made from. ``leases``: as :func:`save`'s."""
-    r = state.run
-    steps = [
-        (
-            step_id,
-            state.graph.steps[step_id].type,
-            *_step_values(state.steps[step_id]),
-            leases.get(step_id),
+    is no longer the one ``state`` was made from. ``leases``: steps leased to this process, until when."""
+    return (await save_changes(conn, [(state, leases)]))[0]
+
+
+async def save_changes(
+    conn: Any, changes: Sequence[tuple[RunState, dict[str, datetime]]]
+) -> list[list[dict[str, Any]] | None]:
+    """:func:`save_change` for the changes of several runs (each run at most once), in one statement:
+    one round trip and one commit for all. Each run is written or not on its own revision."""
+    run_rows: list[tuple[Any, ...]] = []
+    step_rows: list[tuple[Any, ...]] = []
+    event_rows: list[tuple[Any, ...]] = []
+    rows_of: list[list[dict[str, Any]]] = []
+    for state, leases in changes:
+        r = state.run
+        run_rows.append(
+            (
+                r.id,
+                r.revision,
+                *(_json(getattr(r, c)) if c in _JSON_RUN_FIELDS else getattr(r, c) for c in _CHANGED_RUN),
+            )
         )
-        for step_id in sorted(state.changed)
-    ]
-    rows = _event_rows(r, state)
-    events = [_event_values(row, tuple(c for c, _ in _EVENT_ARRAYS)) for row in rows]
-    step_columns = [list(c) for c in zip(*steps, strict=True)] if steps else [[] for _ in _LEASED_STEP_ARRAYS]
-    event_columns = [list(c) for c in zip(*events, strict=True)] if events else [[] for _ in _EVENT_ARRAYS]
-    run_values = [_json(getattr(r, c)) if c in _JSON_RUN_FIELDS else getattr(r, c) for c in _CHANGED_RUN]
-    if not await conn.fetchval(_SAVE_SQL, r.id, r.revision, *run_values, state.now, *step_columns, *event_columns):
-        return None
-    r.revision += 1
-    return [_event_payload(r, row) for row in rows]
+        step_rows += [
+            (
+                r.id,
+                step_id,
+                state.graph.steps[step_id].type,
+                *_step_values(state.steps[step_id]),
+                leases.get(step_id),
+            )
+            for step_id in sorted(state.changed)
+        ]
+        rows = _event_rows(r, state)
+        rows_of.append(rows)
+        event_rows += [_event_values(row, tuple(c for c, _ in _BATCH_EVENT_ARRAYS)) for row in rows]
+    now = max(state.now for state, _ in changes)
+    written = {
+        row[0]
+        for row in await conn.fetch(
+            _SAVE_SQL,
+            now,
+            *_columns(run_rows, len(_RUN_ARRAYS)),
+            *_columns(step_rows, len(_BATCH_STEP_ARRAYS)),
+            *_columns(event_rows, len(_BATCH_EVENT_ARRAYS)),
+        )
+    }
+    saved: list[list[dict[str, Any]] | None] = []
+    for (state, _), rows in zip(changes, rows_of, strict=True):
+        r = state.run
+        if r.id not in written:
+            saved.append(None)
+            continue
+        r.revision += 1
+        saved.append([_event_payload(r, row) for row in rows])
+    return saved
+
+
+def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows as ``width`` column arrays (``unnest`` parameters)."""
+    return [list(c) for c in zip(*rows, strict=True)] if rows else [[] for _ in range(width)]
 
 
 async def create_run(

@@ -46,6 +46,7 @@ from flowmesh.runner.recovery import Recovery
 from flowmesh.runner.secrets import SecretReveal
 from flowmesh.runner.timer_calls import TimerCalls, background
 from flowmesh.runner.traces import attempt_span, db_span, record_outcome
+from flowmesh.runner.writes import HeldWrites
 from flowmesh.runtime.logs import log_context
 from flowmesh.runtime.quota import QuotaView
 from flowmesh.runtime.rpc import RpcClient
@@ -97,6 +98,7 @@ class Runner:
         self.children = ChildRuns(sessions, self)
         self.recovery = Recovery(sessions, self, self.publisher)
         self.pool: asyncpg.Pool | None = None
+        self.writes = HeldWrites(lambda: self.pool)
         self._tasks: set[asyncio.Future[None]] = set()
 
     @property
@@ -327,7 +329,8 @@ class Runner:
         self, held: RunState, command: Command[T]
     ) -> tuple[RunState, bool, T, list[dict[str, Any]], list[str]] | None:
         """:meth:`_change` from the run as ``held`` has it, in one statement that writes only if the
-        run's revision is still ``held``'s (no lock, no read); None when another change came first.
+        run's revision is still ``held``'s (no lock, no read; shared with other runs' held changes,
+        :mod:`.writes`); None when another change came first.
 
         ``held`` is this process's own: the state its last change of the run committed (the step it
         executes next) or a snapshot read for a step's attempt. A change in between (a timer, a
@@ -339,10 +342,8 @@ class Runner:
         result = command.apply(state)
         local = self._claim_local(state)
         lease = state.now + timedelta(seconds=self.lease_s)
-        assert self.pool is not None
         try:
-            async with self.pool.acquire() as conn:
-                events = await repo.save_change(conn, state, dict.fromkeys(local, lease))
+            events = await self.writes.save(state, dict.fromkeys(local, lease))
         except BaseException:
             self.local_free += len(local)
             raise
