@@ -74,6 +74,14 @@ def work_of(state: RunState, was_final: bool, local: Sequence[str] = ()) -> list
     return [attempt_work(state, step_id) for step_id in sent] + parent_work(state, was_final)
 
 
+class Sent(NamedTuple):
+    """What :meth:`EventPublisher.send` sent: the run, its events' first and last ``seq``, the acks to await."""
+
+    run_id: str
+    seqs: tuple[int, int] | None
+    acks: list[asyncio.Future[Any]]
+
+
 class EventPublisher:
     """Publishes committed changes and records, in the background, which events reached JetStream."""
 
@@ -100,15 +108,20 @@ class EventPublisher:
 
     async def publish(self, run: RunRecord, events: list[dict[str, Any]], work: Sequence[Work]) -> None:
         """Publish a committed change's events (in order) and work; the sweep covers a failure here."""
+        await self.confirm(await self.send(run, events, work))
+
+    async def send(self, run: RunRecord, events: list[dict[str, Any]], work: Sequence[Work]) -> Sent | None:
+        """Send a committed change's events (in order) and work on the connection, not waiting for
+        JetStream's acknowledgements (:meth:`confirm`): what is published after this, on the same
+        connection, reaches the stream after these. None if sending failed (logged; the sweep's)."""
         if self.js is None:
-            return
+            return None
         js = self.js
         base = {h.TENANT: run.tenant_id, h.SCHEMA: h.SCHEMA_VERSION}
         tp = for_run(run.traceparent)  # the run's trace, whoever caused this change (a timer, the sweep)
         if tp is not None:
             base[h.TRACEPARENT] = tp
         try:
-            # sent back to back (the stream keeps their order), acknowledgements awaited together
             acks = [
                 await js.publish_async(
                     run_event(run.tenant_id, run.flow_id, run.id, e["type"]),
@@ -118,11 +131,22 @@ class EventPublisher:
                 for e in events
             ]
             acks += [await js.publish_async(STEP_WORK, w.encode(), headers={**base, h.MSG_ID: w.msg_id}) for w in work]
-            await asyncio.wait_for(asyncio.gather(*acks), PUBLISH_TIMEOUT_S)
-            if events:
-                self._published.setdefault(run.id, []).append((events[0]["seq"], events[-1]["seq"], time.monotonic()))
         except Exception as exc:
             log.warning("publishing after commit failed (the sweep will retry): %s", exc)
+            return None
+        return Sent(run.id, (events[0]["seq"], events[-1]["seq"]) if events else None, acks)
+
+    async def confirm(self, sent: Sent | None) -> None:
+        """Wait for the acknowledgements of what :meth:`send` sent, and note its events as published."""
+        if sent is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.gather(*sent.acks), PUBLISH_TIMEOUT_S)
+        except Exception as exc:
+            log.warning("publishing after commit failed (the sweep will retry): %s", exc)
+            return
+        if sent.seqs is not None:
+            self._published.setdefault(sent.run_id, []).append((*sent.seqs, time.monotonic()))
 
     async def resend_work(self, work: Sequence[Work]) -> None:
         """Publish work again (the sweep's): de-duplicated by its message id within the window."""

@@ -289,9 +289,11 @@ class Runner:
         state, was_final, result, events, local = changed
         metrics.committed(state.events)
         self.timers.send(state.timers.values())
-        await self.publisher.publish(state.run, events, work_of(state, was_final, local))
+        sent = await self.publisher.send(state.run, events, work_of(state, was_final, local))
         abandoned, timed_out = list(state.abandoned), state.run.status == "timedOut" and not was_final
+        # the next step starts while JetStream acknowledges these events: its own come after them
         self._continue(state, local)  # hands ``state`` on: not read here after this
+        await self.publisher.confirm(sent)
         for step_id in abandoned:
             await self.children.cancel(run_id, step_id)
         if timed_out:
