@@ -80,6 +80,16 @@ def test_a_delay_waits_on_a_durable_timer_and_outputs_when_it_fired() -> None:
     assert types(fired) == ["step.succeeded", "step.started", "step.succeeded", "run.succeeded"]
 
 
+def test_a_timer_that_fired_within_the_tolerance_before_the_deadline_reports_the_deadline() -> None:
+    g = graph([n("wait", "delay", durationMs=2000)], [e("start", "wait")])
+    ex = started(g)
+    due = NOW + timedelta(seconds=2)
+    fired = later(ex, timedelta(seconds=2))  # by our clock the deadline has come
+    early = due - timedelta(microseconds=600)  # a scheduler whose due time was a hair before ours
+    assert fired.expire(Deadline("r", 0, "wait", 1), due - timedelta(milliseconds=1), early) is None
+    assert fired.steps["wait"].output == {"firedAt": format_time(due)}
+
+
 def test_a_delay_until_a_past_time_goes_on_at_once() -> None:
     past = format_time(NOW - timedelta(minutes=5))
     g = graph([n("wait", "delay", until=past), n("after")], [e("start", "wait"), e("wait", "after")])

@@ -330,7 +330,9 @@ class RunState:
         if deadline.step_id is None or state is None:
             self.time_out()
         else:
-            self._expire_step(self.graph.steps[deadline.step_id], state, fired_at or self.now)
+            # a timer armed within the millisecond's tolerance of the deadline may fire before it; the
+            # step waited (``early`` above) until the deadline came by our clock: never report less
+            self._expire_step(self.graph.steps[deadline.step_id], state, max(fired_at or self.now, target))
         if due_at is not None:
             self.timers.pop(deadline.key, None)  # it fired: nothing left to cancel
         return None
