@@ -251,8 +251,12 @@ def dev_stack(tmp_path: Path, wait_until: Callable[..., None]) -> Iterator[_Dev]
 
 
 def test_dev_starts_everything_and_a_ctrl_c_to_the_group_stops_it_all(
-    dev_stack: _Dev, assert_gone: Callable[..., None]
+    dev_stack: _Dev, assert_gone: Callable[..., None], wait_until: Callable[..., None]
 ) -> None:
+    # the banner comes once the gateway is ready; a busy machine may not have run every process's
+    # first line by then
+    runners = ("runner    | env ", "runner-2  | env ", "runner-3  | env ")
+    wait_until(lambda: all(r in dev_stack.text() for r in runners), timeout=60, what="every runner's first line")
     text = dev_stack.text()
     assert f"gateway     http://127.0.0.1:{dev_stack.port}" in text
     assert "NATS        nats://127.0.0.1:" in text
