@@ -169,3 +169,31 @@ async def test_held_changes_of_many_runs_are_one_statement_each_run_on_its_own_r
             upstream.release(hold)
     for run_id in run_ids:
         assert (await runs.wait(run_id)).status == "succeeded"
+
+
+async def test_recording_published_events_skips_a_run_being_written_and_never_waits_for_it(
+    runs: Runs, flows: FlowsStandIn, upstream: Upstream, pool: asyncpg.Pool
+) -> None:
+    """``mark_published`` and a batch of held changes both write many runs' rows: when the first waited
+    for the second's locks they deadlocked, stalling both for PostgreSQL's ``deadlock_timeout``."""
+    holds = [f"published-{i}-{runs.tenant}" for i in range(2)]
+    busy, free = [await held_run(runs, flows, upstream, hold) for hold in holds]
+    try:
+        async with pool.acquire() as writer, pool.acquire() as flusher:
+            seq = "SELECT published_seq FROM runner.runs WHERE id = $1"
+            at = {r: await flusher.fetchval(seq, r) for r in (busy, free)}
+            # as if each run's last event were not recorded as published yet
+            await flusher.execute(
+                "UPDATE runner.runs SET published_seq = published_seq - 1 WHERE id = ANY($1::uuid[])", [busy, free]
+            )
+            spans = {r: (at[r], at[r]) for r in (busy, free)}
+            async with writer.transaction():
+                await writer.execute("SELECT 1 FROM runner.runs WHERE id = $1 FOR UPDATE", busy)  # a change writing
+                now_at = await asyncio.wait_for(repo.mark_published(flusher, spans=spans), 5)
+            assert now_at == {busy: at[busy] - 1, free: at[free]}  # skipped, not waited for
+            assert await repo.mark_published(flusher, spans=spans) == at  # the next flush records it
+    finally:
+        for hold in holds:
+            upstream.release(hold)
+    for run_id in (busy, free):
+        assert (await runs.wait(run_id)).status == "succeeded"

@@ -586,12 +586,20 @@ async def mark_published(conn: Any, *, spans: dict[str, tuple[int, int]]) -> dic
     ``published_seq`` moves only over a span that starts right after it (or overlaps it): it says
     every event up to it is in the stream, so it must never jump over an event whose publish failed
     (a later change's events may well have been published; the sweep re-publishes from the hole).
+
+    A run whose row a change is writing right now is skipped (its span stays with the caller for
+    the next flush), and the others are locked in id order: this statement never waits for a
+    change, so it cannot deadlock with one. (It did: both wrote many runs' rows in their own orders,
+    and each deadlock stalled every run of both statements for PostgreSQL's ``deadlock_timeout``.)
     """
     ids = list(spans)
     await conn.execute(
-        "UPDATE runner.runs AS r SET published_seq = u.last "
-        "FROM unnest($1::uuid[], $2::int[], $3::int[]) AS u(id, first, last) "
-        "WHERE r.id = u.id AND r.published_seq >= u.first - 1 AND r.published_seq < u.last",
+        "WITH u AS (SELECT * FROM unnest($1::uuid[], $2::int[], $3::int[]) AS u(id, first, last)), "
+        "free AS (SELECT r.id FROM runner.runs AS r JOIN u ON r.id = u.id "
+        "WHERE r.published_seq >= u.first - 1 AND r.published_seq < u.last "
+        "ORDER BY r.id FOR UPDATE OF r SKIP LOCKED) "
+        "UPDATE runner.runs AS r SET published_seq = u.last FROM u, free "
+        "WHERE r.id = u.id AND r.id = free.id AND r.published_seq >= u.first - 1 AND r.published_seq < u.last",
         ids,
         [first for first, _ in spans.values()],
         [last for _, last in spans.values()],

@@ -74,7 +74,9 @@ class HeldWrites:
             else:
                 rest.append(pending)
         self._pending = rest
-        return batch
+        # rows are locked in the batch's order: in one order (the runs' ids) for every statement,
+        # two statements sharing runs wait for each other, never deadlock
+        return sorted(batch, key=lambda pending: pending[0].run.id)
 
     async def _write_batch(self, batch: list[_Pending]) -> None:
         pool = self._pool()
