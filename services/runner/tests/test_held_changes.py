@@ -180,8 +180,7 @@ async def test_recording_published_events_skips_a_run_being_written_and_never_wa
     busy, free = [await held_run(runs, flows, upstream, hold) for hold in holds]
     try:
         async with pool.acquire() as writer, pool.acquire() as flusher:
-            seq = "SELECT published_seq FROM runner.runs WHERE id = $1"
-            at = {r: await flusher.fetchval(seq, r) for r in (busy, free)}
+            at = {r: await all_published(flusher, r) for r in (busy, free)}
             # as if each run's last event were not recorded as published yet
             await flusher.execute(
                 "UPDATE runner.runs SET published_seq = published_seq - 1 WHERE id = ANY($1::uuid[])", [busy, free]
@@ -197,3 +196,14 @@ async def test_recording_published_events_skips_a_run_being_written_and_never_wa
             upstream.release(hold)
     for run_id in (busy, free):
         assert (await runs.wait(run_id)).status == "succeeded"
+
+
+async def all_published(conn: asyncpg.Connection, run_id: str) -> int:
+    """The run's last event seq, once the runner has recorded every event as published (bounded wait)."""
+    deadline = time.monotonic() + 10
+    while True:
+        row = await conn.fetchrow("SELECT published_seq, last_seq FROM runner.runs WHERE id = $1", run_id)
+        if row["published_seq"] == row["last_seq"]:
+            return int(row["last_seq"])
+        assert time.monotonic() < deadline, f"run {run_id}: {dict(row)}"
+        await asyncio.sleep(0.02)

@@ -598,8 +598,7 @@ async def mark_published(conn: Any, *, spans: dict[str, tuple[int, int]]) -> dic
         "free AS (SELECT r.id FROM runner.runs AS r JOIN u ON r.id = u.id "
         "WHERE r.published_seq >= u.first - 1 AND r.published_seq < u.last "
         "ORDER BY r.id FOR UPDATE OF r SKIP LOCKED) "
-        "UPDATE runner.runs AS r SET published_seq = u.last FROM u, free "
-        "WHERE r.id = u.id AND r.id = free.id AND r.published_seq >= u.first - 1 AND r.published_seq < u.last",
+        "UPDATE runner.runs AS r SET published_seq = u.last FROM u, free WHERE r.id = u.id AND r.id = free.id",
         ids,
         [first for first, _ in spans.values()],
         [last for _, last in spans.values()],
