@@ -179,19 +179,46 @@ def test_a_step_its_runner_took_on_itself_runs_again_when_that_runner_dies(
             time.sleep(0.02)
         assert lease_of(fault_stack.env["DATABASE_URL"], run_id, "call") is not None
 
-        fault_stack.kill("runner", signal.SIGKILL)  # mid-attempt: nobody will finish it or send its work
-        upstream.release(hold)
-        fault_stack.start("runner")
-        # the lease (3 s: the ack wait) runs out, the sweep sends the step's work, a runner executes it again
-        run = wait_run(c, run_id, timeout=60)
-        assert run["status"] == "succeeded", run
-        assert sum(r["path"] == f"/hold/{hold}" for r in upstream.requests) == 2  # at least once: twice here
-        events = c.get(f"/runs/{run_id}/events", params={"pageSize": 1000}).json()["items"]
-        assert [e["type"] for e in events if e.get("stepId") == "call" and e["type"].startswith("step.")] == [
-            "step.started",
-            "step.succeeded",
-        ]  # and recorded once
-        assert lease_of(fault_stack.env["DATABASE_URL"], run_id, "call") is None
+        runs_again_once(fault_stack, upstream, c, run_id, hold)
+
+
+@pytest.mark.timeout(120)
+def test_a_first_step_its_starting_runner_took_on_itself_runs_again_when_that_runner_dies(
+    fault_stack: ProcessStack, upstream: Upstream
+) -> None:
+    hold = f"first-{uuid.uuid4().hex[:8]}"
+    nodes = [
+        {"id": "start", "type": "trigger", "data": {}},
+        {"id": "call", "type": "http", "data": {"url": f"{upstream.base}/hold/{hold}"}},
+    ]
+    with fault_stack.client(f"fault-{uuid.uuid4().hex[:6]}") as c:
+        flow_id = publish_flow(c, {"nodes": nodes, "edges": [{"id": "e1", "source": "start", "target": "call"}]})
+        # the replica that creates the run leases its first step in the same statement and executes it
+        run_id = c.post(f"/flows/{flow_id}/runs", json={"input": {}}).json()["id"]
+        deadline = time.monotonic() + 20
+        while not any(r["path"] == f"/hold/{hold}" for r in upstream.requests):
+            assert time.monotonic() < deadline, "the step was never executed"
+            time.sleep(0.02)
+        assert lease_of(fault_stack.env["DATABASE_URL"], run_id, "call") is not None
+        runs_again_once(fault_stack, upstream, c, run_id, hold)
+
+
+def runs_again_once(fault_stack: ProcessStack, upstream: Upstream, c: Any, run_id: str, hold: str) -> None:
+    """SIGKILL the runner while its leased step ``call`` waits on ``hold``: the run still succeeds, the
+    step ran again elsewhere and its result was recorded once."""
+    fault_stack.kill("runner", signal.SIGKILL)  # mid-attempt: nobody will finish it or send its work
+    upstream.release(hold)
+    fault_stack.start("runner")
+    # the lease (3 s: the ack wait) runs out, the sweep sends the step's work, a runner executes it again
+    run = wait_run(c, run_id, timeout=60)
+    assert run["status"] == "succeeded", run
+    assert sum(r["path"] == f"/hold/{hold}" for r in upstream.requests) == 2  # at least once: twice here
+    events = c.get(f"/runs/{run_id}/events", params={"pageSize": 1000}).json()["items"]
+    assert [e["type"] for e in events if e.get("stepId") == "call" and e["type"].startswith("step.")] == [
+        "step.started",
+        "step.succeeded",
+    ]  # and recorded once
+    assert lease_of(fault_stack.env["DATABASE_URL"], run_id, "call") is None
 
 
 @pytest.mark.timeout(300)

@@ -301,6 +301,7 @@ _INSERT_RUN_SQL = (
 # nothing is written when the idempotency key is taken
 _N_RUN = len(_RUN_COLUMNS)
 _STEP_ARRAYS = tuple((c, _pg_type(step_runs, c)) for c in ("step_id", "type", *_STEP_FIELDS, "duration_ms"))
+_LEASED_STEP_ARRAYS = (*_STEP_ARRAYS, ("lease_until", _pg_type(step_runs, "lease_until")))
 _EVENT_ARRAYS = tuple((c, _pg_type(run_events, c)) for c in _EVENT_COLUMNS if c != "run_id")
 
 
@@ -309,8 +310,8 @@ def _unnest(arrays: tuple[tuple[str, str], ...], first: int, alias: str = "x") -
     return f"unnest({params}) AS {alias}({', '.join(c for c, _ in arrays)})"
 
 
-_S = _N_RUN + 1  # first parameter of the step arrays; then updated_at, then the event arrays
-_E = _S + len(_STEP_ARRAYS) + 1
+_S = _N_RUN + 1  # first parameter of the step arrays (with their leases); then updated_at, then the event arrays
+_E = _S + len(_LEASED_STEP_ARRAYS) + 1
 # with a limit on the tenant's top-level runs in flight ($N+1 + … the last parameter): nothing is
 # written when as many are queued or running (counted on a partial index, at most the limit)
 _IN_FLIGHT = (
@@ -333,8 +334,8 @@ def _insert_run_sql(limit_param: int | None) -> str:
 def _create_run_sql(limit_param: int | None) -> str:
     return (
         f"WITH run AS ({_insert_run_sql(limit_param)}), "
-        f"steps AS (INSERT INTO runner.step_runs (run_id, {', '.join(c for c, _ in _STEP_ARRAYS)}, updated_at) "
-        f"SELECT $1::uuid, x.*, ${_E - 1}::timestamptz FROM {_unnest(_STEP_ARRAYS, _S)} "
+        f"steps AS (INSERT INTO runner.step_runs (run_id, {', '.join(c for c, _ in _LEASED_STEP_ARRAYS)}, updated_at) "
+        f"SELECT $1::uuid, x.*, ${_E - 1}::timestamptz FROM {_unnest(_LEASED_STEP_ARRAYS, _S)} "
         "WHERE EXISTS (SELECT 1 FROM run)), "
         f"events AS (INSERT INTO runner.run_events (run_id, {', '.join(c for c, _ in _EVENT_ARRAYS)}) "
         f"SELECT $1::uuid, x.* FROM {_unnest(_EVENT_ARRAYS, _E)} WHERE EXISTS (SELECT 1 FROM run)) "
@@ -346,9 +347,6 @@ _CREATE_RUN_SQL = _create_run_sql(None)
 _CREATE_LIMITED_RUN_SQL = _create_run_sql(_E + len(_EVENT_ARRAYS))
 
 _CHANGED_RUN = ("status", "output", "error", "started_at", "completed_at", "last_seq", "deadline_at")
-_LEASED_STEP_ARRAYS = (*_STEP_ARRAYS, ("lease_until", _pg_type(step_runs, "lease_until")))
-
-
 _RUN_ARRAYS = (("id", "uuid"), ("revision", "bigint"), *((c, _pg_type(runs, c)) for c in _CHANGED_RUN))
 _BATCH_STEP_ARRAYS = (("run_id", "uuid"), *_LEASED_STEP_ARRAYS)
 _BATCH_EVENT_ARRAYS = (("run_id", "uuid"), *_EVENT_ARRAYS)
@@ -453,9 +451,16 @@ def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
 
 
 async def create_run(
-    conn: Any, *, record: RunRecord, values: dict[str, Any], state: RunState, in_flight_limit: int | None = None
+    conn: Any,
+    *,
+    record: RunRecord,
+    values: dict[str, Any],
+    state: RunState,
+    leases: dict[str, datetime],
+    in_flight_limit: int | None = None,
 ) -> list[dict[str, Any]] | None:
     """Insert a run with the steps and events its first change made, in one statement (asyncpg).
+    ``leases``: steps leased to this process, until when.
 
     With ``in_flight_limit``, only while the tenant has fewer top-level runs queued or running.
     Concurrent starts each count before the others commit, so the tenant can go over the limit by
@@ -465,12 +470,12 @@ async def create_run(
     limit reached.
     """
     steps = [
-        (step_id, state.graph.steps[step_id].type, *_step_values(state.steps[step_id]))
+        (step_id, state.graph.steps[step_id].type, *_step_values(state.steps[step_id]), leases.get(step_id))
         for step_id in sorted(state.changed)
     ]
     rows = _event_rows(record, state)
     events = [_event_values(row, tuple(c for c, _ in _EVENT_ARRAYS)) for row in rows]
-    columns = [list(c) for c in zip(*steps, strict=True)] if steps else [[] for _ in _STEP_ARRAYS]
+    columns = [list(c) for c in zip(*steps, strict=True)] if steps else [[] for _ in _LEASED_STEP_ARRAYS]
     event_columns = [list(c) for c in zip(*events, strict=True)] if events else [[] for _ in _EVENT_ARRAYS]
     args = (*_run_row(record, values), *columns, state.now, *event_columns)
     if in_flight_limit is None:

@@ -158,8 +158,14 @@ class Runner:
             return admitted
         in_flight_limit, refusal = admitted
         state = self._first_change(tenant, req, runnable.version, refusal)
-        events = await self._create(state, req, runnable.version, input_hash, in_flight_limit)
+        local = self._claim_local(state)
+        try:
+            events = await self._create(state, req, runnable.version, input_hash, in_flight_limit, local)
+        except BaseException:
+            self.local_free += len(local)  # not committed: nothing was leased
+            raise
         if events is None:
+            self.local_free += len(local)
             if req.idempotency_key and (repeat := await self._repeat(tenant, req, input_hash, durable)) is not None:
                 return repeat
             raise RateLimited(
@@ -168,10 +174,14 @@ class Runner:
                 retry_after_s=1,
             )
         metrics.committed(state.events)
-        # answer as soon as the run is committed; its events follow (a crash here is the sweep's job)
-        background(self._tasks, self.publisher.publish(state.run, events, work_of(state, was_final=False)))
         self.timers.send(state.timers.values())
-        return StartRunResult(run=_accepted(state.run, req, refused=refusal is not None), created=True)
+        accepted = _accepted(state.run, req, refused=refusal is not None)
+        # answer as soon as the run is committed; its events follow (a crash here is the sweep's job),
+        # sent before its first steps start here, so theirs come after them
+        sent = await self.publisher.send(state.run, events, work_of(state, was_final=False, local=local))
+        self._continue(state, local)  # hands ``state`` on: not read here after this
+        background(self._tasks, self.publisher.confirm(sent))
+        return StartRunResult(run=accepted, created=True)
 
     async def _admit(
         self, tenant: str, req: StartRun, input_hash: str, durable: bool
@@ -223,9 +233,16 @@ class Runner:
         return state
 
     async def _create(
-        self, state: RunState, req: StartRun, version: FlowVersion, input_hash: str, in_flight_limit: int | None
+        self,
+        state: RunState,
+        req: StartRun,
+        version: FlowVersion,
+        input_hash: str,
+        in_flight_limit: int | None,
+        local: list[str],
     ) -> list[dict[str, Any]] | None:
-        """Write the new run with its first change; None when its key was taken or the limit reached."""
+        """Write the new run with its first change, ``local`` steps leased to this process; None when
+        its key was taken or the limit reached."""
         values = {
             "trigger_id": req.trigger_id,
             "idempotency_key": req.idempotency_key,
@@ -236,18 +253,24 @@ class Runner:
         }
         assert self.pool is not None
         with db_span("create_run", state.run.id), log_context(run_id=state.run.id):
-            return await self._insert(state, version, values, in_flight_limit)
+            return await self._insert(state, version, values, in_flight_limit, local)
 
     async def _insert(
-        self, state: RunState, version: FlowVersion, values: dict[str, Any], in_flight_limit: int | None
+        self,
+        state: RunState,
+        version: FlowVersion,
+        values: dict[str, Any],
+        in_flight_limit: int | None,
+        local: list[str],
     ) -> list[dict[str, Any]] | None:
         assert self.pool is not None
+        lease = dict.fromkeys(local, state.now + timedelta(seconds=self.lease_s))
         async with self.pool.acquire() as conn:
             # the runner's copy of the version comes first (a run never points at a missing one)
             await self.versions.save(conn, version, state.run.tenant_id)
             # one statement, one round trip: the run, its steps and its events, or nothing
             return await repo.create_run(
-                conn, record=state.run, values=values, state=state, in_flight_limit=in_flight_limit
+                conn, record=state.run, values=values, state=state, leases=lease, in_flight_limit=in_flight_limit
             )
 
     async def _repeat(self, tenant: str, req: StartRun, input_hash: str, durable: bool) -> StartRunResult | None:
