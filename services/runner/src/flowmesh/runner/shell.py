@@ -410,13 +410,20 @@ class Runner:
             background(self._tasks, self._execute_local(view, step_id, held=len(local) == 1))
 
     async def _execute_local(self, state: RunState, step_id: str, *, held: bool) -> None:
+        freed = False
+
+        def free() -> None:
+            nonlocal freed
+            if not freed:
+                freed, self.local_free = True, self.local_free + 1
+
         try:
-            await self._execute(state, step_id, None, held=held)
+            await self._execute(state, step_id, None, held=held, attempted=free)
         except Exception as exc:
             # the lease runs out and the sweep sends the step's work to any replica
             log.warning("step %r of run %s failed here, it will be re-sent: %s", step_id, state.run.id, exc)
         finally:
-            self.local_free += 1
+            free()
 
     async def _extend_lease(self, run_id: str, step_id: str, attempt: int) -> None:
         assert self.pool is not None
@@ -527,10 +534,18 @@ class Runner:
         return None
 
     async def _execute(
-        self, claimed: RunState, step_id: str, heartbeat: Callable[[], Awaitable[None]] | None, *, held: bool
+        self,
+        claimed: RunState,
+        step_id: str,
+        heartbeat: Callable[[], Awaitable[None]] | None,
+        *,
+        held: bool,
+        attempted: Callable[[], None] | None = None,
     ) -> None:
         """Run the attempt of ``step_id`` that ``claimed`` holds running, and record it (from
-        ``claimed`` itself when ``held``: it is this attempt's alone).
+        ``claimed`` itself when ``held``: it is this attempt's alone). ``attempted`` is called once
+        the attempt ended, before its result is recorded: a local step's room goes to the steps that
+        result makes ready (a chain keeps one, not two, while its next step starts).
 
         While it runs, every few seconds: ``heartbeat`` (a work message's "in progress") and the
         step's lease extended (when it has one: executed where it became ready, or re-sent after).
@@ -553,6 +568,8 @@ class Runner:
                 work = _bounded(work, timeout_ms, f"attempt {attempt} of step {step_id!r}")
             outcome = await _with_heartbeat(work, beat, self.heartbeat_s)
             record_outcome(span, step, attempt, outcome)
+            if attempted is not None:
+                attempted()
             await self.apply(run_id, Complete(step_id, attempt, outcome), held=claimed if held else None)
         if outcome.wait:
             # children that ended before the step was recorded waiting told nobody: look now
