@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final, TypeVar
 
 import asyncpg
@@ -33,19 +33,22 @@ def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]
     return async_sessionmaker(engine, expire_on_commit=False)
 
 
-async def create_driver_pool(url: str, *, size: int = 10, application_name: str = "flowmesh") -> asyncpg.Pool:
+async def create_driver_pool(
+    url: str, *, size: int = 10, application_name: str = "flowmesh", settings: Mapping[str, str] | None = None
+) -> asyncpg.Pool:
     """A plain asyncpg pool on the same database, for a service's hottest statements.
 
     SQLAlchemy's async session costs several times the statement itself on a path run hundreds of
     times a second; the runner's start path uses this pool instead (SQL still only in ``repo``).
-    JSONB parameters and results are JSON text here.
+    JSONB parameters and results are JSON text here. ``settings``: session settings of every
+    connection (planner settings of a service whose statements are all keyed lookups).
     """
     dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
     pool = await asyncpg.create_pool(
         dsn,
         min_size=min(size, 4),
         max_size=size,
-        server_settings={"application_name": application_name},
+        server_settings={"application_name": application_name, **(settings or {})},
         reset=_no_session_reset,
     )
     assert pool is not None

@@ -23,7 +23,6 @@ from flowmesh.runner.secrets import usage_secret_reveal
 from flowmesh.runner.settings import RunnerSettings
 from flowmesh.runner.shell import Runner
 from flowmesh.runtime.consumers import PullOptions
-from flowmesh.runtime.db import create_driver_pool
 from flowmesh.runtime.quota import QuotaView
 from flowmesh.runtime.rpc import RpcClient
 from flowmesh.runtime.service import ServiceRuntime
@@ -102,7 +101,7 @@ async def _http_client(http: HttpStep) -> AsyncIterator[HttpStep]:
 @contextlib.asynccontextmanager
 async def _runner_running(service: ServiceRuntime, runner: Runner, settings: RunnerSettings) -> AsyncIterator[Runner]:
     """The runner's driver pool (the hot path's statements) and its publisher, for the service's life."""
-    pool = await create_driver_pool(settings.db_url, size=settings.db_pool_size, application_name="runner")
+    pool = await repo.open_pool(settings.db_url, size=settings.db_pool_size)
     try:
         runner.start(service.js, pool)
         try:
