@@ -559,7 +559,7 @@ class Runner:
                 await heartbeat()
             await self._extend_lease(run_id, step_id, attempt)
 
-        with attempt_span(claimed.run, step, attempt) as span, log_context(tenant=claimed.run.tenant_id):
+        with attempt_span(claimed.run, step, attempt) as span, log_context(tenant=claimed.run.tenant_id, run_id=run_id):
             work = self._attempt(claimed, step)
             timeout_ms = step.data.timeout_ms
             if timeout_ms is not None and step.kind.timeout == "attempt":
