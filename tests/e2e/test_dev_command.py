@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import signal
 import subprocess
@@ -18,14 +19,30 @@ import psutil
 import pytest
 
 from flowmesh.cli.embedded import free_port
+from flowmesh.cli.launch import port_is_free
 
 SECRET = "dev-command-secret-" + "x" * 40
 FLOWMESH = str(Path(sys.executable).parent / "flowmesh")
 
 
+def free_port_block(size: int = 5) -> int:
+    """A port with the ``size - 1`` after it free too, below the kernel's ephemeral range.
+
+    ``flowmesh dev`` puts the services' health servers on the HTTP port's next four ports; from the
+    ephemeral range (``free_port``), one of them could be taken meanwhile by any outgoing
+    connection (a pool's, NATS's), and the service then failed to bind it at every restart.
+    """
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(200):
+        port = random.randrange(20_000, low - size)
+        if all(port_is_free(p) for p in range(port, port + size)):
+            return port
+    return free_port()
+
+
 class Dev:
     def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
+        self.port = free_port_block()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / "dev.log"
         env = {k: v for k, v in os.environ.items() if k not in ("NATS_URL", "DATABASE_URL")}
@@ -86,6 +103,7 @@ def dev(tmp_path: Path) -> Iterator[Dev]:
         d.kill_group()
         for p in survivors:
             p.kill()
+        d.proc.wait(30)  # reaped here, not reported later as a running subprocess against another test
 
 
 def gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
