@@ -176,12 +176,16 @@ class Runner:
         metrics.committed(state.events)
         self.timers.send(state.timers.values())
         accepted = _accepted(state.run, req, refused=refusal is not None)
-        # answer as soon as the run is committed; its events follow (a crash here is the sweep's job),
-        # sent before its first steps start here, so theirs come after them
+        # answer as soon as the run is committed; its events and first steps follow (a crash here is
+        # the sweep's job)
+        background(self._tasks, self._publish_and_continue(state, events, local))
+        return StartRunResult(run=accepted, created=True)
+
+    async def _publish_and_continue(self, state: RunState, events: list[dict[str, Any]], local: list[str]) -> None:
+        """A new run's events and work, then its ``local`` first steps (their events come after these)."""
         sent = await self.publisher.send(state.run, events, work_of(state, was_final=False, local=local))
         self._continue(state, local)  # hands ``state`` on: not read here after this
-        background(self._tasks, self.publisher.confirm(sent))
-        return StartRunResult(run=accepted, created=True)
+        await self.publisher.confirm(sent)
 
     async def _admit(
         self, tenant: str, req: StartRun, input_hash: str, durable: bool
