@@ -173,12 +173,6 @@ def test_a_step_its_runner_took_on_itself_runs_again_when_that_runner_dies(
         wait_run(c, run_id, until=("waiting",))
         # the approval's change makes `call` ready: the runner that commits it executes it there and then
         assert c.post(f"/runs/{run_id}/resume", json={"stepId": "ok", "decision": "approved"}).status_code == 200
-        deadline = time.monotonic() + 20
-        while not any(r["path"] == f"/hold/{hold}" for r in upstream.requests):
-            assert time.monotonic() < deadline, "the step was never executed"
-            time.sleep(0.02)
-        assert lease_of(fault_stack.env["DATABASE_URL"], run_id, "call") is not None
-
         runs_again_once(fault_stack, upstream, c, run_id, hold)
 
 
@@ -195,17 +189,17 @@ def test_a_first_step_its_starting_runner_took_on_itself_runs_again_when_that_ru
         flow_id = publish_flow(c, {"nodes": nodes, "edges": [{"id": "e1", "source": "start", "target": "call"}]})
         # the replica that creates the run leases its first step in the same statement and executes it
         run_id = c.post(f"/flows/{flow_id}/runs", json={"input": {}}).json()["id"]
-        deadline = time.monotonic() + 20
-        while not any(r["path"] == f"/hold/{hold}" for r in upstream.requests):
-            assert time.monotonic() < deadline, "the step was never executed"
-            time.sleep(0.02)
-        assert lease_of(fault_stack.env["DATABASE_URL"], run_id, "call") is not None
         runs_again_once(fault_stack, upstream, c, run_id, hold)
 
 
 def runs_again_once(fault_stack: ProcessStack, upstream: Upstream, c: Any, run_id: str, hold: str) -> None:
-    """SIGKILL the runner while its leased step ``call`` waits on ``hold``: the run still succeeds, the
-    step ran again elsewhere and its result was recorded once."""
+    """Once the runner executes its leased step ``call`` (waiting on ``hold``), SIGKILL it: the run still
+    succeeds, the step ran again elsewhere and its result was recorded once."""
+    deadline = time.monotonic() + 20
+    while not any(r["path"] == f"/hold/{hold}" for r in upstream.requests):
+        assert time.monotonic() < deadline, "the step was never executed"
+        time.sleep(0.02)
+    assert lease_of(fault_stack.env["DATABASE_URL"], run_id, "call") is not None
     fault_stack.kill("runner", signal.SIGKILL)  # mid-attempt: nobody will finish it or send its work
     upstream.release(hold)
     fault_stack.start("runner")

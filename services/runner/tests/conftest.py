@@ -8,7 +8,7 @@ public interfaces: its RPC subjects and the JetStream streams, as the gateway or
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -19,6 +19,7 @@ from flowmesh.runner.settings import RunnerSettings
 from flowmesh.runtime.rpc import RpcClient
 from flowmesh.runtime.service import ServiceRuntime
 from flowmesh.runtime.testing import FlowsStandIn, Infra, RunsClient, ServiceUnderTest, responder
+from upstream import Upstream
 
 # a queued run not started within a second is sent again, and a dispatched step within two: the
 # sweep's recovery shows in a test's time (its production defaults are 10 s and 120 s)
@@ -48,3 +49,11 @@ async def flows(infra: Infra) -> AsyncIterator[FlowsStandIn]:
 def runs(rpc: RpcClient, tenant: str, service: ServiceRuntime, flows: FlowsStandIn) -> RunsClient:
     """The runner's API for the test's tenant (the runner and the flows stand-in running)."""
     return RunsClient(rpc, tenant)
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[Upstream]:
+    """An HTTP server of the tests' own for ``http`` steps (``tests/upstream.py``), per module."""
+    server = Upstream()
+    yield server
+    server.close()

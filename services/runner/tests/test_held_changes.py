@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -22,13 +22,6 @@ from flowmesh.runtime.db import create_driver_pool
 from flowmesh.runtime.testing import FlowsStandIn, Infra
 from flowmesh.runtime.testing import RunsClient as Runs
 from upstream import Upstream
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[Upstream]:
-    server = Upstream()
-    yield server
-    server.close()
 
 
 @pytest.fixture

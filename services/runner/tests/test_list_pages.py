@@ -8,10 +8,7 @@ that disagreed with its total (the same flake ``GET /runs`` once had in ``test_q
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
-
-import pytest
 
 from flowmesh.contracts.subjects import RunsOp
 from flowmesh.contracts.testing import echo, http_step, linear
@@ -22,13 +19,6 @@ from upstream import Upstream
 WRITE_FOR_S = 2.0
 HOPS = 6
 """Steps per run, each an HTTP call: a step at a time is recorded, each in its own transaction."""
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[Upstream]:
-    server = Upstream()
-    yield server
-    server.close()
 
 
 def _consistent(page: dict[str, Any], *, offset: int, size: int) -> bool:

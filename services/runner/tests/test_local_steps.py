@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Iterator
 
 import pytest
 from nats.js import JetStreamContext
@@ -27,13 +26,6 @@ from upstream import Upstream
 def service_under_test(service_under_test: ServiceUnderTest[RunnerSettings]) -> ServiceUnderTest[RunnerSettings]:
     """The runner executing at most one step at a time itself."""
     return dataclasses.replace(service_under_test, overrides={**service_under_test.overrides, "local_steps": 1})
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[Upstream]:
-    server = Upstream()
-    yield server
-    server.close()
 
 
 async def work_published(js: JetStreamContext) -> int:

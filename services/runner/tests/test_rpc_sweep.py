@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -32,13 +32,6 @@ STALLED_STEP = timedelta(seconds=2)  # the runner's stalled_step_s in this direc
 def service_under_test(service_under_test: ServiceUnderTest[RunnerSettings]) -> ServiceUnderTest[RunnerSettings]:
     """The runner sending every step as a work message, even those it could execute itself: these tests lose them."""
     return dataclasses.replace(service_under_test, overrides={**service_under_test.overrides, "local_steps": 0})
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[Upstream]:
-    server = Upstream()
-    yield server
-    server.close()
 
 
 @contextlib.asynccontextmanager
