@@ -1,9 +1,10 @@
 """Idle memory: a service process does not import the libraries it needs only on demand.
 
 Each is megabytes a process keeps for its whole life (``bench/rss.py`` measures the whole): the
-OpenTelemetry SDK and exporter unless tracing is configured, Alembic unless a schema is behind, the
-CEL package's command-line interface (never), jsonschema until a flow declares an input schema,
-croniter until a schedule trigger is checked; and the gateway, which has no database, no SQLAlchemy.
+OpenTelemetry SDK and exporter unless tracing is configured, Alembic and SQLAlchemy (never: a schema
+that is behind is migrated by a child process), the CEL package's command-line interface (never),
+jsonschema until a flow declares an input schema, croniter until a schedule trigger is checked; and
+the gateway, which has no database, no asyncpg.
 Checked in a fresh interpreter, as ``python -m flowmesh.<name>`` imports its modules.
 """
 
@@ -23,6 +24,7 @@ ON_DEMAND = (
     "opentelemetry.exporter",
     "google.protobuf",
     "alembic",
+    "sqlalchemy",
     "mako",
     "cel.cli",
     "typer",
@@ -33,7 +35,7 @@ ON_DEMAND = (
 )
 NEEDED = {"scheduler": ("croniter",)}
 """What one service uses all the time (the scheduler computes cron times on every sweep)."""
-UNUSED = {"gateway": ("sqlalchemy", "asyncpg")}
+UNUSED = {"gateway": ("asyncpg",)}
 """What one service never uses: the gateway has no database."""
 
 

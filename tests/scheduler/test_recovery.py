@@ -9,15 +9,15 @@ from collections import Counter
 from datetime import datetime, timedelta
 from typing import Any
 
+import asyncpg
 import nats
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from flowmesh.cli.embedded import EmbeddedNats
 from flowmesh.contracts.ids import utcnow
 from flowmesh.contracts.streams import FLOWS, RUN_CMDS, SCHEDULER_FLOWS
 from flowmesh.contracts.subjects import RUN_START_CMD, FlowsOp
+from flowmesh.runtime.db import dsn
 from flowmesh.runtime.nats import provision_streams
 from flowmesh.runtime.service import ServiceRuntime
 from flowmesh.scheduler.app import create_app as create_scheduler
@@ -26,13 +26,12 @@ S = timedelta(seconds=1)
 
 
 async def stored_triggers(database_url: str) -> set[str]:
-    engine = create_async_engine(database_url)
+    conn = await asyncpg.connect(dsn(database_url))
     try:
-        async with engine.connect() as conn:
-            rows = await conn.execute(text("SELECT trigger_id FROM scheduler.schedules WHERE next_due_at IS NOT NULL"))
-            return {str(r[0]) for r in rows}
+        rows = await conn.fetch("SELECT trigger_id FROM scheduler.schedules WHERE next_due_at IS NOT NULL")
+        return {str(r[0]) for r in rows}
     finally:
-        await engine.dispose()
+        await conn.close()
 
 
 async def test_announcements_lost_while_down_are_rebuilt_on_start(

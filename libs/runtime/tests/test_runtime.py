@@ -13,13 +13,12 @@ import aiohttp
 import pytest
 from alembic.config import Config
 from alembic.script import ScriptDirectory
-from sqlalchemy import text
 
 from flowmesh.contracts import streams
 from flowmesh.contracts.errors import Conflict, ServiceUnavailable
 from flowmesh.contracts.models.usage import TenantQuota
-from flowmesh.runtime.db import create_engine
-from flowmesh.runtime.migrate import head_revision, migrate
+from flowmesh.runtime.db import Database
+from flowmesh.runtime.migrate import MigrationError, head_revision, migrate
 from flowmesh.runtime.nats import create_broker, provision_streams, stream_config
 from flowmesh.runtime.quota import refuses_runs
 from flowmesh.runtime.rpc import RpcClient, RpcContext
@@ -60,19 +59,41 @@ async def test_streams_are_provisioned_idempotently_and_brought_to_spec(infra: A
         await broker.stop()
 
 
+def database(infra: Any) -> Database:
+    return Database(infra.database_url, size=2, application_name="test")
+
+
 async def test_migrations_run_once_per_schema_with_their_own_version_table(infra: Any) -> None:
-    engine = create_engine(infra.database_url)
     schema = "flows"
-    try:
-        await asyncio.gather(*(migrate(engine, schema=schema, script_location=FLOWS_MIGRATIONS) for _ in range(3)))
-        async with engine.connect() as conn:
-            version = (await conn.execute(text("SELECT version_num FROM flows.alembic_version"))).scalar_one()
-            public = (await conn.execute(text("SELECT to_regclass('public.alembic_version')"))).scalar_one()
-        head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
-        assert version == head
-        assert public is None
-    finally:
-        await engine.dispose()
+    async with database(infra).opened() as pool:
+        # three replicas starting at once: one upgrades, the others wait on its lock and find it done
+        dbs = [database(infra) for _ in range(3)]
+        for db in dbs:
+            await db.open()
+        try:
+            await asyncio.gather(*(migrate(db, schema=schema, script_location=FLOWS_MIGRATIONS) for db in dbs))
+        finally:
+            for db in dbs:
+                await db.close()
+        version = await pool.fetchval("SELECT version_num FROM flows.alembic_version")
+        public = await pool.fetchval("SELECT to_regclass('public.alembic_version')::text")
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    assert version == head
+    assert public is None
+
+
+async def test_a_failed_migration_says_why_and_the_service_does_not_start(infra: Any, tmp_path: Path) -> None:
+    (tmp_path / "versions").mkdir()
+    (tmp_path / "env.py").write_text("from flowmesh.runtime.migrate import run_env\n\nrun_env()\n")
+    (tmp_path / "script.py.mako").write_text("")
+    (tmp_path / "versions" / "0001_bad.py").write_text(
+        "from alembic import op\n\nrevision = '0001'\ndown_revision = None\n\n"
+        "def upgrade() -> None:\n    op.execute('SELECT * FROM no_such_table_anywhere')\n"
+    )
+    db = database(infra)
+    async with db.opened():
+        with pytest.raises(MigrationError, match="no_such_table_anywhere"):
+            await migrate(db, schema="bad_migration", script_location=tmp_path)
 
 
 @pytest.mark.parametrize("location", EVERY_MIGRATIONS, ids=lambda p: p.parent.name)
@@ -90,28 +111,26 @@ def test_versions_with_two_heads_have_no_head_revision(tmp_path: Path) -> None:
 
 
 async def test_a_schema_at_its_newest_revision_starts_without_importing_alembic(infra: Any) -> None:
-    engine = create_engine(infra.database_url)
-    try:
-        await migrate(engine, schema="flows", script_location=FLOWS_MIGRATIONS)
-    finally:
-        await engine.dispose()
+    db = database(infra)
+    async with db.opened():
+        await migrate(db, schema="flows", script_location=FLOWS_MIGRATIONS)
     # a second start, as a fresh process: at head, the version is read and Alembic never loaded
     code = (
         "import asyncio, sys\n"
         "from pathlib import Path\n"
-        "from flowmesh.runtime.db import create_engine\n"
+        "from flowmesh.runtime.db import Database\n"
         "from flowmesh.runtime.migrate import migrate\n"
         "async def main():\n"
-        f"    engine = create_engine({infra.database_url!r})\n"
-        f"    await migrate(engine, schema='flows', script_location=Path({str(FLOWS_MIGRATIONS)!r}))\n"
-        "    await engine.dispose()\n"
+        f"    db = Database({infra.database_url!r}, size=1, application_name='test')\n"
+        "    async with db.opened():\n"
+        f"        await migrate(db, schema='flows', script_location=Path({str(FLOWS_MIGRATIONS)!r}))\n"
         "asyncio.run(main())\n"
-        "print('alembic' in sys.modules)\n"
+        "print(sorted({'alembic', 'sqlalchemy'} & set(sys.modules)))\n"
     )
     proc = await asyncio.create_subprocess_exec(sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE)
     out, _ = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0
-    assert out.decode().strip() == "False"
+    assert out.decode().strip() == "[]"
 
 
 def test_settings_read_the_shared_and_the_prefixed_variables(monkeypatch: pytest.MonkeyPatch) -> None:

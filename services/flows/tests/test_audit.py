@@ -5,9 +5,8 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+import asyncpg
 import pytest
-from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError
 
 from flowmesh.contracts.errors import Conflict, FlowmeshError, InvalidInput, PreconditionFailed
 from flowmesh.contracts.subjects import FlowsOp
@@ -118,20 +117,18 @@ async def test_the_entry_and_the_change_commit_or_roll_back_together(
     # a constraint that refuses this tenant's audit entries makes the entry's insert fail, late in the
     # transaction; the change it records must then be rolled back with it
     constraint = f"refuse_{uuid.uuid4().hex[:8]}"
-    async with flows_service.sessions.begin() as s:
-        await s.execute(
-            text(f"ALTER TABLE flows.audit ADD CONSTRAINT {constraint} CHECK (tenant_id <> '{tenant}') NOT VALID")
+    async with flows_service.db.transaction() as conn:
+        await conn.execute(
+            f"ALTER TABLE flows.audit ADD CONSTRAINT {constraint} CHECK (tenant_id <> '{tenant}') NOT VALID"
         )
     try:
         with pytest.raises(FlowmeshError):
             await rpc.call(FlowsOp.CREATE, {"name": "f", "definition": CHAIN}, tenant=tenant)
     finally:
-        async with flows_service.sessions.begin() as s:
-            await s.execute(text(f"ALTER TABLE flows.audit DROP CONSTRAINT {constraint}"))
-    async with flows_service.sessions() as s:
-        flows = (
-            await s.execute(text("SELECT count(*) FROM flows.flows WHERE tenant_id = :t"), {"t": tenant})
-        ).scalar_one()
+        async with flows_service.db.transaction() as conn:
+            await conn.execute(f"ALTER TABLE flows.audit DROP CONSTRAINT {constraint}")
+    async with flows_service.db.reading() as conn:
+        flows = await conn.fetchval("SELECT count(*) FROM flows.flows WHERE tenant_id = $1", tenant)
     assert flows == 0
     assert await entries(rpc, tenant) == []
 
@@ -144,14 +141,14 @@ async def test_the_table_refuses_update_delete_and_truncate(
     rpc: RpcClient, tenant: str, flows_service: ServiceRuntime
 ) -> None:
     await rpc.call(FlowsOp.CREATE, {"name": "f", "definition": CHAIN}, tenant=tenant, sub="alice")
-    for statement in (
-        "UPDATE flows.audit SET actor = 'mallory' WHERE tenant_id = :t",
-        "DELETE FROM flows.audit WHERE tenant_id = :t",
-        "TRUNCATE flows.audit",
+    for statement, args in (
+        ("UPDATE flows.audit SET actor = 'mallory' WHERE tenant_id = $1", [tenant]),
+        ("DELETE FROM flows.audit WHERE tenant_id = $1", [tenant]),
+        ("TRUNCATE flows.audit", []),
     ):
-        with pytest.raises(DBAPIError, match="append-only"):
-            async with flows_service.sessions.begin() as s:
-                await s.execute(text(statement), {"t": tenant})
+        with pytest.raises(asyncpg.PostgresError, match="append-only"):
+            async with flows_service.db.transaction() as conn:
+                await conn.execute(statement, *args)
     ((entry),) = await entries(rpc, tenant)
     assert entry["actor"] == "alice"
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import asyncpg
 import pytest
-from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError
 
 from flowmesh.contracts.errors import Conflict, InvalidInput, NotFound, PreconditionFailed
 from flowmesh.contracts.subjects import FlowsOp
@@ -148,20 +147,17 @@ async def test_delete_hides_a_draft_and_refuses_a_published_flow_unless_forced(
         await rpc.call(FlowsOp.GET, {"flowId": draft["id"]}, tenant=tenant)
 
     published = await create(rpc, tenant)
-    async with flows_service.sessions.begin() as s:  # publishing arrives with P2; stand in for it in the table
-        await s.execute(
-            text("UPDATE flows.flows SET latest_version = 1, active_version = 1 WHERE id = :id"),
-            {"id": published["id"]},
+    async with flows_service.db.transaction() as conn:  # publishing arrives with P2; stand in for it in the table
+        await conn.execute(
+            "UPDATE flows.flows SET latest_version = 1, active_version = 1 WHERE id = $1", published["id"]
         )
     with pytest.raises(Conflict, match="force=true"):
         await rpc.call(FlowsOp.DELETE, {"flowId": published["id"]}, tenant=tenant)
     await rpc.call(FlowsOp.DELETE, {"flowId": published["id"], "force": True}, tenant=tenant)
     with pytest.raises(NotFound):
         await rpc.call(FlowsOp.GET, {"flowId": published["id"]}, tenant=tenant)
-    async with flows_service.sessions() as s:
-        active = (
-            await s.execute(text("SELECT active FROM flows.flows WHERE id = :id"), {"id": published["id"]})
-        ).scalar_one()
+    async with flows_service.db.reading() as conn:
+        active = await conn.fetchval("SELECT active FROM flows.flows WHERE id = $1", published["id"])
     assert active is False
 
 
@@ -169,16 +165,15 @@ async def test_flow_versions_are_immutable_in_the_database(
     rpc: RpcClient, tenant: str, flows_service: ServiceRuntime
 ) -> None:
     flow = await create(rpc, tenant)
-    async with flows_service.sessions.begin() as s:
-        await s.execute(
-            text(
-                "INSERT INTO flows.flow_versions (flow_id, version, tenant_id, definition, settings, created_at) "
-                "VALUES (:id, 1, :t, '{}', '{}', now())"
-            ),
-            {"id": flow["id"], "t": tenant},
+    async with flows_service.db.transaction() as conn:
+        await conn.execute(
+            "INSERT INTO flows.flow_versions (flow_id, version, tenant_id, definition, settings, created_at) "
+            "VALUES ($1, 1, $2, '{}', '{}', now())",
+            flow["id"],
+            tenant,
         )
-    with pytest.raises(DBAPIError, match="immutable"):
-        async with flows_service.sessions.begin() as s:
-            await s.execute(
-                text("UPDATE flows.flow_versions SET definition = '{\"x\": 1}' WHERE flow_id = :id"), {"id": flow["id"]}
+    with pytest.raises(asyncpg.PostgresError, match="immutable"):
+        async with flows_service.db.transaction() as conn:
+            await conn.execute(
+                "UPDATE flows.flow_versions SET definition = '{\"x\": 1}' WHERE flow_id = $1", flow["id"]
             )

@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 from nats.js.api import ConsumerConfig, DeliverPolicy
-from sqlalchemy import text
 
 from flowmesh.contracts import headers
 from flowmesh.contracts.errors import Conflict, InvalidInput, NotFound
@@ -284,14 +283,14 @@ async def test_an_outbox_row_is_published_exactly_once_across_crashes(
     payload = {"id": "x", "type": "activated", "tenantId": tenant}
     js = flows_service.broker.connection.jetstream()
     # a second, stopped replica's crash state, written straight to its tables
-    async with flows_service.sessions.begin() as s:
+    async with flows_service.db.transaction() as conn:
         for msg_id in (committed, published_not_deleted):
-            await s.execute(
-                text(
-                    "INSERT INTO flows.outbox (id, subject, payload, headers, created_at) "
-                    "VALUES (:id, :subject, CAST(:payload AS jsonb), '{}', now() - interval '1 hour')"
-                ),
-                {"id": msg_id, "subject": subject, "payload": json.dumps({**payload, "id": msg_id})},
+            await conn.execute(
+                "INSERT INTO flows.outbox (id, subject, payload, headers, created_at) "
+                "VALUES ($1, $2, $3, '{}', now() - interval '1 hour')",
+                msg_id,
+                subject,
+                {**payload, "id": msg_id},
             )
         # the second one already reached JetStream before the "crash"
         await js.publish(
@@ -303,11 +302,8 @@ async def test_an_outbox_row_is_published_exactly_once_across_crashes(
     async with running_service(service_under_test.create_app, service_under_test.settings_for(infra)):
         got = await announcements(flows_service, tenant, expect=2)
     assert sorted(m["msgId"] for m in got) == sorted([committed, published_not_deleted])
-    async with flows_service.sessions() as s:
-        left = (
-            await s.execute(
-                text("SELECT count(*) FROM flows.outbox WHERE id IN (:a, :b)"),
-                {"a": committed, "b": published_not_deleted},
-            )
-        ).scalar_one()
+    async with flows_service.db.reading() as conn:
+        left = await conn.fetchval(
+            "SELECT count(*) FROM flows.outbox WHERE id = ANY($1::uuid[])", [committed, published_not_deleted]
+        )
     assert left == 0

@@ -1,13 +1,44 @@
-"""The runner's hand-written fast-path SQL writes exactly the columns tables.py declares."""
+"""The runner's hand-written SQL writes exactly the columns its migrations make, with their types."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import asyncpg
+import pytest
+
 from flowmesh.runner import repo
 from flowmesh.runner.engine import RunRecord
 from flowmesh.runner.graph import StepState
-from flowmesh.runner.tables import run_events, runs, step_runs
+from flowmesh.runtime.db import dsn
+from flowmesh.runtime.service import ServiceRuntime
+from flowmesh.runtime.testing import Infra
+
+
+async def migrated(infra: Infra, table: str) -> dict[str, str]:
+    """The columns of a table of the migrated ``runner`` schema, with their PostgreSQL types."""
+    conn = await asyncpg.connect(dsn(infra.database_url))
+    try:
+        rows = await conn.fetch(
+            "SELECT column_name, data_type FROM information_schema.columns "
+            "WHERE table_schema = 'runner' AND table_name = $1 ORDER BY ordinal_position",
+            table,
+        )
+    finally:
+        await conn.close()
+    return {r["column_name"]: r["data_type"] for r in rows}
+
+
+@pytest.mark.parametrize(
+    ("table", "declared"),
+    [("runs", repo._RUNS), ("step_runs", repo._STEP_RUNS), ("run_events", repo._RUN_EVENTS)],
+    ids=["runs", "step_runs", "run_events"],
+)
+async def test_the_declared_columns_are_the_migrated_ones(
+    infra: Infra, service: ServiceRuntime, table: str, declared: dict[str, str]
+) -> None:
+    # ``service``: the runner, started, has migrated its schema
+    assert declared == await migrated(infra, table)
 
 
 def test_a_new_run_row_has_a_value_for_every_column_of_runs_in_order() -> None:
@@ -21,17 +52,17 @@ def test_a_new_run_row_has_a_value_for_every_column_of_runs_in_order() -> None:
         input={},
         created_at=datetime.now(UTC),
     )
-    assert tuple(runs.c.keys()) == repo._RUN_COLUMNS
-    assert len(repo._run_row(record, {})) == len(runs.c)
+    assert tuple(repo._RUNS) == repo._RUN_COLUMNS
+    assert len(repo._run_row(record, {})) == len(repo._RUNS)
 
 
 def test_step_statements_write_every_column_of_step_runs() -> None:
-    assert set(repo._STEP_COLUMNS) == set(step_runs.c.keys())
     # a new run's steps have no lease: nothing executes them before the run is committed
-    assert {"run_id", *(c for c, _ in repo._STEP_ARRAYS), "updated_at", "lease_until"} == set(step_runs.c.keys())
+    assert {"run_id", *(c for c, _ in repo._STEP_ARRAYS), "updated_at", "lease_until"} == set(repo._STEP_RUNS)
+    assert {*(c for c, _ in repo._BATCH_STEP_ARRAYS), "updated_at"} == set(repo._STEP_RUNS)
     assert len(repo._step_values(StepState(status="running"))) == len(repo._STEP_FIELDS) + 1  # + duration_ms
 
 
 def test_event_statements_write_every_column_of_run_events() -> None:
-    assert set(repo._EVENT_COLUMNS) == set(run_events.c.keys())
-    assert {"run_id", *(c for c, _ in repo._EVENT_ARRAYS)} == set(run_events.c.keys())
+    assert {"run_id", *(c for c, _ in repo._EVENT_ARRAYS)} == set(repo._RUN_EVENTS)
+    assert {c for c, _ in repo._BATCH_EVENT_ARRAYS} == set(repo._RUN_EVENTS)

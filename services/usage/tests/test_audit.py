@@ -6,9 +6,8 @@ import secrets
 import uuid
 from typing import Any
 
+import asyncpg
 import pytest
-from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError
 
 from flowmesh.contracts.errors import FlowmeshError, Forbidden, InvalidInput, NotFound
 from flowmesh.contracts.subjects import UsageOp
@@ -64,9 +63,9 @@ async def test_the_entry_and_the_change_commit_or_roll_back_together(
     client: RpcClient, tenant: str, usage_service: ServiceRuntime
 ) -> None:
     constraint = f"refuse_{uuid.uuid4().hex[:8]}"
-    async with usage_service.sessions.begin() as s:
-        await s.execute(
-            text(f"ALTER TABLE usage.audit ADD CONSTRAINT {constraint} CHECK (tenant_id <> '{tenant}') NOT VALID")
+    async with usage_service.db.transaction() as conn:
+        await conn.execute(
+            f"ALTER TABLE usage.audit ADD CONSTRAINT {constraint} CHECK (tenant_id <> '{tenant}') NOT VALID"
         )
     try:
         with pytest.raises(FlowmeshError):
@@ -74,8 +73,8 @@ async def test_the_entry_and_the_change_commit_or_roll_back_together(
         with pytest.raises(FlowmeshError):
             await client.call(UsageOp.PLAN_SET, {"tenantId": tenant, "plan": "pro"}, tenant="ops", role="admin")
     finally:
-        async with usage_service.sessions.begin() as s:
-            await s.execute(text(f"ALTER TABLE usage.audit DROP CONSTRAINT {constraint}"))
+        async with usage_service.db.transaction() as conn:
+            await conn.execute(f"ALTER TABLE usage.audit DROP CONSTRAINT {constraint}")
     assert await client.call(UsageOp.KEYS_LIST, tenant=tenant) == {"items": []}
     assert (await client.call(UsageOp.PLAN, tenant=tenant))["assigned"] is False
     assert await entries(client, tenant) == []
@@ -89,15 +88,15 @@ async def test_the_recording_function_joins_the_callers_transaction(
 ) -> None:
     # what the secrets store calls beside its own change: rolled back with it, committed with it
     async def failing_change() -> None:
-        async with usage_service.sessions.begin() as s:
-            await repo.audit(s, tenant=tenant, actor="alice", action="secret.put", target=("secret", "TOKEN"))
+        async with usage_service.db.transaction() as conn:
+            await repo.audit(conn, tenant=tenant, actor="alice", action="secret.put", target=("secret", "TOKEN"))
             raise RuntimeError("the change failed")
 
     with pytest.raises(RuntimeError):
         await failing_change()
     assert await entries(client, tenant) == []
-    async with usage_service.sessions.begin() as s:
-        await repo.audit(s, tenant=tenant, actor="alice", action="secret.deleted", target=("secret", "TOKEN"))
+    async with usage_service.db.transaction() as conn:
+        await repo.audit(conn, tenant=tenant, actor="alice", action="secret.deleted", target=("secret", "TOKEN"))
     (entry,) = await entries(client, tenant)
     assert (entry["action"], entry["target"]["id"]) == ("secret.deleted", "TOKEN")
 
@@ -107,12 +106,12 @@ async def test_the_table_refuses_update_delete_and_truncate(
 ) -> None:
     await client.call(UsageOp.KEYS_PUT, {"provider": "openai", "apiKey": "sk-abcdef"}, tenant=tenant, sub="alice")
     for statement in (
-        "UPDATE usage.audit SET actor = 'mallory' WHERE tenant_id = :t",
-        "DELETE FROM usage.audit WHERE tenant_id = :t",
-        "TRUNCATE usage.audit",
+        ("UPDATE usage.audit SET actor = 'mallory' WHERE tenant_id = $1", tenant),
+        ("DELETE FROM usage.audit WHERE tenant_id = $1", tenant),
+        ("TRUNCATE usage.audit",),
     ):
-        with pytest.raises(DBAPIError, match="append-only"):
-            async with usage_service.sessions.begin() as s:
-                await s.execute(text(statement), {"t": tenant})
+        with pytest.raises(asyncpg.PostgresError, match="append-only"):
+            async with usage_service.db.transaction() as conn:
+                await conn.execute(*statement)
     (entry,) = await entries(client, tenant)
     assert entry["actor"] == "alice"

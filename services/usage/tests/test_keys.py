@@ -5,7 +5,6 @@ from __future__ import annotations
 import secrets
 
 import pytest
-from sqlalchemy import select
 
 from flowmesh.contracts.errors import Forbidden, InvalidInput, NotFound
 from flowmesh.contracts.models.usage import KEYS_REVEAL_ROLE
@@ -13,7 +12,6 @@ from flowmesh.contracts.subjects import UsageOp
 from flowmesh.runtime.rpc import RpcClient
 from flowmesh.runtime.service import ServiceRuntime
 from flowmesh.usage.keys import KeyStore
-from flowmesh.usage.tables import api_keys
 from flowmesh.usage.vault import Vault
 
 
@@ -29,8 +27,8 @@ async def test_a_key_is_stored_sealed_listed_as_a_hint_and_revealed_to_the_runne
     assert info["provider"] == "openai" and info["keyHint"] == "…" + key[-4:] and info["lastUsedAt"] is None
     listed = await client.call(UsageOp.KEYS_LIST, tenant=tenant)
     assert listed == {"items": [info]}
-    async with usage_service.sessions() as s:
-        sealed = (await s.execute(select(api_keys.c.ciphertext).where(api_keys.c.tenant_id == tenant))).scalar_one()
+    async with usage_service.db.reading() as conn:
+        sealed = await conn.fetchval("SELECT ciphertext FROM usage.api_keys WHERE tenant_id = $1", tenant)
     assert key.encode() not in bytes(sealed) and key[-8:].encode() not in bytes(sealed)
 
     with pytest.raises(Forbidden):
@@ -76,11 +74,11 @@ async def test_keys_that_cannot_be_sent_as_a_header_are_refused(client: RpcClien
 async def test_rotation_reseals_every_key_with_the_new_secret(usage_service: ServiceRuntime, tenant: str) -> None:
     old, new = "old-secret-" + "o" * 32, "new-secret-" + "n" * 32
     key = a_key()
-    await KeyStore(usage_service.sessions, Vault([old])).put(tenant, "mistral", key, actor="test")
-    rotated = KeyStore(usage_service.sessions, Vault([new, old]))
+    await KeyStore(usage_service.db, Vault([old])).put(tenant, "mistral", key, actor="test")
+    rotated = KeyStore(usage_service.db, Vault([new, old]))
     assert await rotated.reveal(tenant, "mistral") == key  # the old secret still opens it
     assert await rotated.reseal_all() >= 1
-    assert await KeyStore(usage_service.sessions, Vault([new])).reveal(tenant, "mistral") == key
+    assert await KeyStore(usage_service.db, Vault([new])).reveal(tenant, "mistral") == key
     with pytest.raises(Exception, match="cannot be read"):
-        await KeyStore(usage_service.sessions, Vault([old])).reveal(tenant, "mistral")
+        await KeyStore(usage_service.db, Vault([old])).reveal(tenant, "mistral")
     await rotated.delete(tenant, "mistral", actor="test")

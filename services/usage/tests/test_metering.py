@@ -129,8 +129,8 @@ async def test_an_event_published_twice_or_redelivered_is_counted_once(
     assert (summary["runsUsed"], summary["stepsUsed"], summary["tokensUsed"]) == (1, 2, 42)
 
     # a batch metered again (a crash after the commit, before the acknowledgement) changes nothing
-    plans = PlanBook(usage_service.sessions, default="free", ttl_s=0)
-    meter = Meter(usage_service.sessions, plans, QuotaSnapshots())
+    plans = PlanBook(usage_service.db, default="free", ttl_s=0)
+    meter = Meter(usage_service.db, plans, QuotaSnapshots())
     again = await meter.meter(events + events)
     assert (again.new, again.duplicates) == (0, 4)  # queued, two steps, the outcome (the others add nothing)
     assert await export(client, tenant) == day

@@ -5,7 +5,6 @@ from __future__ import annotations
 import secrets
 
 import pytest
-from sqlalchemy import select
 
 from flowmesh.contracts.errors import Forbidden, InvalidInput, NotFound
 from flowmesh.contracts.models.usage import KEYS_REVEAL_ROLE, MAX_SECRET_BYTES
@@ -13,7 +12,6 @@ from flowmesh.contracts.subjects import UsageOp
 from flowmesh.runtime.rpc import RpcClient
 from flowmesh.runtime.service import ServiceRuntime
 from flowmesh.usage.secrets import SecretStore
-from flowmesh.usage.tables import secrets as secrets_table
 from flowmesh.usage.vault import Vault
 
 
@@ -29,10 +27,8 @@ async def test_a_secret_is_stored_sealed_listed_as_a_hint_and_revealed_to_the_ru
     assert info["name"] == "Api_TOKEN" and info["hint"] == "…" + value[-4:]
     assert info["createdAt"] == info["updatedAt"]
     assert await client.call(UsageOp.SECRETS_LIST, tenant=tenant) == {"items": [info]}
-    async with usage_service.sessions() as s:
-        sealed = (
-            await s.execute(select(secrets_table.c.ciphertext).where(secrets_table.c.tenant_id == tenant))
-        ).scalar_one()
+    async with usage_service.db.reading() as conn:
+        sealed = await conn.fetchval("SELECT ciphertext FROM usage.secrets WHERE tenant_id = $1", tenant)
     assert value.encode() not in bytes(sealed) and value[-8:].encode() not in bytes(sealed)
 
     ask = {"names": ["Api_TOKEN", "NOT_STORED"]}
@@ -109,13 +105,11 @@ async def test_rotation_reseals_every_secret_with_the_new_vault_secret(
 ) -> None:
     old, new = "old-secret-" + "o" * 32, "new-secret-" + "n" * 32
     value = a_value()
-    await SecretStore(usage_service.sessions, Vault([old])).put(tenant, "ROTATED", value, actor="test")
-    rotated = SecretStore(usage_service.sessions, Vault([new, old]))
+    await SecretStore(usage_service.db, Vault([old])).put(tenant, "ROTATED", value, actor="test")
+    rotated = SecretStore(usage_service.db, Vault([new, old]))
     assert (await rotated.reveal(tenant, ["ROTATED"])).values == {"ROTATED": value}  # the old one still opens it
     assert await rotated.reseal_all() >= 1
-    assert (await SecretStore(usage_service.sessions, Vault([new])).reveal(tenant, ["ROTATED"])).values == {
-        "ROTATED": value
-    }
+    assert (await SecretStore(usage_service.db, Vault([new])).reveal(tenant, ["ROTATED"])).values == {"ROTATED": value}
     with pytest.raises(Exception, match="cannot be read"):
-        await SecretStore(usage_service.sessions, Vault([old])).reveal(tenant, ["ROTATED"])
+        await SecretStore(usage_service.db, Vault([old])).reveal(tenant, ["ROTATED"])
     await rotated.delete(tenant, "ROTATED", actor="test")

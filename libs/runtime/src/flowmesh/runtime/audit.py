@@ -10,36 +10,19 @@ can merge the pages of several services into one consistent order.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
-
-from sqlalchemy import Column, DateTime, MetaData, Table, Text, literal, select, tuple_
-from sqlalchemy.dialects.postgresql import JSONB, UUID
-from sqlalchemy.ext.asyncio import AsyncSession
+from typing import TYPE_CHECKING, Any
 
 from flowmesh.contracts.ids import new_id
 from flowmesh.contracts.models.audit import ADMIN_ROLE, AuditAction, AuditEntry, AuditRead, AuditTarget, audit_time
+from flowmesh.runtime.db import Params, where
 
-
-def audit_table(metadata: MetaData) -> Table:
-    """The ``audit`` table in a service's schema (created by that service's migration)."""
-    return Table(
-        "audit",
-        metadata,
-        Column("id", UUID(as_uuid=False), primary_key=True),
-        Column("at", DateTime(timezone=True), nullable=False),
-        Column("tenant_id", Text, nullable=False),
-        Column("actor", Text, nullable=False),
-        Column("action", Text, nullable=False),
-        Column("target_type", Text, nullable=False),
-        Column("target_id", Text, nullable=False),
-        Column("target_name", Text),
-        Column("details", JSONB, nullable=False),
-    )
+if TYPE_CHECKING:
+    import asyncpg
 
 
 async def append(
-    session: AsyncSession,
-    table: Table,
+    conn: asyncpg.Connection,
+    schema: str,
     *,
     tenant: str,
     actor: str,
@@ -58,18 +41,18 @@ async def append(
         target=target,
         details=details or {},
     )
-    await session.execute(
-        table.insert().values(
-            id=entry.id,
-            at=entry.at,
-            tenant_id=tenant,
-            actor=actor,
-            action=action,
-            target_type=target.type,
-            target_id=target.id,
-            target_name=target.name,
-            details=entry.details,
-        )
+    await conn.execute(
+        f"INSERT INTO {schema}.audit (id, at, tenant_id, actor, action, target_type, target_id, target_name, details)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        entry.id,
+        entry.at,
+        tenant,
+        actor,
+        action,
+        target.type,
+        target.id,
+        target.name,
+        entry.details,
     )
     return entry
 
@@ -80,23 +63,24 @@ def scope(*, tenant: str, role: str, q: AuditRead) -> str | None:
     return (q.tenant_id or None) if role == ADMIN_ROLE else tenant
 
 
-async def read(session: AsyncSession, table: Table, *, tenant: str | None, q: AuditRead) -> list[AuditEntry]:
+async def read(conn: asyncpg.Connection, schema: str, *, tenant: str | None, q: AuditRead) -> list[AuditEntry]:
     """Up to ``q.limit`` entries of ``tenant`` (every tenant's when None), newest first, older than ``q.before``."""
-    c = table.c
-    stmt = select(table).order_by(c.at.desc(), c.id.desc()).limit(q.limit)
+    p = Params()
+    conditions: list[str] = []
     if tenant is not None:
-        stmt = stmt.where(c.tenant_id == tenant)
+        conditions.append(f"tenant_id = {p(tenant)}")
     if q.action is not None:
-        stmt = stmt.where(c.action == q.action)
+        conditions.append(f"action = {p(q.action)}")
     if q.target_id is not None:
-        stmt = stmt.where(c.target_id == q.target_id)
+        conditions.append(f"target_id = {p(q.target_id)}")
     if q.since is not None:
-        stmt = stmt.where(c.at >= q.since)
+        conditions.append(f"at >= {p(q.since)}")
     if q.until is not None:
-        stmt = stmt.where(c.at < q.until)
+        conditions.append(f"at < {p(q.until)}")
     if q.before is not None:
-        before = tuple_(literal(q.before.at, c.at.type), literal(q.before.id, c.id.type))
-        stmt = stmt.where(tuple_(c.at, c.id) < before)
+        conditions.append(f"(at, id) < ({p(q.before.at)}::timestamptz, {p(q.before.id)}::uuid)")
+    sql = f"SELECT * FROM {schema}.audit {where(conditions)} ORDER BY at DESC, id DESC LIMIT {p(q.limit)}"
+    rows = await conn.fetch(sql, *p.values)
     return [
         AuditEntry(
             id=r["id"],
@@ -107,5 +91,5 @@ async def read(session: AsyncSession, table: Table, *, tenant: str | None, q: Au
             target=AuditTarget(type=r["target_type"], id=r["target_id"], name=r["target_name"]),
             details=r["details"],
         )
-        for r in (await session.execute(stmt)).mappings()
+        for r in rows
     ]

@@ -1,9 +1,8 @@
 """Which database errors mean "unreachable right now" (a 503 to retry), not a bug (a 500).
 
 Asked by every RPC server and consumer, including the gateway's, which has no database: so this
-module imports neither SQLAlchemy nor asyncpg (about 20 MB a process keeps). It looks their error
-classes up among the modules already loaded: an error of a library the process never imported
-cannot reach it.
+module does not import asyncpg. It looks the driver's error classes up among the modules already
+loaded: an error of a library the process never imported cannot reach it.
 """
 
 from __future__ import annotations
@@ -15,22 +14,18 @@ from typing import Any
 def database_unavailable(exc: BaseException) -> bool:
     """Whether an error means the database cannot be reached right now (a retry later may succeed).
 
-    Follows SQLAlchemy's wrapping (``.orig``) and the exception chain.
+    Follows the exception chain.
     """
     asyncpg: Any = sys.modules.get("asyncpg")
-    sa_exc: Any = sys.modules.get("sqlalchemy.exc")
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         if isinstance(current, ConnectionError):  # refused, reset: nothing listens yet, or the server went away
             return True
-        if sa_exc is not None and isinstance(current, sa_exc.DBAPIError) and current.connection_invalidated:
-            return True
         if asyncpg is not None and _driver_unavailable(asyncpg, current):
             return True
-        orig = getattr(current, "orig", None)
-        current = orig if isinstance(orig, BaseException) else (current.__cause__ or current.__context__)
+        current = current.__cause__ or current.__context__
     return False
 
 

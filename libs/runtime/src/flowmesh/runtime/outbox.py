@@ -17,50 +17,40 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 from nats.js import JetStreamContext
-from sqlalchemy import Column, DateTime, MetaData, Table, Text, delete, func, select
-from sqlalchemy.dialects.postgresql import JSONB, UUID
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from flowmesh.contracts import headers as h
 from flowmesh.contracts.ids import new_id
+from flowmesh.runtime.db import Database
 from flowmesh.runtime.tracing import inject
 
 log = logging.getLogger(__name__)
 
 
-def outbox_table(metadata: MetaData) -> Table:
-    """The ``outbox`` table in a service's schema (created by that service's migration)."""
-    return Table(
-        "outbox",
-        metadata,
-        Column("id", UUID(as_uuid=False), primary_key=True),
-        Column("subject", Text, nullable=False),
-        Column("payload", JSONB, nullable=False),
-        Column("headers", JSONB, nullable=False),
-        Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
-    )
-
-
 async def enqueue(
-    session: AsyncSession, table: Table, *, subject: str, payload: Any, tenant: str, msg_id: str | None = None
+    conn: asyncpg.Connection, schema: str, *, subject: str, payload: Any, tenant: str, msg_id: str | None = None
 ) -> str:
     """Add a message to the outbox inside the caller's transaction; returns its id (= ``Nats-Msg-Id``)."""
     msg_id = msg_id or new_id()
     # the trace that caused the message goes with it: the relay publishes it later, from elsewhere
     hdrs = inject({h.TENANT: tenant, h.SCHEMA: h.SCHEMA_VERSION})
-    await session.execute(table.insert().values(id=msg_id, subject=subject, payload=payload, headers=hdrs))
+    await conn.execute(
+        f"INSERT INTO {schema}.outbox (id, subject, payload, headers) VALUES ($1, $2, $3, $4)",
+        msg_id,
+        subject,
+        payload,
+        hdrs,
+    )
     return msg_id
 
 
 class OutboxRelay:
     """Publishes outbox rows to JetStream: at once when told, and on a short poll after a crash."""
 
-    def __init__(
-        self, sessions: async_sessionmaker[AsyncSession], table: Table, *, batch: int = 200, poll_s: float = 1.0
-    ) -> None:
-        self._sessions = sessions
-        self._table = table
+    def __init__(self, db: Database, schema: str, *, batch: int = 200, poll_s: float = 1.0) -> None:
+        self._db = db
+        self._schema = schema
         self._batch = batch
         self._poll_s = poll_s
         self._wake = asyncio.Event()
@@ -116,34 +106,30 @@ class OutboxRelay:
 
     async def drain(self, js: JetStreamContext) -> int:
         """Publish one batch of pending rows, oldest first; returns how many were published."""
-        t = self._table
-        async with self._sessions.begin() as session:
-            rows = (
-                await session.execute(
-                    select(t.c.id, t.c.subject, t.c.payload, t.c.headers)
-                    .order_by(t.c.created_at, t.c.id)
-                    .limit(self._batch)
-                    .with_for_update(skip_locked=True)
-                )
-            ).all()
+        async with self._db.transaction() as conn:
+            rows = await conn.fetch(
+                f"SELECT id, subject, payload, headers FROM {self._schema}.outbox"
+                " ORDER BY created_at, id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                self._batch,
+            )
             if not rows:
                 return 0
             # sent back to back on one connection, so the stream keeps their order
             acks = await asyncio.gather(
                 *(
                     js.publish(
-                        row.subject,
-                        json.dumps(row.payload, separators=(",", ":")).encode(),
-                        headers={**row.headers, h.MSG_ID: row.id},
+                        row["subject"],
+                        json.dumps(row["payload"], separators=(",", ":")).encode(),
+                        headers={**row["headers"], h.MSG_ID: row["id"]},
                     )
                     for row in rows
                 ),
                 return_exceptions=True,
             )
-            done = [row.id for row, ack in zip(rows, acks, strict=True) if not isinstance(ack, BaseException)]
+            done = [row["id"] for row, ack in zip(rows, acks, strict=True) if not isinstance(ack, BaseException)]
             for ack in acks:
                 if isinstance(ack, BaseException):
                     log.warning("outbox publish failed, will retry: %s", ack)
             if done:
-                await session.execute(delete(t).where(t.c.id.in_(done)))
+                await conn.execute(f"DELETE FROM {self._schema}.outbox WHERE id = ANY($1::uuid[])", done)
             return len(done)

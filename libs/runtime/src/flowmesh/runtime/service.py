@@ -1,7 +1,7 @@
 """The life of a NATS-only service process: connect, migrate, serve, and stop gracefully.
 
 ``ServiceRuntime.running()`` is what both ``python -m flowmesh.<name>`` and in-process tests use:
-logs, database engine and migrations, broker, RPC server, durable consumers and streams, health
+logs, database pool and migrations, broker, RPC server, durable consumers and streams, health
 server, and the service's own resources. On SIGTERM/SIGINT requests and consumers stop taking
 messages, in-flight handlers finish (or their JetStream messages are handed back by not being
 acked), resources stop in reverse order, then connections close.
@@ -44,9 +44,9 @@ from flowmesh.runtime.settings import BaseServiceSettings
 from flowmesh.runtime.tracing import configure_tracing, shutdown_tracing
 
 if TYPE_CHECKING:
-    # SQLAlchemy and asyncpg load with a service's database (below): the gateway, which has none and
-    # imports this module's helpers, does not carry them
-    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+    # asyncpg loads with a service's database (below): the gateway, which has none and imports this
+    # module's helpers, does not carry it
+    from flowmesh.runtime.db import Database
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +68,12 @@ class ServiceRuntime:
         self.broker = create_broker(settings.nats_url, name=name, login=login, refusals=self.refusals)
         self.rpc = RpcServer(self.broker, name)
         self.consumers = Consumers(name, lag_interval_s=settings.metrics_interval_s)
-        # the engine connects lazily: nothing opens before running()
-        self._engine: AsyncEngine | None = None
-        self._sessions: async_sessionmaker[AsyncSession] | None = None
+        # the pool opens in running(), not before
+        self._db: Database | None = None
         if migrations is not None:
-            from flowmesh.runtime.db import create_engine, create_sessionmaker
+            from flowmesh.runtime.db import Database
 
-            self._engine = create_engine(settings.db_url, pool_size=settings.db_pool_size, application_name=name)
-            self._sessions = create_sessionmaker(self._engine)
+            self._db = Database(settings.db_url, size=settings.db_pool_size, application_name=name)
         self._resources: list[ResourceFactory] = []
         self.health: HealthServer | None = None
 
@@ -86,11 +84,11 @@ class ServiceRuntime:
                 return {"service": name}
 
     @property
-    def sessions(self) -> async_sessionmaker[AsyncSession]:
-        """The session factory of this service's schema."""
-        if self._sessions is None:
+    def db(self) -> Database:
+        """This service's database pool (open from start to stop)."""
+        if self._db is None:
             raise RuntimeError(f"{self.name} has no database")
-        return self._sessions
+        return self._db
 
     @property
     def js(self) -> JetStreamContext:
@@ -128,12 +126,10 @@ class ServiceRuntime:
 
     async def _ready(self) -> dict[str, bool]:
         checks = {"nats": self.broker.connection is not None and self.broker.connection.is_connected}
-        if self._engine is not None:
-            from sqlalchemy import text
-
+        if self._db is not None:
             try:
-                async with asyncio.timeout(1), self._engine.connect() as conn:
-                    await conn.execute(text("SELECT 1"))
+                async with asyncio.timeout(1):
+                    await self._db.ping()
                 checks["postgres"] = True
             except Exception:
                 checks["postgres"] = False
@@ -143,8 +139,13 @@ class ServiceRuntime:
     async def running(self, *, health: bool = True) -> AsyncIterator[ServiceRuntime]:
         """Connect, migrate, subscribe and serve until the block exits; then stop gracefully."""
         s = self.settings
-        if self._engine is not None and self.migrations is not None:
-            await self._migrate(self._engine, self.migrations)
+        if self._db is not None and self.migrations is not None:
+            await self._db.open()
+            try:
+                await self._migrate(self._db, self.migrations)
+            except BaseException:
+                await self._db.close()
+                raise
         resources = contextlib.AsyncExitStack()
         try:
             async with starting(self.name, s, self.refusals):
@@ -171,8 +172,8 @@ class ServiceRuntime:
             await self.consumers.stop()
             await stop_broker(self.broker)
             await resources.aclose()
-            if self._engine is not None:
-                await self._engine.dispose()
+            if self._db is not None:
+                await self._db.close()
             log.info("%s stopped", self.name)
 
     async def serve(self) -> None:
@@ -200,20 +201,24 @@ class ServiceRuntime:
                 raise
             log.info("%s stopped while starting", self.name)
 
-    async def _migrate(self, engine: AsyncEngine, migrations: Path) -> None:
-        from flowmesh.runtime.migrate import migrate
+    async def _migrate(self, db: Database, migrations: Path) -> None:
+        from flowmesh.runtime.migrate import MigrationError, migrate
 
-        await migrate(engine, schema=self.schema, script_location=migrations)
+        try:
+            await migrate(db, schema=self.schema, script_location=migrations)
+        except MigrationError as exc:
+            raise StartupError(str(exc)) from None
 
     async def migrate_only(self) -> None:
         """Bring the service's schema up to date and return (``python -m flowmesh.<name> migrate``)."""
-        if self._engine is None or self.migrations is None:
+        if self._db is None or self.migrations is None:
             log.info("%s has no database schema: nothing to migrate", self.name)
             return
         try:
-            await self._migrate(self._engine, self.migrations)
+            await self._db.open()
+            await self._migrate(self._db, self.migrations)
         finally:
-            await self._engine.dispose()
+            await self._db.close()
         log.info("%s schema is up to date", self.name)
 
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-
-from flowmesh.runtime.db import DriverPool
+from flowmesh.runtime.db import Database
 from flowmesh.runtime.outbox import OutboxRelay
 from flowmesh.runtime.quota import QuotaView
 
@@ -16,10 +14,9 @@ class FlowsDeps:
     """The flows service's collaborators, given to every handler.
 
     Without ``quotas`` no plan limit is enforced; with it, a new flow (create, duplicate,
-    import) is refused at the plan's flow limit. ``driver`` serves the busiest read, the list.
+    import) is refused at the plan's flow limit.
     """
 
-    sessions: async_sessionmaker[AsyncSession]
+    db: Database
     relay: OutboxRelay
-    driver: DriverPool
     quotas: QuotaView | None = None

@@ -4,29 +4,47 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
 import asyncpg
-from sqlalchemy import delete, func, select, update
-from sqlalchemy.engine import RowMapping
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from flowmesh.contracts.models import Flow, FlowSummary, FlowVersion, Trigger
 from flowmesh.contracts.models.audit import AuditAction, AuditEntry, AuditRead, AuditTarget
 from flowmesh.contracts.models.schedules import FlowState, ScheduleSource
 from flowmesh.flows.domain import status_of
-from flowmesh.flows.tables import audit as audit_table
-from flowmesh.flows.tables import flow_versions, flows, outbox, triggers
 from flowmesh.runtime import audit as audit_log
-from flowmesh.runtime.db import read_page, read_page_on
+from flowmesh.runtime.db import Connection, Params, read_page_on, where
 from flowmesh.runtime.outbox import enqueue
 
-_SUMMARY_COLUMNS = [c for c in flows.c if c.name not in ("definition", "input_schema", "settings", "deleted_at")]
-# the driver's statements read UUIDs as text (asyncpg would make ``uuid.UUID`` of them)
-_SUMMARY_SELECT = ", ".join(f"{c.name}::text AS {c.name}" if c.name == "id" else c.name for c in _SUMMARY_COLUMNS)
+SCHEMA: Final = "flows"
+"""The service's schema: its tables, its outbox and its audit log."""
+
+_SUMMARY_COLUMNS: Final = (
+    "id::text AS id, tenant_id, name, description, revision, active, active_version, latest_version, created_at,"
+    " updated_at"
+)
+"""A flow without its documents (definition, input schema, settings): what a list shows. The id is read
+as text, not through the pool's UUID codec, which calls Python once a row (20 µs more a 20-row page)."""
+
+_FLOW_CHANGES: Final = frozenset(
+    ("name", "description", "definition", "input_schema", "settings", "active", "active_version", "latest_version")
+)
+"""The columns of a flow :func:`update_flow` may set."""
+
+_TRIGGER_CHANGES: Final = frozenset(("name", "config", "enabled"))
+"""The columns of a trigger :func:`update_trigger` may set."""
 
 
-def _summary_fields(row: Mapping[Any, Any]) -> dict[str, Any]:
+def _assignments(p: Params, values: Mapping[str, Any], columns: frozenset[str]) -> list[str]:
+    """``column = $n`` of each of ``values``, whose names must be among ``columns`` (they are written
+    into the statement, their values travel as parameters)."""
+    unknown = values.keys() - columns
+    if unknown:
+        raise ValueError(f"not a column that may change: {', '.join(sorted(unknown))}")
+    return [f"{column} = {p(value)}" for column, value in values.items()]
+
+
+def _summary_fields(row: asyncpg.Record) -> dict[str, Any]:
     return {
         "id": row["id"],
         "tenant_id": row["tenant_id"],
@@ -42,7 +60,7 @@ def _summary_fields(row: Mapping[Any, Any]) -> dict[str, Any]:
     }
 
 
-def _flow(row: RowMapping) -> Flow:
+def _flow(row: asyncpg.Record) -> Flow:
     return Flow(
         **_summary_fields(row),
         definition=row["definition"],
@@ -51,82 +69,91 @@ def _flow(row: RowMapping) -> Flow:
     )
 
 
-async def insert_flow(
-    session: AsyncSession, *, flow_id: str, tenant: str, values: dict[str, Any], now: datetime
-) -> Flow:
-    """Insert a new draft flow."""
-    stmt = (
-        flows.insert()
-        .values(id=flow_id, tenant_id=tenant, revision=1, active=True, created_at=now, updated_at=now, **values)
-        .returning(*flows.c)
+async def insert_flow(conn: Connection, *, flow_id: str, tenant: str, values: dict[str, Any], now: datetime) -> Flow:
+    """Insert a new draft flow (``values``: name, description, definition, input_schema, settings)."""
+    row = await conn.fetchrow(
+        "INSERT INTO flows.flows (id, tenant_id, name, description, definition, input_schema, settings, revision,"
+        " active, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, 1, true, $8, $8) RETURNING *",
+        flow_id,
+        tenant,
+        values["name"],
+        values["description"],
+        values["definition"],
+        values["input_schema"],
+        values["settings"],
+        now,
     )
-    return _flow((await session.execute(stmt)).mappings().one())
+    return _flow(row)
 
 
-async def count_flows_locked(session: AsyncSession, *, tenant: str) -> int:
+async def count_flows_locked(conn: Connection, *, tenant: str) -> int:
     """The tenant's flows (not deleted); other counts of this tenant wait until the transaction ends."""
-    await session.execute(select(func.pg_advisory_xact_lock(func.hashtextextended("flows.count:" + tenant, 0))))
-    stmt = select(func.count()).select_from(flows).where(flows.c.tenant_id == tenant, flows.c.deleted_at.is_(None))
-    return int((await session.execute(stmt)).scalar_one())
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1::text, 0))", "flows.count:" + tenant)
+    return int(
+        await conn.fetchval("SELECT count(*) FROM flows.flows WHERE tenant_id = $1 AND deleted_at IS NULL", tenant)
+    )
 
 
-async def get_flow(session: AsyncSession, *, tenant: str, flow_id: str, for_update: bool = False) -> Flow | None:
+_GET_FLOW: Final = "SELECT * FROM flows.flows WHERE id = $1 AND tenant_id = $2 AND deleted_at IS NULL"
+_GET_FLOW_LOCKED: Final = _GET_FLOW + " FOR UPDATE"
+
+
+async def get_flow(conn: Connection, *, tenant: str, flow_id: str, for_update: bool = False) -> Flow | None:
     """A live (not deleted) flow of the tenant, optionally locked for the rest of the transaction."""
-    stmt = select(flows).where(flows.c.id == flow_id, flows.c.tenant_id == tenant, flows.c.deleted_at.is_(None))
-    if for_update:
-        stmt = stmt.with_for_update()
-    row = (await session.execute(stmt)).mappings().one_or_none()
+    row = await conn.fetchrow(_GET_FLOW_LOCKED if for_update else _GET_FLOW, flow_id, tenant)
     return None if row is None else _flow(row)
 
 
 async def list_flows(
-    conn: asyncpg.Pool | asyncpg.Connection, *, tenant: str, status: str | None, q: str | None, offset: int, limit: int
+    conn: Connection, *, tenant: str, status: str | None, q: str | None, offset: int, limit: int
 ) -> tuple[list[FlowSummary], int]:
-    """One page of the tenant's flows, newest update first, and the total matching (driver statements)."""
-    where = ["tenant_id = $1", "deleted_at IS NULL"]
-    args: list[Any] = [tenant]
+    """One page of the tenant's flows, newest update first, and the total matching (one statement)."""
+    p = Params()
+    conditions = [f"tenant_id = {p(tenant)}", "deleted_at IS NULL"]
     if status == "draft":
-        where.append("latest_version IS NULL")
+        conditions.append("latest_version IS NULL")
     elif status == "published":
-        where.append("latest_version IS NOT NULL")
+        conditions.append("latest_version IS NOT NULL")
     if q:
-        args.append("%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
-        where.append(f"name ILIKE ${len(args)} ESCAPE '\\'")
+        escaped = q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        conditions.append(f"name ILIKE {p('%' + escaped + '%')} ESCAPE '\\'")
     rows, total = await read_page_on(
         conn,
-        columns=_SUMMARY_SELECT,
-        source="flows.flows WHERE " + " AND ".join(where),
+        columns=_SUMMARY_COLUMNS,
+        source=f"flows.flows {where(conditions)}",
         order_by="updated_at DESC, id DESC",
-        args=args,
+        args=p.values,
         offset=offset,
         limit=limit,
     )
     return [FlowSummary(**_summary_fields(r)) for r in rows], total
 
 
-async def update_flow(
-    session: AsyncSession, *, tenant: str, flow_id: str, values: dict[str, Any], now: datetime
-) -> Flow:
+async def update_flow(conn: Connection, *, tenant: str, flow_id: str, values: dict[str, Any], now: datetime) -> Flow:
     """Apply changes to a flow (already read under lock), bumping its revision."""
-    stmt = (
-        update(flows)
-        .where(flows.c.id == flow_id, flows.c.tenant_id == tenant)
-        .values(revision=flows.c.revision + 1, updated_at=now, **values)
-        .returning(*flows.c)
+    p = Params(flow_id, tenant)
+    changes = ["revision = revision + 1", f"updated_at = {p(now)}", *_assignments(p, values, _FLOW_CHANGES)]
+    row = await conn.fetchrow(
+        f"UPDATE flows.flows SET {', '.join(changes)} WHERE id = $1 AND tenant_id = $2 RETURNING *", *p.values
     )
-    return _flow((await session.execute(stmt)).mappings().one())
+    return _flow(row)
 
 
-async def delete_flow(session: AsyncSession, *, tenant: str, flow_id: str, now: datetime) -> None:
+async def delete_flow(conn: Connection, *, tenant: str, flow_id: str, now: datetime) -> None:
     """Delete a flow from every view, deactivated; its versions stay for the history of its runs."""
-    await session.execute(
-        update(flows)
-        .where(flows.c.id == flow_id, flows.c.tenant_id == tenant)
-        .values(deleted_at=now, active=False, revision=flows.c.revision + 1, updated_at=now)
+    await conn.execute(
+        "UPDATE flows.flows SET deleted_at = $3, active = false, revision = revision + 1, updated_at = $3"
+        " WHERE id = $1 AND tenant_id = $2",
+        flow_id,
+        tenant,
+        now,
     )
 
 
-def _version(row: RowMapping) -> FlowVersion:
+_VERSION_COLUMNS: Final = "flow_id, version, definition, input_schema, settings, created_at"
+
+
+def _version(row: asyncpg.Record) -> FlowVersion:
     return FlowVersion(
         flow_id=row["flow_id"],
         version=row["version"],
@@ -137,57 +164,65 @@ def _version(row: RowMapping) -> FlowVersion:
     )
 
 
-async def insert_version(session: AsyncSession, *, flow: Flow, version: int, now: datetime) -> FlowVersion:
+async def insert_version(conn: Connection, *, flow: Flow, version: int, now: datetime) -> FlowVersion:
     """Freeze the flow's draft as ``version``."""
-    stmt = (
-        flow_versions.insert()
-        .values(
-            flow_id=flow.id,
-            version=version,
-            tenant_id=flow.tenant_id,
-            definition=flow.definition,
-            input_schema=flow.input_schema,
-            settings=flow.settings,
-            created_at=now,
-        )
-        .returning(*flow_versions.c)
+    row = await conn.fetchrow(
+        "INSERT INTO flows.flow_versions (flow_id, version, tenant_id, definition, input_schema, settings, created_at)"
+        f" VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {_VERSION_COLUMNS}",
+        flow.id,
+        version,
+        flow.tenant_id,
+        flow.definition,
+        flow.input_schema,
+        flow.settings,
+        now,
     )
-    return _version((await session.execute(stmt)).mappings().one())
+    return _version(row)
 
 
-async def get_version(session: AsyncSession, *, tenant: str, flow_id: str, version: int) -> FlowVersion | None:
+async def get_version(conn: Connection, *, tenant: str, flow_id: str, version: int) -> FlowVersion | None:
     """One version of a flow of the tenant."""
-    stmt = select(flow_versions).where(
-        flow_versions.c.flow_id == flow_id, flow_versions.c.tenant_id == tenant, flow_versions.c.version == version
+    row = await conn.fetchrow(
+        f"SELECT {_VERSION_COLUMNS} FROM flows.flow_versions WHERE flow_id = $1 AND tenant_id = $2 AND version = $3",
+        flow_id,
+        tenant,
+        version,
     )
-    row = (await session.execute(stmt)).mappings().one_or_none()
     return None if row is None else _version(row)
 
 
 async def list_versions(
-    session: AsyncSession, *, tenant: str, flow_id: str, offset: int, limit: int
+    conn: Connection, *, tenant: str, flow_id: str, offset: int, limit: int
 ) -> tuple[list[FlowVersion], int]:
-    """A page of a flow's versions, newest first, and how many there are (read in a snapshot)."""
-    where = (flow_versions.c.flow_id == flow_id, flow_versions.c.tenant_id == tenant)
-    page = select(flow_versions).where(*where).order_by(flow_versions.c.version.desc())
-    rows, total = await read_page(session, page, offset=offset, limit=limit)
+    """A page of a flow's versions, newest first, and how many there are (one statement)."""
+    p = Params()
+    conditions = [f"flow_id = {p(flow_id)}", f"tenant_id = {p(tenant)}"]
+    rows, total = await read_page_on(
+        conn,
+        columns=_VERSION_COLUMNS,
+        source=f"flows.flow_versions {where(conditions)}",
+        order_by="version DESC",
+        args=p.values,
+        offset=offset,
+        limit=limit,
+    )
     return [_version(r) for r in rows], total
 
 
-async def published_flow_ids(session: AsyncSession, *, tenant: str, ids: set[str]) -> set[str]:
+async def published_flow_ids(conn: Connection, *, tenant: str, ids: set[str]) -> set[str]:
     """Which of ``ids`` are live flows of the tenant with a published version."""
     if not ids:
         return set()
-    stmt = select(flows.c.id).where(
-        flows.c.id.in_(ids),
-        flows.c.tenant_id == tenant,
-        flows.c.deleted_at.is_(None),
-        flows.c.latest_version.is_not(None),
+    rows = await conn.fetch(
+        "SELECT id FROM flows.flows WHERE id = ANY($1::uuid[]) AND tenant_id = $2"
+        " AND deleted_at IS NULL AND latest_version IS NOT NULL",
+        list(ids),
+        tenant,
     )
-    return set((await session.execute(stmt)).scalars())
+    return {r["id"] for r in rows}
 
 
-def _trigger(row: RowMapping) -> Trigger:
+def _trigger(row: asyncpg.Record) -> Trigger:
     return Trigger(
         id=row["id"],
         flow_id=row["flow_id"],
@@ -201,86 +236,92 @@ def _trigger(row: RowMapping) -> Trigger:
 
 
 async def insert_trigger(
-    session: AsyncSession, *, trigger_id: str, tenant: str, flow_id: str, values: dict[str, Any], now: datetime
+    conn: Connection, *, trigger_id: str, tenant: str, flow_id: str, values: dict[str, Any], now: datetime
 ) -> Trigger:
-    """Add a trigger to a flow."""
-    stmt = (
-        triggers.insert()
-        .values(id=trigger_id, tenant_id=tenant, flow_id=flow_id, created_at=now, updated_at=now, **values)
-        .returning(*triggers.c)
+    """Add a trigger to a flow (``values``: type, name, config, enabled; a webhook's token_hash and
+    signing_secret, when it has them)."""
+    row = await conn.fetchrow(
+        "INSERT INTO flows.triggers (id, tenant_id, flow_id, type, name, config, enabled, token_hash, signing_secret,"
+        " created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10) RETURNING *",
+        trigger_id,
+        tenant,
+        flow_id,
+        values["type"],
+        values["name"],
+        values["config"],
+        values["enabled"],
+        values.get("token_hash"),
+        values.get("signing_secret"),
+        now,
     )
-    return _trigger((await session.execute(stmt)).mappings().one())
+    return _trigger(row)
 
 
-async def count_triggers(session: AsyncSession, *, tenant: str, flow_id: str) -> int:
+async def count_triggers(conn: Connection, *, tenant: str, flow_id: str) -> int:
     """How many triggers a flow has."""
-    stmt = (
-        select(func.count()).select_from(triggers).where(triggers.c.tenant_id == tenant, triggers.c.flow_id == flow_id)
+    return int(
+        await conn.fetchval(
+            "SELECT count(*) FROM flows.triggers WHERE tenant_id = $1 AND flow_id = $2", tenant, flow_id
+        )
     )
-    return int((await session.execute(stmt)).scalar_one())
 
 
-async def list_triggers(session: AsyncSession, *, tenant: str, flow_id: str) -> list[Trigger]:
+async def list_triggers(conn: Connection, *, tenant: str, flow_id: str) -> list[Trigger]:
     """A flow's triggers, oldest first."""
-    stmt = (
-        select(triggers)
-        .where(triggers.c.tenant_id == tenant, triggers.c.flow_id == flow_id)
-        .order_by(triggers.c.created_at, triggers.c.id)
+    rows = await conn.fetch(
+        "SELECT * FROM flows.triggers WHERE tenant_id = $1 AND flow_id = $2 ORDER BY created_at, id", tenant, flow_id
     )
-    return [_trigger(r) for r in (await session.execute(stmt)).mappings()]
+    return [_trigger(r) for r in rows]
 
 
-async def get_trigger(
-    session: AsyncSession, *, tenant: str, trigger_id: str, for_update: bool = False
-) -> Trigger | None:
+_GET_TRIGGER: Final = (
+    "SELECT t.* FROM flows.triggers t JOIN flows.flows f ON f.id = t.flow_id"
+    " WHERE t.id = $1 AND t.tenant_id = $2 AND f.deleted_at IS NULL"
+)
+_GET_TRIGGER_LOCKED: Final = _GET_TRIGGER + " FOR UPDATE OF t"
+
+
+async def get_trigger(conn: Connection, *, tenant: str, trigger_id: str, for_update: bool = False) -> Trigger | None:
     """A trigger of a live flow of the tenant."""
-    stmt = (
-        select(triggers)
-        .join(flows, flows.c.id == triggers.c.flow_id)
-        .where(triggers.c.id == trigger_id, triggers.c.tenant_id == tenant, flows.c.deleted_at.is_(None))
-    )
-    if for_update:
-        stmt = stmt.with_for_update(of=triggers)
-    row = (await session.execute(stmt)).mappings().one_or_none()
+    row = await conn.fetchrow(_GET_TRIGGER_LOCKED if for_update else _GET_TRIGGER, trigger_id, tenant)
     return None if row is None else _trigger(row)
 
 
 async def update_trigger(
-    session: AsyncSession, *, tenant: str, trigger_id: str, values: dict[str, Any], now: datetime
+    conn: Connection, *, tenant: str, trigger_id: str, values: dict[str, Any], now: datetime
 ) -> Trigger:
     """Change a trigger."""
-    stmt = (
-        update(triggers)
-        .where(triggers.c.id == trigger_id, triggers.c.tenant_id == tenant)
-        .values(updated_at=now, **values)
-        .returning(*triggers.c)
+    p = Params(trigger_id, tenant)
+    changes = [f"updated_at = {p(now)}", *_assignments(p, values, _TRIGGER_CHANGES)]
+    row = await conn.fetchrow(
+        f"UPDATE flows.triggers SET {', '.join(changes)} WHERE id = $1 AND tenant_id = $2 RETURNING *", *p.values
     )
-    return _trigger((await session.execute(stmt)).mappings().one())
+    return _trigger(row)
 
 
-async def delete_trigger(session: AsyncSession, *, tenant: str, trigger_id: str) -> None:
+async def delete_trigger(conn: Connection, *, tenant: str, trigger_id: str) -> None:
     """Remove a trigger (its token stops working at once)."""
-    await session.execute(delete(triggers).where(triggers.c.id == trigger_id, triggers.c.tenant_id == tenant))
+    await conn.execute("DELETE FROM flows.triggers WHERE id = $1 AND tenant_id = $2", trigger_id, tenant)
 
 
-async def webhook_by_token_hash(session: AsyncSession, *, token_hash: str) -> tuple[Trigger, RowMapping] | None:
+async def webhook_by_token_hash(conn: Connection, *, token_hash: str) -> tuple[Trigger, asyncpg.Record] | None:
     """The webhook trigger of a token, with its flow's tenant, state and signing secret."""
-    stmt = (
-        select(triggers, flows.c.active, flows.c.latest_version, flows.c.deleted_at)
-        .join(flows, flows.c.id == triggers.c.flow_id)
-        .where(triggers.c.token_hash == token_hash, triggers.c.type == "webhook")
+    row = await conn.fetchrow(
+        "SELECT t.*, f.active, f.latest_version, f.deleted_at"
+        " FROM flows.triggers t JOIN flows.flows f ON f.id = t.flow_id"
+        " WHERE t.token_hash = $1 AND t.type = 'webhook'",
+        token_hash,
     )
-    row = (await session.execute(stmt)).mappings().one_or_none()
     return None if row is None else (_trigger(row), row)
 
 
-async def announce(session: AsyncSession, *, tenant: str, subject: str, payload: dict[str, Any], msg_id: str) -> None:
+async def announce(conn: Connection, *, tenant: str, subject: str, payload: dict[str, Any], msg_id: str) -> None:
     """Queue a flow announcement in the outbox, inside the caller's transaction."""
-    await enqueue(session, outbox, subject=subject, payload=payload, tenant=tenant, msg_id=msg_id)
+    await enqueue(conn, SCHEMA, subject=subject, payload=payload, tenant=tenant, msg_id=msg_id)
 
 
 async def audit(
-    session: AsyncSession,
+    conn: Connection,
     *,
     tenant: str,
     actor: str,
@@ -291,16 +332,16 @@ async def audit(
 ) -> AuditEntry:
     """Record a change in the audit log, inside the caller's transaction (the change's own)."""
     return await audit_log.append(
-        session, audit_table, tenant=tenant, actor=actor, action=action, target=target, details=details, now=now
+        conn, SCHEMA, tenant=tenant, actor=actor, action=action, target=target, details=details, now=now
     )
 
 
-async def read_audit(session: AsyncSession, *, tenant: str | None, q: AuditRead) -> list[AuditEntry]:
+async def read_audit(conn: Connection, *, tenant: str | None, q: AuditRead) -> list[AuditEntry]:
     """A page of audit entries of ``tenant`` (every tenant's when None), newest first."""
-    return await audit_log.read(session, audit_table, tenant=tenant, q=q)
+    return await audit_log.read(conn, SCHEMA, tenant=tenant, q=q)
 
 
-def _flow_state(row: RowMapping) -> FlowState:
+def _flow_state(row: asyncpg.Record) -> FlowState:
     return FlowState(
         flow_id=row["flow_id"],
         tenant_id=row["flow_tenant_id"],
@@ -310,40 +351,42 @@ def _flow_state(row: RowMapping) -> FlowState:
     )
 
 
-_FLOW_STATE_COLUMNS = (
-    flows.c.id.label("flow_id"),
-    flows.c.tenant_id.label("flow_tenant_id"),
-    flows.c.active.label("flow_active"),
-    flows.c.active_version.label("flow_active_version"),
-    flows.c.updated_at.label("flow_updated_at"),
+_FLOW_STATE_COLUMNS: Final = (
+    "f.tenant_id AS flow_tenant_id, f.active AS flow_active, f.active_version AS flow_active_version,"
+    " f.updated_at AS flow_updated_at"
+)
+"""A flow's state beside a row of one of its triggers (whose ``flow_id`` names the flow)."""
+
+_SCHEDULE_SOURCES: Final = (
+    f"SELECT t.*, {_FLOW_STATE_COLUMNS} FROM flows.triggers t JOIN flows.flows f ON f.id = t.flow_id"
+    " WHERE t.type = 'schedule' AND f.deleted_at IS NULL"
 )
 
 
 async def schedule_sources(
-    session: AsyncSession, *, trigger_ids: list[str] | None, after: str | None, limit: int
+    conn: Connection, *, trigger_ids: list[str] | None, after: str | None, limit: int
 ) -> list[ScheduleSource]:
     """For the scheduler, across tenants: the schedule triggers of live flows named by ``trigger_ids``,
     or (without ids) a page of all of them in id order after ``after``; each with its flow's state."""
-    stmt = (
-        select(triggers, *_FLOW_STATE_COLUMNS[1:])
-        .join(flows, flows.c.id == triggers.c.flow_id)
-        .where(triggers.c.type == "schedule", flows.c.deleted_at.is_(None))
-    )
     if trigger_ids is not None:
         if not trigger_ids:
             return []
-        stmt = stmt.where(triggers.c.id.in_(trigger_ids))
+        rows = await conn.fetch(_SCHEDULE_SOURCES + " AND t.id = ANY($1::uuid[])", trigger_ids)
+    elif after is not None:
+        rows = await conn.fetch(_SCHEDULE_SOURCES + " AND t.id > $1 ORDER BY t.id LIMIT $2", after, limit)
     else:
-        if after is not None:
-            stmt = stmt.where(triggers.c.id > after)
-        stmt = stmt.order_by(triggers.c.id).limit(limit)
-    rows = (await session.execute(stmt)).mappings().all()
+        rows = await conn.fetch(_SCHEDULE_SOURCES + " ORDER BY t.id LIMIT $1", limit)
     return [ScheduleSource(trigger=_trigger(r), flow=_flow_state(r)) for r in rows]
 
 
-async def flow_states(session: AsyncSession, *, flow_ids: list[str]) -> list[FlowState]:
+async def flow_states(conn: Connection, *, flow_ids: list[str]) -> list[FlowState]:
     """For the scheduler, across tenants: the state of the live flows among ``flow_ids``."""
     if not flow_ids:
         return []
-    stmt = select(*_FLOW_STATE_COLUMNS).where(flows.c.id.in_(flow_ids), flows.c.deleted_at.is_(None))
-    return [_flow_state(r) for r in (await session.execute(stmt)).mappings()]
+    rows = await conn.fetch(
+        "SELECT id AS flow_id, tenant_id AS flow_tenant_id, active AS flow_active,"
+        " active_version AS flow_active_version, updated_at AS flow_updated_at"
+        " FROM flows.flows WHERE id = ANY($1::uuid[]) AND deleted_at IS NULL",
+        flow_ids,
+    )
+    return [_flow_state(r) for r in rows]

@@ -47,7 +47,7 @@ def create_app(settings: RunnerSettings) -> ServiceRuntime:
     )
     quotas = QuotaView(rpc)
     runner = Runner(
-        service.sessions,
+        service.db,
         rpc,
         http,
         heartbeat_s=settings.ack_wait_s / 3,
@@ -59,7 +59,7 @@ def create_app(settings: RunnerSettings) -> ServiceRuntime:
         local_workers=settings.local_steps,
         lease_s=settings.ack_wait_s,
     )
-    deps = RunnerDeps(service.sessions, runner)
+    deps = RunnerDeps(service.db, runner)
     service.rpc.include(handlers.router, deps)
     _consume(service, deps, settings)
     service.resource(lambda: _http_client(http))
@@ -130,8 +130,8 @@ async def _forgetting_changed_flows(service: ServiceRuntime, deps: RunnerDeps) -
 
 async def _count_in_flight(service: ServiceRuntime) -> None:
     """The runs-in-flight gauge, refreshed on the metrics interval (one count, off the run path)."""
-    async with service.sessions() as s:
-        metrics.RUNS_IN_FLIGHT.set(await repo.count_in_flight(s))
+    async with service.db.reading() as conn:
+        metrics.RUNS_IN_FLIGHT.set(await repo.count_in_flight(conn))
 
 
 async def _sweep(runner: Runner, settings: RunnerSettings) -> None:

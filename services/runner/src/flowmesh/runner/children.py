@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, Any, Final
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-
 from flowmesh.contracts.errors import Conflict, InvalidInput, NotFound
 from flowmesh.contracts.expressions import ExpressionError, evaluate, expression_source, render
 from flowmesh.contracts.models.definition import ChildFlowData, ForeachData, SubflowData
@@ -21,6 +19,7 @@ from flowmesh.runner.commands import Cancel, ChildrenEnded, Complete
 from flowmesh.runner.engine import RunRecord, RunState
 from flowmesh.runner.graph import Step
 from flowmesh.runner.outcome import Outcome
+from flowmesh.runtime.db import Database
 
 LIMIT_EXCEEDED: Final = "limit-exceeded"
 """The error type of a step that would go over one of its plan's caps (foreach items, children per run)."""
@@ -32,8 +31,8 @@ if TYPE_CHECKING:
 class ChildRuns:
     """Starts, follows and cancels the child runs of a run's steps."""
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], runner: Runner) -> None:
-        self.sessions = sessions
+    def __init__(self, db: Database, runner: Runner) -> None:
+        self.db = db
         self.runner = runner
 
     async def start_subflow(self, state: RunState, step: Step) -> Outcome:
@@ -84,8 +83,8 @@ class ChildRuns:
             )
         if (cap := caps.children_per_run) is None:
             return None
-        async with self.sessions() as s:
-            started = await repo.count_children(s, parent_run_id=run.id, retry_count=run.retry_count, but=step.id)
+        async with self.db.reading() as conn:
+            started = await repo.count_children(conn, parent_run_id=run.id, retry_count=run.retry_count, but=step.id)
         if started + planned > cap:
             return Outcome.failure(
                 f"step {step.id!r} would start {planned} child run{'s' if planned != 1 else ''} after the {started} "
@@ -125,8 +124,8 @@ class ChildRuns:
 
     async def ended(self, run_id: str, step_id: str) -> None:
         """One of a step's child runs ended: finish the step, or start the next foreach elements."""
-        async with self.sessions() as s:
-            kids = await repo.children(s, parent_run_id=run_id, parent_step_id=step_id)
+        async with self.db.reading() as conn:
+            kids = await repo.children(conn, parent_run_id=run_id, parent_step_id=step_id)
         more = await self.runner.apply(run_id, ChildrenEnded(step_id, kids))
         if not more:
             return
@@ -144,8 +143,8 @@ class ChildRuns:
 
     async def cancel(self, run_id: str, step_id: str | None = None) -> None:
         """Cancel every child run still open (and theirs), of a run or of one of its steps."""
-        async with self.sessions() as s:
-            open_ids = await repo.open_children(s, parent_run_id=run_id, parent_step_id=step_id)
+        async with self.db.reading() as conn:
+            open_ids = await repo.open_children(conn, parent_run_id=run_id, parent_step_id=step_id)
         for child_id in open_ids:
             with contextlib.suppress(NotFound):
                 await self.runner.apply(child_id, Cancel(if_open=True))

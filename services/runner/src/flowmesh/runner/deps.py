@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-
 from flowmesh.runner.shell import Runner
+from flowmesh.runtime.db import Database
 
 
 @dataclass(frozen=True, slots=True)
 class RunnerDeps:
     """The runner's collaborators, given to every handler."""
 
-    sessions: async_sessionmaker[AsyncSession]
+    db: Database
     runner: Runner

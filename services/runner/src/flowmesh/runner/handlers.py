@@ -37,7 +37,6 @@ from flowmesh.contracts.subjects import EVENTS_ALL, FlowEventType, RunsOp, tenan
 from flowmesh.runner import replies, repo
 from flowmesh.runner.deps import RunnerDeps
 from flowmesh.runtime.consumers import Delivery, Redeliver, Unprocessable
-from flowmesh.runtime.db import reading, snapshot
 from flowmesh.runtime.logs import bind_log
 from flowmesh.runtime.rpc import RpcContext, RpcRouter
 
@@ -79,8 +78,8 @@ async def list_runs(q: RunListQuery, ctx: RpcContext, deps: RunnerDeps) -> dict[
 async def steps(q: RunStepsQuery, ctx: RpcContext, deps: RunnerDeps) -> dict[str, Any]:
     """A page of a run's steps, in the order they started, within the reply budget (:mod:`.replies`)."""
     await _own_run(deps, ctx, q.run_id)
-    async with reading(deps.sessions) as s:
-        items, total = await repo.list_steps(s, run_id=q.run_id, offset=q.offset, limit=q.page_size)
+    async with deps.db.reading() as conn:
+        items, total = await repo.list_steps(conn, run_id=q.run_id, offset=q.offset, limit=q.page_size)
     page: Page[StepRun] = q.page_of(items, total)
     return replies.steps_page(page, q.run_id, q.offset, ctx.reply_budget)
 
@@ -90,8 +89,8 @@ async def run_snapshot(ref: RunRef, ctx: RpcContext, deps: RunnerDeps) -> dict[s
     """A run, its steps and its last event ``seq``, read at one instant (a WebSocket's first frame)."""
     found = None
     if is_uuid(ref.run_id):
-        async with snapshot(deps.sessions) as s:
-            found = await repo.read_snapshot(s, tenant=ctx.tenant, run_id=ref.run_id)
+        async with deps.db.snapshot() as conn:
+            found = await repo.read_snapshot(conn, tenant=ctx.tenant, run_id=ref.run_id)
     if found is None:
         raise NotFound(f"run {ref.run_id} not found")
     run, seq, step_runs = found
@@ -107,8 +106,8 @@ async def run_snapshot(ref: RunRef, ctx: RpcContext, deps: RunnerDeps) -> dict[s
 async def events(q: RunEventsQuery, ctx: RpcContext, deps: RunnerDeps) -> dict[str, Any]:
     """A run's events after the cursor ``after`` (so ``page`` is always 1)."""
     run = await _own_run(deps, ctx, q.run_id)
-    async with reading(deps.sessions) as s:
-        items, total = await repo.list_events(s, run_id=run.id, after=q.after, limit=q.page_size)
+    async with deps.db.reading() as conn:
+        items, total = await repo.list_events(conn, run_id=run.id, after=q.after, limit=q.page_size)
     return {
         "items": [e.wire(exclude_none=True) for e in items],
         "total": total,
@@ -203,9 +202,9 @@ async def external_event(payload: Any, msg: Delivery, deps: RunnerDeps) -> None:
     """
     key = msg.subject.removeprefix(EVENTS_PREFIX)
     try:
-        async with deps.sessions() as s:
-            waiting = await repo.waiting_for(s, key=key)
-            listeners = await repo.event_triggers_for(s, key=key)
+        async with deps.db.reading() as conn:
+            waiting = await repo.waiting_for(conn, key=key)
+            listeners = await repo.event_triggers_for(conn, key=key)
         for run_id, step_id, attempt in waiting:
             await deps.runner.deliver_event(run_id, step_id, attempt, payload)
         for trigger in listeners:
@@ -239,16 +238,16 @@ async def _start_from_event(deps: RunnerDeps, trigger: Any, payload: Any, stream
 
 async def flow_announced(event: FlowEvent, msg: Delivery, deps: RunnerDeps) -> None:
     """Keep the registry of event triggers from the flows service's announcements."""
-    async with deps.sessions.begin() as s:
+    async with deps.db.transaction() as conn:
         if event.type == FlowEventType.DELETED:
-            await repo.drop_event_triggers(s, flow_id=event.flow_id)
+            await repo.drop_event_triggers(conn, flow_id=event.flow_id)
         elif event.type == FlowEventType.TRIGGER_CHANGED and event.trigger is not None:
             trigger = event.trigger
             if trigger.type == "event" and event.trigger_deleted:
-                await repo.drop_event_triggers(s, trigger_id=trigger.id)
+                await repo.drop_event_triggers(conn, trigger_id=trigger.id)
             elif trigger.type == "event":
                 await repo.put_event_trigger(
-                    s,
+                    conn,
                     trigger_id=trigger.id,
                     tenant=event.tenant_id,
                     flow_id=event.flow_id,

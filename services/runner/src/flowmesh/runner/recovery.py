@@ -11,8 +11,6 @@ import contextlib
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-
 from flowmesh.contracts.errors import NotFound
 from flowmesh.contracts.ids import utcnow
 from flowmesh.contracts.models import RunEvent
@@ -21,6 +19,7 @@ from flowmesh.runner import repo
 from flowmesh.runner.commands import Expire
 from flowmesh.runner.engine import RunRecord
 from flowmesh.runner.publisher import CHILD_DONE, EventPublisher, Work
+from flowmesh.runtime.db import Database
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -35,8 +34,8 @@ BATCH = 500
 class Recovery:
     """The sweep: late deadlines, unpublished events, stalled work, parents not told of their children."""
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], runner: Runner, publisher: EventPublisher) -> None:
-        self.sessions = sessions
+    def __init__(self, db: Database, runner: Runner, publisher: EventPublisher) -> None:
+        self.db = db
         self.runner = runner
         self.publisher = publisher
 
@@ -51,14 +50,14 @@ class Recovery:
         """
         now = utcnow()
         late = await self._expire_overdue(now - overdue)
-        async with self.sessions() as s:
-            events = await repo.unpublished_events(s, older_than=now - UNPUBLISHED_AFTER, limit=2 * BATCH)
+        async with self.db.reading() as conn:
+            events = await repo.unpublished_events(conn, older_than=now - UNPUBLISHED_AFTER, limit=2 * BATCH)
             stalled = await repo.stalled_work(
-                s, run_older_than=now - stalled_run, step_older_than=now - stalled_step, lease_ended=now, limit=BATCH
+                conn, run_older_than=now - stalled_run, step_older_than=now - stalled_step, lease_ended=now, limit=BATCH
             )
         await self._republish(events, now)
-        async with self.sessions() as s:
-            parents = await repo.stalled_parents(s, older_than=now - stalled_run, limit=BATCH)
+        async with self.db.reading() as conn:
+            parents = await repo.stalled_parents(conn, older_than=now - stalled_run, limit=BATCH)
         work = [
             Work(StepWork(run_id=run_id, step_id=step_id, kind="child"), f"{run_id}:{step_id}:sweep{CHILD_DONE}")
             for run_id, step_id in parents
@@ -75,8 +74,8 @@ class Recovery:
 
     async def _expire_overdue(self, before: datetime) -> int:
         """Act on deadlines whose timer never came; returns how many there were."""
-        async with self.sessions() as s:
-            late = await repo.overdue(s, before=before, limit=BATCH)
+        async with self.db.reading() as conn:
+            late = await repo.overdue(conn, before=before, limit=BATCH)
         for deadline in late:
             with contextlib.suppress(NotFound):
                 await self.runner.apply(deadline.run_id, Expire(deadline))

@@ -1,4 +1,11 @@
-"""Every SQL statement of the runner. Reads for clients filter by tenant."""
+"""Every SQL statement of the runner. Reads for clients filter by tenant.
+
+Two pools run them. The runner's driver pool (:func:`open_pool`) has no codecs (JSON travels as
+text, UUIDs come back as :class:`uuid.UUID` unless cast to text): a run's start and every change,
+the reads of the runs the engine changes, and the API's runs. The service's own pool
+(:class:`flowmesh.runtime.db.Database`: JSON as Python values, UUIDs as text) runs the rest: the
+API's pages of steps and events, the sweep, child runs and event triggers.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +15,6 @@ from typing import Any, Final
 
 import asyncpg
 import orjson
-from sqlalchemy import Table, and_, func, or_, select, text, update
-from sqlalchemy.dialects import postgresql
-from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.engine import RowMapping
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from flowmesh.contracts.ids import format_time, new_id
 from flowmesh.contracts.models import Run, RunEvent, StepRun
@@ -20,71 +22,82 @@ from flowmesh.contracts.models.rpc import RunListQuery
 from flowmesh.contracts.steps import types_that_run
 from flowmesh.runner.engine import Child, Deadline, RunRecord, RunState
 from flowmesh.runner.graph import StepState
-from flowmesh.runner.tables import event_triggers, run_events, runs, step_runs
-from flowmesh.runtime.db import PAGE_TOTAL, create_driver_pool, read_page, read_page_on
+from flowmesh.runtime.db import Connection, Params, create_driver_pool, read_page_on, where
 
-OPEN = ("queued", "running", "waiting")
-_STEP_FIELDS: tuple[str, ...] = tuple(f for f in StepState.__slots__ if f in step_runs.c)
+# The columns of the runner's tables as its migrations make them, with their PostgreSQL types (for
+# the casts of the statements below). The statements that write whole rows take their column lists
+# from here: a column a migration adds is declared here too, or test_repo_columns fails.
+_TIME = "timestamp with time zone"
+_RUNS: Final = {
+    "id": "uuid",
+    "tenant_id": "text",
+    "flow_id": "uuid",
+    "version": "integer",
+    "status": "text",
+    "trigger_type": "text",
+    "trigger_id": "text",
+    "input": "jsonb",
+    "output": "jsonb",
+    "error": "jsonb",
+    "idempotency_key": "text",
+    "input_hash": "text",
+    "parent_run_id": "uuid",
+    "parent_step_id": "text",
+    "parent_index": "integer",
+    "retry_of": "uuid",
+    "retry_count": "integer",
+    "created_at": _TIME,
+    "started_at": _TIME,
+    "completed_at": _TIME,
+    "updated_at": _TIME,
+    "last_seq": "integer",
+    "published_seq": "integer",
+    "deadline_at": _TIME,
+    "traceparent": "text",
+    "revision": "bigint",
+}
+_STEP_RUNS: Final = {
+    "run_id": "uuid",
+    "step_id": "text",
+    "type": "text",
+    "status": "text",
+    "handle": "text",
+    "handled": "boolean",
+    "attempt": "integer",
+    "input": "jsonb",
+    "output": "jsonb",
+    "error": "jsonb",
+    "started_at": _TIME,
+    "completed_at": _TIME,
+    "duration_ms": "integer",
+    "next_attempt_at": _TIME,
+    "updated_at": _TIME,
+    "wait_for": "text",
+    "deadline_at": _TIME,
+    # a step executed by the worker that made it ready, with no work message: until when that worker
+    # answers for it (extended while the attempt runs; the sweep re-sends the step's work after it)
+    "lease_until": _TIME,
+}
+_RUN_EVENTS: Final = {
+    "run_id": "uuid",
+    "seq": "integer",
+    "id": "uuid",
+    "type": "text",
+    "ts": _TIME,
+    "step_id": "text",
+    "attempt": "integer",
+    "data": "jsonb",
+}
+
+_STEP_FIELDS: tuple[str, ...] = tuple(f for f in StepState.__slots__ if f in _STEP_RUNS)
 """The step columns the engine's :class:`StepState` carries (all of them but the keys and derived ones)."""
-
-
-_DIALECT = postgresql.dialect()  # type: ignore[no-untyped-call]  # SQLAlchemy's dialect class is untyped
-
-
-def _pg_type(table: Table, column: str) -> str:
-    """The PostgreSQL type of a column, for casts in the statements below (``text``, ``jsonb``, …)."""
-    return str(table.c[column].type.compile(dialect=_DIALECT)).lower()
-
-
-# The statements every change of a run makes, run on the driver connection (executemany). Their
-# column lists come from tables.py: a column added there is written here, or the runner fails at
-# import (a parameter tuple of the wrong length) and in test_repo_columns.
-_STEP_COLUMNS = ("run_id", "step_id", "type", *_STEP_FIELDS, "duration_ms", "updated_at", "lease_until")
-# every change of a step row sets its lease: none, unless this change hands the step to a local worker
-_UPSERT_STEPS_SQL = (
-    f"INSERT INTO runner.step_runs ({', '.join(_STEP_COLUMNS)}) "
-    f"VALUES ({', '.join(f'${i}' for i in range(1, len(_STEP_COLUMNS) + 1))}) "
-    "ON CONFLICT (run_id, step_id) DO UPDATE SET "
-    + ", ".join(f"{c} = EXCLUDED.{c}" for c in (*_STEP_FIELDS, "duration_ms", "updated_at", "lease_until"))
-)
-_EVENT_COLUMNS: tuple[str, ...] = tuple(run_events.c.keys())
-_INSERT_EVENTS_SQL = (
-    f"INSERT INTO runner.run_events ({', '.join(_EVENT_COLUMNS)}) "
-    f"VALUES ({', '.join(f'${i}' for i in range(1, len(_EVENT_COLUMNS) + 1))})"
-)
-
-
-# --- versions ------------------------------------------------------------------------------------
+_EVENT_COLUMNS: tuple[str, ...] = tuple(_RUN_EVENTS)
 
 
 # --- runs ----------------------------------------------------------------------------------------
 
 
-def _record(row: RowMapping) -> RunRecord:
-    return RunRecord(
-        id=row["id"],
-        tenant_id=row["tenant_id"],
-        flow_id=row["flow_id"],
-        version=row["version"],
-        status=row["status"],
-        trigger_type=row["trigger_type"],
-        input=row["input"],
-        created_at=row["created_at"],
-        retry_count=row["retry_count"],
-        parent_run_id=row["parent_run_id"],
-        parent_step_id=row["parent_step_id"],
-        output=row["output"],
-        error=row["error"],
-        started_at=row["started_at"],
-        completed_at=row["completed_at"],
-        last_seq=row["last_seq"],
-        deadline_at=row["deadline_at"],
-        traceparent=row["traceparent"],
-        revision=row["revision"],
-    )
-
-
-def _run(row: Mapping[Any, Any]) -> Run:
+def _run(row: Mapping[str, Any] | asyncpg.Record) -> Run:
     started, completed = row["started_at"], row["completed_at"]
     duration = int((completed - started).total_seconds() * 1000) if started and completed else None
     return Run(
@@ -109,44 +122,28 @@ def _run(row: Mapping[Any, Any]) -> Run:
     )
 
 
-async def run_by_key(session: AsyncSession, *, tenant: str, flow_id: str, key: str) -> tuple[Run, str | None] | None:
-    """The run an idempotency key made, and the hash of its input."""
-    stmt = select(runs).where(runs.c.tenant_id == tenant, runs.c.flow_id == flow_id, runs.c.idempotency_key == key)
-    row = (await session.execute(stmt)).mappings().one_or_none()
-    return None if row is None else (_run(row), row["input_hash"])
-
-
-async def lock_run(session: AsyncSession, *, run_id: str, tenant: str | None = None) -> RunRecord | None:
-    """A run for changing, its row locked until the transaction ends (one writer per run at a time)."""
-    stmt = select(runs).where(runs.c.id == run_id).with_for_update()
-    if tenant is not None:
-        stmt = stmt.where(runs.c.tenant_id == tenant)
-    row = (await session.execute(stmt)).mappings().one_or_none()
-    return None if row is None else _record(row)
-
-
 # --- the change path, on the driver connection -----------------------------------------------------
 #
 # Every change of a run (a step's result, a timer, an event, a decision) is one transaction of four
 # round trips: BEGIN, the run locked with its steps, one statement writing everything, COMMIT.
 
-_RECORD_FIELDS: tuple[str, ...] = tuple(f for f in RunRecord.__dataclass_fields__ if f in runs.c)
-_JSON_RUN_FIELDS = frozenset(f for f in _RECORD_FIELDS if _pg_type(runs, f) == "jsonb")
+_RECORD_FIELDS: tuple[str, ...] = tuple(f for f in RunRecord.__dataclass_fields__ if f in _RUNS)
+_JSON_RUN_FIELDS = frozenset(f for f in _RECORD_FIELDS if _RUNS[f] == "jsonb")
 
 
-def _select_list(table: Table, columns: tuple[str, ...], alias: str) -> str:
+def _select_list(table: Mapping[str, str], columns: tuple[str, ...], alias: str) -> str:
     """Columns as the engine wants them: UUIDs as text (asyncpg would make ``uuid.UUID`` of them)."""
-    return ", ".join(f"{alias}.{c}::text AS {c}" if _pg_type(table, c) == "uuid" else f"{alias}.{c}" for c in columns)
+    return ", ".join(f"{alias}.{c}::text AS {c}" if table[c] == "uuid" else f"{alias}.{c}" for c in columns)
 
 
-_READ_RUN_SQL = f"SELECT {_select_list(runs, _RECORD_FIELDS, 'r')} FROM runner.runs AS r WHERE r.id = $1"
+_READ_RUN_SQL = f"SELECT {_select_list(_RUNS, _RECORD_FIELDS, 'r')} FROM runner.runs AS r WHERE r.id = $1"
 _LOCK_RUN_SQL = _READ_RUN_SQL + " FOR UPDATE"
 _LOCK_TENANT_RUN_SQL = (
-    f"SELECT {_select_list(runs, _RECORD_FIELDS, 'r')} FROM runner.runs AS r "
+    f"SELECT {_select_list(_RUNS, _RECORD_FIELDS, 'r')} FROM runner.runs AS r "
     "WHERE r.id = $1 AND r.tenant_id = $2 FOR UPDATE"
 )
 _STEPS_SQL = (
-    f"SELECT s.step_id, {_select_list(step_runs, _STEP_FIELDS, 's')} FROM runner.step_runs AS s WHERE s.run_id = $1"
+    f"SELECT s.step_id, {_select_list(_STEP_RUNS, _STEP_FIELDS, 's')} FROM runner.step_runs AS s WHERE s.run_id = $1"
 )
 _VERSION_SQL = "SELECT definition, settings FROM runner.versions WHERE flow_id = $1 AND version = $2"
 
@@ -180,9 +177,9 @@ async def _with_steps(conn: Any, row: Any) -> tuple[RunRecord, dict[str, StepSta
     return record, steps
 
 
-_RUN_FIELDS = tuple(f for f in Run.model_fields if f in runs.c)
-_RUN_JSON = frozenset(f for f in _RUN_FIELDS if _pg_type(runs, f) == "jsonb")
-_RUN_SELECT = _select_list(runs, _RUN_FIELDS, "r")
+_RUN_FIELDS = tuple(f for f in Run.model_fields if f in _RUNS)
+_RUN_JSON = frozenset(f for f in _RUN_FIELDS if _RUNS[f] == "jsonb")
+_RUN_SELECT = _select_list(_RUNS, _RUN_FIELDS, "r")
 _GET_RUN_SQL = f"SELECT {_RUN_SELECT} FROM runner.runs AS r WHERE r.id = $1 AND r.tenant_id = $2"
 
 
@@ -202,78 +199,6 @@ def _loads(value: str | None) -> Any:
     return None if value is None else orjson.loads(value)
 
 
-async def load_steps(session: AsyncSession, *, run_id: str) -> dict[str, StepState]:
-    """Every recorded step of a run."""
-    stmt = select(step_runs.c.step_id, *(step_runs.c[f] for f in _STEP_FIELDS)).where(step_runs.c.run_id == run_id)
-    return {
-        row["step_id"]: StepState(**{f: row[f] for f in _STEP_FIELDS})
-        for row in (await session.execute(stmt)).mappings()
-    }
-
-
-async def count_in_flight(session: AsyncSession) -> int:
-    """Top-level runs queued or running, every tenant's (an index-only count on ``runs_in_flight``)."""
-    # the status test is literal SQL: a partial index serves only a predicate the planner can prove
-    in_flight = text("status IN ('queued', 'running')")
-    stmt = select(func.count()).select_from(runs).where(runs.c.parent_run_id.is_(None), in_flight)
-    return int((await session.execute(stmt)).scalar_one())
-
-
-async def save(
-    session: AsyncSession, state: RunState, leases: dict[str, datetime] | None = None
-) -> list[dict[str, Any]]:
-    """Write a run state's changes; returns its new events as published payloads, in ``seq`` order.
-
-    ``leases``: steps this change hands to a worker of this process, and until when it answers for them.
-    """
-    r = state.run
-    await session.execute(
-        update(runs)
-        .where(runs.c.id == r.id)
-        .values(
-            status=r.status,
-            output=r.output,
-            error=r.error,
-            started_at=r.started_at,
-            completed_at=r.completed_at,
-            last_seq=r.last_seq,
-            deadline_at=r.deadline_at,
-            updated_at=state.now,
-            revision=runs.c.revision + 1,  # every change counts (see save_change)
-        )
-    )
-    r.revision += 1
-    return await write_changes(await driver_of(session), state, leases or {})
-
-
-async def write_changes(conn: Any, state: RunState, leases: dict[str, datetime]) -> list[dict[str, Any]]:
-    """Write a run state's step changes and events on an asyncpg connection (inside its transaction).
-
-    The hot path of every run: two statements, prepared once per connection by asyncpg.
-    """
-    r = state.run
-    if state.changed:
-        await conn.executemany(
-            _UPSERT_STEPS_SQL,
-            [
-                (
-                    r.id,
-                    step_id,
-                    state.graph.steps[step_id].type,
-                    *_step_values(state.steps[step_id]),
-                    state.now,
-                    leases.get(step_id),
-                )
-                for step_id in sorted(state.changed)
-            ],
-        )
-    if not state.events:
-        return []
-    rows = _event_rows(r, state)
-    await conn.executemany(_INSERT_EVENTS_SQL, [_event_values(row, _EVENT_COLUMNS) for row in rows])
-    return [_event_payload(r, row) for row in rows]
-
-
 def _event_rows(r: RunRecord, state: RunState) -> list[dict[str, Any]]:
     return [
         {
@@ -290,7 +215,7 @@ def _event_rows(r: RunRecord, state: RunState) -> list[dict[str, Any]]:
     ]
 
 
-_RUN_COLUMNS: tuple[str, ...] = tuple(runs.c.keys())
+_RUN_COLUMNS: tuple[str, ...] = tuple(_RUNS)
 _INSERT_RUN_SQL = (
     f"INSERT INTO runner.runs ({', '.join(_RUN_COLUMNS)}) "
     f"VALUES ({', '.join(f'${i}' for i in range(1, len(_RUN_COLUMNS) + 1))}) "
@@ -301,9 +226,9 @@ _INSERT_RUN_SQL = (
 # a new run, its steps and its events in one statement (one round trip, its own transaction);
 # nothing is written when the idempotency key is taken
 _N_RUN = len(_RUN_COLUMNS)
-_STEP_ARRAYS = tuple((c, _pg_type(step_runs, c)) for c in ("step_id", "type", *_STEP_FIELDS, "duration_ms"))
-_LEASED_STEP_ARRAYS = (*_STEP_ARRAYS, ("lease_until", _pg_type(step_runs, "lease_until")))
-_EVENT_ARRAYS = tuple((c, _pg_type(run_events, c)) for c in _EVENT_COLUMNS if c != "run_id")
+_STEP_ARRAYS = tuple((c, _STEP_RUNS[c]) for c in ("step_id", "type", *_STEP_FIELDS, "duration_ms"))
+_LEASED_STEP_ARRAYS = (*_STEP_ARRAYS, ("lease_until", _STEP_RUNS["lease_until"]))
+_EVENT_ARRAYS = tuple((c, t) for c, t in _RUN_EVENTS.items() if c != "run_id")
 
 
 def _unnest(arrays: tuple[tuple[str, str], ...], first: int, alias: str = "x") -> str:
@@ -348,7 +273,7 @@ _CREATE_RUN_SQL = _create_run_sql(None)
 _CREATE_LIMITED_RUN_SQL = _create_run_sql(_E + len(_EVENT_ARRAYS))
 
 _CHANGED_RUN = ("status", "output", "error", "started_at", "completed_at", "last_seq", "deadline_at")
-_RUN_ARRAYS = (("id", "uuid"), ("revision", "bigint"), *((c, _pg_type(runs, c)) for c in _CHANGED_RUN))
+_RUN_ARRAYS = (("id", "uuid"), ("revision", "bigint"), *((c, _RUNS[c]) for c in _CHANGED_RUN))
 _BATCH_STEP_ARRAYS = (("run_id", "uuid"), *_LEASED_STEP_ARRAYS)
 _BATCH_EVENT_ARRAYS = (("run_id", "uuid"), *_EVENT_ARRAYS)
 
@@ -515,7 +440,7 @@ def _run_row(record: RunRecord, values: dict[str, Any]) -> tuple[Any, ...]:
         "traceparent": record.traceparent,
         "revision": 0,
     }
-    return tuple(row[c] for c in _RUN_COLUMNS)  # a column of tables.py with no value here: KeyError
+    return tuple(row[c] for c in _RUN_COLUMNS)  # a column of _RUNS with no value here: KeyError
 
 
 def _event_values(row: dict[str, Any], columns: tuple[str, ...]) -> tuple[Any, ...]:
@@ -540,24 +465,17 @@ async def insert_version(
 
 
 def _json(value: Any) -> str | None:
-    """A JSONB parameter on the driver connection (SQLAlchemy's codec takes JSON text)."""
+    """A JSONB parameter on the driver pool (no codec: JSON text)."""
     return None if value is None else orjson.dumps(value).decode()
 
 
-_JSON_STEP_FIELDS = frozenset(f for f in _STEP_FIELDS if _pg_type(step_runs, f) == "jsonb")
+_JSON_STEP_FIELDS = frozenset(f for f in _STEP_FIELDS if _STEP_RUNS[f] == "jsonb")
 
 
 def _step_values(state: StepState) -> tuple[Any, ...]:
     """A step's ``_STEP_FIELDS`` then ``duration_ms``, as parameters (JSON columns as JSON text)."""
     fields = (_json(getattr(state, f)) if f in _JSON_STEP_FIELDS else getattr(state, f) for f in _STEP_FIELDS)
     return (*fields, _duration(state))
-
-
-async def driver_of(session: AsyncSession) -> Any:
-    """The asyncpg connection under the session, inside its transaction."""
-    connection = await session.connection()
-    raw = await connection.get_raw_connection()
-    return raw.driver_connection
 
 
 def _event_payload(run: RunRecord, row: dict[str, Any]) -> dict[str, Any]:
@@ -618,39 +536,52 @@ async def mark_published(conn: Any, *, spans: dict[str, tuple[int, int]]) -> dic
     return {row["id"]: row["published_seq"] for row in rows}
 
 
-async def reset_for_retry(session: AsyncSession, *, run_id: str, keep: set[str], now: datetime) -> int:
-    """Forget every step of a run but the succeeded ones; returns the new retry count."""
-    forget = step_runs.delete().where(step_runs.c.run_id == run_id)
-    if keep:
-        forget = forget.where(step_runs.c.step_id.not_in(keep))
-    await session.execute(forget)
-    stmt = (
-        update(runs)
-        .where(runs.c.id == run_id)
-        .values(
-            status="queued",
-            output=None,
-            error=None,
-            completed_at=None,
-            retry_count=runs.c.retry_count + 1,
-            updated_at=now,
-        )
-        .returning(runs.c.retry_count)
-    )
-    return int((await session.execute(stmt)).scalar_one())
+_FORGET_STEPS_SQL = "DELETE FROM runner.step_runs WHERE run_id = $1 AND step_id <> ALL($2::text[])"
+_REQUEUE_SQL = (
+    "UPDATE runner.runs SET status = 'queued', output = NULL, error = NULL, completed_at = NULL, "
+    "retry_count = retry_count + 1, updated_at = $2 WHERE id = $1 RETURNING retry_count"
+)
+
+
+async def reset_for_retry(conn: Connection, *, run_id: str, keep: set[str], now: datetime) -> int:
+    """Forget every step of a run but the succeeded ones; returns the new retry count (driver pool,
+    in the transaction that holds the run's lock)."""
+    await conn.execute(_FORGET_STEPS_SQL, run_id, sorted(keep))
+    return int(await conn.fetchval(_REQUEUE_SQL, run_id, now))
 
 
 # --- reads ---------------------------------------------------------------------------------------
+#
+# On the service's pool, but for the API's runs (:func:`get_run_on`, :func:`list_runs`): those are
+# read on the driver pool, with the engine's column list.
+
+_RUN_BY_KEY_SQL = (
+    f"SELECT {', '.join(_RUN_FIELDS)}, input_hash FROM runner.runs "
+    "WHERE tenant_id = $1 AND flow_id = $2 AND idempotency_key = $3"
+)
+_SNAPSHOT_RUN_SQL = f"SELECT {', '.join(_RUN_FIELDS)}, last_seq FROM runner.runs WHERE id = $1 AND tenant_id = $2"
+# the status test is literal SQL: a partial index serves only a predicate the planner can prove
+_IN_FLIGHT_SQL = "SELECT count(*) FROM runner.runs WHERE parent_run_id IS NULL AND status IN ('queued', 'running')"
 
 
-async def read_snapshot(session: AsyncSession, *, tenant: str, run_id: str) -> tuple[Run, int, list[StepRun]] | None:
+async def run_by_key(conn: Connection, *, tenant: str, flow_id: str, key: str) -> tuple[Run, str | None] | None:
+    """The run an idempotency key made, and the hash of its input."""
+    row = await conn.fetchrow(_RUN_BY_KEY_SQL, tenant, flow_id, key)
+    return None if row is None else (_run(row), row["input_hash"])
+
+
+async def count_in_flight(conn: Connection) -> int:
+    """Top-level runs queued or running, every tenant's (an index-only count on ``runs_in_flight``)."""
+    return int(await conn.fetchval(_IN_FLIGHT_SQL))
+
+
+async def read_snapshot(conn: Connection, *, tenant: str, run_id: str) -> tuple[Run, int, list[StepRun]] | None:
     """A run, its last event ``seq`` and its steps, as one consistent read (call it in a repeatable-read
     transaction: nothing committed between the statements is seen by one and not the other)."""
-    found = (await session.execute(select(runs).where(runs.c.id == run_id, runs.c.tenant_id == tenant))).mappings()
-    row = found.one_or_none()
+    row = await conn.fetchrow(_SNAPSHOT_RUN_SQL, run_id, tenant)
     if row is None:
         return None
-    steps, _ = await list_steps(session, run_id=run_id, offset=0, limit=10_000)
+    steps, _ = await list_steps(conn, run_id=run_id, offset=0, limit=10_000)
     return _run(row), row["last_seq"], steps
 
 
@@ -679,133 +610,130 @@ async def list_runs(conn: Any, *, tenant: str, q: RunListQuery) -> tuple[list[Ru
     return [_run({f: _loads(row[f]) if f in _RUN_JSON else row[f] for f in _RUN_FIELDS}) for row in rows], total
 
 
-_STEP_INTERNAL = frozenset({"handle", "updated_at", "wait_for", "deadline_at", PAGE_TOTAL})
-"""Step columns (and the page's window count) that are not part of the :class:`StepRun` clients see."""
+_STEP_RUN_FIELDS = tuple(f for f in StepRun.model_fields if f in _STEP_RUNS)
+"""The step columns clients see (:class:`StepRun`): not the handle, the wait, the deadline, the lease."""
+_STEP_RUN_COLUMNS = ", ".join(_STEP_RUN_FIELDS)
+_EVENT_SELECT = ", ".join((*(f"e.{c}" for c in _EVENT_COLUMNS), "r.tenant_id", "r.flow_id", "r.version"))
+"""A run event's columns with its run's, as :class:`RunEvent` has them."""
+_EVENT_FIELDS = (*_EVENT_COLUMNS, "tenant_id", "flow_id", "version")
 
 
-async def list_steps(session: AsyncSession, *, run_id: str, offset: int, limit: int) -> tuple[list[StepRun], int]:
+def _event(row: asyncpg.Record) -> RunEvent:
+    return RunEvent(**{f: row[f] for f in _EVENT_FIELDS})
+
+
+async def list_steps(conn: Connection, *, run_id: str, offset: int, limit: int) -> tuple[list[StepRun], int]:
     """A page of a run's steps in the order they started, and how many there are (read in a snapshot)."""
-    page = (
-        select(step_runs)
-        .where(step_runs.c.run_id == run_id)
-        .order_by(step_runs.c.started_at.asc().nulls_last(), step_runs.c.updated_at, step_runs.c.step_id)
+    rows, total = await read_page_on(
+        conn,
+        columns=_STEP_RUN_COLUMNS,
+        source="runner.step_runs WHERE run_id = $1",
+        order_by="started_at ASC NULLS LAST, updated_at, step_id",
+        args=[run_id],
+        offset=offset,
+        limit=limit,
     )
-    rows, total = await read_page(session, page, offset=offset, limit=limit)
-    return [StepRun(**{k: v for k, v in r.items() if k not in _STEP_INTERNAL}) for r in rows], total
+    return [StepRun(**{f: r[f] for f in _STEP_RUN_FIELDS}) for r in rows], total
 
 
-async def list_events(session: AsyncSession, *, run_id: str, after: int, limit: int) -> tuple[list[RunEvent], int]:
+async def list_events(conn: Connection, *, run_id: str, after: int, limit: int) -> tuple[list[RunEvent], int]:
     """A run's first events after ``seq``, in order, and how many there are after it (read in a snapshot)."""
-    page = (
-        select(run_events, runs.c.tenant_id, runs.c.flow_id, runs.c.version)
-        .join(runs, runs.c.id == run_events.c.run_id)
-        .where(run_events.c.run_id == run_id, run_events.c.seq > after)
-        .order_by(run_events.c.seq)
+    rows, total = await read_page_on(
+        conn,
+        columns=_EVENT_SELECT,
+        source="runner.run_events AS e JOIN runner.runs AS r ON r.id = e.run_id WHERE e.run_id = $1 AND e.seq > $2",
+        order_by="e.seq",
+        args=[run_id, after],
+        offset=0,
+        limit=limit,
     )
-    rows, total = await read_page(session, page, offset=0, limit=limit)
-    return [RunEvent(**{k: v for k, v in r.items() if k != PAGE_TOTAL}) for r in rows], total
+    return [_event(r) for r in rows], total
 
 
-async def children(session: AsyncSession, *, parent_run_id: str, parent_step_id: str) -> list[Child]:
+_CHILDREN_SQL = (
+    "SELECT id, parent_index, status, output, error FROM runner.runs WHERE parent_run_id = $1 AND parent_step_id = $2"
+)
+# the key ChildRuns gives: child:{run}:{retry}:{step}:{index}
+_COUNT_CHILDREN_SQL = (
+    "SELECT count(*) FROM runner.runs WHERE parent_run_id = $1 AND parent_step_id <> $2 "
+    "AND starts_with(idempotency_key, $3)"
+)
+_OPEN_CHILDREN_SQL = (
+    "SELECT id FROM runner.runs WHERE parent_run_id = $1 AND status IN ('queued', 'running', 'waiting')"
+)
+_OPEN_CHILDREN_OF_STEP_SQL = _OPEN_CHILDREN_SQL + " AND parent_step_id = $2"
+_STALLED_PARENTS_SQL = (
+    "SELECT DISTINCT s.run_id, s.step_id FROM runner.step_runs AS s JOIN runner.runs AS child "
+    "ON child.parent_run_id = s.run_id AND child.parent_step_id = s.step_id "
+    "WHERE s.status = 'waiting' AND s.type = ANY($1::text[]) "
+    "AND child.status NOT IN ('queued', 'running', 'waiting') AND child.updated_at < $2 LIMIT $3"
+)
+_WAITING_FOR_SQL = "SELECT run_id, step_id, attempt FROM runner.step_runs WHERE wait_for = $1 AND status = 'waiting'"
+_UNPUBLISHED_SQL = (
+    f"SELECT {_EVENT_SELECT} FROM runner.run_events AS e JOIN runner.runs AS r ON r.id = e.run_id "
+    "WHERE r.published_seq < r.last_seq AND r.updated_at < $1 AND e.seq > r.published_seq "
+    "ORDER BY e.run_id, e.seq LIMIT $2"
+)
+_QUEUED_SQL = "SELECT id, retry_count FROM runner.runs WHERE status = 'queued' AND updated_at < $1 LIMIT $2"
+_STALLED_STEPS_SQL = (
+    "SELECT s.run_id, s.step_id, r.retry_count FROM runner.step_runs AS s JOIN runner.runs AS r ON r.id = s.run_id "
+    "WHERE s.status IN ('running', 'pending') "
+    "AND ((s.lease_until IS NULL AND s.updated_at < $1) OR s.lease_until < $2) "
+    "AND r.status IN ('running', 'waiting') LIMIT $3"
+)
+
+
+async def children(conn: Connection, *, parent_run_id: str, parent_step_id: str) -> list[Child]:
     """The child runs a step started, by element index."""
-    stmt = select(runs.c.id, runs.c.parent_index, runs.c.status, runs.c.output, runs.c.error).where(
-        runs.c.parent_run_id == parent_run_id, runs.c.parent_step_id == parent_step_id
-    )
     return [
-        Child(id=r.id, index=r.parent_index or 0, status=r.status, output=r.output, error=r.error)
-        for r in (await session.execute(stmt)).all()
+        Child(id=r["id"], index=r["parent_index"] or 0, status=r["status"], output=r["output"], error=r["error"])
+        for r in await conn.fetch(_CHILDREN_SQL, parent_run_id, parent_step_id)
     ]
 
 
-async def count_children(session: AsyncSession, *, parent_run_id: str, retry_count: int, but: str) -> int:
+async def count_children(conn: Connection, *, parent_run_id: str, retry_count: int, but: str) -> int:
     """The child runs an attempt (``retry_count``) of a run started, except those of step ``but``."""
-    stmt = (
-        select(func.count())
-        .select_from(runs)
-        .where(
-            runs.c.parent_run_id == parent_run_id,
-            runs.c.parent_step_id != but,
-            # the key ChildRuns gives: child:{run}:{retry}:{step}:{index}
-            runs.c.idempotency_key.startswith(f"child:{parent_run_id}:{retry_count}:", autoescape=True),
-        )
-    )
-    return int((await session.execute(stmt)).scalar_one())
+    return int(await conn.fetchval(_COUNT_CHILDREN_SQL, parent_run_id, but, f"child:{parent_run_id}:{retry_count}:"))
 
 
-async def open_children(session: AsyncSession, *, parent_run_id: str, parent_step_id: str | None = None) -> list[str]:
+async def open_children(conn: Connection, *, parent_run_id: str, parent_step_id: str | None = None) -> list[str]:
     """Child runs of a run (or of one of its steps) that have not ended."""
-    stmt = select(runs.c.id).where(runs.c.parent_run_id == parent_run_id, runs.c.status.in_(OPEN))
-    if parent_step_id is not None:
-        stmt = stmt.where(runs.c.parent_step_id == parent_step_id)
-    return list((await session.execute(stmt)).scalars())
+    if parent_step_id is None:
+        rows = await conn.fetch(_OPEN_CHILDREN_SQL, parent_run_id)
+    else:
+        rows = await conn.fetch(_OPEN_CHILDREN_OF_STEP_SQL, parent_run_id, parent_step_id)
+    return [r["id"] for r in rows]
 
 
-async def stalled_parents(session: AsyncSession, *, older_than: datetime, limit: int) -> list[tuple[str, str]]:
+async def stalled_parents(conn: Connection, *, older_than: datetime, limit: int) -> list[tuple[str, str]]:
     """Subflow/foreach steps still waiting although a child ended a while ago (its message was lost)."""
-    child = runs.alias("child")
-    stmt = (
-        select(step_runs.c.run_id, step_runs.c.step_id)
-        .join(child, (child.c.parent_run_id == step_runs.c.run_id) & (child.c.parent_step_id == step_runs.c.step_id))
-        .where(
-            step_runs.c.status == "waiting",
-            step_runs.c.type.in_(types_that_run("children")),
-            child.c.status.not_in(OPEN),
-            child.c.updated_at < older_than,
-        )
-        .distinct()
-        .limit(limit)
-    )
-    return [(r.run_id, r.step_id) for r in (await session.execute(stmt)).all()]
+    rows = await conn.fetch(_STALLED_PARENTS_SQL, list(types_that_run("children")), older_than, limit)
+    return [(r["run_id"], r["step_id"]) for r in rows]
 
 
-async def waiting_for(session: AsyncSession, *, key: str) -> list[tuple[str, str, int]]:
+async def waiting_for(conn: Connection, *, key: str) -> list[tuple[str, str, int]]:
     """Steps waiting for an event with this subject key: ``(run_id, step_id, attempt)``."""
-    stmt = select(step_runs.c.run_id, step_runs.c.step_id, step_runs.c.attempt).where(
-        step_runs.c.wait_for == key, step_runs.c.status == "waiting"
-    )
-    return [(r.run_id, r.step_id, r.attempt) for r in (await session.execute(stmt)).all()]
+    return [(r["run_id"], r["step_id"], r["attempt"]) for r in await conn.fetch(_WAITING_FOR_SQL, key)]
 
 
-async def unpublished_events(session: AsyncSession, *, older_than: datetime, limit: int) -> list[RunEvent]:
+async def unpublished_events(conn: Connection, *, older_than: datetime, limit: int) -> list[RunEvent]:
     """Events a crash kept from JetStream (the runs' ``published_seq`` lags), oldest first."""
-    stmt = (
-        select(run_events, runs.c.tenant_id, runs.c.flow_id, runs.c.version)
-        .join(runs, runs.c.id == run_events.c.run_id)
-        .where(
-            runs.c.published_seq < runs.c.last_seq,
-            runs.c.updated_at < older_than,
-            run_events.c.seq > runs.c.published_seq,
-        )
-        .order_by(run_events.c.run_id, run_events.c.seq)
-        .limit(limit)
-    )
-    return [RunEvent(**r) for r in (await session.execute(stmt)).mappings()]
+    return [_event(r) for r in await conn.fetch(_UNPUBLISHED_SQL, older_than, limit)]
 
 
 async def stalled_work(
-    session: AsyncSession, *, run_older_than: datetime, step_older_than: datetime, lease_ended: datetime, limit: int
+    conn: Connection, *, run_older_than: datetime, step_older_than: datetime, lease_ended: datetime, limit: int
 ) -> list[tuple[str, str | None, int]]:
     """Work whose message may be lost: queued runs, and dispatched steps nobody finished (a step a
     worker executes in its own process: when its lease ended before ``lease_ended``).
 
     Returns ``(run_id, step_id or None, retry_count)``; re-sending is safe (recording is guarded).
     """
-    queued = select(runs.c.id, runs.c.retry_count).where(runs.c.status == "queued", runs.c.updated_at < run_older_than)
     found: list[tuple[str, str | None, int]] = [
-        (r.id, None, r.retry_count) for r in (await session.execute(queued.limit(limit))).all()
+        (r["id"], None, r["retry_count"]) for r in await conn.fetch(_QUEUED_SQL, run_older_than, limit)
     ]
-    stalled = and_(step_runs.c.lease_until.is_(None), step_runs.c.updated_at < step_older_than)
-    steps = (
-        select(step_runs.c.run_id, step_runs.c.step_id, runs.c.retry_count)
-        .join(runs, runs.c.id == step_runs.c.run_id)
-        .where(
-            step_runs.c.status.in_(("running", "pending")),
-            or_(stalled, step_runs.c.lease_until < lease_ended),
-            runs.c.status.in_(("running", "waiting")),
-        )
-        .limit(limit)
-    )
-    found += [(r.run_id, r.step_id, r.retry_count) for r in (await session.execute(steps)).all()]
+    steps = await conn.fetch(_STALLED_STEPS_SQL, step_older_than, lease_ended, limit)
+    found += [(r["run_id"], r["step_id"], r["retry_count"]) for r in steps]
     return found
 
 
@@ -821,28 +749,23 @@ async def extend_lease(conn: Any, *, run_id: str, step_id: str, attempt: int, un
     )
 
 
-async def overdue(session: AsyncSession, *, before: datetime, limit: int) -> list[Deadline]:
+_OVERDUE_RUNS_SQL = (
+    "SELECT id, retry_count FROM runner.runs WHERE deadline_at IS NOT NULL "
+    "AND status IN ('queued', 'running', 'waiting') AND deadline_at < $1 ORDER BY deadline_at LIMIT $2"
+)
+_OVERDUE_STEPS_SQL = (
+    "SELECT s.run_id, s.step_id, s.attempt, r.retry_count FROM runner.step_runs AS s "
+    "JOIN runner.runs AS r ON r.id = s.run_id "
+    "WHERE s.deadline_at IS NOT NULL AND s.status IN ('running', 'waiting') AND s.deadline_at < $1 "
+    "AND r.status IN ('queued', 'running', 'waiting') ORDER BY s.deadline_at LIMIT $2"
+)
+
+
+async def overdue(conn: Connection, *, before: datetime, limit: int) -> list[Deadline]:
     """Deadlines of open runs and open step attempts that passed before ``before`` (their timer was lost)."""
-    run_stmt = (
-        select(runs.c.id, runs.c.retry_count)
-        .where(runs.c.deadline_at.is_not(None), runs.c.status.in_(OPEN), runs.c.deadline_at < before)
-        .order_by(runs.c.deadline_at)
-        .limit(limit)
-    )
-    found = [Deadline(r.id, r.retry_count) for r in (await session.execute(run_stmt)).all()]
-    step_stmt = (
-        select(step_runs.c.run_id, step_runs.c.step_id, step_runs.c.attempt, runs.c.retry_count)
-        .join(runs, runs.c.id == step_runs.c.run_id)
-        .where(
-            step_runs.c.deadline_at.is_not(None),
-            step_runs.c.status.in_(("running", "waiting")),
-            step_runs.c.deadline_at < before,
-            runs.c.status.in_(OPEN),
-        )
-        .order_by(step_runs.c.deadline_at)
-        .limit(limit)
-    )
-    found += [Deadline(r.run_id, r.retry_count, r.step_id, r.attempt) for r in (await session.execute(step_stmt)).all()]
+    found = [Deadline(r["id"], r["retry_count"]) for r in await conn.fetch(_OVERDUE_RUNS_SQL, before, limit)]
+    steps = await conn.fetch(_OVERDUE_STEPS_SQL, before, limit)
+    found += [Deadline(r["run_id"], r["retry_count"], r["step_id"], r["attempt"]) for r in steps]
     return found
 
 
@@ -850,36 +773,41 @@ async def overdue(session: AsyncSession, *, before: datetime, limit: int) -> lis
 
 
 async def put_event_trigger(
-    session: AsyncSession, *, trigger_id: str, tenant: str, flow_id: str, key: str, filter_: str | None, enabled: bool
+    conn: Connection, *, trigger_id: str, tenant: str, flow_id: str, key: str, filter_: str | None, enabled: bool
 ) -> None:
     """Record (or update) an event trigger."""
-    stmt = insert(event_triggers).values(
-        trigger_id=trigger_id, tenant_id=tenant, flow_id=flow_id, key=key, filter=filter_, enabled=enabled
-    )
-    await session.execute(
-        stmt.on_conflict_do_update(
-            index_elements=[event_triggers.c.trigger_id],
-            set_={"key": stmt.excluded.key, "filter": stmt.excluded.filter, "enabled": stmt.excluded.enabled},
-        )
+    await conn.execute(
+        "INSERT INTO runner.event_triggers (trigger_id, tenant_id, flow_id, key, filter, enabled) "
+        "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (trigger_id) "
+        "DO UPDATE SET key = EXCLUDED.key, filter = EXCLUDED.filter, enabled = EXCLUDED.enabled",
+        trigger_id,
+        tenant,
+        flow_id,
+        key,
+        filter_,
+        enabled,
     )
 
 
-async def drop_event_triggers(
-    session: AsyncSession, *, trigger_id: str | None = None, flow_id: str | None = None
-) -> None:
+async def drop_event_triggers(conn: Connection, *, trigger_id: str | None = None, flow_id: str | None = None) -> None:
     """Forget one event trigger, or all of a flow's."""
-    stmt = event_triggers.delete()
+    p = Params()
+    conditions = []
     if trigger_id is not None:
-        stmt = stmt.where(event_triggers.c.trigger_id == trigger_id)
+        conditions.append(f"trigger_id = {p(trigger_id)}")
     if flow_id is not None:
-        stmt = stmt.where(event_triggers.c.flow_id == flow_id)
-    await session.execute(stmt)
+        conditions.append(f"flow_id = {p(flow_id)}")
+    await conn.execute(f"DELETE FROM runner.event_triggers {where(conditions)}", *p.values)
 
 
-async def event_triggers_for(session: AsyncSession, *, key: str) -> list[RowMapping]:
+async def event_triggers_for(conn: Connection, *, key: str) -> list[asyncpg.Record]:
     """Enabled event triggers listening to an event key."""
-    stmt = select(event_triggers).where(event_triggers.c.key == key, event_triggers.c.enabled.is_(True))
-    return list((await session.execute(stmt)).mappings())
+    rows: list[asyncpg.Record] = await conn.fetch(
+        "SELECT trigger_id, tenant_id, flow_id, key, filter, enabled FROM runner.event_triggers "
+        "WHERE key = $1 AND enabled IS true",
+        key,
+    )
+    return rows
 
 
 KEYED_PLANS: Final = {"enable_seqscan": "off", "enable_hashjoin": "off", "enable_mergejoin": "off"}

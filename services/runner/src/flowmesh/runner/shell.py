@@ -23,7 +23,6 @@ from typing import Any, TypeVar
 
 import asyncpg
 from nats.js import JetStreamContext
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from flowmesh.contracts.errors import Conflict, InvalidInput, NotFound, QuotaExceeded, RateLimited
 from flowmesh.contracts.ids import is_uuid, new_id, utcnow
@@ -47,6 +46,7 @@ from flowmesh.runner.secrets import SecretReveal
 from flowmesh.runner.timer_calls import TimerCalls, background
 from flowmesh.runner.traces import attempt_span, db_span, record_outcome
 from flowmesh.runner.writes import HeldWrites
+from flowmesh.runtime.db import Database
 from flowmesh.runtime.logs import log_context
 from flowmesh.runtime.quota import QuotaView
 from flowmesh.runtime.rpc import RpcClient
@@ -67,7 +67,7 @@ class Runner:
 
     def __init__(
         self,
-        sessions: async_sessionmaker[AsyncSession],
+        db: Database,
         flows: RpcClient,
         http: HttpStep,
         *,
@@ -81,7 +81,7 @@ class Runner:
         local_workers: int = 0,
         lease_s: float = 30.0,
     ) -> None:
-        self.sessions = sessions
+        self.db = db
         self.local_free = local_workers
         """Steps this process may still take on itself, with no work message (see :meth:`_claim_local`)."""
         self.lease_s = lease_s
@@ -95,8 +95,8 @@ class Runner:
         self.versions = Versions(default_run_timeout_ms)
         self.publisher = EventPublisher()
         self.timers = TimerCalls(scheduler or flows)
-        self.children = ChildRuns(sessions, self)
-        self.recovery = Recovery(sessions, self, self.publisher)
+        self.children = ChildRuns(db, self)
+        self.recovery = Recovery(db, self, self.publisher)
         self.pool: asyncpg.Pool | None = None
         self.writes = HeldWrites(lambda: self.pool)
         self._tasks: set[asyncio.Future[None]] = set()
@@ -283,8 +283,8 @@ class Runner:
         None: the key was not used.
         """
         assert req.idempotency_key is not None
-        async with self.sessions() as s:
-            found = await repo.run_by_key(s, tenant=tenant, flow_id=req.flow_id, key=req.idempotency_key)
+        async with self.db.reading() as conn:
+            found = await repo.run_by_key(conn, tenant=tenant, flow_id=req.flow_id, key=req.idempotency_key)
         if found is None:
             return None
         existing, existing_hash = found
@@ -438,18 +438,22 @@ class Runner:
     async def reopen(self, run_id: str, *, tenant: str) -> None:
         """Retry a failed run in place: failed and downstream steps reset, succeeded outputs kept."""
         now = utcnow()
-        async with self.sessions.begin() as s:
-            record = await repo.lock_run(s, run_id=run_id, tenant=tenant)
-            if record is None:
+        assert self.pool is not None
+        async with self.pool.acquire() as conn, conn.transaction():
+            found = await repo.lock_for_change(conn, run_id=run_id, tenant=tenant)
+            if found is None:
                 raise NotFound(f"run {run_id} not found")
+            record, steps = found
             if record.status != "failed":
                 raise Conflict(f"only a failed run can be retried; run {run_id} is {record.status}")
-            graph = await self.versions.graph(await repo.driver_of(s), record.flow_id, record.version)
-            kept = {k: v for k, v in (await repo.load_steps(s, run_id=run_id)).items() if v.status == "succeeded"}
-            record.retry_count = await repo.reset_for_retry(s, run_id=run_id, keep=set(kept), now=now)
+            graph = await self.versions.graph(conn, record.flow_id, record.version)
+            kept = {k: v for k, v in steps.items() if v.status == "succeeded"}
+            record.retry_count = await repo.reset_for_retry(conn, run_id=run_id, keep=set(kept), now=now)
             state = RunState(record, graph, kept, now, limits=self.output_limits(record.tenant_id))
             state.requeue()
-            events = await repo.save(s, state)
+            events = await repo.save_change(conn, state, {})
+            if events is None:  # cannot be: the lock keeps every other change out
+                raise RuntimeError(f"run {run_id} changed under its lock")
         metrics.committed(state.events)
         self.timers.send(state.timers.values())
         advance = Work(StepWork(run_id=run_id, kind="advance"), f"{run_id}:{record.retry_count}:start")

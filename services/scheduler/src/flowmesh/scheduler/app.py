@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 def create_app(settings: SchedulerSettings) -> ServiceRuntime:
     """The scheduler service, ready to run (``async with service.running(): ...``)."""
     service = ServiceRuntime("scheduler", settings, migrations=MIGRATIONS)
-    sync = Sync(service.sessions, RpcClient(service.broker, timeout=settings.rpc_timeout_s))
-    deps = SchedulerDeps(service.sessions, sync, Dispatcher(service.sessions, settings))
+    sync = Sync(service.db, RpcClient(service.broker, timeout=settings.rpc_timeout_s))
+    deps = SchedulerDeps(service.db, sync, Dispatcher(service.db, settings))
     service.rpc.include(handlers.router, deps)
     service.consumers.each(
         SCHEDULER_FLOWS,

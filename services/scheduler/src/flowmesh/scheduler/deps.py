@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-
+from flowmesh.runtime.db import Database
 from flowmesh.scheduler.dispatcher import Dispatcher
 from flowmesh.scheduler.sync import Sync
 
@@ -14,6 +13,6 @@ from flowmesh.scheduler.sync import Sync
 class SchedulerDeps:
     """The scheduler's collaborators, given to every handler."""
 
-    sessions: async_sessionmaker[AsyncSession]
+    db: Database
     sync: Sync
     dispatcher: Dispatcher

@@ -28,11 +28,11 @@ from typing import Any, Final
 
 from nats.js import JetStreamContext
 from prometheus_client import Counter, Histogram
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from flowmesh.contracts import headers as h
 from flowmesh.contracts.ids import new_id, utcnow
 from flowmesh.contracts.subjects import RUN_START_CMD, timer_fired
+from flowmesh.runtime.db import Database
 from flowmesh.scheduler import domain, repo
 from flowmesh.scheduler.settings import SchedulerSettings
 
@@ -95,8 +95,8 @@ class _Group:
 class Dispatcher:
     """One replica's claim-and-fire loop for schedules and timers."""
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], settings: SchedulerSettings) -> None:
-        self._sessions = sessions
+    def __init__(self, db: Database, settings: SchedulerSettings) -> None:
+        self._db = db
         self._settings = settings
         self.me = instance_name()
         self._lookahead = timedelta(seconds=settings.lookahead_s)
@@ -150,8 +150,8 @@ class Dispatcher:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         try:
-            async with asyncio.timeout(5), self._sessions.begin() as s:
-                await repo.release_claims(s, me=self.me)
+            async with asyncio.timeout(5), self._db.transaction() as conn:
+                await repo.release_claims(conn, me=self.me)
         except Exception as exc:
             log.warning("could not hand back claims (they lapse after %ss): %s", self._settings.lease_s, exc)
 
@@ -178,12 +178,12 @@ class Dispatcher:
         horizon = now + self._lookahead
         token = new_id()
         limit = self._settings.claim_batch
-        async with self._sessions.begin() as s:
+        async with self._db.transaction() as conn:
             rows = await repo.claim_schedules(
-                s, me=self.me, token=token, now=now, horizon=horizon, lease=self._lease, limit=limit
+                conn, me=self.me, token=token, now=now, horizon=horizon, lease=self._lease, limit=limit
             )
             timers = await repo.claim_timers(
-                s, me=self.me, token=token, now=now, horizon=horizon, lease=self._lease, limit=limit
+                conn, me=self.me, token=token, now=now, horizon=horizon, lease=self._lease, limit=limit
             )
         groups: dict[datetime, _Group] = {}
         idle: list[_ScheduleJob] = []
@@ -245,9 +245,11 @@ class Dispatcher:
         try:
             # claims are checked just before the due time, off the critical instant
             await _sleep_until(at - VERIFY_LEAD)
-            async with self._sessions() as s:
-                held = await repo.held_schedules(s, claims=[(j.row.trigger_id, j.token) for j in group.schedules])
-                held_timers = await repo.held_timers(s, claims=[(t.owner, t.key, t.claim_token) for t in group.timers])
+            async with self._db.reading() as conn:
+                held = await repo.held_schedules(conn, claims=[(j.row.trigger_id, j.token) for j in group.schedules])
+                held_timers = await repo.held_timers(
+                    conn, claims=[(t.owner, t.key, t.claim_token) for t in group.timers]
+                )
             jobs = [j for j in group.schedules if j.row.trigger_id in held]
             timers = [t for t in group.timers if (t.owner, t.key) in held_timers]
             await _sleep_until(at)
@@ -335,6 +337,6 @@ class Dispatcher:
         outcomes = [o for o in (j.outcome() for j in jobs) if o is not None]
         if not outcomes and not timers:
             return
-        async with self._sessions.begin() as s:
-            await repo.mark_fired(s, fired=outcomes)
-            await repo.forget_fired_timers(s, fired=[(t.owner, t.key, t.claim_token) for t in timers])
+        async with self._db.transaction() as conn:
+            await repo.mark_fired(conn, fired=outcomes)
+            await repo.forget_fired_timers(conn, fired=[(t.owner, t.key, t.claim_token) for t in timers])

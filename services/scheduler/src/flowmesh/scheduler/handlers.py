@@ -24,8 +24,8 @@ router: RpcRouter[SchedulerDeps] = RpcRouter()
 async def timer_set(timer: TimerSet, _: RpcContext, deps: SchedulerDeps) -> TimerSet:
     """Arm or move a timer; stored (committed) before the reply, so it survives any crash after."""
     due_at = timer.due_at if timer.due_at.tzinfo is not None else timer.due_at.replace(tzinfo=UTC)
-    async with deps.sessions.begin() as s:
-        await repo.set_timer(s, owner=timer.owner, key=timer.key, due_at=due_at, payload=timer.payload, now=utcnow())
+    async with deps.db.transaction() as conn:
+        await repo.set_timer(conn, owner=timer.owner, key=timer.key, due_at=due_at, payload=timer.payload, now=utcnow())
     if due_at <= utcnow() + deps.dispatcher.lookahead:
         deps.dispatcher.wake()
     return timer.model_copy(update={"due_at": due_at})
@@ -34,8 +34,8 @@ async def timer_set(timer: TimerSet, _: RpcContext, deps: SchedulerDeps) -> Time
 @router.handler(SchedulerOp.TIMER_CANCEL, tenant_required=False)
 async def timer_cancel(ref: TimerRef, _: RpcContext, deps: SchedulerDeps) -> TimerCancelled:
     """Disarm a timer (whether it was armed or not)."""
-    async with deps.sessions.begin() as s:
-        return TimerCancelled(cancelled=await repo.cancel_timer(s, owner=ref.owner, key=ref.key))
+    async with deps.db.transaction() as conn:
+        return TimerCancelled(cancelled=await repo.cancel_timer(conn, owner=ref.owner, key=ref.key))
 
 
 async def flow_announced(event: FlowEvent, msg: Delivery, deps: SchedulerDeps) -> None:

@@ -19,13 +19,13 @@ from typing import Final
 
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from flowmesh.contracts.ids import utcnow
 from flowmesh.contracts.models.flows import FlowEvent
 from flowmesh.contracts.models.schedules import ScheduleSources, ScheduleSourcesQuery
 from flowmesh.contracts.streams import FLOWS, SCHEDULER_FLOWS
 from flowmesh.contracts.subjects import FlowEventType, FlowsOp
+from flowmesh.runtime.db import Connection, Database
 from flowmesh.runtime.rpc import RpcClient
 from flowmesh.scheduler import domain, repo
 
@@ -48,8 +48,8 @@ FLOW_EVENTS: Final = frozenset(
 class Sync:
     """Reconciles the stored schedules with the flows service."""
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], flows: RpcClient) -> None:
-        self._sessions = sessions
+    def __init__(self, db: Database, flows: RpcClient) -> None:
+        self._db = db
         self._flows = flows
 
     async def _lookup(self, query: ScheduleSourcesQuery) -> ScheduleSources:
@@ -68,34 +68,34 @@ class Sync:
 
     async def passed(self, *, seq: int) -> None:
         """An announcement with nothing for the schedules (another trigger type, malformed): still applied."""
-        async with self._sessions.begin() as s:
-            await repo.mark_applied(s, seq=seq)
+        async with self._db.transaction() as conn:
+            await repo.mark_applied(conn, seq=seq)
 
     async def refresh_triggers(self, refs: Sequence[tuple[str, str]], *, seq: int | None = None) -> None:
         """Reconcile the schedules of these ``(trigger_id, flow_id)`` with the flows service's state."""
         ids = [t for t, _ in refs]
-        async with self._sessions.begin() as s:
-            await repo.lock_flows(s, flow_ids=[f for _, f in refs])
+        async with self._db.transaction() as conn:
+            await repo.lock_flows(conn, flow_ids=[f for _, f in refs])
             found = await self._lookup(ScheduleSourcesQuery(trigger_ids=ids))
             wanted = {src.trigger.id: domain.from_source(src) for src in found.items}
-            stored = await repo.get_schedules(s, trigger_ids=ids)
-            await _apply(s, ((i, stored.get(i), wanted.get(i)) for i in ids))
+            stored = await repo.get_schedules(conn, trigger_ids=ids)
+            await _apply(conn, ((i, stored.get(i), wanted.get(i)) for i in ids))
             if seq is not None:
-                await repo.mark_applied(s, seq=seq)
+                await repo.mark_applied(conn, seq=seq)
 
     async def refresh_flow(self, flow_id: str, *, seq: int | None = None) -> None:
         """Reconcile the schedules of one flow with its state (active, published, deleted)."""
-        async with self._sessions.begin() as s:
-            await repo.lock_flows(s, flow_ids=[flow_id])
-            rows = await repo.schedules_of_flow(s, flow_id=flow_id)
+        async with self._db.transaction() as conn:
+            await repo.lock_flows(conn, flow_ids=[flow_id])
+            rows = await repo.schedules_of_flow(conn, flow_id=flow_id)
             if rows:
                 found = await self._lookup(ScheduleSourcesQuery(flow_ids=[flow_id]))
                 state = next((f for f in found.flows if f.flow_id == flow_id), None)
                 await _apply(
-                    s, ((r.trigger_id, r, None if state is None else domain.with_flow(r, state)) for r in rows)
+                    conn, ((r.trigger_id, r, None if state is None else domain.with_flow(r, state)) for r in rows)
                 )
             if seq is not None:
-                await repo.mark_applied(s, seq=seq)
+                await repo.mark_applied(conn, seq=seq)
 
     async def rebuild(self) -> int:
         """Reconcile every schedule trigger of every live flow, and every stored schedule; how many."""
@@ -105,8 +105,8 @@ class Sync:
             page = await self._lookup(ScheduleSourcesQuery(after=after, limit=PAGE))
             ids = [src.trigger.id for src in page.items]
             upto = ids[-1] if len(ids) == PAGE else None
-            async with self._sessions() as s:
-                known = await repo.known_triggers(s, after=after, upto=upto)
+            async with self._db.reading() as conn:
+                known = await repo.known_triggers(conn, after=after, upto=upto)
             refs = sorted({(src.trigger.id, src.flow.flow_id) for src in page.items} | set(known))
             for i in range(0, len(refs), PAGE):
                 await self.refresh_triggers(refs[i : i + PAGE])
@@ -129,8 +129,8 @@ class Sync:
             acked = consumer.ack_floor.stream_seq if consumer.ack_floor else 0
         except NotFoundError:
             acked = 0
-        async with self._sessions() as s:
-            applied = await repo.applied_seq(s)
+        async with self._db.reading() as conn:
+            applied = await repo.applied_seq(conn)
         if not (applied + 1 < first or applied > last or (acked or 0) > applied):
             return False
         log.warning(
@@ -142,17 +142,17 @@ class Sync:
         )
         started = utcnow()
         count = await self.rebuild()
-        async with self._sessions.begin() as s:
+        async with self._db.transaction() as conn:
             if applied > last:
-                await repo.reset_applied(s, seq=last)
+                await repo.reset_applied(conn, seq=last)
             else:
-                await repo.mark_applied(s, seq=last)
+                await repo.mark_applied(conn, seq=last)
         log.info("rebuilt %s schedules in %.1fs", count, (utcnow() - started).total_seconds())
         return True
 
 
 async def _apply(
-    session: AsyncSession, changes: Iterable[tuple[str, domain.Schedule | None, domain.Schedule | None]]
+    conn: Connection, changes: Iterable[tuple[str, domain.Schedule | None, domain.Schedule | None]]
 ) -> None:
     now = utcnow()
     gone = []
@@ -162,5 +162,5 @@ async def _apply(
             if stored is not None:
                 gone.append(trigger_id)
         elif outcome.changed:
-            await repo.save_schedule(session, row=outcome.row, rearmed=outcome.rearmed, now=now)
-    await repo.delete_schedules(session, trigger_ids=gone)
+            await repo.save_schedule(conn, row=outcome.row, rearmed=outcome.rearmed, now=now)
+    await repo.delete_schedules(conn, trigger_ids=gone)

@@ -30,12 +30,13 @@ PRUNE_CHUNK: Final = 10_000
 def create_app(settings: UsageSettings) -> ServiceRuntime:
     """The usage service, ready to run (``async with service.running(): ...``)."""
     service = ServiceRuntime("usage", settings, migrations=MIGRATIONS)
-    plans = PlanBook(service.sessions, default=settings.default_plan, ttl_s=settings.plan_cache_s)
+    db = service.db
+    plans = PlanBook(db, default=settings.default_plan, ttl_s=settings.plan_cache_s)
     snapshots = QuotaSnapshots()
     vault = Vault(settings.keys_secret_list)
-    keys = KeyStore(service.sessions, vault)
-    secrets = SecretStore(service.sessions, vault)
-    deps = UsageDeps(service.sessions, plans, snapshots, keys, Meter(service.sessions, plans, snapshots), secrets)
+    keys = KeyStore(db, vault)
+    secrets = SecretStore(db, vault)
+    deps = UsageDeps(db, plans, snapshots, keys, Meter(db, plans, snapshots), secrets)
     service.rpc.include(handlers.router, deps)
     service.consumers.batches(
         USAGE_METER,
@@ -66,8 +67,8 @@ async def _open_snapshots(service: ServiceRuntime, snapshots: QuotaSnapshots, se
 async def _prune_metered(service: ServiceRuntime, settings: UsageSettings) -> None:
     """Forget metered event ids once no duplicate of them can arrive any more (in chunks)."""
     while True:
-        async with service.sessions.begin() as s:
+        async with service.db.transaction() as conn:
             before = utcnow() - timedelta(days=settings.dedupe_days)
-            pruned = await repo.prune_metered(s, before=before, limit=PRUNE_CHUNK)
+            pruned = await repo.prune_metered(conn, before=before, limit=PRUNE_CHUNK)
         if pruned < PRUNE_CHUNK:
             return

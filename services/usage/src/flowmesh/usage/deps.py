@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-
+from flowmesh.runtime.db import Database
 from flowmesh.usage.keys import KeyStore
 from flowmesh.usage.meter import Meter
 from flowmesh.usage.quota import PlanBook, QuotaSnapshots
@@ -16,7 +15,7 @@ from flowmesh.usage.secrets import SecretStore
 class UsageDeps:
     """The usage service's collaborators, given to every handler."""
 
-    sessions: async_sessionmaker[AsyncSession]
+    db: Database
     plans: PlanBook
     snapshots: QuotaSnapshots
     keys: KeyStore

@@ -66,8 +66,8 @@ def _runner_only(ctx: RpcContext) -> None:
 
 @router.handler(UsageOp.PLAN)
 async def plan(_: object, ctx: RpcContext, deps: UsageDeps) -> AssignedPlan:
-    async with deps.sessions() as s:
-        found, revision = (await deps.plans.assignments(s, [ctx.tenant]))[ctx.tenant]
+    async with deps.db.reading() as conn:
+        found, revision = (await deps.plans.assignments(conn, [ctx.tenant]))[ctx.tenant]
     return AssignedPlan(tenant_id=ctx.tenant, plan=found.name, assigned=revision > 0, limits=found)
 
 
@@ -79,19 +79,19 @@ async def plan_set(req: PlanRef, ctx: RpcContext, deps: UsageDeps) -> TenantPlan
             f"unknown plan {req.plan!r}; plans are {known}",
             errors=[FieldError(path="/plan", message=f"must be one of {known}")],
         )
-    async with deps.sessions.begin() as s:
-        previous = await repo.own_plan_locked(s, tenant=req.tenant_id)
-        revision = await repo.set_plan(s, tenant=req.tenant_id, plan=req.plan, now=utcnow())
+    async with deps.db.transaction() as conn:
+        previous = await repo.own_plan_locked(conn, tenant=req.tenant_id)
+        revision = await repo.set_plan(conn, tenant=req.tenant_id, plan=req.plan, now=utcnow())
         details = {"plan": req.plan, "previousPlan": previous, "revision": revision}
         await repo.audit(
-            s,
+            conn,
             tenant=req.tenant_id,
             actor=ctx.subject,
             action="plan.changed",
             target=("tenant", req.tenant_id),
             details=details,
         )
-        quotas = await deps.plans.quotas(s, [req.tenant_id])
+        quotas = await deps.plans.quotas(conn, [req.tenant_id])
     try:
         await deps.snapshots.write(quotas)
     except Exception as exc:  # the database has it; the next metered batch or change writes it again
@@ -102,8 +102,8 @@ async def plan_set(req: PlanRef, ctx: RpcContext, deps: UsageDeps) -> TenantPlan
 
 @router.handler(UsageOp.QUOTA)
 async def quota(_: object, ctx: RpcContext, deps: UsageDeps) -> TenantQuota:
-    async with deps.sessions() as s:
-        return (await deps.plans.quotas(s, [ctx.tenant]))[0]
+    async with deps.db.reading() as conn:
+        return (await deps.plans.quotas(conn, [ctx.tenant]))[0]
 
 
 # --- reads ----------------------------------------------------------------------------------------
@@ -113,17 +113,17 @@ async def quota(_: object, ctx: RpcContext, deps: UsageDeps) -> TenantQuota:
 async def summary(q: UsageQuery, ctx: RpcContext, deps: UsageDeps) -> UsageSummary:
     now = utcnow()
     period = domain.period_of(q.period, now)
-    async with deps.sessions() as s:
-        counts = await repo.month_counts(s, tenant=ctx.tenant, month=period.month)
-        assigned = await deps.plans.assignments(s, [ctx.tenant])
+    async with deps.db.reading() as conn:
+        counts = await repo.month_counts(conn, tenant=ctx.tenant, month=period.month)
+        assigned = await deps.plans.assignments(conn, [ctx.tenant])
     return domain.summary(assigned[ctx.tenant][0], period, counts, now)
 
 
 @router.handler(UsageOp.EXPORT)
 async def export(q: UsageExportQuery, ctx: RpcContext, deps: UsageDeps) -> UsageExport | UsageExportCsv:
     first, last = domain.export_range(q.from_, q.to, utcnow().date())
-    async with deps.sessions() as s:
-        days = await repo.daily_usage(s, tenant=ctx.tenant, first=first, last=last)
+    async with deps.db.reading() as conn:
+        days = await repo.daily_usage(conn, tenant=ctx.tenant, first=first, last=last)
     if q.format == "csv":
         return UsageExportCsv(csv=domain.render_csv(days))
     return UsageExport(tenant_id=ctx.tenant, from_=first, to=last, items=days)
@@ -134,8 +134,8 @@ async def flow_stats(req: FlowStatsRequest, ctx: RpcContext, deps: UsageDeps) ->
     flow_id = req.flow_id
     if not is_uuid(flow_id):
         raise NotFound(f"flow {flow_id} not found")
-    async with deps.sessions() as s:
-        return await repo.flow_stats(s, tenant=ctx.tenant, flow_id=flow_id)
+    async with deps.db.reading() as conn:
+        return await repo.flow_stats(conn, tenant=ctx.tenant, flow_id=flow_id)
 
 
 # --- keys -----------------------------------------------------------------------------------------
@@ -168,8 +168,8 @@ async def keys_reveal(req: RevealKey, ctx: RpcContext, deps: UsageDeps) -> Revea
 
 @router.handler(UsageOp.AUDIT)
 async def audit(q: AuditRead, ctx: RpcContext, deps: UsageDeps) -> AuditEntries:
-    async with deps.sessions() as s:
-        items = await repo.read_audit(s, tenant=audit_log.scope(tenant=ctx.tenant, role=ctx.role, q=q), q=q)
+    async with deps.db.reading() as conn:
+        items = await repo.read_audit(conn, tenant=audit_log.scope(tenant=ctx.tenant, role=ctx.role, q=q), q=q)
     return AuditEntries(items=items)
 
 

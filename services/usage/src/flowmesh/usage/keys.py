@@ -6,11 +6,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-
 from flowmesh.contracts.errors import FlowmeshError, NotFound
 from flowmesh.contracts.ids import utcnow
 from flowmesh.contracts.models.usage import ApiKeyInfo
+from flowmesh.runtime.db import Connection, Database
 from flowmesh.usage import repo
 from flowmesh.usage.domain import clean_key, key_hint, provider_name
 from flowmesh.usage.vault import Vault, VaultError
@@ -22,8 +21,8 @@ RESEAL_BATCH = 100
 class KeyStore:
     """Stores, lists, forgets and reveals tenants' provider keys. Never logs a key."""
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], vault: Vault) -> None:
-        self.sessions = sessions
+    def __init__(self, db: Database, vault: Vault) -> None:
+        self.db = db
         self.vault = vault
 
     async def put(self, tenant: str, provider: str, api_key: str, *, actor: str) -> ApiKeyInfo:
@@ -32,9 +31,9 @@ class KeyStore:
         provider = provider_name(provider)
         key = clean_key(api_key)
         sealed = self.vault.seal(tenant=tenant, provider=provider, api_key=key)
-        async with self.sessions.begin() as s:
+        async with self.db.transaction() as conn:
             info = await repo.put_key(
-                s,
+                conn,
                 tenant=tenant,
                 provider=provider,
                 ciphertext=sealed,
@@ -42,13 +41,13 @@ class KeyStore:
                 hint=key_hint(key),
                 now=utcnow(),
             )
-            await repo.audit(s, tenant=tenant, actor=actor, action="apiKey.put", target=("apiKey", provider))
+            await repo.audit(conn, tenant=tenant, actor=actor, action="apiKey.put", target=("apiKey", provider))
         return info
 
     async def list(self, tenant: str) -> list[ApiKeyInfo]:
         """The tenant's keys, hints only."""
-        async with self.sessions() as s:
-            return await repo.list_keys(s, tenant=tenant)
+        async with self.db.reading() as conn:
+            return await repo.list_keys(conn, tenant=tenant)
 
     async def delete(self, tenant: str, provider: str, *, actor: str) -> None:
         """Forget a provider's key, recorded in the audit log as ``actor``'s.
@@ -57,10 +56,10 @@ class KeyStore:
             NotFound: no key of that provider is stored.
         """
         provider = provider_name(provider)
-        async with self.sessions.begin() as s:
-            if not await repo.delete_key(s, tenant=tenant, provider=provider):
+        async with self.db.transaction() as conn:
+            if not await repo.delete_key(conn, tenant=tenant, provider=provider):
                 raise NotFound(f"no {provider} key is stored")
-            await repo.audit(s, tenant=tenant, actor=actor, action="apiKey.deleted", target=("apiKey", provider))
+            await repo.audit(conn, tenant=tenant, actor=actor, action="apiKey.deleted", target=("apiKey", provider))
 
     async def reveal(self, tenant: str, provider: str) -> str:
         """The plaintext key, marking it used.
@@ -70,8 +69,8 @@ class KeyStore:
             FlowmeshError: the stored key cannot be decrypted with the configured secrets.
         """
         provider = provider_name(provider)
-        async with self.sessions.begin() as s:
-            sealed = await repo.use_key(s, tenant=tenant, provider=provider, now=utcnow())
+        async with self.db.transaction() as conn:
+            sealed = await repo.use_key(conn, tenant=tenant, provider=provider, now=utcnow())
         if sealed is None:
             raise NotFound(f"no {provider} key is stored")
         try:
@@ -86,25 +85,23 @@ class KeyStore:
         Rows no configured secret opens are left as they are (logged): they need their secret back.
         """
         return await reseal_rows(
-            self.sessions,
+            self.db,
             self.vault,
             what="key",
             fetch=repo.keys_sealed_with_other,
-            write=lambda s, tenant, provider, old, new: repo.reseal_key(
-                s, tenant=tenant, provider=provider, old=old, new=new, key_id=self.vault.key_id
+            write=lambda conn, tenant, provider, old, new: repo.reseal_key(
+                conn, tenant=tenant, provider=provider, old=old, new=new, key_id=self.vault.key_id
             ),
         )
 
 
 Fetch = Callable[..., Awaitable[list[tuple[str, str, bytes]]]]
-"""``(session, *, key_id, limit)``: rows ``(tenant, name, ciphertext)`` sealed under another key."""
-Write = Callable[[AsyncSession, str, str, bytes, bytes], Awaitable[bool]]
-"""``(session, tenant, name, old, new)``: replace a row's ciphertext if still ``old``; whether it was."""
+"""``(connection, *, key_id, limit)``: rows ``(tenant, name, ciphertext)`` sealed under another key."""
+Write = Callable[[Connection, str, str, bytes, bytes], Awaitable[bool]]
+"""``(connection, tenant, name, old, new)``: replace a row's ciphertext if still ``old``; whether it was."""
 
 
-async def reseal_rows(
-    sessions: async_sessionmaker[AsyncSession], vault: Vault, *, what: str, fetch: Fetch, write: Write
-) -> int:
+async def reseal_rows(db: Database, vault: Vault, *, what: str, fetch: Fetch, write: Write) -> int:
     """Re-seal, batch by batch, the rows ``fetch`` finds with the vault's current key; how many were.
 
     Rows no configured secret opens are left as they are (logged): they need their secret back.
@@ -112,12 +109,12 @@ async def reseal_rows(
     done = 0
     skipped: set[tuple[str, str]] = set()
     while True:
-        async with sessions() as s:
-            rows = await fetch(s, key_id=vault.key_id, limit=RESEAL_BATCH + len(skipped))
+        async with db.reading() as conn:
+            rows = await fetch(conn, key_id=vault.key_id, limit=RESEAL_BATCH + len(skipped))
         rows = [r for r in rows if (r[0], r[1]) not in skipped]
         if not rows:
             break
-        async with sessions.begin() as s:
+        async with db.transaction() as conn:
             for tenant, name, old in rows:
                 try:
                     new = vault.reseal(old)
@@ -125,7 +122,7 @@ async def reseal_rows(
                     log.error("the stored %s %r of tenant %r opens with no configured secret", what, name, tenant)
                     skipped.add((tenant, name))
                     continue
-                if await write(s, tenant, name, old, new):
+                if await write(conn, tenant, name, old, new):
                     done += 1
     if done:
         log.info("re-sealed %d stored %ss with the current secret", done, what)

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from prometheus_client import Counter, Histogram
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from flowmesh.contracts.ids import utcnow
 from flowmesh.contracts.models.usage import TenantQuota
+from flowmesh.runtime.db import Database
 from flowmesh.usage import repo
 from flowmesh.usage.domain import MalformedEvent, Metered, aggregate, read_event, unique
 from flowmesh.usage.quota import PlanBook, QuotaSnapshots
@@ -46,8 +46,8 @@ class Metering:
 class Meter:
     """Meters batches of run events (one transaction each) and refreshes the quota snapshots."""
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], plans: PlanBook, snapshots: QuotaSnapshots) -> None:
-        self.sessions = sessions
+    def __init__(self, db: Database, plans: PlanBook, snapshots: QuotaSnapshots) -> None:
+        self.db = db
         self.plans = plans
         self.snapshots = snapshots
 
@@ -69,13 +69,13 @@ class Meter:
         # tenants whose runs may have grown: their snapshots are refreshed even when every event
         # was a duplicate (the batch may be a redelivery after a crash between commit and snapshot)
         counted = {e.tenant_id for e in candidates if e.counts.runs}
-        async with self.sessions.begin() as s:
-            claimed = await repo.claim_events(s, event_ids=[e.event_id for e in candidates], now=utcnow())
+        async with self.db.transaction() as conn:
+            claimed = await repo.claim_events(conn, event_ids=[e.event_id for e in candidates], now=utcnow())
             batch = aggregate(e for e in candidates if e.event_id in claimed)
-            await repo.add_daily(s, sums=batch.daily)
-            await repo.add_monthly(s, sums=batch.monthly)
-            await repo.put_run_facts(s, facts=batch.runs.values())
-            quotas = await self.plans.quotas(s, counted)
+            await repo.add_daily(conn, sums=batch.daily)
+            await repo.add_monthly(conn, sums=batch.monthly)
+            await repo.put_run_facts(conn, facts=batch.runs.values())
+            quotas = await self.plans.quotas(conn, counted)
         _observe_lag(e for e in candidates if e.event_id in claimed)
         await self.snapshots.write(quotas)
         EVENTS.labels("metered").inc(len(claimed))

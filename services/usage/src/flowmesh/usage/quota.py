@@ -25,11 +25,11 @@ import orjson
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from flowmesh.contracts.ids import utcnow
 from flowmesh.contracts.models.usage import Plan, TenantQuota, quota_key
 from flowmesh.runtime.cache import TtlCache
+from flowmesh.runtime.db import Connection, Database
 from flowmesh.usage import repo
 from flowmesh.usage.domain import Period, merge_quota, month_of
 from flowmesh.usage.domain import tenant_quota as build_quota
@@ -42,8 +42,8 @@ SNAPSHOT_ATTEMPTS: Final = 5
 class PlanBook:
     """The plans table, remembered for ``ttl_s`` (plans are data: an edited row applies within that)."""
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], *, default: str, ttl_s: float) -> None:
-        self._sessions = sessions
+    def __init__(self, db: Database, *, default: str, ttl_s: float) -> None:
+        self._db = db
         self.default = default
         # an empty table is not kept: read again until the plans are there
         self._plans: TtlCache[None, dict[str, Plan]] = TtlCache(ttl_s, ttl_of=lambda plans: ttl_s if plans else 0)
@@ -53,33 +53,33 @@ class PlanBook:
         return await self._plans.get(None, self._load)
 
     async def _load(self) -> dict[str, Plan]:
-        async with self._sessions() as s:
-            return await repo.load_plans(s)
+        async with self._db.reading() as conn:
+            return await repo.load_plans(conn)
 
     async def plan(self, name: str) -> Plan:
         """A plan by name; a name the table no longer has reads as the default plan."""
         plans = await self.plans()
         return plans.get(name) or plans[self.default]
 
-    async def assignments(self, session: AsyncSession, tenant_ids: Iterable[str]) -> dict[str, tuple[Plan, int]]:
+    async def assignments(self, conn: Connection, tenant_ids: Iterable[str]) -> dict[str, tuple[Plan, int]]:
         """Each tenant's plan and plan revision (the default plan, revision 0, without a record)."""
         ids = set(tenant_ids)
-        own = await repo.tenant_plans(session, tenant_ids=ids)
+        own = await repo.tenant_plans(conn, tenant_ids=ids)
         out: dict[str, tuple[Plan, int]] = {}
         for tenant in ids:
             name, revision = own.get(tenant, (self.default, 0))
             out[tenant] = (await self.plan(name), revision)
         return out
 
-    async def quotas(self, session: AsyncSession, tenant_ids: Iterable[str]) -> list[TenantQuota]:
-        """Quota answers of tenants as the session sees them now (this month's runs, current plan)."""
+    async def quotas(self, conn: Connection, tenant_ids: Iterable[str]) -> list[TenantQuota]:
+        """Quota answers of tenants as the connection sees them now (this month's runs, current plan)."""
         ids = set(tenant_ids)
         if not ids:
             return []
         now = utcnow()
         period = Period(month_of(now.date()))
-        runs = await repo.month_runs(session, tenant_ids=ids, month=period.month)
-        assigned = await self.assignments(session, ids)
+        runs = await repo.month_runs(conn, tenant_ids=ids, month=period.month)
+        assigned = await self.assignments(conn, ids)
         return [build_quota(t, assigned[t][0], assigned[t][1], period, runs.get(t, 0), now) for t in sorted(ids)]
 
 

@@ -8,41 +8,34 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import date, datetime
-from typing import Any
-
-from sqlalchemy import bindparam, delete, func, select, text, update
-from sqlalchemy.dialects.postgresql import ARRAY, insert
-from sqlalchemy.ext.asyncio import AsyncSession
+from typing import Any, Final
 
 from flowmesh.contracts.ids import utcnow
 from flowmesh.contracts.models.audit import AuditAction, AuditEntry, AuditRead, AuditTarget, AuditTargetType
 from flowmesh.contracts.models.usage import ApiKeyInfo, FlowStats, Plan, PlanCaps, SecretInfo, UsageDay
 from flowmesh.runtime import audit as audit_log
+from flowmesh.runtime.db import Connection
 from flowmesh.usage.domain import COUNTERS, Counts, RunFact
-from flowmesh.usage.tables import (
-    api_keys,
-    metered_events,
-    plans,
-    run_stats,
-    secrets,
-    tenants,
-    usage_daily,
-    usage_monthly,
-)
-from flowmesh.usage.tables import (
-    audit as audit_table,
-)
+
+SCHEMA: Final = "usage"
+"""The service's schema (its migrations create it)."""
+
+
+def _changed(status: str) -> int:
+    """How many rows a statement changed, from its status (``DELETE 3``, ``UPDATE 1``)."""
+    return int(status.rsplit(" ", 1)[-1])
+
 
 # --- metering ---------------------------------------------------------------------------------------
 
-_CLAIM = text(
+_CLAIM: Final = (
     "INSERT INTO usage.metered_events (event_id, metered_at) "
-    "SELECT id, :now FROM unnest(CAST(:ids AS uuid[])) AS t(id) "
+    "SELECT id, $2::timestamptz FROM unnest($1::uuid[]) AS t(id) "
     "ON CONFLICT (event_id) DO NOTHING RETURNING event_id::text"
-).bindparams(bindparam("ids", type_=ARRAY(metered_events.c.event_id.type)))
+)
 
 
-async def claim_events(session: AsyncSession, *, event_ids: Sequence[str], now: datetime) -> set[str]:
+async def claim_events(conn: Connection, *, event_ids: Sequence[str], now: datetime) -> set[str]:
     """Record events as metered; the ids that were not metered before (the others are duplicates).
 
     A concurrent transaction claiming the same id waits for this one and then finds it claimed,
@@ -50,52 +43,48 @@ async def claim_events(session: AsyncSession, *, event_ids: Sequence[str], now: 
     """
     if not event_ids:
         return set()
-    rows = await session.execute(_CLAIM, {"ids": list(event_ids), "now": now})
-    return {r[0] for r in rows}
+    return {r[0] for r in await conn.fetch(_CLAIM, list(event_ids), now)}
 
 
-def _add_counts_sql(table: str, period: str) -> Any:
+def _add_counts_sql(table: str, period: str) -> str:
     columns = ", ".join(COUNTERS)
-    arrays = ", ".join(f"CAST(:{name} AS bigint[])" for name in COUNTERS)
-    return text(
+    arrays = ", ".join(f"${i}::bigint[]" for i in range(3, 3 + len(COUNTERS)))
+    return (
         f"INSERT INTO usage.{table} AS u (tenant_id, {period}, {columns}) "
-        f"SELECT * FROM unnest(CAST(:tenants AS text[]), CAST(:periods AS date[]), {arrays}) "
+        f"SELECT * FROM unnest($1::text[], $2::date[], {arrays}) "
         f"ON CONFLICT (tenant_id, {period}) DO UPDATE SET "
         + ", ".join(f"{name} = u.{name} + excluded.{name}" for name in COUNTERS)
     )
 
 
-_ADD_DAILY = _add_counts_sql("usage_daily", "day")
-_ADD_MONTHLY = _add_counts_sql("usage_monthly", "month")
+_ADD_DAILY: Final = _add_counts_sql("usage_daily", "day")
+_ADD_MONTHLY: Final = _add_counts_sql("usage_monthly", "month")
 
 
-async def _add_counts(session: AsyncSession, stmt: Any, sums: dict[tuple[str, date], Counts]) -> None:
+async def _add_counts(conn: Connection, sql: str, sums: dict[tuple[str, date], Counts]) -> None:
     # one statement over arrays, rows in key order (replicas take the row locks in the same order)
     if not sums:
         return
     keys = sorted(sums)
-    params: dict[str, Any] = {"tenants": [t for t, _ in keys], "periods": [d for _, d in keys]}
-    for name in COUNTERS:
-        params[name] = [getattr(sums[k], name) for k in keys]
-    await session.execute(stmt, params)
+    counters = ([getattr(sums[k], name) for k in keys] for name in COUNTERS)
+    await conn.execute(sql, [t for t, _ in keys], [d for _, d in keys], *counters)
 
 
-async def add_daily(session: AsyncSession, *, sums: dict[tuple[str, date], Counts]) -> None:
+async def add_daily(conn: Connection, *, sums: dict[tuple[str, date], Counts]) -> None:
     """Add counters per (tenant, day): one upsert per row, rows in key order."""
-    await _add_counts(session, _ADD_DAILY, sums)
+    await _add_counts(conn, _ADD_DAILY, sums)
 
 
-async def add_monthly(session: AsyncSession, *, sums: dict[tuple[str, date], Counts]) -> None:
+async def add_monthly(conn: Connection, *, sums: dict[tuple[str, date], Counts]) -> None:
     """Add counters per (tenant, first day of the month)."""
-    await _add_counts(session, _ADD_MONTHLY, sums)
+    await _add_counts(conn, _ADD_MONTHLY, sums)
 
 
-_RUN_FACTS = text(
+_RUN_FACTS: Final = (
     "INSERT INTO usage.run_stats AS r "
     "(run_id, tenant_id, flow_id, queued_at, status, duration_ms, completed_at, final_seq) "
-    "SELECT * FROM unnest(CAST(:run_ids AS uuid[]), CAST(:tenants AS text[]), CAST(:flows AS uuid[]), "
-    "CAST(:queued AS timestamptz[]), CAST(:statuses AS text[]), CAST(:durations AS bigint[]), "
-    "CAST(:completed AS timestamptz[]), CAST(:seqs AS int[])) "
+    "SELECT * FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::timestamptz[], $5::text[], $6::bigint[], "
+    "$7::timestamptz[], $8::int[]) "
     "ON CONFLICT (run_id) DO UPDATE SET queued_at = LEAST(r.queued_at, excluded.queued_at), "
     + ", ".join(
         f"{c} = CASE WHEN excluded.final_seq > COALESCE(r.final_seq, -1) THEN excluded.{c} ELSE r.{c} END"
@@ -104,43 +93,45 @@ _RUN_FACTS = text(
 )
 
 
-async def put_run_facts(session: AsyncSession, *, facts: Iterable[RunFact]) -> None:
+async def put_run_facts(conn: Connection, *, facts: Iterable[RunFact]) -> None:
     """Keep per-run statistics: the earliest queue time, and the outcome with the highest ``seq``.
 
-    One statement over arrays, whatever the number of runs (a multi-row VALUES would be compiled
+    One statement over arrays, whatever the number of runs (a multi-row VALUES would be prepared
     anew for every batch size).
     """
     ordered = sorted(facts, key=lambda f: f.run_id)
     if not ordered:
         return
-    await session.execute(
+    await conn.execute(
         _RUN_FACTS,
-        {
-            "run_ids": [f.run_id for f in ordered],
-            "tenants": [f.tenant_id for f in ordered],
-            "flows": [f.flow_id for f in ordered],
-            "queued": [f.queued_at for f in ordered],
-            "statuses": [f.status for f in ordered],
-            "durations": [f.duration_ms for f in ordered],
-            "completed": [f.completed_at for f in ordered],
-            "seqs": [f.final_seq for f in ordered],
-        },
+        [f.run_id for f in ordered],
+        [f.tenant_id for f in ordered],
+        [f.flow_id for f in ordered],
+        [f.queued_at for f in ordered],
+        [f.status for f in ordered],
+        [f.duration_ms for f in ordered],
+        [f.completed_at for f in ordered],
+        [f.final_seq for f in ordered],
     )
 
 
-async def prune_metered(session: AsyncSession, *, before: datetime, limit: int) -> int:
+async def prune_metered(conn: Connection, *, before: datetime, limit: int) -> int:
     """Forget up to ``limit`` metered event ids recorded before ``before``; how many were forgotten."""
-    oldest = select(metered_events.c.event_id).where(metered_events.c.metered_at < before).limit(limit)
-    result = await session.execute(delete(metered_events).where(metered_events.c.event_id.in_(oldest)))
-    return int(result.rowcount)  # type: ignore[attr-defined]
+    status = await conn.execute(
+        "DELETE FROM usage.metered_events WHERE event_id IN "
+        "(SELECT event_id FROM usage.metered_events WHERE metered_at < $1 LIMIT $2)",
+        before,
+        limit,
+    )
+    return _changed(status)
 
 
 # --- plans and tenants ------------------------------------------------------------------------------
 
 
-async def load_plans(session: AsyncSession) -> dict[str, Plan]:
+async def load_plans(conn: Connection) -> dict[str, Plan]:
     """Every plan by name."""
-    rows = (await session.execute(select(plans))).mappings()
+    rows = await conn.fetch("SELECT * FROM usage.plans")
     return {
         r["name"]: Plan(
             name=r["name"],
@@ -157,164 +148,187 @@ async def load_plans(session: AsyncSession) -> dict[str, Plan]:
     }
 
 
-async def tenant_plans(session: AsyncSession, *, tenant_ids: Iterable[str]) -> dict[str, tuple[str, int]]:
+async def tenant_plans(conn: Connection, *, tenant_ids: Iterable[str]) -> dict[str, tuple[str, int]]:
     """The plan and plan revision of each tenant that has a plan of its own."""
     ids = sorted(set(tenant_ids))
     if not ids:
         return {}
-    stmt = select(tenants.c.tenant_id, tenants.c.plan, tenants.c.plan_revision).where(tenants.c.tenant_id.in_(ids))
-    return {r.tenant_id: (r.plan, r.plan_revision) for r in await session.execute(stmt)}
-
-
-async def own_plan_locked(session: AsyncSession, *, tenant: str) -> str | None:
-    """The plan a tenant was given (None: it has the default), its row locked until the transaction ends."""
-    stmt = select(tenants.c.plan).where(tenants.c.tenant_id == tenant).with_for_update()
-    return (await session.execute(stmt)).scalar_one_or_none()
-
-
-async def set_plan(session: AsyncSession, *, tenant: str, plan: str, now: datetime) -> int:
-    """Give a tenant a plan (creating its record if new); the assignment's revision."""
-    stmt = insert(tenants).values(tenant_id=tenant, plan=plan, plan_revision=1, created_at=now, updated_at=now)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[tenants.c.tenant_id],
-        set_={"plan": plan, "plan_revision": tenants.c.plan_revision + 1, "updated_at": now},
+    rows = await conn.fetch(
+        "SELECT tenant_id, plan, plan_revision FROM usage.tenants WHERE tenant_id = ANY($1::text[])", ids
     )
-    return int((await session.execute(stmt.returning(tenants.c.plan_revision))).scalar_one())
+    return {r["tenant_id"]: (r["plan"], r["plan_revision"]) for r in rows}
+
+
+async def own_plan_locked(conn: Connection, *, tenant: str) -> str | None:
+    """The plan a tenant was given (None: it has the default), its row locked until the transaction ends."""
+    plan: str | None = await conn.fetchval("SELECT plan FROM usage.tenants WHERE tenant_id = $1 FOR UPDATE", tenant)
+    return plan
+
+
+async def set_plan(conn: Connection, *, tenant: str, plan: str, now: datetime) -> int:
+    """Give a tenant a plan (creating its record if new); the assignment's revision."""
+    revision = await conn.fetchval(
+        "INSERT INTO usage.tenants AS t (tenant_id, plan, plan_revision, created_at, updated_at) "
+        "VALUES ($1, $2, 1, $3, $3) ON CONFLICT (tenant_id) DO UPDATE SET "
+        "plan = excluded.plan, plan_revision = t.plan_revision + 1, updated_at = excluded.updated_at "
+        "RETURNING plan_revision",
+        tenant,
+        plan,
+        now,
+    )
+    return int(revision)
 
 
 # --- reads --------------------------------------------------------------------------------------------
 
+_COUNTER_COLUMNS: Final = ", ".join(COUNTERS)
 
-async def month_counts(session: AsyncSession, *, tenant: str, month: date) -> Counts:
+
+async def month_counts(conn: Connection, *, tenant: str, month: date) -> Counts:
     """A tenant's counters for one month (zeros when nothing was metered)."""
-    stmt = select(*(usage_monthly.c[n] for n in COUNTERS)).where(
-        usage_monthly.c.tenant_id == tenant, usage_monthly.c.month == month
+    row = await conn.fetchrow(
+        f"SELECT {_COUNTER_COLUMNS} FROM usage.usage_monthly WHERE tenant_id = $1 AND month = $2", tenant, month
     )
-    return Counts.from_row((await session.execute(stmt)).mappings().one_or_none())
+    return Counts.from_row(row)
 
 
-async def month_runs(session: AsyncSession, *, tenant_ids: Iterable[str], month: date) -> dict[str, int]:
+async def month_runs(conn: Connection, *, tenant_ids: Iterable[str], month: date) -> dict[str, int]:
     """Runs metered this month per tenant (absent: none)."""
     ids = sorted(set(tenant_ids))
     if not ids:
         return {}
-    stmt = select(usage_monthly.c.tenant_id, usage_monthly.c.runs).where(
-        usage_monthly.c.tenant_id.in_(ids), usage_monthly.c.month == month
+    rows = await conn.fetch(
+        "SELECT tenant_id, runs FROM usage.usage_monthly WHERE tenant_id = ANY($1::text[]) AND month = $2", ids, month
     )
-    return {r.tenant_id: int(r.runs) for r in await session.execute(stmt)}
+    return {r["tenant_id"]: int(r["runs"]) for r in rows}
 
 
-async def daily_usage(session: AsyncSession, *, tenant: str, first: date, last: date) -> list[UsageDay]:
+async def daily_usage(conn: Connection, *, tenant: str, first: date, last: date) -> list[UsageDay]:
     """A tenant's days with usage from ``first`` to ``last`` inclusive, oldest first."""
-    stmt = (
-        select(usage_daily)
-        .where(usage_daily.c.tenant_id == tenant, usage_daily.c.day >= first, usage_daily.c.day <= last)
-        .order_by(usage_daily.c.day)
+    rows = await conn.fetch(
+        f"SELECT tenant_id, day, {_COUNTER_COLUMNS} FROM usage.usage_daily "
+        "WHERE tenant_id = $1 AND day >= $2 AND day <= $3 ORDER BY day",
+        tenant,
+        first,
+        last,
     )
-    return [
-        UsageDay(date=r["day"], tenant_id=r["tenant_id"], **Counts.from_row(r).as_dict())
-        for r in (await session.execute(stmt)).mappings()
-    ]
+    return [UsageDay(date=r["day"], tenant_id=r["tenant_id"], **Counts.from_row(r).as_dict()) for r in rows]
 
 
-async def flow_stats(session: AsyncSession, *, tenant: str, flow_id: str) -> FlowStats:
+_FLOW_STATS: Final = (
+    "SELECT count(*) AS total,"
+    " count(*) FILTER (WHERE status = 'succeeded') AS succeeded,"
+    " count(*) FILTER (WHERE status = 'failed') AS failed,"
+    " count(*) FILTER (WHERE status = 'cancelled') AS cancelled,"
+    " count(*) FILTER (WHERE status = 'timedOut') AS timed_out,"
+    " avg(duration_ms) FILTER (WHERE status IS NOT NULL) AS avg,"
+    " percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms) FILTER (WHERE status IS NOT NULL) AS p95,"
+    " max(COALESCE(queued_at, completed_at)) AS last"
+    " FROM usage.run_stats WHERE tenant_id = $1 AND flow_id = $2"
+)
+
+
+async def flow_stats(conn: Connection, *, tenant: str, flow_id: str) -> FlowStats:
     """Executions of one flow: counts by outcome, average and p95 duration of finished runs, the last start."""
-    c = run_stats.c
-    finished = c.status.is_not(None)
-    stmt = select(
-        func.count().label("total"),
-        func.count().filter(c.status == "succeeded").label("succeeded"),
-        func.count().filter(c.status == "failed").label("failed"),
-        func.count().filter(c.status == "cancelled").label("cancelled"),
-        func.count().filter(c.status == "timedOut").label("timed_out"),
-        func.avg(c.duration_ms).filter(finished).label("avg"),
-        func.percentile_cont(0.95).within_group(c.duration_ms).filter(finished).label("p95"),
-        func.max(func.coalesce(c.queued_at, c.completed_at)).label("last"),
-    ).where(c.tenant_id == tenant, c.flow_id == flow_id)
-    r = (await session.execute(stmt)).one()
+    r = await conn.fetchrow(_FLOW_STATS, tenant, flow_id)
     return FlowStats(
-        executions_total=r.total,
-        succeeded=r.succeeded,
-        failed=r.failed,
-        cancelled=r.cancelled,
-        timed_out=r.timed_out,
-        avg_duration_ms=None if r.avg is None else round(float(r.avg), 3),
-        p95_duration_ms=None if r.p95 is None else round(float(r.p95), 3),
-        last_executed_at=r.last,
+        executions_total=r["total"],
+        succeeded=r["succeeded"],
+        failed=r["failed"],
+        cancelled=r["cancelled"],
+        timed_out=r["timed_out"],
+        avg_duration_ms=None if r["avg"] is None else round(float(r["avg"]), 3),
+        p95_duration_ms=None if r["p95"] is None else round(float(r["p95"]), 3),
+        last_executed_at=r["last"],
     )
 
 
 # --- API keys ---------------------------------------------------------------------------------------
 
-_KEY_INFO = (api_keys.c.provider, api_keys.c.key_hint, api_keys.c.created_at, api_keys.c.last_used_at)
+_KEY_INFO: Final = "provider, key_hint, created_at, last_used_at"
 
 
 def _info(row: Any) -> ApiKeyInfo:
     return ApiKeyInfo(
-        provider=row.provider, key_hint=row.key_hint, created_at=row.created_at, last_used_at=row.last_used_at
+        provider=row["provider"],
+        key_hint=row["key_hint"],
+        created_at=row["created_at"],
+        last_used_at=row["last_used_at"],
     )
 
 
-async def list_keys(session: AsyncSession, *, tenant: str) -> list[ApiKeyInfo]:
+async def list_keys(conn: Connection, *, tenant: str) -> list[ApiKeyInfo]:
     """The tenant's stored keys (hints only), by provider."""
-    stmt = select(*_KEY_INFO).where(api_keys.c.tenant_id == tenant).order_by(api_keys.c.provider)
-    return [_info(r) for r in await session.execute(stmt)]
+    rows = await conn.fetch(f"SELECT {_KEY_INFO} FROM usage.api_keys WHERE tenant_id = $1 ORDER BY provider", tenant)
+    return [_info(r) for r in rows]
 
 
 async def put_key(
-    session: AsyncSession, *, tenant: str, provider: str, ciphertext: bytes, key_id: str, hint: str, now: datetime
+    conn: Connection, *, tenant: str, provider: str, ciphertext: bytes, key_id: str, hint: str, now: datetime
 ) -> ApiKeyInfo:
     """Store a provider's key, replacing the one before (a new key: new ``createdAt``, never used)."""
-    values = {"ciphertext": ciphertext, "key_id": key_id, "key_hint": hint, "created_at": now, "last_used_at": None}
-    stmt = insert(api_keys).values(tenant_id=tenant, provider=provider, **values)
-    stmt = stmt.on_conflict_do_update(index_elements=[api_keys.c.tenant_id, api_keys.c.provider], set_=values)
-    return _info((await session.execute(stmt.returning(*_KEY_INFO))).one())
-
-
-async def delete_key(session: AsyncSession, *, tenant: str, provider: str) -> bool:
-    """Forget a provider's key; whether there was one."""
-    stmt = delete(api_keys).where(api_keys.c.tenant_id == tenant, api_keys.c.provider == provider)
-    return bool((await session.execute(stmt)).rowcount)  # type: ignore[attr-defined]
-
-
-async def use_key(session: AsyncSession, *, tenant: str, provider: str, now: datetime) -> bytes | None:
-    """A provider's sealed key, marked as used now; None when there is none."""
-    stmt = (
-        update(api_keys)
-        .where(api_keys.c.tenant_id == tenant, api_keys.c.provider == provider)
-        .values(last_used_at=now)
-        .returning(api_keys.c.ciphertext)
+    row = await conn.fetchrow(
+        "INSERT INTO usage.api_keys (tenant_id, provider, ciphertext, key_id, key_hint, created_at, last_used_at) "
+        "VALUES ($1, $2, $3, $4, $5, $6, NULL) ON CONFLICT (tenant_id, provider) DO UPDATE SET "
+        "ciphertext = excluded.ciphertext, key_id = excluded.key_id, key_hint = excluded.key_hint, "
+        f"created_at = excluded.created_at, last_used_at = NULL RETURNING {_KEY_INFO}",
+        tenant,
+        provider,
+        ciphertext,
+        key_id,
+        hint,
+        now,
     )
-    found = (await session.execute(stmt)).scalar_one_or_none()
+    return _info(row)
+
+
+async def delete_key(conn: Connection, *, tenant: str, provider: str) -> bool:
+    """Forget a provider's key; whether there was one."""
+    status = await conn.execute("DELETE FROM usage.api_keys WHERE tenant_id = $1 AND provider = $2", tenant, provider)
+    return bool(_changed(status))
+
+
+async def use_key(conn: Connection, *, tenant: str, provider: str, now: datetime) -> bytes | None:
+    """A provider's sealed key, marked as used now; None when there is none."""
+    found = await conn.fetchval(
+        "UPDATE usage.api_keys SET last_used_at = $3 WHERE tenant_id = $1 AND provider = $2 RETURNING ciphertext",
+        tenant,
+        provider,
+        now,
+    )
     return None if found is None else bytes(found)
 
 
-async def keys_sealed_with_other(session: AsyncSession, *, key_id: str, limit: int) -> list[tuple[str, str, bytes]]:
+async def keys_sealed_with_other(conn: Connection, *, key_id: str, limit: int) -> list[tuple[str, str, bytes]]:
     """Up to ``limit`` rows sealed under another key than ``key_id`` (to re-seal after a rotation)."""
-    stmt = (
-        select(api_keys.c.tenant_id, api_keys.c.provider, api_keys.c.ciphertext)
-        .where(api_keys.c.key_id != key_id)
-        .order_by(api_keys.c.tenant_id, api_keys.c.provider)
-        .limit(limit)
+    rows = await conn.fetch(
+        "SELECT tenant_id, provider, ciphertext FROM usage.api_keys WHERE key_id <> $1 "
+        "ORDER BY tenant_id, provider LIMIT $2",
+        key_id,
+        limit,
     )
-    return [(r.tenant_id, r.provider, bytes(r.ciphertext)) for r in await session.execute(stmt)]
+    return [(r["tenant_id"], r["provider"], bytes(r["ciphertext"])) for r in rows]
 
 
-async def reseal_key(session: AsyncSession, *, tenant: str, provider: str, old: bytes, new: bytes, key_id: str) -> bool:
+async def reseal_key(conn: Connection, *, tenant: str, provider: str, old: bytes, new: bytes, key_id: str) -> bool:
     """Replace a row's ciphertext if it is still ``old`` (a key stored meanwhile wins); whether it was."""
-    stmt = (
-        update(api_keys)
-        .where(api_keys.c.tenant_id == tenant, api_keys.c.provider == provider, api_keys.c.ciphertext == old)
-        .values(ciphertext=new, key_id=key_id)
+    status = await conn.execute(
+        "UPDATE usage.api_keys SET ciphertext = $4, key_id = $5 WHERE tenant_id = $1 AND provider = $2 "
+        "AND ciphertext = $3",
+        tenant,
+        provider,
+        old,
+        new,
+        key_id,
     )
-    return bool((await session.execute(stmt)).rowcount)  # type: ignore[attr-defined]
+    return bool(_changed(status))
 
 
 # --- audit --------------------------------------------------------------------------------------------
 
 
 async def audit(
-    session: AsyncSession,
+    conn: Connection,
     *,
     tenant: str,
     actor: str,
@@ -323,13 +337,13 @@ async def audit(
     details: dict[str, Any] | None = None,
 ) -> AuditEntry:
     """Record a change in the audit log inside the caller's transaction (the change's own), e.g.
-    ``await repo.audit(s, tenant=t, actor=ctx.subject, action="secret.put", target=("secret", name))``.
+    ``await repo.audit(conn, tenant=t, actor=ctx.subject, action="secret.put", target=("secret", name))``.
 
     ``target`` is (type, id); ``details`` must never hold a secret or key value.
     """
     return await audit_log.append(
-        session,
-        audit_table,
+        conn,
+        SCHEMA,
         tenant=tenant,
         actor=actor,
         action=action,
@@ -339,66 +353,79 @@ async def audit(
     )
 
 
-async def read_audit(session: AsyncSession, *, tenant: str | None, q: AuditRead) -> list[AuditEntry]:
+async def read_audit(conn: Connection, *, tenant: str | None, q: AuditRead) -> list[AuditEntry]:
     """A page of audit entries of ``tenant`` (every tenant's when None), newest first."""
-    return await audit_log.read(session, audit_table, tenant=tenant, q=q)
+    return await audit_log.read(conn, SCHEMA, tenant=tenant, q=q)
 
 
 # --- tenant secrets ---------------------------------------------------------------------------------
 
-_SECRET_INFO = (secrets.c.name, secrets.c.hint, secrets.c.created_at, secrets.c.updated_at)
+_SECRET_INFO: Final = "name, hint, created_at, updated_at"
 
 
 def _secret_info(row: Any) -> SecretInfo:
-    return SecretInfo(name=row.name, hint=row.hint, created_at=row.created_at, updated_at=row.updated_at)
+    return SecretInfo(name=row["name"], hint=row["hint"], created_at=row["created_at"], updated_at=row["updated_at"])
 
 
-async def list_secrets(session: AsyncSession, *, tenant: str) -> list[SecretInfo]:
+async def list_secrets(conn: Connection, *, tenant: str) -> list[SecretInfo]:
     """The tenant's stored secrets (hints only), by name."""
-    stmt = select(*_SECRET_INFO).where(secrets.c.tenant_id == tenant).order_by(secrets.c.name)
-    return [_secret_info(r) for r in await session.execute(stmt)]
+    rows = await conn.fetch(f"SELECT {_SECRET_INFO} FROM usage.secrets WHERE tenant_id = $1 ORDER BY name", tenant)
+    return [_secret_info(r) for r in rows]
 
 
 async def put_secret(
-    session: AsyncSession, *, tenant: str, name: str, ciphertext: bytes, key_id: str, hint: str, now: datetime
+    conn: Connection, *, tenant: str, name: str, ciphertext: bytes, key_id: str, hint: str, now: datetime
 ) -> SecretInfo:
     """Store a secret, replacing the value of one of the same name (which keeps its ``createdAt``)."""
-    values = {"ciphertext": ciphertext, "key_id": key_id, "hint": hint, "updated_at": now}
-    stmt = insert(secrets).values(tenant_id=tenant, name=name, created_at=now, **values)
-    stmt = stmt.on_conflict_do_update(index_elements=[secrets.c.tenant_id, secrets.c.name], set_=values)
-    return _secret_info((await session.execute(stmt.returning(*_SECRET_INFO))).one())
+    row = await conn.fetchrow(
+        "INSERT INTO usage.secrets (tenant_id, name, ciphertext, key_id, hint, created_at, updated_at) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $6) ON CONFLICT (tenant_id, name) DO UPDATE SET "
+        "ciphertext = excluded.ciphertext, key_id = excluded.key_id, hint = excluded.hint, "
+        f"updated_at = excluded.updated_at RETURNING {_SECRET_INFO}",
+        tenant,
+        name,
+        ciphertext,
+        key_id,
+        hint,
+        now,
+    )
+    return _secret_info(row)
 
 
-async def delete_secret(session: AsyncSession, *, tenant: str, name: str) -> bool:
+async def delete_secret(conn: Connection, *, tenant: str, name: str) -> bool:
     """Forget a secret; whether there was one."""
-    stmt = delete(secrets).where(secrets.c.tenant_id == tenant, secrets.c.name == name)
-    return bool((await session.execute(stmt)).rowcount)  # type: ignore[attr-defined]
+    status = await conn.execute("DELETE FROM usage.secrets WHERE tenant_id = $1 AND name = $2", tenant, name)
+    return bool(_changed(status))
 
 
-async def sealed_secrets(session: AsyncSession, *, tenant: str, names: Sequence[str]) -> dict[str, bytes]:
+async def sealed_secrets(conn: Connection, *, tenant: str, names: Sequence[str]) -> dict[str, bytes]:
     """The sealed values of those of ``names`` the tenant has stored."""
-    stmt = select(secrets.c.name, secrets.c.ciphertext).where(
-        secrets.c.tenant_id == tenant, secrets.c.name.in_(list(names))
+    rows = await conn.fetch(
+        "SELECT name, ciphertext FROM usage.secrets WHERE tenant_id = $1 AND name = ANY($2::text[])",
+        tenant,
+        list(names),
     )
-    return {r.name: bytes(r.ciphertext) for r in await session.execute(stmt)}
+    return {r["name"]: bytes(r["ciphertext"]) for r in rows}
 
 
-async def secrets_sealed_with_other(session: AsyncSession, *, key_id: str, limit: int) -> list[tuple[str, str, bytes]]:
+async def secrets_sealed_with_other(conn: Connection, *, key_id: str, limit: int) -> list[tuple[str, str, bytes]]:
     """Up to ``limit`` secret rows sealed under another key than ``key_id`` (to re-seal after a rotation)."""
-    stmt = (
-        select(secrets.c.tenant_id, secrets.c.name, secrets.c.ciphertext)
-        .where(secrets.c.key_id != key_id)
-        .order_by(secrets.c.tenant_id, secrets.c.name)
-        .limit(limit)
+    rows = await conn.fetch(
+        "SELECT tenant_id, name, ciphertext FROM usage.secrets WHERE key_id <> $1 ORDER BY tenant_id, name LIMIT $2",
+        key_id,
+        limit,
     )
-    return [(r.tenant_id, r.name, bytes(r.ciphertext)) for r in await session.execute(stmt)]
+    return [(r["tenant_id"], r["name"], bytes(r["ciphertext"])) for r in rows]
 
 
-async def reseal_secret(session: AsyncSession, *, tenant: str, name: str, old: bytes, new: bytes, key_id: str) -> bool:
+async def reseal_secret(conn: Connection, *, tenant: str, name: str, old: bytes, new: bytes, key_id: str) -> bool:
     """Replace a secret row's ciphertext if it is still ``old`` (a value stored meanwhile wins); whether it was."""
-    stmt = (
-        update(secrets)
-        .where(secrets.c.tenant_id == tenant, secrets.c.name == name, secrets.c.ciphertext == old)
-        .values(ciphertext=new, key_id=key_id)
+    status = await conn.execute(
+        "UPDATE usage.secrets SET ciphertext = $4, key_id = $5 WHERE tenant_id = $1 AND name = $2 AND ciphertext = $3",
+        tenant,
+        name,
+        old,
+        new,
+        key_id,
     )
-    return bool((await session.execute(stmt)).rowcount)  # type: ignore[attr-defined]
+    return bool(_changed(status))

@@ -9,11 +9,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-
 from flowmesh.contracts.errors import FlowmeshError, NotFound
 from flowmesh.contracts.ids import utcnow
 from flowmesh.contracts.models.usage import RevealedSecrets, SecretInfo
+from flowmesh.runtime.db import Database
 from flowmesh.usage import repo
 from flowmesh.usage.domain import clean_secret_value, secret_hint
 from flowmesh.usage.keys import reseal_rows
@@ -25,8 +24,8 @@ log = logging.getLogger(__name__)
 class SecretStore:
     """Stores, lists, forgets and reveals tenants' secrets. Never logs a value."""
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], vault: Vault) -> None:
-        self.sessions = sessions
+    def __init__(self, db: Database, vault: Vault) -> None:
+        self.db = db
         self.vault = vault
 
     async def put(self, tenant: str, name: str, value: str, *, actor: str) -> SecretInfo:
@@ -34,9 +33,9 @@ class SecretStore:
         ``actor``'s; its public description."""
         value = clean_secret_value(value)
         sealed = self.vault.seal_secret(tenant=tenant, name=name, value=value)
-        async with self.sessions.begin() as s:
+        async with self.db.transaction() as conn:
             info = await repo.put_secret(
-                s,
+                conn,
                 tenant=tenant,
                 name=name,
                 ciphertext=sealed,
@@ -44,13 +43,13 @@ class SecretStore:
                 hint=secret_hint(value),
                 now=utcnow(),
             )
-            await repo.audit(s, tenant=tenant, actor=actor, action="secret.put", target=("secret", name))
+            await repo.audit(conn, tenant=tenant, actor=actor, action="secret.put", target=("secret", name))
         return info
 
     async def list(self, tenant: str) -> list[SecretInfo]:
         """The tenant's secrets, hints only."""
-        async with self.sessions() as s:
-            return await repo.list_secrets(s, tenant=tenant)
+        async with self.db.reading() as conn:
+            return await repo.list_secrets(conn, tenant=tenant)
 
     async def delete(self, tenant: str, name: str, *, actor: str) -> None:
         """Forget a secret, recorded in the audit log as ``actor``'s.
@@ -58,10 +57,10 @@ class SecretStore:
         Raises:
             NotFound: no secret of that name is stored.
         """
-        async with self.sessions.begin() as s:
-            if not await repo.delete_secret(s, tenant=tenant, name=name):
+        async with self.db.transaction() as conn:
+            if not await repo.delete_secret(conn, tenant=tenant, name=name):
                 raise NotFound(f"no secret {name!r} is stored")
-            await repo.audit(s, tenant=tenant, actor=actor, action="secret.deleted", target=("secret", name))
+            await repo.audit(conn, tenant=tenant, actor=actor, action="secret.deleted", target=("secret", name))
 
     async def reveal(self, tenant: str, names: Sequence[str]) -> RevealedSecrets:
         """The plaintext values of those of ``names`` the tenant stored, and the names it did not.
@@ -70,8 +69,8 @@ class SecretStore:
             FlowmeshError: a stored value cannot be decrypted with the configured secrets.
         """
         wanted = sorted(set(names))
-        async with self.sessions() as s:
-            sealed = await repo.sealed_secrets(s, tenant=tenant, names=wanted)
+        async with self.db.reading() as conn:
+            sealed = await repo.sealed_secrets(conn, tenant=tenant, names=wanted)
         values: dict[str, str] = {}
         for name, token in sealed.items():
             try:
@@ -84,11 +83,11 @@ class SecretStore:
     async def reseal_all(self) -> int:
         """Re-seal every secret sealed under an older vault secret with the current one; how many were."""
         return await reseal_rows(
-            self.sessions,
+            self.db,
             self.vault,
             what="secret",
             fetch=repo.secrets_sealed_with_other,
-            write=lambda s, tenant, name, old, new: repo.reseal_secret(
-                s, tenant=tenant, name=name, old=old, new=new, key_id=self.vault.key_id
+            write=lambda conn, tenant, name, old, new: repo.reseal_secret(
+                conn, tenant=tenant, name=name, old=old, new=new, key_id=self.vault.key_id
             ),
         )
