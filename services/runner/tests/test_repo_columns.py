@@ -7,9 +7,10 @@ from datetime import UTC, datetime
 import asyncpg
 import pytest
 
+from flowmesh.contracts.testing import chain
 from flowmesh.runner import repo
-from flowmesh.runner.engine import RunRecord
-from flowmesh.runner.graph import StepState
+from flowmesh.runner.engine import RunRecord, RunState
+from flowmesh.runner.graph import Graph, StepState
 from flowmesh.runtime.db import dsn
 from flowmesh.runtime.service import ServiceRuntime
 from flowmesh.runtime.testing import Infra
@@ -41,8 +42,8 @@ async def test_the_declared_columns_are_the_migrated_ones(
     assert declared == await migrated(infra, table)
 
 
-def test_a_new_run_row_has_a_value_for_every_column_of_runs_in_order() -> None:
-    record = RunRecord(
+def record() -> RunRecord:
+    return RunRecord(
         id="r",
         tenant_id="t",
         flow_id="f",
@@ -52,17 +53,25 @@ def test_a_new_run_row_has_a_value_for_every_column_of_runs_in_order() -> None:
         input={},
         created_at=datetime.now(UTC),
     )
+
+
+def test_a_new_run_row_has_a_value_for_every_column_of_runs_in_order() -> None:
     assert tuple(repo._RUNS) == repo._RUN_COLUMNS
-    assert len(repo._run_row(record, {})) == len(repo._RUNS)
+    assert len(repo._run_row(record(), {})) == len(repo._RUNS)
 
 
 def test_step_statements_write_every_column_of_step_runs() -> None:
-    # a new run's steps have no lease: nothing executes them before the run is committed
-    assert {"run_id", *(c for c, _ in repo._STEP_ARRAYS), "updated_at", "lease_until"} == set(repo._STEP_RUNS)
-    assert {*(c for c, _ in repo._BATCH_STEP_ARRAYS), "updated_at"} == set(repo._STEP_RUNS)
-    assert len(repo._step_values(StepState(status="running"))) == len(repo._STEP_FIELDS) + 1  # + duration_ms
+    assert {"run_id", *(c for c, _ in repo._STEP_RECORD), "updated_at"} == set(repo._STEP_RUNS)
+    assert {*(c for c, _ in repo._BATCH_STEP_RECORD), "updated_at"} == set(repo._STEP_RUNS)
+    # a step's row carries every column of its record: a key missing would be written NULL
+    state = RunState(record(), Graph(chain(1)), {"s0": StepState(status="running")}, datetime.now(UTC))
+    assert set(repo._step_record(state, "s0", {}, run_id="r")) == {c for c, _ in repo._BATCH_STEP_RECORD}
+    assert set(repo._step_record(state, "s0", {})) == {c for c, _ in repo._STEP_RECORD}
 
 
 def test_event_statements_write_every_column_of_run_events() -> None:
-    assert {"run_id", *(c for c, _ in repo._EVENT_ARRAYS)} == set(repo._RUN_EVENTS)
-    assert {c for c, _ in repo._BATCH_EVENT_ARRAYS} == set(repo._RUN_EVENTS)
+    assert {"run_id", *(c for c, _ in repo._EVENT_RECORD)} == set(repo._RUN_EVENTS)
+    assert {c for c, _ in repo._BATCH_EVENT_RECORD} == set(repo._RUN_EVENTS)
+    state = RunState(record(), Graph(chain(1)), {}, datetime.now(UTC))
+    state.queue()
+    assert [set(row) for row in repo._event_rows(state.run, state)] == [set(repo._RUN_EVENTS)]
