@@ -22,9 +22,10 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import nats
@@ -36,6 +37,7 @@ import io_steps
 import memory_soak
 from cron import scenario_cron
 from io_steps import Upstream, backends, io_throughput_result, scenario_io_chain
+from lean_http import LeanClient
 from live import scenario_live
 from scale import scenario_scale
 
@@ -88,6 +90,9 @@ def log(msg: str) -> None:
     print(f"[bench] {msg}", flush=True)
 
 
+FINAL_EVENTS = ("run.succeeded", "run.failed", "run.cancelled", "run.timedOut")
+
+
 class Finished:
     """Final run events of one tenant, seen on NATS as they are published."""
 
@@ -97,9 +102,21 @@ class Finished:
         self.waiters: dict[str, asyncio.Future[float]] = {}
         self.on_finish: Callable[[str], None] | None = None
 
+    @contextlib.asynccontextmanager
+    async def watching(self, nc: nats.NATS, tenant: str, flow_id: str) -> AsyncIterator[Finished]:
+        """Hear the final events of ``flow_id``'s runs for the life of the block (only those: the
+        others are messages the load generator would decode for nothing, on the stack's cores)."""
+        prefix = f"fm.runs.{tenant_token(tenant)}.{flow_id}.*."
+        subs = [await nc.subscribe(prefix + final, cb=self.handler) for final in FINAL_EVENTS]
+        try:
+            yield self
+        finally:
+            for sub in subs:
+                await sub.unsubscribe()
+
     async def handler(self, msg: Msg) -> None:
         event = json.loads(msg.data)
-        if event["type"] not in ("run.succeeded", "run.failed", "run.cancelled", "run.timedOut"):
+        if event["type"] not in FINAL_EVENTS:
             return
         run_id = event["runId"]
         if run_id in self.times:
@@ -151,10 +168,8 @@ async def publish(c: Api, definition: dict[str, Any]) -> str:
 async def scenario_chain(c: Api, nc: nats.NATS, tenant: str, runs: int) -> dict[str, Any]:
     """One run at a time of 40 sequential transforms: HTTP start to final state."""
     flow_id = await publish(c, chain(40))
-    finished = Finished()
-    sub = await nc.subscribe(f"fm.runs.{tenant_token(tenant)}.{flow_id}.*.run.*", cb=finished.handler)
     latencies = []
-    try:
+    async with Finished().watching(nc, tenant, flow_id) as finished:
         for i in range(runs + 5):
             t0 = time.perf_counter()
             run = await c.post(f"/flows/{flow_id}/runs", {"input": {"v": i}})
@@ -163,8 +178,6 @@ async def scenario_chain(c: Api, nc: nats.NATS, tenant: str, runs: int) -> dict[
                 latencies.append((done - t0) * 1000)
             if finished.status[run["id"]] != "succeeded":
                 raise RuntimeError(f"run {run['id']} {finished.status[run['id']]}")
-    finally:
-        await sub.unsubscribe()
     latencies.sort()
     return {
         "scenario": "chain",
@@ -202,7 +215,6 @@ async def scenario_throughput(
 async def drive(c: Api, nc: nats.NATS, tenant: str, flow_id: str, runs: int, in_flight: int) -> tuple[float, Finished]:
     """Start ``runs`` runs, ``in_flight`` at a time; the seconds until the last one finished."""
     finished = Finished()
-    sub = await nc.subscribe(f"fm.runs.{tenant_token(tenant)}.{flow_id}.*.run.*", cb=finished.handler)
     slots = asyncio.Semaphore(in_flight)
     done_all = asyncio.Event()
 
@@ -212,21 +224,19 @@ async def drive(c: Api, nc: nats.NATS, tenant: str, flow_id: str, runs: int, in_
             done_all.set()
 
     finished.on_finish = on_finish
-    t0 = time.perf_counter()
-    try:
 
-        async def one(i: int) -> None:
-            await c.post(f"/flows/{flow_id}/runs", {"input": {"v": i}})
+    async def one(i: int) -> None:
+        await c.post(f"/flows/{flow_id}/runs", {"input": {"v": i}})
 
+    async with finished.watching(nc, tenant, flow_id):
+        t0 = time.perf_counter()
         tasks = []
         for i in range(runs):
             await slots.acquire()
             tasks.append(asyncio.create_task(one(i)))
         await asyncio.gather(*tasks)
         await asyncio.wait_for(done_all.wait(), 300)
-    finally:
-        await sub.unsubscribe()
-    return time.perf_counter() - t0, finished
+        return time.perf_counter() - t0, finished
 
 
 async def scenario_webhooks(c: Api, nc: nats.NATS, tenant: str, deliveries: int, in_flight: int) -> dict[str, Any]:
@@ -261,7 +271,6 @@ async def hammer(
 ) -> dict[str, Any]:
     """POST ``deliveries`` webhooks, ``in_flight`` at a time; count them accepted and their runs finished."""
     finished = Finished()
-    sub = await nc.subscribe(f"fm.runs.{tenant_token(tenant)}.{flow_id}.*.run.*", cb=finished.handler)
     slots = asyncio.Semaphore(in_flight)
     accepted: set[str] = set()
     refused: list[str] = []
@@ -275,33 +284,37 @@ async def hammer(
     accepted_all = asyncio.Event()
     finished.on_finish = on_finish
 
+    sender = LeanClient(url, size=in_flight)
+    path = urlsplit(url).path
+
     async def one(i: int) -> None:
         try:
             t = time.perf_counter()
-            async with c.session.post(url, json={"v": i, "source": "bench"}) as r:
-                body = await r.json(content_type=None)
-                if r.status == 202:
-                    accepted.add(body["runId"])
-                    latencies.append((time.perf_counter() - t) * 1000)
-                else:
-                    refused.append(f"{r.status}: {body}")
+            status, raw = await sender.post(path, json.dumps({"v": i, "source": "bench"}).encode())
+            body = json.loads(raw)
+            if status == 202:
+                accepted.add(body["runId"])
+                latencies.append((time.perf_counter() - t) * 1000)
+            else:
+                refused.append(f"{status}: {body}")
         finally:
             slots.release()
 
-    t0 = time.perf_counter()
-    try:
-        tasks = []
-        for i in range(deliveries):
-            await slots.acquire()
-            tasks.append(asyncio.create_task(one(i)))
-        await asyncio.gather(*tasks)
-        accept_s = time.perf_counter() - t0
-        accepted_all.set()
-        on_finish("")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(done_all.wait(), 120)
-    finally:
-        await sub.unsubscribe()
+    async with finished.watching(nc, tenant, flow_id):
+        t0 = time.perf_counter()
+        try:
+            tasks = []
+            for i in range(deliveries):
+                await slots.acquire()
+                tasks.append(asyncio.create_task(one(i)))
+            await asyncio.gather(*tasks)
+            accept_s = time.perf_counter() - t0
+            accepted_all.set()
+            on_finish("")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done_all.wait(), 120)
+        finally:
+            await sender.close()
     ours = [finished.times[r] for r in accepted if r in finished.times]
     latencies.sort()
     return {
@@ -395,14 +408,10 @@ async def api_scenario(c: Api, nc: nats.NATS, tenant: str, headers: dict[str, st
     log(f"api: 3 read endpoints at {args.api_rate} req/s, {args.api_duration:.0f}s each (loadtest, open model)")
 
     async def start_and_wait(flow_id: str, i: int) -> tuple[str, str]:
-        finished = Finished()
-        sub = await nc.subscribe(f"fm.runs.{tenant_token(tenant)}.{flow_id}.*.run.*", cb=finished.handler)
-        try:
+        async with Finished().watching(nc, tenant, flow_id) as finished:
             run = await c.post(f"/flows/{flow_id}/runs", {"input": {"v": i}})
             await finished.wait(run["id"])
             return run["id"], finished.status[run["id"]]
-        finally:
-            await sub.unsubscribe()
 
     report(
         await api_reads.scenario_api(
@@ -452,15 +461,11 @@ async def io_scenarios(c: Api, nc: nats.NATS, tenant: str, args: argparse.Namesp
                 log(f"{name}: every durable consumer caught up ({waited:.1f}s)")
 
                 async def start_and_wait(flow_id: str, i: int) -> tuple[float, str]:
-                    finished = Finished()
-                    sub = await nc.subscribe(f"fm.runs.{tenant_token(tenant)}.{flow_id}.*.run.*", cb=finished.handler)
-                    try:
+                    async with Finished().watching(nc, tenant, flow_id) as finished:
                         t0 = time.perf_counter()
                         run = await c.post(f"/flows/{flow_id}/runs", {"input": {"v": i}})
                         done = await finished.wait(run["id"])
                         return done - t0, finished.status[run["id"]]
-                    finally:
-                        await sub.unsubscribe()
 
                 report(
                     await scenario_io_chain(

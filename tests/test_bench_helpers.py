@@ -1,15 +1,18 @@
-"""The benchmark's pure helpers: the load generator's figures, /proc memory readings, growth."""
+"""The benchmark's helpers: the load generator's figures, /proc memory readings, growth, the webhook sender."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from api_reads import endpoint_figures, endpoints, quantile
+from lean_http import LeanClient
 from memory_soak import growth_percent, memory_figures, parse_smaps_rollup, read_memory
 
 SMAPS_ROLLUP = """\
@@ -122,3 +125,37 @@ def test_memory_figures_judge_idle_and_growth_per_service() -> None:
     assert figures["runner"]["growth_rss_percent"] == 20.0
     assert not figures["runner"]["idle_target_met"]
     assert not figures["runner"]["growth_target_met"]
+
+
+async def test_the_lean_sender_posts_over_kept_alive_connections_and_reads_each_answer() -> None:
+    peers: set[object] = set()
+
+    async def hook(request: web.Request) -> web.Response:
+        peers.add(request.transport.get_extra_info("peername") if request.transport else None)
+        body = await request.json()
+        if body["v"] < 0:
+            return web.json_response({"title": "refused"}, status=422)
+        return web.json_response({"runId": f"r{body['v']}", "path": request.path}, status=202)
+
+    app = web.Application()
+    app.router.add_post("/hooks/{token}", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    sender = LeanClient(f"http://127.0.0.1:{port}", size=2)
+    try:
+        answers = await asyncio.gather(*(sender.post("/hooks/t", f'{{"v": {i}}}'.encode()) for i in range(20)))
+        assert [status for status, _ in answers] == [202] * 20
+        assert answers[7][1] == b'{"runId": "r7", "path": "/hooks/t"}'
+        assert len(peers) == 2  # twenty requests, two connections kept open
+        assert await sender.post("/hooks/t", b'{"v": -1}') == (422, b'{"title": "refused"}')
+    finally:
+        await sender.close()
+        await runner.cleanup()
+
+
+def test_the_lean_sender_takes_plain_http_only() -> None:
+    with pytest.raises(ValueError, match="plain http"):
+        LeanClient("https://example.test", size=1)
