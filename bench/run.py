@@ -315,6 +315,19 @@ async def hammer(
                 await asyncio.wait_for(done_all.wait(), 120)
         finally:
             await sender.close()
+    return _delivered(finished, accepted, refused, latencies, started=t0, accept_s=accept_s)
+
+
+def _delivered(
+    finished: Finished,
+    accepted: set[str],
+    refused: list[str],
+    latencies: list[float],
+    *,
+    started: float,
+    accept_s: float,
+) -> dict[str, Any]:
+    """:func:`hammer`'s figures: deliveries accepted and refused, their runs' outcomes, the times."""
     ours = [finished.times[r] for r in accepted if r in finished.times]
     latencies.sort()
     return {
@@ -324,7 +337,7 @@ async def hammer(
         "succeeded": sum(1 for r in accepted if finished.status.get(r) == "succeeded"),
         "failed": sum(1 for r in accepted if finished.status.get(r) in ("failed", "cancelled", "timedOut")),
         "accept_s": accept_s,
-        "complete_s": (max(ours) if ours else time.perf_counter()) - t0,
+        "complete_s": (max(ours) if ours else time.perf_counter()) - started,
         "p50_ms": round(statistics.median(latencies), 2) if latencies else None,
         "p99_ms": round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 2) if latencies else None,
     }

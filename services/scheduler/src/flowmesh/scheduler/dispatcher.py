@@ -57,13 +57,21 @@ def instance_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{new_id()[-6:]}"
 
 
-async def _sleep_until(at: datetime) -> None:
-    # the event loop's clock is monotonic, due times are wall-clock: check again, never fire early
+async def sleep_until(at: datetime) -> None:
+    """Return at the wall-clock time ``at`` or just after it, never before.
+
+    The event loop's clock is monotonic, due times are wall-clock: check again after each sleep.
+    uvloop's timers count whole milliseconds (a shorter sleep returns at once, and a loop of them
+    could give up before ``at``): each sleep is a millisecond at least.
+    """
     for _ in range(100):
         delay = (at - utcnow()).total_seconds()
         if delay <= 0:
             return
-        await asyncio.sleep(delay)
+        await asyncio.sleep(max(delay, _MIN_SLEEP_S))
+
+
+_MIN_SLEEP_S: Final = 0.001
 
 
 @dataclass(slots=True)
@@ -244,7 +252,7 @@ class Dispatcher:
     async def _fire_group(self, at: datetime, group: _Group) -> None:
         try:
             # claims are checked just before the due time, off the critical instant
-            await _sleep_until(at - VERIFY_LEAD)
+            await sleep_until(at - VERIFY_LEAD)
             async with self._db.reading() as conn:
                 held = await repo.held_schedules(conn, claims=[(j.row.trigger_id, j.token) for j in group.schedules])
                 held_timers = await repo.held_timers(
@@ -252,7 +260,7 @@ class Dispatcher:
                 )
             jobs = [j for j in group.schedules if j.row.trigger_id in held]
             timers = [t for t in group.timers if (t.owner, t.key) in held_timers]
-            await _sleep_until(at)
+            await sleep_until(at)
             # everything due now goes out back to back; the acknowledgements are awaited together
             fired_at = utcnow()
             timer_acks = [
@@ -326,7 +334,7 @@ class Dispatcher:
 
     async def _fire_later(self, job: _ScheduleJob) -> None:
         for due in job.fires[len(job.confirmed) :]:
-            await _sleep_until(due)
+            await sleep_until(due)
             fired_at = utcnow()
             ack = await self._send(domain.start_command(job.row, due, fired_at=fired_at, subject=RUN_START_CMD))
             if not (await self._confirmed([ack], [due], fired_at, kind="schedule"))[0]:
