@@ -143,7 +143,7 @@ async def test_the_lean_sender_posts_over_kept_alive_connections_and_reads_each_
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port = runner.addresses[0][1]
     sender = LeanClient(f"http://127.0.0.1:{port}", size=2)
     try:
         answers = await asyncio.gather(*(sender.post("/hooks/t", f'{{"v": {i}}}'.encode()) for i in range(20)))

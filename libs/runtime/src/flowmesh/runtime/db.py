@@ -77,20 +77,10 @@ class Database:
     :meth:`transaction`, :meth:`reading` and :meth:`snapshot` lend one connection for a unit of work.
     """
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        size: int,
-        application_name: str,
-        settings: Mapping[str, str] | None = None,
-        codecs: bool = True,
-    ) -> None:
+    def __init__(self, url: str, *, size: int, application_name: str) -> None:
         self.url = url
         self._size = size
         self._name = application_name
-        self._settings = settings
-        self._codecs = codecs
         self._pool: asyncpg.Pool | None = None
 
     @property
@@ -100,17 +90,10 @@ class Database:
             raise RuntimeError(f"the database pool of {self._name} is not open")
         return self._pool
 
-    @property
-    def is_open(self) -> bool:
-        """Whether :meth:`open` ran and :meth:`close` has not."""
-        return self._pool is not None
-
     async def open(self) -> None:
         """Open the pool (its first connections); a second call does nothing."""
         if self._pool is None:
-            self._pool = await create_driver_pool(
-                self.url, size=self._size, application_name=self._name, settings=self._settings, codecs=self._codecs
-            )
+            self._pool = await create_driver_pool(self.url, size=self._size, application_name=self._name, codecs=True)
 
     async def close(self) -> None:
         """Close every connection (waiting for those lent out to come back)."""
